@@ -1,0 +1,1 @@
+//! Comparison workloads shared by `qj bench` and the criterion benchmarks.

@@ -1,0 +1,2 @@
+//! `qj`: the qjournal command line.
+fn main() {}

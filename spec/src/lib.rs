@@ -1,0 +1,10 @@
+//! On-disk formats of qcow2 and of the qjournal, as pure code with no I/O.
+//!
+//! Every structure that reaches the disk is defined in exactly one file of
+//! this crate, with its encoder and a decoder that returns a typed error
+//! naming the field and its offset for malformed bytes; nothing here panics
+//! on input. The prose specification of the journal lives in
+//! `spec/qjournal.md` next to this crate, and its test vectors are checked
+//! against this code.
+
+pub mod units;
