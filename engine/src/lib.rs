@@ -1,1 +1,26 @@
 //! qcow2 images on two metadata backends: flush ordering and the qjournal.
+//!
+//! Start at [`Image`]: create or open an image, then read, write, zero,
+//! discard, flush, resize and close it from any number of threads. Every
+//! metadata change flows through the cluster-management interface in
+//! [`backend`].
+
+pub mod backend;
+pub mod backing;
+pub mod cache;
+pub mod compressed;
+pub mod create;
+pub mod error;
+pub mod free_index;
+pub mod image;
+pub mod options;
+pub mod refcount;
+pub mod stats;
+pub mod sync;
+
+pub use backend::{BackendKind, MetadataBackend};
+pub use error::{Error, Result};
+pub use image::{create_in_memory, Image, ImageInfo, MapExtent};
+pub use options::{BackingFormat, BackingSource, CreateOptions, OpenOptions};
+pub use qj_journal::{FileStorage, MemStorage, Storage};
+pub use stats::Stats;

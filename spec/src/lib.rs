@@ -7,4 +7,10 @@
 //! `spec/qjournal.md` next to this crate, and its test vectors are checked
 //! against this code.
 
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod qcow2;
 pub mod units;
+
+pub use error::FormatError;

@@ -1,0 +1,146 @@
+//! The cluster-management interface: the one door every qcow2 metadata
+//! change passes through on its way to the disk.
+//!
+//! The image keeps metadata in memory (L1 table, refcount table, cached L2
+//! tables and refcount blocks, the header) and changes it there. When the
+//! guest flushes, or a cache must make room, the image gathers every change
+//! since the last time into an [`Epoch`], sorted by *ordering class*, and
+//! hands it to its [`MetadataBackend`]. The classes say what each write
+//! depends on; each backend turns that into durable state its own way:
+//!
+//! - [`ordered::FlushOrdering`] writes the classes in place, in dependency
+//!   order, with a device flush between dependent groups (QEMU's way);
+//! - the journalled backend writes the whole epoch as one journal
+//!   transaction and applies it in place only at checkpoint.
+//!
+//! Both see exactly the same epochs, which is what makes their flush counts,
+//! bytes and crash behaviour comparable.
+
+pub mod ordered;
+
+use std::fmt;
+
+use qj_journal::Storage;
+use qj_spec::units::{HostCluster, HostOffset};
+
+use crate::error::Result;
+use crate::stats::Counters;
+
+/// One metadata write: `bytes` go to `offset` in the image file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MetadataWrite {
+    /// Where in the image file.
+    pub offset: HostOffset,
+    /// The new content (a whole table cluster, or a header cluster).
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for MetadataWrite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "MetadataWrite({}, {} bytes)",
+            self.offset,
+            self.bytes.len()
+        )
+    }
+}
+
+/// Every metadata change of one epoch (the span between two persists),
+/// grouped by what it depends on.
+///
+/// The classes, and the dependency each expresses:
+/// - `fresh_refcount`: refcount blocks and refcount table clusters allocated
+///   in this epoch. Nothing on disk points to them yet.
+/// - `refcount_links`: the writes that make fresh refcount structures
+///   reachable: refcount table entries pointing to fresh blocks, or a header
+///   switching to a fresh refcount table. Depend on `fresh_refcount`.
+/// - `refcount_blocks`: existing refcount blocks with changed counts.
+///   Depend on `refcount_links` (a count in an unreachable block counts for
+///   nothing).
+/// - `fresh_tables`: L2 tables and L1 tables allocated in this epoch.
+/// - `tables`: existing L2 tables and L1 entries changed in place, and the
+///   header when it switches to a fresh L1 table or changes size. They make
+///   clusters reachable, so they depend on everything above *and* on the
+///   guest data written into newly referenced clusters.
+/// - `new_data`: host ranges of guest data that entries in `tables` or
+///   `fresh_tables` newly reference (their content was written before the
+///   epoch was gathered).
+/// - `freed_metadata`: clusters that held metadata and were freed in this
+///   epoch; a journal must revoke its earlier writes to them.
+#[derive(Debug, Default)]
+pub struct Epoch {
+    /// Fresh refcount blocks and refcount table clusters.
+    pub fresh_refcount: Vec<MetadataWrite>,
+    /// Links to fresh refcount structures (table entries, header switch).
+    pub refcount_links: Vec<MetadataWrite>,
+    /// Changed existing refcount blocks.
+    pub refcount_blocks: Vec<MetadataWrite>,
+    /// Fresh L2 and L1 tables.
+    pub fresh_tables: Vec<MetadataWrite>,
+    /// Changed existing L2 tables, L1 table chunks, and the header.
+    pub tables: Vec<MetadataWrite>,
+    /// Newly referenced guest data ranges (offset, length in bytes).
+    pub new_data: Vec<(HostOffset, u64)>,
+    /// Freed metadata clusters.
+    pub freed_metadata: Vec<HostCluster>,
+}
+
+impl Epoch {
+    /// Whether the epoch holds no metadata change at all.
+    pub fn is_empty(&self) -> bool {
+        self.fresh_refcount.is_empty()
+            && self.refcount_links.is_empty()
+            && self.refcount_blocks.is_empty()
+            && self.fresh_tables.is_empty()
+            && self.tables.is_empty()
+    }
+
+    /// Every metadata write of the epoch, in dependency order.
+    pub fn writes_in_order(&self) -> impl Iterator<Item = &MetadataWrite> {
+        self.fresh_refcount
+            .iter()
+            .chain(&self.refcount_links)
+            .chain(&self.refcount_blocks)
+            .chain(&self.fresh_tables)
+            .chain(&self.tables)
+    }
+}
+
+/// Which backend an image runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum BackendKind {
+    /// QEMU-style flush ordering.
+    FlushOrdering,
+    /// The qjournal.
+    Journal,
+}
+
+/// How metadata reaches the disk. See the module documentation.
+pub trait MetadataBackend: Send + Sync + fmt::Debug {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Whether refcount decrements must wait until the change that
+    /// unreferences the cluster is durable (true for flush ordering: a
+    /// decrement that reached the disk before the cleared L2 entry would
+    /// leave an entry pointing at a free cluster). A journal makes both
+    /// durable atomically, so it applies them in the same epoch.
+    fn defers_refcount_decrements(&self) -> bool;
+
+    /// Makes every write of `epoch` durable, and with it every guest data
+    /// write that completed before this call. When it returns `Ok`, a crash
+    /// leaves the image with all of the epoch; a crash during the call
+    /// leaves it consistent (flush ordering: possibly with leaks; journal:
+    /// clean, with all or none of the epoch).
+    fn persist(&self, storage: &dyn Storage, epoch: Epoch, counters: &Counters) -> Result<()>;
+
+    /// Reads metadata at `offset`, as the backend knows it (a journal may
+    /// hold writes not yet checkpointed in place).
+    fn read_metadata(
+        &self,
+        storage: &dyn Storage,
+        buf: &mut [u8],
+        offset: HostOffset,
+    ) -> Result<()>;
+}

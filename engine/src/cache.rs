@@ -1,0 +1,282 @@
+//! A bounded cache of cluster-sized metadata tables (L2 tables and refcount
+//! blocks), with one lock per table.
+//!
+//! Why this shape (the seed thread 003 shows how easy it is to get wrong):
+//! - Lookups of the same table from many threads load it once: the first
+//!   thread to find an entry unloaded loads it while holding the entry's
+//!   `load` mutex; the others block on that mutex and then see it loaded.
+//!   The map lock is never held across I/O.
+//! - An entry is visible to readers of its bytes only once fully loaded:
+//!   `loaded` is set under the `load` mutex after the bytes are in place.
+//! - A dirty entry is never evicted: only the flush path ([`crate::image`])
+//!   makes entries clean, and eviction skips dirty entries and entries that
+//!   someone still holds (`Arc::strong_count > 1`).
+//! - A table that was just allocated (`fresh`) is referenced by nothing on
+//!   disk yet; backends order its write before the write that links it.
+
+use std::collections::HashMap;
+
+use qj_spec::units::HostOffset;
+
+use crate::error::Result;
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
+
+/// The bytes of one cached table and its write-back state.
+#[derive(Debug)]
+pub struct TableData {
+    /// The table, exactly one cluster long.
+    pub bytes: Vec<u8>,
+    /// Changed in memory since it was last handed to a backend.
+    pub dirty: bool,
+    /// Allocated in this epoch: no on-disk structure points to it yet.
+    pub fresh: bool,
+}
+
+/// One cached table.
+#[derive(Debug)]
+pub struct CachedTable {
+    /// Where the table lives in the image file.
+    pub offset: HostOffset,
+    /// The table's bytes; lock order: after the image's L1 lock, before the
+    /// refcount state.
+    pub data: RwLock<TableData>,
+    load: Mutex<()>,
+    loaded: AtomicBool,
+    last_use: AtomicU64,
+}
+
+impl CachedTable {
+    fn new(offset: HostOffset, cluster_size: usize) -> Self {
+        Self {
+            offset,
+            data: RwLock::new(TableData {
+                bytes: vec![0; cluster_size],
+                dirty: false,
+                fresh: false,
+            }),
+            load: Mutex::new(()),
+            loaded: AtomicBool::new(false),
+            last_use: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A bounded map from host offset to cached table.
+#[derive(Debug)]
+pub struct TableCache {
+    name: &'static str,
+    cluster_size: usize,
+    tables_max: usize,
+    map: Mutex<HashMap<HostOffset, Arc<CachedTable>>>,
+    clock: AtomicU64,
+}
+
+impl TableCache {
+    /// A cache of `tables_max` tables (at least 4) of `cluster_size` bytes.
+    pub fn new(name: &'static str, cluster_size: usize, tables_max: usize) -> Self {
+        Self {
+            name,
+            cluster_size,
+            tables_max: tables_max.max(4),
+            map: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+        }
+    }
+
+    /// The cache's name, for diagnostics.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The table at `offset`, loading it with `load` on a miss. Concurrent
+    /// callers for the same offset share one load.
+    pub fn get(
+        &self,
+        offset: HostOffset,
+        load: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Arc<CachedTable>> {
+        let entry = {
+            let mut map = self.map.lock();
+            map.entry(offset)
+                .or_insert_with(|| Arc::new(CachedTable::new(offset, self.cluster_size)))
+                .clone()
+        };
+        entry.last_use.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        if !entry.loaded.load(Ordering::Acquire) {
+            let _loading = entry.load.lock();
+            if !entry.loaded.load(Ordering::Acquire) {
+                let mut data = entry.data.write();
+                if let Err(e) = load(&mut data.bytes) {
+                    drop(data);
+                    // Leave no half-loaded entry behind: the next lookup retries.
+                    let mut map = self.map.lock();
+                    if map.get(&offset).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                        map.remove(&offset);
+                    }
+                    return Err(e);
+                }
+                drop(data);
+                entry.loaded.store(true, Ordering::Release);
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Inserts a table just allocated at `offset` with the given content,
+    /// marked dirty and fresh. Replaces any stale entry for that offset
+    /// (a freed table whose cluster is being reused).
+    pub fn insert_fresh(&self, offset: HostOffset, bytes: Vec<u8>) -> Arc<CachedTable> {
+        assert_eq!(bytes.len(), self.cluster_size, "{}: table size", self.name);
+        let entry = Arc::new(CachedTable::new(offset, self.cluster_size));
+        {
+            let mut data = entry.data.write();
+            data.bytes = bytes;
+            data.dirty = true;
+            data.fresh = true;
+        }
+        entry.loaded.store(true, Ordering::Release);
+        entry.last_use.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.map.lock().insert(offset, entry.clone());
+        entry
+    }
+
+    /// Drops the entry for `offset` whatever its state: the cluster was freed
+    /// and its content no longer matters.
+    pub fn forget(&self, offset: HostOffset) {
+        self.map.lock().remove(&offset);
+    }
+
+    /// Every entry that is dirty, sorted by offset (so write-back is sequential).
+    pub fn dirty_entries(&self) -> Vec<Arc<CachedTable>> {
+        let map = self.map.lock();
+        let mut dirty: Vec<_> = map
+            .values()
+            .filter(|e| e.data.read().dirty)
+            .cloned()
+            .collect();
+        dirty.sort_by_key(|e| e.offset);
+        dirty
+    }
+
+    /// Number of dirty entries.
+    pub fn dirty_count(&self) -> usize {
+        self.map
+            .lock()
+            .values()
+            .filter(|e| e.data.read().dirty)
+            .count()
+    }
+
+    /// Whether the cache holds more tables than its bound.
+    pub fn over_capacity(&self) -> bool {
+        self.map.lock().len() > self.tables_max
+    }
+
+    /// Evicts clean, unused entries, least recently used first, until the
+    /// cache is within its bound. Returns whether it is within bound (false:
+    /// only dirty or busy entries are left, and the caller should flush).
+    pub fn evict(&self) -> bool {
+        let mut map = self.map.lock();
+        if map.len() <= self.tables_max {
+            return true;
+        }
+        let mut candidates: Vec<(u64, HostOffset)> = map
+            .values()
+            // Busy: someone holds the Arc besides the map. Dirty: must be written first.
+            .filter(|e| Arc::strong_count(e) == 1 && !e.data.read().dirty)
+            .map(|e| (e.last_use.load(Ordering::Relaxed), e.offset))
+            .collect();
+        candidates.sort_unstable();
+        let excess = map.len() - self.tables_max;
+        for (_, offset) in candidates.into_iter().take(excess) {
+            map.remove(&offset);
+        }
+        map.len() <= self.tables_max
+    }
+
+    /// Number of cached tables.
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The largest number of tables kept.
+    pub fn tables_max(&self) -> usize {
+        self.tables_max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn concurrent_lookups_load_once() {
+        let cache = Arc::new(TableCache::new("t", 512, 8));
+        let loads = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let cache = cache.clone();
+                let loads = loads.clone();
+                std::thread::spawn(move || {
+                    let e = cache
+                        .get(HostOffset(4096), |b| {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                            b.fill(7);
+                            Ok(())
+                        })
+                        .unwrap();
+                    assert!(
+                        e.data.read().bytes.iter().all(|&b| b == 7),
+                        "saw a half-loaded table"
+                    );
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn eviction_keeps_dirty_and_busy_entries() {
+        let cache = TableCache::new("t", 512, 4);
+        let held = cache.get(HostOffset(0), |_| Ok(())).unwrap();
+        cache.insert_fresh(HostOffset(512), vec![1; 512]);
+        for i in 2..10u64 {
+            cache.get(HostOffset(i * 512), |_| Ok(())).unwrap();
+        }
+        assert!(cache.evict());
+        assert_eq!(cache.len(), 4);
+        let map = cache.map.lock();
+        assert!(map.contains_key(&HostOffset(0)), "busy entry evicted");
+        assert!(map.contains_key(&HostOffset(512)), "dirty entry evicted");
+        drop(map);
+        drop(held);
+    }
+
+    #[test]
+    fn failed_load_is_retried() {
+        let cache = TableCache::new("t", 512, 4);
+        let err = cache.get(HostOffset(0), |_| Err(crate::error::Error::ReadOnly));
+        assert!(err.is_err());
+        let e = cache.get(HostOffset(0), |b| {
+            b.fill(3);
+            Ok(())
+        });
+        assert_eq!(e.unwrap().data.read().bytes[0], 3);
+    }
+}

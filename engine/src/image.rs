@@ -1,0 +1,1295 @@
+//! A qcow2 image: open, read, write, write zeroes, discard, flush, resize,
+//! close; shared by many threads through `&self`.
+//!
+//! Locking, in the order locks are taken (never the other way round):
+//! 1. `gate` (shared by every metadata-changing guest operation, exclusive
+//!    for flush and resize): a persist sees whole operations only, never an
+//!    allocation whose refcount is raised but whose L2 entry is not yet set.
+//!    Reads do not take it.
+//! 2. `l1` (read for lookups, write to link a new or copied L2 table).
+//! 3. one L2 table's lock (read to read or overwrite an allocated cluster,
+//!    write to change an entry). Data I/O happens under this per-table lock
+//!    only, so that a concurrent discard cannot free a cluster mid-I/O.
+//! 4. `refcounts` (allocation and frees; metadata I/O only).
+//!
+//! Write-back: metadata changes stay in memory until the guest flushes or a
+//! cache needs room; then [`Image::flush`] gathers them into an
+//! [`Epoch`](crate::backend::Epoch) for the backend.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use qj_journal::{FileStorage, MemStorage, Storage};
+use qj_spec::qcow2::{
+    features, read_table_entry, write_table_entry, Header, HeaderExtension, L1Entry, L2Entry,
+};
+use qj_spec::units::{Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};
+use serde::Serialize;
+
+use crate::backend::ordered::FlushOrdering;
+use crate::backend::{BackendKind, Epoch, MetadataBackend, MetadataWrite};
+use crate::backing::Backing;
+use crate::cache::{CachedTable, TableCache};
+use crate::compressed::inflate_cluster;
+use crate::error::{Error, IoContext, Result};
+use crate::options::{BackingFormat, BackingSource, CreateOptions, OpenOptions};
+use crate::refcount::RefcountState;
+use crate::stats::{Counters, Stats};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
+
+/// The header as it is in memory and as it was last made durable.
+#[derive(Debug)]
+struct HeaderState {
+    mem: Header,
+    disk: Header,
+    dirty: bool,
+}
+
+/// The active L1 table, fully in memory.
+#[derive(Debug)]
+struct L1State {
+    entries: Vec<u64>,
+    offset: HostOffset,
+    /// Clusters of the table changed in place in this epoch.
+    dirty_clusters: BTreeSet<u64>,
+    /// The table was moved in this epoch (growth): all of it is fresh.
+    fresh: bool,
+}
+
+/// One extent of the guest disk as [`Image::map`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapExtent {
+    /// First guest byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Whether the bytes are stored in this image (false: backing or zeros).
+    pub data: bool,
+    /// Whether the extent reads as zeros.
+    pub zero: bool,
+    /// Whether the extent is stored compressed.
+    pub compressed: bool,
+    /// Host offset of the first byte, for uncompressed data.
+    pub offset: Option<u64>,
+}
+
+/// What `qj info` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Image file length in bytes.
+    pub file_length: u64,
+    /// Backing file name from the header.
+    pub backing_file: Option<String>,
+    /// Backing file format from the header extension.
+    pub backing_format: Option<String>,
+    /// Incompatible feature bits.
+    pub incompatible_features: u64,
+    /// Compatible feature bits.
+    pub compatible_features: u64,
+    /// Autoclear feature bits.
+    pub autoclear_features: u64,
+    /// The dirty bit (incompatible bit 0).
+    pub dirty: bool,
+    /// The corrupt bit (incompatible bit 1).
+    pub corrupt: bool,
+    /// Internal snapshots.
+    pub snapshots: u32,
+    /// L1 entries.
+    pub l1_size: u32,
+    /// Host offset of the L1 table.
+    pub l1_table_offset: u64,
+    /// Host offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Clusters of the refcount table.
+    pub refcount_table_clusters: u32,
+    /// Header extensions present, by name.
+    pub extensions: Vec<String>,
+    /// The metadata backend in use.
+    pub backend: BackendKind,
+}
+
+/// An open qcow2 image. `Send + Sync`: share it with `Arc` and call any
+/// method from any thread.
+#[derive(Debug)]
+pub struct Image {
+    storage: Arc<dyn Storage>,
+    geometry: Geometry,
+    writable: bool,
+    backend: Box<dyn MetadataBackend>,
+    counters: Arc<Counters>,
+    header: Mutex<HeaderState>,
+    l1: RwLock<L1State>,
+    l2_cache: TableCache,
+    refcounts: Mutex<RefcountState>,
+    gate: RwLock<()>,
+    backing: Option<Backing>,
+    /// Host ranges newly referenced since the last persist.
+    new_data: Mutex<Vec<(HostOffset, u64)>>,
+    /// Set when a failure left memory and disk out of step.
+    poison: Mutex<Option<String>>,
+    virtual_size: AtomicU64,
+    /// Set by `close` and `abandon`: Drop then does nothing.
+    finished: AtomicBool,
+}
+
+/// The header cluster is read in two steps: the fixed part names the
+/// cluster size, then the whole cluster (extensions, backing name) is read.
+const HEADER_PROBE_BYTES: usize = 512;
+
+impl Image {
+    /// Creates an empty image on `storage`.
+    pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+        crate::create::create(storage, opts)
+    }
+
+    /// Creates an empty image file at `path` (replacing any file there).
+    pub fn create_path(path: &Path, opts: &CreateOptions) -> Result<()> {
+        let storage = FileStorage::create(path).ctx(|| format!("creating {}", path.display()))?;
+        Self::create(&storage, opts)
+    }
+
+    /// Opens the image file at `path`.
+    pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        let storage =
+            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?;
+        let mut opts = opts.clone();
+        if opts.base_dir.is_none() {
+            opts.base_dir = path.parent().map(Path::to_path_buf);
+        }
+        Self::open(Arc::new(storage), &opts)
+    }
+
+    /// Opens an image on `storage` with the flush-ordering backend.
+    pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        let backend = Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
+        Self::open_with_backend(storage, opts, backend)
+    }
+
+    /// Reads and validates the header of the image on `storage`, without
+    /// opening it. Nothing is written.
+    pub fn read_header(storage: &dyn Storage) -> Result<Header> {
+        let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        let mut probe = vec![0u8; HEADER_PROBE_BYTES.min(file_len as usize)];
+        storage
+            .read_at(&mut probe, 0)
+            .ctx(|| "reading the header".into())?;
+        if probe.len() < 24 {
+            return Ok(Header::decode(&probe)?);
+        }
+        let cluster_bits = u32::from_be_bytes([probe[20], probe[21], probe[22], probe[23]]);
+        let want =
+            if (Geometry::CLUSTER_BITS_MIN..=Geometry::CLUSTER_BITS_MAX).contains(&cluster_bits) {
+                (1usize << cluster_bits).min(file_len as usize)
+            } else {
+                probe.len()
+            };
+        let mut bytes = vec![0u8; want];
+        storage
+            .read_at(&mut bytes, 0)
+            .ctx(|| "reading the header cluster".into())?;
+        Ok(Header::decode(&bytes)?)
+    }
+
+    /// Opens an image on `storage` with the given backend.
+    pub fn open_with_backend(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        backend: Box<dyn MetadataBackend>,
+    ) -> Result<Image> {
+        let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        let header = Self::read_header(&*storage)?;
+        match header.unsupported_features() {
+            // Like QEMU, an image marked corrupt may still be read.
+            Err(qj_spec::error::FormatError::MarkedCorrupt) if !opts.writable => {}
+            other => other?,
+        }
+        if header.has_incompatible(features::INCOMPAT_JOURNAL_DIRTY_BIT)
+            && backend.kind() != BackendKind::Journal
+        {
+            return Err(Error::Unsupported(
+                "the image's qjournal is dirty (journal dirty bit); open it with the journal backend to replay it".into(),
+            ));
+        }
+        header.validate_layout(file_len)?;
+        let geometry = header.geometry();
+        let cs = geometry.cluster_size();
+        if opts.writable {
+            if header.is_dirty() {
+                return Err(Error::Unsupported(
+                    "the image has the dirty bit set (lazy refcounts); run `qj check -r all` before writing".into(),
+                ));
+            }
+        }
+
+        let l1_entries = header.l1_size as usize;
+        let mut raw = vec![0u8; l1_entries * 8];
+        backend.read_metadata(&*storage, &mut raw, HostOffset(header.l1_table_offset))?;
+        let entries: Vec<u64> = (0..l1_entries).map(|i| read_table_entry(&raw, i)).collect();
+
+        let tables_max = (opts.cache_bytes_max / cs).max(4) as usize;
+        let refcounts = RefcountState::open(
+            &*storage,
+            &*backend,
+            geometry,
+            HostOffset(header.refcount_table_offset),
+            u64::from(header.refcount_table_clusters),
+            geometry.clusters_for(file_len),
+            tables_max,
+        )?;
+
+        let backing = Self::open_backing(&header, opts)?;
+        let image = Image {
+            storage,
+            geometry,
+            writable: opts.writable,
+            backend,
+            counters: Arc::new(Counters::default()),
+            virtual_size: AtomicU64::new(header.size),
+            l1: RwLock::new(L1State {
+                entries,
+                offset: HostOffset(header.l1_table_offset),
+                dirty_clusters: BTreeSet::new(),
+                fresh: false,
+            }),
+            header: Mutex::new(HeaderState {
+                mem: header.clone(),
+                disk: header,
+                dirty: false,
+            }),
+            l2_cache: TableCache::new("L2 tables", cs as usize, tables_max),
+            refcounts: Mutex::new(refcounts),
+            gate: RwLock::new(()),
+            backing,
+            new_data: Mutex::new(Vec::new()),
+            poison: Mutex::new(None),
+            finished: AtomicBool::new(false),
+        };
+        if opts.writable {
+            image.clear_autoclear_bits()?;
+        }
+        Ok(image)
+    }
+
+    /// A writer that does not maintain a feature must clear its autoclear
+    /// bit before its first write (qcow2 spec), so that the feature's owner
+    /// later knows its data may be stale: the bitmaps extension stays, and
+    /// QEMU discards the bitmaps as inconsistent. Durable before any write.
+    fn clear_autoclear_bits(&self) -> Result<()> {
+        let mut h = self.header.lock();
+        if h.mem.autoclear_features == 0 {
+            return Ok(());
+        }
+        h.mem.autoclear_features = 0;
+        let bytes = h.mem.encode()?;
+        self.storage
+            .write_at(&bytes, 0)
+            .ctx(|| "clearing autoclear feature bits".into())?;
+        self.counters.metadata_write(bytes.len());
+        self.counters.flush();
+        self.storage.flush().ctx(|| "flushing the header".into())?;
+        h.disk = h.mem.clone();
+        Ok(())
+    }
+
+    fn open_backing(header: &Header, opts: &OpenOptions) -> Result<Option<Backing>> {
+        let Some(name) = header.backing_file.clone() else {
+            return Ok(None);
+        };
+        let named_format = header.extensions.iter().find_map(|e| match e {
+            HeaderExtension::BackingFormat(f) => Some(f.clone()),
+            _ => None,
+        });
+        let backing_err = |reason: String| Error::Backing {
+            name: name.clone(),
+            reason,
+        };
+        let (storage, format): (Arc<dyn Storage>, Option<BackingFormat>) = match &opts.backing {
+            BackingSource::Ignore => return Ok(None),
+            BackingSource::Given(s, f) => (s.clone(), Some(*f)),
+            BackingSource::FromHeader => {
+                let mut path = std::path::PathBuf::from(&name);
+                if path.is_relative() {
+                    if let Some(dir) = &opts.base_dir {
+                        path = dir.join(path);
+                    }
+                }
+                let file = FileStorage::open(&path, false)
+                    .map_err(|e| backing_err(format!("cannot open {}: {e}", path.display())))?;
+                let format = match named_format.as_deref() {
+                    None => None,
+                    Some(f) => Some(BackingFormat::parse(f).ok_or_else(|| {
+                        backing_err(format!("unsupported backing format {f:?} (qcow2 or raw)"))
+                    })?),
+                };
+                (Arc::new(file), format)
+            }
+        };
+        let format = match format {
+            Some(f) => f,
+            None => {
+                // No format named: probe the magic, as QEMU does.
+                let mut magic = [0u8; 4];
+                storage
+                    .read_at(&mut magic, 0)
+                    .ctx(|| "probing the backing file".into())?;
+                if u32::from_be_bytes(magic) == qj_spec::qcow2::QCOW2_MAGIC {
+                    BackingFormat::Qcow2
+                } else {
+                    BackingFormat::Raw
+                }
+            }
+        };
+        Ok(Some(match format {
+            BackingFormat::Raw => {
+                let size = storage
+                    .len()
+                    .ctx(|| "reading the backing file length".into())?;
+                Backing::Raw { storage, size }
+            }
+            BackingFormat::Qcow2 => {
+                let mut bopts = OpenOptions::read_only();
+                bopts.cache_bytes_max = opts.cache_bytes_max;
+                if let BackingSource::FromHeader = opts.backing {
+                    let mut path = std::path::PathBuf::from(&name);
+                    if path.is_relative() {
+                        if let Some(dir) = &opts.base_dir {
+                            path = dir.join(path);
+                        }
+                    }
+                    bopts.base_dir = path.parent().map(Path::to_path_buf);
+                }
+                let image = Image::open(storage, &bopts).map_err(|e| backing_err(e.to_string()))?;
+                Backing::Qcow2(Box::new(image))
+            }
+        }))
+    }
+
+    /// The guest-visible size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size.load(Ordering::Acquire)
+    }
+
+    /// The cluster and refcount geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The counters, as of now.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
+    }
+
+    /// The live counters (shared with the backend).
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Which backend the image runs on.
+    pub fn backend_kind(&self) -> BackendKind {
+        self.backend.kind()
+    }
+
+    /// The device the image lives on.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// A description of the image.
+    pub fn info(&self) -> Result<ImageInfo> {
+        let h = self.header.lock().mem.clone();
+        let file_length = self
+            .storage
+            .len()
+            .ctx(|| "reading the image length".into())?;
+        let extensions = h
+            .extensions
+            .iter()
+            .map(|e| match e {
+                HeaderExtension::BackingFormat(_) => "backing format".to_string(),
+                HeaderExtension::FeatureNameTable(_) => "feature name table".to_string(),
+                HeaderExtension::Bitmaps(_) => "bitmaps".to_string(),
+                HeaderExtension::ExternalDataFile(_) => "external data file".to_string(),
+                HeaderExtension::Journal(_) => "qjournal".to_string(),
+                HeaderExtension::Unknown { kind, .. } => format!("unknown {kind:#010x}"),
+            })
+            .collect();
+        Ok(ImageInfo {
+            version: h.version,
+            virtual_size: self.virtual_size(),
+            cluster_size: self.geometry.cluster_size(),
+            refcount_bits: self.geometry.refcount_bits(),
+            file_length,
+            backing_format: h.extensions.iter().find_map(|e| match e {
+                HeaderExtension::BackingFormat(f) => Some(f.clone()),
+                _ => None,
+            }),
+            backing_file: h.backing_file.clone(),
+            incompatible_features: h.incompatible_features,
+            compatible_features: h.compatible_features,
+            autoclear_features: h.autoclear_features,
+            dirty: h.is_dirty(),
+            corrupt: h.is_corrupt(),
+            snapshots: h.nb_snapshots,
+            l1_size: h.l1_size,
+            l1_table_offset: h.l1_table_offset,
+            refcount_table_offset: h.refcount_table_offset,
+            refcount_table_clusters: h.refcount_table_clusters,
+            extensions,
+            backend: self.backend.kind(),
+        })
+    }
+
+    // ---- guest I/O -------------------------------------------------------
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.virtual_size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        if let Some(why) = self.poison.lock().clone() {
+            return Err(Error::Poisoned(why));
+        }
+        Ok(())
+    }
+
+    /// Records a failure that may have left memory and disk out of step.
+    fn poisoned<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            let mut p = self.poison.lock();
+            if p.is_none() {
+                *p = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    /// Splits `[offset, offset + len)` into per-cluster pieces:
+    /// (guest cluster, offset in cluster, length, offset in the request).
+    fn pieces(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Iterator<Item = (GuestCluster, usize, usize, usize)> {
+        let cs = self.geometry.cluster_size();
+        let g = self.geometry;
+        let mut pos = offset;
+        let end = offset + len;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let cluster = g.guest_cluster(GuestOffset(pos));
+            let in_cluster = g.offset_in_cluster(pos);
+            let n = (cs - in_cluster).min(end - pos);
+            let item = (
+                cluster,
+                in_cluster as usize,
+                n as usize,
+                (pos - offset) as usize,
+            );
+            pos += n;
+            Some(item)
+        })
+    }
+
+    /// Reads guest bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
+        for (cluster, in_cluster, n, at) in self.pieces(offset, buf.len() as u64) {
+            self.read_piece(cluster, in_cluster, &mut buf[at..at + n])?;
+        }
+        self.maybe_evict()
+    }
+
+    fn l1_entry(&self, cluster: GuestCluster) -> Result<L1Entry> {
+        let index = self.geometry.l1_index(cluster) as usize;
+        let raw = self.l1.read().entries.get(index).copied().unwrap_or(0);
+        let entry = L1Entry(raw);
+        if let Some(o) = entry.l2_offset() {
+            if !self.geometry.is_aligned(o.0) {
+                return Err(Error::Corrupt(format!(
+                    "L1 entry {index} points to misaligned L2 table offset {o}"
+                )));
+            }
+        }
+        Ok(entry)
+    }
+
+    fn load_l2(&self, offset: HostOffset) -> Result<Arc<CachedTable>> {
+        let storage = &*self.storage;
+        let backend = &*self.backend;
+        self.l2_cache
+            .get(offset, |buf| backend.read_metadata(storage, buf, offset))
+    }
+
+    fn l2_entry(&self, table: &[u8], cluster: GuestCluster) -> Result<L2Entry> {
+        let index = self.geometry.l2_index(cluster) as usize;
+        let raw = read_table_entry(table, index);
+        let entry = L2Entry::decode(raw, self.geometry.cluster_bits);
+        if let L2Entry::Normal { offset, .. }
+        | L2Entry::Zero {
+            preallocated: Some(offset),
+            ..
+        } = entry
+        {
+            if !self.geometry.is_aligned(offset.0) {
+                return Err(Error::Corrupt(format!(
+                    "L2 entry for guest cluster {} points to misaligned offset {offset}",
+                    cluster.0
+                )));
+            }
+        }
+        Ok(entry)
+    }
+
+    fn read_piece(&self, cluster: GuestCluster, in_cluster: usize, out: &mut [u8]) -> Result<()> {
+        let guest = self.geometry.guest_offset(cluster).0 + in_cluster as u64;
+        let Some(l2) = self.l1_entry(cluster)?.l2_offset() else {
+            return self.read_unallocated(out, guest);
+        };
+        let table = self.load_l2(l2)?;
+        // The table lock is held across the data read so that a concurrent
+        // discard cannot free (and a writer reuse) the cluster under us.
+        let t = table.data.read();
+        match self.l2_entry(&t.bytes, cluster)? {
+            L2Entry::Unallocated => {
+                drop(t);
+                self.read_unallocated(out, guest)
+            }
+            L2Entry::Zero { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            L2Entry::Normal { offset, .. } => self
+                .storage
+                .read_at(out, offset.0 + in_cluster as u64)
+                .ctx(|| format!("reading guest data at {guest:#x}")),
+            L2Entry::Compressed {
+                host_offset,
+                compressed_size_max,
+            } => {
+                let plain = self.read_compressed(host_offset, compressed_size_max)?;
+                out.copy_from_slice(&plain[in_cluster..in_cluster + out.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_compressed(&self, host_offset: u64, size: u64) -> Result<Vec<u8>> {
+        // Bounded by the format: at most two clusters of compressed bytes.
+        let size = size.min(2 * self.geometry.cluster_size());
+        let mut compressed = vec![0u8; size as usize];
+        self.storage
+            .read_at(&mut compressed, host_offset)
+            .ctx(|| format!("reading compressed cluster at {host_offset:#x}"))?;
+        inflate_cluster(
+            &compressed,
+            self.geometry.cluster_size() as usize,
+            host_offset,
+        )
+    }
+
+    fn read_unallocated(&self, out: &mut [u8], guest: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.read(out, guest),
+            None => {
+                out.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes guest bytes at `offset`. Durable after the next [`Image::flush`].
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
+        for (cluster, in_cluster, n, at) in self.pieces(offset, buf.len() as u64) {
+            let _gate = self.gate.read();
+            let r = self.write_piece(cluster, in_cluster, &buf[at..at + n]);
+            self.poisoned(r)?;
+        }
+        self.maybe_evict()
+    }
+
+    /// The L2 table mapping `cluster`, created (or copied, when shared with
+    /// a snapshot) so that this image owns it. Caller holds the gate.
+    fn owned_l2(&self, cluster: GuestCluster) -> Result<Arc<CachedTable>> {
+        let entry = self.l1_entry(cluster)?;
+        if let (Some(o), true) = (entry.l2_offset(), entry.is_copied()) {
+            return self.load_l2(o);
+        }
+        let index = self.geometry.l1_index(cluster) as usize;
+        let mut l1 = self.l1.write();
+        let Some(&raw) = l1.entries.get(index) else {
+            return Err(Error::Corrupt(format!(
+                "guest cluster {} is past the L1 table ({} entries)",
+                cluster.0,
+                l1.entries.len()
+            )));
+        };
+        let entry = L1Entry(raw);
+        if let (Some(o), true) = (entry.l2_offset(), entry.is_copied()) {
+            // Another writer linked it while we waited for the lock.
+            return self.load_l2(o);
+        }
+        let cs = self.geometry.cluster_size() as usize;
+        let bytes = match entry.l2_offset() {
+            None => vec![0u8; cs],
+            // Shared with a snapshot: copy it. The data clusters it maps keep
+            // their counts (each is referenced by the old and the new table).
+            Some(old) => self.load_l2(old)?.data.read().bytes.clone(),
+        };
+        let new = {
+            let mut rc = self.refcounts.lock();
+            let new = rc.allocate(&*self.storage, &*self.backend, &self.counters)?;
+            if let Some(old) = entry.l2_offset() {
+                rc.free_metadata(
+                    &*self.storage,
+                    &*self.backend,
+                    self.geometry.host_cluster(old),
+                )?;
+            }
+            new
+        };
+        let offset = self.geometry.host_offset(new);
+        let table = self.l2_cache.insert_fresh(offset, bytes);
+        l1.entries[index] = L1Entry::new(offset, true).0;
+        if !l1.fresh {
+            let c = index as u64 * 8 / self.geometry.cluster_size();
+            l1.dirty_clusters.insert(c);
+        }
+        Ok(table)
+    }
+
+    fn write_piece(&self, cluster: GuestCluster, in_cluster: usize, data: &[u8]) -> Result<()> {
+        let table = self.owned_l2(cluster)?;
+        let index = self.geometry.l2_index(cluster) as usize;
+        {
+            // Fast path: an allocated cluster this image owns is overwritten
+            // in place; no metadata changes.
+            let t = table.data.read();
+            if let L2Entry::Normal {
+                offset,
+                copied: true,
+            } = self.l2_entry(&t.bytes, cluster)?
+            {
+                return self.write_data(data, offset.0 + in_cluster as u64);
+            }
+        }
+        let mut t = table.data.write();
+        let old = self.l2_entry(&t.bytes, cluster)?;
+        if let L2Entry::Normal {
+            offset,
+            copied: true,
+        } = old
+        {
+            return self.write_data(data, offset.0 + in_cluster as u64);
+        }
+        let cs = self.geometry.cluster_size() as usize;
+        // Copy-on-write: the new cluster gets the old content around the
+        // written bytes (from backing, a shared cluster, or a compressed one).
+        let full = if in_cluster == 0 && data.len() == cs {
+            data.to_vec()
+        } else {
+            let mut full = vec![0u8; cs];
+            self.old_content(cluster, old, &mut full)?;
+            full[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+            full
+        };
+        let new = self
+            .refcounts
+            .lock()
+            .allocate(&*self.storage, &*self.backend, &self.counters)?;
+        let host = self.geometry.host_offset(new);
+        self.write_data(&full, host.0)?;
+        write_table_entry(
+            &mut t.bytes,
+            index,
+            L2Entry::Normal {
+                offset: host,
+                copied: true,
+            }
+            .encode(self.geometry.cluster_bits),
+        );
+        t.dirty = true;
+        self.new_data.lock().push((host, cs as u64));
+        self.release_entry(old)
+    }
+
+    fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        self.storage
+            .write_at(data, host)
+            .ctx(|| format!("writing guest data at host {host:#x}"))?;
+        self.counters.data_write(data.len());
+        Ok(())
+    }
+
+    /// The guest-visible content of `cluster` under entry `old`.
+    fn old_content(&self, cluster: GuestCluster, old: L2Entry, out: &mut [u8]) -> Result<()> {
+        match old {
+            L2Entry::Unallocated => {
+                self.read_unallocated(out, self.geometry.guest_offset(cluster).0)
+            }
+            L2Entry::Zero { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            L2Entry::Normal { offset, .. } => self
+                .storage
+                .read_at(out, offset.0)
+                .ctx(|| format!("reading cluster {offset} to copy")),
+            L2Entry::Compressed {
+                host_offset,
+                compressed_size_max,
+            } => {
+                out.copy_from_slice(&self.read_compressed(host_offset, compressed_size_max)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops this image's reference to whatever `old` pointed to.
+    fn release_entry(&self, old: L2Entry) -> Result<()> {
+        let mut rc = self.refcounts.lock();
+        match old {
+            L2Entry::Unallocated
+            | L2Entry::Zero {
+                preallocated: None, ..
+            } => Ok(()),
+            L2Entry::Normal { offset, .. }
+            | L2Entry::Zero {
+                preallocated: Some(offset),
+                ..
+            } => rc.free(
+                &*self.storage,
+                &*self.backend,
+                self.geometry.host_cluster(offset),
+            ),
+            L2Entry::Compressed {
+                host_offset,
+                compressed_size_max,
+            } => {
+                // A compressed cluster holds one reference on every host
+                // cluster its bytes touch.
+                let first = host_offset >> self.geometry.cluster_bits;
+                let last =
+                    (host_offset + compressed_size_max.max(1) - 1) >> self.geometry.cluster_bits;
+                for c in first..=last {
+                    rc.free(&*self.storage, &*self.backend, HostCluster(c))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros. Whole clusters become
+    /// zero-flagged entries and release their storage; partial clusters are
+    /// written with zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
+        for (cluster, in_cluster, n, _) in self.pieces(offset, len) {
+            let _gate = self.gate.read();
+            let r = self.zero_piece(cluster, in_cluster, n, false);
+            self.poisoned(r)?;
+        }
+        self.maybe_evict()
+    }
+
+    /// Tells the image the guest no longer needs `[offset, offset + len)`.
+    /// Whole clusters are released and read as zeros afterwards; partial
+    /// clusters are left alone (discard is advisory).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
+        for (cluster, in_cluster, n, _) in self.pieces(offset, len) {
+            let _gate = self.gate.read();
+            let r = self.zero_piece(cluster, in_cluster, n, true);
+            self.poisoned(r)?;
+        }
+        self.maybe_evict()
+    }
+
+    fn zero_piece(
+        &self,
+        cluster: GuestCluster,
+        in_cluster: usize,
+        n: usize,
+        discard: bool,
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size() as usize;
+        let guest_end = self.geometry.guest_offset(cluster).0 + cs as u64;
+        // The last cluster may extend past the virtual size: covering up to
+        // the end of the disk counts as covering the whole cluster.
+        let whole = in_cluster == 0
+            && (n == cs
+                || guest_end > self.virtual_size() && {
+                    self.geometry.guest_offset(cluster).0 + n as u64 == self.virtual_size()
+                });
+        if !whole {
+            if discard {
+                return Ok(());
+            }
+            return self.write_piece(cluster, in_cluster, &vec![0u8; n]);
+        }
+        let v3 = self.header.lock().mem.version >= 3;
+        let new_entry = if !v3 {
+            if self.backing.is_some() && !discard {
+                // v2 has no zero flag: zeros over backing data must be stored.
+                return self.write_piece(cluster, in_cluster, &vec![0u8; n]);
+            }
+            L2Entry::Unallocated
+        } else if self.backing.is_none() && discard {
+            L2Entry::Unallocated
+        } else {
+            L2Entry::Zero {
+                preallocated: None,
+                copied: false,
+            }
+        };
+        if self.l1_entry(cluster)?.l2_offset().is_none()
+            && (self.backing.is_none() || new_entry == L2Entry::Unallocated)
+        {
+            // Nothing mapped and nothing to hide: already reads as zeros.
+            return Ok(());
+        }
+        let table = self.owned_l2(cluster)?;
+        let mut t = table.data.write();
+        let old = self.l2_entry(&t.bytes, cluster)?;
+        if old == new_entry {
+            return Ok(());
+        }
+        let index = self.geometry.l2_index(cluster) as usize;
+        write_table_entry(
+            &mut t.bytes,
+            index,
+            new_entry.encode(self.geometry.cluster_bits),
+        );
+        t.dirty = true;
+        self.release_entry(old)
+    }
+
+    /// Makes every write that completed before this call durable.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        if let Some(why) = self.poison.lock().clone() {
+            return Err(Error::Poisoned(why));
+        }
+        self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
+        let _gate = self.gate.write();
+        let r = self.persist_locked();
+        self.poisoned(r)
+    }
+
+    /// Gathers the epoch and hands it to the backend. Caller holds the gate
+    /// exclusively, so the epoch holds whole operations only.
+    fn persist_locked(&self) -> Result<()> {
+        let epoch = self.gather_epoch()?;
+        self.backend
+            .persist(&*self.storage, epoch, &self.counters)?;
+        let mut rc = self.refcounts.lock();
+        rc.after_persist(&*self.storage, &*self.backend, &self.counters)
+    }
+
+    fn gather_epoch(&self) -> Result<Epoch> {
+        let mut epoch = Epoch::default();
+        let moved_refcount_table = self.refcounts.lock().take_epoch(
+            &mut epoch.fresh_refcount,
+            &mut epoch.refcount_links,
+            &mut epoch.refcount_blocks,
+            &mut epoch.freed_metadata,
+        );
+        for table in self.l2_cache.dirty_entries() {
+            let mut t = table.data.write();
+            let w = MetadataWrite {
+                offset: table.offset,
+                bytes: t.bytes.clone(),
+            };
+            if t.fresh {
+                epoch.fresh_tables.push(w);
+            } else {
+                epoch.tables.push(w);
+            }
+            t.dirty = false;
+            t.fresh = false;
+        }
+        let cs = self.geometry.cluster_size() as usize;
+        let mut l1 = self.l1.write();
+        let encode_l1 = |entries: &[u64], c: u64| {
+            let mut bytes = vec![0u8; cs];
+            let per = cs / 8;
+            let start = c as usize * per;
+            for (j, &e) in entries.iter().skip(start).take(per).enumerate() {
+                write_table_entry(&mut bytes, j, e);
+            }
+            bytes
+        };
+        if l1.fresh {
+            let clusters = self
+                .geometry
+                .clusters_for(l1.entries.len() as u64 * 8)
+                .max(1);
+            for c in 0..clusters {
+                epoch.fresh_tables.push(MetadataWrite {
+                    offset: HostOffset(l1.offset.0 + c * cs as u64),
+                    bytes: encode_l1(&l1.entries, c),
+                });
+            }
+            l1.fresh = false;
+            l1.dirty_clusters.clear();
+        }
+        for c in std::mem::take(&mut l1.dirty_clusters) {
+            epoch.tables.push(MetadataWrite {
+                offset: HostOffset(l1.offset.0 + c * cs as u64),
+                bytes: encode_l1(&l1.entries, c),
+            });
+        }
+        drop(l1);
+        let mut h = self.header.lock();
+        if let Some((offset, clusters)) = moved_refcount_table {
+            // The switch to the new refcount table is a header write of its
+            // own, carrying only the refcount fields: the rest of the header
+            // (a new L1 table, say) must wait for its own dependencies.
+            let mut link = h.disk.clone();
+            link.refcount_table_offset = offset.0;
+            link.refcount_table_clusters = clusters as u32;
+            h.mem.refcount_table_offset = offset.0;
+            h.mem.refcount_table_clusters = clusters as u32;
+            let old = h.disk.encode()?;
+            epoch
+                .refcount_links
+                .push(header_write(&old, &link.encode()?));
+            h.disk = link;
+        }
+        if h.dirty {
+            let old = h.disk.encode()?;
+            epoch.tables.push(header_write(&old, &h.mem.encode()?));
+            h.disk = h.mem.clone();
+            h.dirty = false;
+        }
+        drop(h);
+        epoch.new_data = std::mem::take(&mut *self.new_data.lock());
+        Ok(epoch)
+    }
+
+    fn maybe_evict(&self) -> Result<()> {
+        let l2_full = !self.l2_cache.evict();
+        let rc_full = !self.refcounts.lock().blocks.evict();
+        if (l2_full || rc_full) && self.writable {
+            // Only dirty tables are left: write them back, then evict.
+            let _gate = self.gate.write();
+            let r = self.persist_locked();
+            self.poisoned(r)?;
+            self.l2_cache.evict();
+            self.refcounts.lock().blocks.evict();
+        }
+        Ok(())
+    }
+
+    /// Changes the virtual size. Growing maps the new space as zeros (also
+    /// over a larger backing file); shrinking releases the clusters past the
+    /// new end. The change is durable after the next flush.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let new_size = new_size.next_multiple_of(512);
+        let _gate = self.gate.write();
+        let r = self.resize_locked(new_size);
+        self.poisoned(r)?;
+        drop(_gate);
+        self.maybe_evict()
+    }
+
+    fn resize_locked(&self, new_size: u64) -> Result<()> {
+        let old_size = self.virtual_size();
+        let g = self.geometry;
+        let needed = g.l1_entries_for(new_size);
+        if needed * 8 > crate::create::L1_BYTES_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "size {new_size} needs an L1 table over the 32 MiB limit"
+            )));
+        }
+        if new_size < old_size {
+            if self.header.lock().mem.nb_snapshots > 0 {
+                return Err(Error::Unsupported(
+                    "shrinking an image with internal snapshots".into(),
+                ));
+            }
+            // Release every cluster past the new end (rounded up to a cluster:
+            // the cluster holding the new end keeps its head).
+            let first = g.clusters_for(new_size);
+            let last = g.clusters_for(old_size);
+            for c in first..last {
+                let cluster = GuestCluster(c);
+                let Some(l2) = self.l1_entry(cluster)?.l2_offset() else {
+                    continue;
+                };
+                let table = self.load_l2(l2)?;
+                let mut t = table.data.write();
+                let old = self.l2_entry(&t.bytes, cluster)?;
+                if old != L2Entry::Unallocated {
+                    write_table_entry(&mut t.bytes, g.l2_index(cluster) as usize, 0);
+                    t.dirty = true;
+                    drop(t);
+                    self.release_entry(old)?;
+                }
+            }
+        } else if needed as usize > self.l1.read().entries.len() {
+            self.grow_l1(needed)?;
+        }
+        self.virtual_size.store(new_size, Ordering::Release);
+        {
+            let mut h = self.header.lock();
+            h.mem.size = new_size;
+            h.dirty = true;
+        }
+        if new_size > old_size {
+            // Bytes past the old end must read as zeros: hide a larger
+            // backing file and any data a shrink left in the last cluster.
+            let cs = g.cluster_size();
+            let tail_end = old_size.next_multiple_of(cs).min(new_size);
+            if tail_end > old_size {
+                for (cluster, in_cluster, n, _) in self.pieces(old_size, tail_end - old_size) {
+                    let covered =
+                        self.l1_entry(cluster)?.l2_offset().is_some() || self.backing.is_some();
+                    if covered {
+                        self.write_piece(cluster, in_cluster, &vec![0u8; n])?;
+                    }
+                }
+            }
+            if let Some(b) = &self.backing {
+                let hide_end = b.size().min(new_size);
+                if hide_end > tail_end {
+                    for (cluster, in_cluster, n, _) in self.pieces(tail_end, hide_end - tail_end) {
+                        self.zero_piece(cluster, in_cluster, n, false)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the L1 table to fresh clusters with room for `needed` entries.
+    /// The header switches to it in one write, after it is durable (it is
+    /// `fresh`); the old table is freed by the usual rules.
+    fn grow_l1(&self, needed: u64) -> Result<()> {
+        let g = self.geometry;
+        let mut l1 = self.l1.write();
+        let old_entries = l1.entries.len() as u64;
+        let new_entries = needed
+            .max(old_entries + old_entries / 2)
+            .min(crate::create::L1_BYTES_MAX / 8);
+        let clusters = g.clusters_for(new_entries * 8).max(1);
+        let old_clusters = g.clusters_for(old_entries * 8).max(1);
+        let mut rc = self.refcounts.lock();
+        let start =
+            rc.allocate_contiguous(&*self.storage, &*self.backend, &self.counters, clusters)?;
+        let old_start = g.host_cluster(l1.offset);
+        for i in 0..old_clusters {
+            rc.free_metadata(&*self.storage, &*self.backend, HostCluster(old_start.0 + i))?;
+        }
+        drop(rc);
+        l1.entries.resize(new_entries as usize, 0);
+        l1.offset = g.host_offset(start);
+        l1.fresh = true;
+        l1.dirty_clusters.clear();
+        let mut h = self.header.lock();
+        h.mem.l1_table_offset = l1.offset.0;
+        h.mem.l1_size = new_entries as u32;
+        h.dirty = true;
+        Ok(())
+    }
+
+    /// Guest extents: what is stored here, zero, or left to the backing file.
+    pub fn map(&self) -> Result<Vec<MapExtent>> {
+        let g = self.geometry;
+        let size = self.virtual_size();
+        let mut out: Vec<MapExtent> = Vec::new();
+        let clusters = g.clusters_for(size);
+        let mut c = 0;
+        while c < clusters {
+            let cluster = GuestCluster(c);
+            let start = g.guest_offset(cluster).0;
+            let length = g.cluster_size().min(size - start);
+            let entry = match self.l1_entry(cluster)?.l2_offset() {
+                None => {
+                    // A whole missing L2 table: skip its range at once.
+                    let next = (g.l1_index(cluster) + 1) * g.l2_entries();
+                    let end = (g.guest_offset(GuestCluster(next)).0).min(size);
+                    push_extent(
+                        &mut out,
+                        MapExtent {
+                            start,
+                            length: end - start,
+                            data: false,
+                            zero: self.backing.is_none(),
+                            compressed: false,
+                            offset: None,
+                        },
+                    );
+                    c = next;
+                    continue;
+                }
+                Some(l2) => {
+                    let table = self.load_l2(l2)?;
+                    let t = table.data.read();
+                    self.l2_entry(&t.bytes, cluster)?
+                }
+            };
+            let ext = match entry {
+                L2Entry::Unallocated => MapExtent {
+                    start,
+                    length,
+                    data: false,
+                    zero: self.backing.is_none(),
+                    compressed: false,
+                    offset: None,
+                },
+                L2Entry::Zero { .. } => MapExtent {
+                    start,
+                    length,
+                    data: false,
+                    zero: true,
+                    compressed: false,
+                    offset: None,
+                },
+                L2Entry::Normal { offset, .. } => MapExtent {
+                    start,
+                    length,
+                    data: true,
+                    zero: false,
+                    compressed: false,
+                    offset: Some(offset.0),
+                },
+                L2Entry::Compressed { .. } => MapExtent {
+                    start,
+                    length,
+                    data: true,
+                    zero: false,
+                    compressed: true,
+                    offset: None,
+                },
+            };
+            push_extent(&mut out, ext);
+            c += 1;
+        }
+        Ok(out)
+    }
+
+    /// Flushes and closes the image, leaving it clean: deferred refcount
+    /// decrements are written too, so `check` finds no leak.
+    pub fn close(self) -> Result<()> {
+        self.finished.store(true, Ordering::Release);
+        if !self.writable || self.poison.lock().is_some() {
+            return Ok(());
+        }
+        let _gate = self.gate.write();
+        // Bounded: the first persist may leave decrements that the second
+        // writes; the second cannot leave any (it frees nothing).
+        for _ in 0..3 {
+            self.persist_locked()?;
+            if !self.refcounts.lock().has_pending() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the image without writing anything back, as a process killed
+    /// at this instant would: what is on the device is what a crash after
+    /// the last completed flush could leave.
+    pub fn abandon(self) {
+        self.finished.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if self.finished.load(Ordering::Acquire) || !self.writable {
+            return;
+        }
+        // Best effort for callers that forgot `close`; errors are lost here.
+        if self.poison.lock().is_none() {
+            let _gate = self.gate.write();
+            for _ in 0..3 {
+                if self.persist_locked().is_err() || !self.refcounts.lock().has_pending() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A header write covering only the sectors that changed: the fields a
+/// persist changes all sit in the first sector, so the write is one sector
+/// and a torn write cannot mix old and new header fields.
+fn header_write(old: &[u8], new: &[u8]) -> MetadataWrite {
+    const SECTOR: usize = 512;
+    let len = old.len().max(new.len()).next_multiple_of(SECTOR);
+    let byte = |b: &[u8], i: usize| b.get(i).copied().unwrap_or(0);
+    let differs = |s: usize| (s..s + SECTOR).any(|i| byte(old, i) != byte(new, i));
+    let first = (0..len).step_by(SECTOR).find(|&s| differs(s)).unwrap_or(0);
+    let last = (0..len)
+        .step_by(SECTOR)
+        .rev()
+        .find(|&s| differs(s))
+        .unwrap_or(0)
+        + SECTOR;
+    let bytes = (first..last).map(|i| byte(new, i)).collect();
+    MetadataWrite {
+        offset: HostOffset(first as u64),
+        bytes,
+    }
+}
+
+fn push_extent(out: &mut Vec<MapExtent>, ext: MapExtent) {
+    if let Some(last) = out.last_mut() {
+        let contiguous = match (last.offset, ext.offset) {
+            (Some(a), Some(b)) => a + last.length == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if last.data == ext.data
+            && last.zero == ext.zero
+            && last.compressed == ext.compressed
+            && contiguous
+            && !ext.compressed
+        {
+            last.length += ext.length;
+            return;
+        }
+    }
+    out.push(ext);
+}
+
+/// An in-memory image, for tests and examples.
+pub fn create_in_memory(opts: &CreateOptions) -> Result<Image> {
+    let storage = Arc::new(MemStorage::new());
+    Image::create(&*storage, opts)?;
+    Image::open(storage, &OpenOptions::read_write())
+}

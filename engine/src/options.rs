@@ -1,0 +1,119 @@
+//! Options for creating and opening images.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use qj_journal::Storage;
+
+use crate::backend::ordered::OrderingMutation;
+
+/// Format of a backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// A qcow2 image (opened read-only).
+    Qcow2,
+    /// A raw disk image.
+    Raw,
+}
+
+impl BackingFormat {
+    /// The name written in the backing-format header extension.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BackingFormat::Qcow2 => "qcow2",
+            BackingFormat::Raw => "raw",
+        }
+    }
+
+    /// Parses a format name (`qcow2` or `raw`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "qcow2" => Some(BackingFormat::Qcow2),
+            "raw" => Some(BackingFormat::Raw),
+            _ => None,
+        }
+    }
+}
+
+/// How to create an image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual disk size in bytes (rounded up to 512).
+    pub virtual_size: u64,
+    /// Cluster size in bytes: a power of two from 512 B to 2 MiB.
+    pub cluster_size: u64,
+    /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64.
+    pub refcount_bits: u32,
+    /// Backing file name, stored in the header as given.
+    pub backing_file: Option<String>,
+    /// Format of the backing file.
+    pub backing_format: Option<BackingFormat>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        Self {
+            virtual_size: 0,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            backing_file: None,
+            backing_format: None,
+        }
+    }
+}
+
+/// Where an image's backing file comes from.
+#[derive(Debug, Clone, Default)]
+pub enum BackingSource {
+    /// Resolve the name in the header relative to `base_dir` (or the
+    /// current directory) and open it read-only.
+    #[default]
+    FromHeader,
+    /// Use this device, with this format, whatever the header names.
+    Given(Arc<dyn Storage>, BackingFormat),
+    /// Ignore the backing file: unallocated clusters read as zeros. For
+    /// tools that inspect metadata only.
+    Ignore,
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open for writing.
+    pub writable: bool,
+    /// Memory bound for each metadata cache (L2 tables, refcount blocks).
+    pub cache_bytes_max: u64,
+    /// Where the backing file comes from.
+    pub backing: BackingSource,
+    /// Directory that relative backing file names are resolved against.
+    pub base_dir: Option<PathBuf>,
+    /// A deliberate ordering bug, for the crash harness only.
+    pub ordering_mutation: OrderingMutation,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            writable: true,
+            cache_bytes_max: 32 << 20,
+            backing: BackingSource::FromHeader,
+            base_dir: None,
+            ordering_mutation: OrderingMutation::None,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Read-write with defaults.
+    pub fn read_write() -> Self {
+        Self::default()
+    }
+
+    /// Read-only with defaults.
+    pub fn read_only() -> Self {
+        Self {
+            writable: false,
+            ..Self::default()
+        }
+    }
+}

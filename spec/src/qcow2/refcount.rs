@@ -1,0 +1,72 @@
+//! Refcount block entries of every width (refcount_order 0..=6).
+//!
+//! Sub-byte widths pack like QEMU (block/qcow2-refcount.c
+//! get_refcount_ro0..2): entry i of width w = 2^order bits lives in byte
+//! i / (8 / w), at bit (i % (8 / w)) * w, least significant first. Widths of
+//! 8..=64 bits are big-endian integers.
+
+/// Entry `index` of a refcount block of `refcount_order`.
+///
+/// # Panics
+/// If the entry lies outside `block` or the order is above 6: indices come
+/// from the geometry of a block we sized (a caller bug otherwise).
+#[must_use]
+pub fn get_refcount(block: &[u8], index: u64, refcount_order: u32) -> u64 {
+    assert!(refcount_order <= 6, "refcount_order {refcount_order}");
+    let i = usize::try_from(index).expect("refcount index fits in usize");
+    match refcount_order {
+        0..=2 => {
+            let width = 1usize << refcount_order;
+            let per_byte = 8 / width;
+            let shift = (i % per_byte) * width;
+            u64::from((block[i / per_byte] >> shift) & ((1u8 << width) - 1))
+        }
+        3 => u64::from(block[i]),
+        4 => {
+            let at = i * 2;
+            u64::from(u16::from_be_bytes([block[at], block[at + 1]]))
+        }
+        5 => {
+            let at = i * 4;
+            let mut raw = [0u8; 4];
+            raw.copy_from_slice(&block[at..at + 4]);
+            u64::from(u32::from_be_bytes(raw))
+        }
+        _ => {
+            let at = i * 8;
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(&block[at..at + 8]);
+            u64::from_be_bytes(raw)
+        }
+    }
+}
+
+/// Sets entry `index` of a refcount block of `refcount_order` to `value`.
+/// The caller guarantees `value` fits the width (asserted in debug builds;
+/// excess high bits are dropped in release builds).
+///
+/// # Panics
+/// As [`get_refcount`].
+pub fn set_refcount(block: &mut [u8], index: u64, refcount_order: u32, value: u64) {
+    assert!(refcount_order <= 6, "refcount_order {refcount_order}");
+    let width_bits = 1u32 << refcount_order;
+    debug_assert!(
+        width_bits == 64 || value < (1u64 << width_bits),
+        "refcount {value} does not fit {width_bits} bits"
+    );
+    let i = usize::try_from(index).expect("refcount index fits in usize");
+    match refcount_order {
+        0..=2 => {
+            let width = 1usize << refcount_order;
+            let per_byte = 8 / width;
+            let shift = (i % per_byte) * width;
+            let mask = ((1u8 << width) - 1) << shift;
+            let byte = &mut block[i / per_byte];
+            *byte = (*byte & !mask) | (((value as u8) << shift) & mask);
+        }
+        3 => block[i] = value as u8,
+        4 => block[i * 2..i * 2 + 2].copy_from_slice(&(value as u16).to_be_bytes()),
+        5 => block[i * 4..i * 4 + 4].copy_from_slice(&(value as u32).to_be_bytes()),
+        _ => block[i * 8..i * 8 + 8].copy_from_slice(&value.to_be_bytes()),
+    }
+}
