@@ -21,6 +21,12 @@ use qj_spec::units::HostOffset;
 use crate::error::Result;
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 
+/// Write-back granularity: a table is written back in runs of changed
+/// 512-byte sectors, the unit a device writes atomically in our crash
+/// model. Both backends use the same granularity, so their byte counts
+/// compare fairly.
+pub const SECTOR_BYTES: usize = 512;
+
 /// The bytes of one cached table and its write-back state.
 #[derive(Debug)]
 pub struct TableData {
@@ -30,6 +36,71 @@ pub struct TableData {
     pub dirty: bool,
     /// Allocated in this epoch: no on-disk structure points to it yet.
     pub fresh: bool,
+    /// One bit per 512-byte sector changed since the last write-back.
+    dirty_sectors: Vec<u64>,
+}
+
+impl TableData {
+    fn new(cluster_size: usize) -> Self {
+        Self {
+            bytes: vec![0; cluster_size],
+            dirty: false,
+            fresh: false,
+            dirty_sectors: vec![0; (cluster_size / SECTOR_BYTES).div_ceil(64)],
+        }
+    }
+
+    /// Records that `len` bytes at `offset` changed.
+    pub fn mark_dirty(&mut self, offset: usize, len: usize) {
+        assert!(
+            offset + len <= self.bytes.len(),
+            "dirty range past the table"
+        );
+        if len == 0 {
+            return;
+        }
+        for sector in offset / SECTOR_BYTES..=(offset + len - 1) / SECTOR_BYTES {
+            self.dirty_sectors[sector / 64] |= 1 << (sector % 64);
+        }
+        self.dirty = true;
+    }
+
+    /// Writes big-endian 64-bit entry `index` and marks it dirty.
+    pub fn set_entry(&mut self, index: usize, value: u64) {
+        qj_spec::qcow2::write_table_entry(&mut self.bytes, index, value);
+        self.mark_dirty(index * 8, 8);
+    }
+
+    /// Takes the write-back of this table: the whole table when it is fresh,
+    /// else each run of changed sectors as (offset in table, bytes). Leaves
+    /// the table clean.
+    pub fn take_writeback(&mut self) -> Vec<(usize, Vec<u8>)> {
+        let sectors = self.bytes.len() / SECTOR_BYTES;
+        let runs = if self.fresh {
+            vec![(0, self.bytes.clone())]
+        } else {
+            let is_dirty = |s: usize| self.dirty_sectors[s / 64] & (1 << (s % 64)) != 0;
+            let mut runs = Vec::new();
+            let mut s = 0;
+            while s < sectors {
+                if !is_dirty(s) {
+                    s += 1;
+                    continue;
+                }
+                let start = s;
+                while s < sectors && is_dirty(s) {
+                    s += 1;
+                }
+                let (a, b) = (start * SECTOR_BYTES, s * SECTOR_BYTES);
+                runs.push((a, self.bytes[a..b].to_vec()));
+            }
+            runs
+        };
+        self.dirty = false;
+        self.fresh = false;
+        self.dirty_sectors.fill(0);
+        runs
+    }
 }
 
 /// One cached table.
@@ -49,11 +120,7 @@ impl CachedTable {
     fn new(offset: HostOffset, cluster_size: usize) -> Self {
         Self {
             offset,
-            data: RwLock::new(TableData {
-                bytes: vec![0; cluster_size],
-                dirty: false,
-                fresh: false,
-            }),
+            data: RwLock::new(TableData::new(cluster_size)),
             load: Mutex::new(()),
             loaded: AtomicBool::new(false),
             last_use: AtomicU64::new(0),
@@ -134,8 +201,9 @@ impl TableCache {
         {
             let mut data = entry.data.write();
             data.bytes = bytes;
-            data.dirty = true;
             data.fresh = true;
+            let len = data.bytes.len();
+            data.mark_dirty(0, len);
         }
         entry.loaded.store(true, Ordering::Release);
         entry.last_use.store(
@@ -266,6 +334,23 @@ mod tests {
         assert!(map.contains_key(&HostOffset(512)), "dirty entry evicted");
         drop(map);
         drop(held);
+    }
+
+    #[test]
+    fn writeback_takes_changed_sectors_only() {
+        let cache = TableCache::new("t", 4096, 4);
+        let e = cache.get(HostOffset(0), |_| Ok(())).unwrap();
+        let mut d = e.data.write();
+        d.set_entry(0, 1);
+        d.set_entry(64, 2); // byte 512: sector 1
+        d.set_entry(511, 3); // byte 4088: sector 7
+        let runs = d.take_writeback();
+        assert_eq!(
+            runs.iter().map(|(o, b)| (*o, b.len())).collect::<Vec<_>>(),
+            [(0, 1024), (3584, 512)]
+        );
+        assert!(!d.dirty);
+        assert!(d.take_writeback().is_empty());
     }
 
     #[test]

@@ -724,8 +724,7 @@ impl Image {
             .allocate(&*self.storage, &*self.backend, &self.counters)?;
         let host = self.geometry.host_offset(new);
         self.write_data(&full, host.0)?;
-        write_table_entry(
-            &mut t.bytes,
+        t.set_entry(
             index,
             L2Entry::Normal {
                 offset: host,
@@ -733,7 +732,6 @@ impl Image {
             }
             .encode(self.geometry.cluster_bits),
         );
-        t.dirty = true;
         self.new_data.lock().push((host, cs as u64));
         self.release_entry(old)
     }
@@ -884,12 +882,7 @@ impl Image {
             return Ok(());
         }
         let index = self.geometry.l2_index(cluster) as usize;
-        write_table_entry(
-            &mut t.bytes,
-            index,
-            new_entry.encode(self.geometry.cluster_bits),
-        );
-        t.dirty = true;
+        t.set_entry(index, new_entry.encode(self.geometry.cluster_bits));
         self.release_entry(old)
     }
 
@@ -927,17 +920,18 @@ impl Image {
         );
         for table in self.l2_cache.dirty_entries() {
             let mut t = table.data.write();
-            let w = MetadataWrite {
-                offset: table.offset,
-                bytes: t.bytes.clone(),
-            };
-            if t.fresh {
-                epoch.fresh_tables.push(w);
-            } else {
-                epoch.tables.push(w);
+            let fresh = t.fresh;
+            for (at, bytes) in t.take_writeback() {
+                let w = MetadataWrite {
+                    offset: HostOffset(table.offset.0 + at as u64),
+                    bytes,
+                };
+                if fresh {
+                    epoch.fresh_tables.push(w);
+                } else {
+                    epoch.tables.push(w);
+                }
             }
-            t.dirty = false;
-            t.fresh = false;
         }
         let cs = self.geometry.cluster_size() as usize;
         let mut l1 = self.l1.write();
@@ -1053,8 +1047,7 @@ impl Image {
                 let mut t = table.data.write();
                 let old = self.l2_entry(&t.bytes, cluster)?;
                 if old != L2Entry::Unallocated {
-                    write_table_entry(&mut t.bytes, g.l2_index(cluster) as usize, 0);
-                    t.dirty = true;
+                    t.set_entry(g.l2_index(cluster) as usize, 0);
                     drop(t);
                     self.release_entry(old)?;
                 }

@@ -104,6 +104,13 @@ impl RefcountState {
                     "refcount table entry {ti} holds misaligned block offset {offset:#x}"
                 )));
             }
+            // A block past the end would read as zeros and make every cluster
+            // it covers look free: allocation would then hand out live data.
+            if geometry.host_cluster(HostOffset(offset)).0 >= file_clusters {
+                return Err(Error::Corrupt(format!(
+                    "refcount table entry {ti} points past the end of the file (block offset {offset:#x})"
+                )));
+            }
             backend.read_metadata(storage, &mut block, HostOffset(offset))?;
             for i in 0..rpb {
                 if get_refcount(&block, i, geometry.refcount_order) == 0 {
@@ -209,7 +216,8 @@ impl RefcountState {
             )));
         };
         set_refcount(&mut data.bytes, index, order, new);
-        data.dirty = true;
+        let bit = index << order;
+        data.mark_dirty((bit / 8) as usize, (1usize << order).div_ceil(8));
         Ok(new)
     }
 
@@ -405,17 +413,18 @@ impl RefcountState {
     ) -> Option<(HostOffset, u64)> {
         for block in self.blocks.dirty_entries() {
             let mut data = block.data.write();
-            let w = MetadataWrite {
-                offset: block.offset,
-                bytes: data.bytes.clone(),
-            };
-            if data.fresh {
-                fresh_refcount.push(w);
-            } else {
-                refcount_blocks.push(w);
+            let fresh = data.fresh;
+            for (at, bytes) in data.take_writeback() {
+                let w = MetadataWrite {
+                    offset: HostOffset(block.offset.0 + at as u64),
+                    bytes,
+                };
+                if fresh {
+                    fresh_refcount.push(w);
+                } else {
+                    refcount_blocks.push(w);
+                }
             }
-            data.dirty = false;
-            data.fresh = false;
         }
         let cs = self.geometry.cluster_size() as usize;
         let encode_cluster = |table: &[u64], i: u64| {
