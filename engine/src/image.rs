@@ -35,7 +35,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::options::{BackingFormat, BackingSource, CreateOptions, OpenOptions};
 use crate::refcount::RefcountState;
 use crate::stats::{Counters, Stats};
-use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
+use crate::sync::{Arc as SyncArc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
+use std::sync::Arc;
 
 /// The header as it is in memory and as it was last made durable.
 #[derive(Debug)]
@@ -536,7 +537,7 @@ impl Image {
         Ok(entry)
     }
 
-    fn load_l2(&self, offset: HostOffset) -> Result<Arc<CachedTable>> {
+    fn load_l2(&self, offset: HostOffset) -> Result<SyncArc<CachedTable>> {
         let storage = &*self.storage;
         let backend = &*self.backend;
         self.l2_cache
@@ -635,7 +636,7 @@ impl Image {
 
     /// The L2 table mapping `cluster`, created (or copied, when shared with
     /// a snapshot) so that this image owns it. Caller holds the gate.
-    fn owned_l2(&self, cluster: GuestCluster) -> Result<Arc<CachedTable>> {
+    fn owned_l2(&self, cluster: GuestCluster) -> Result<SyncArc<CachedTable>> {
         let entry = self.l1_entry(cluster)?;
         if let (Some(o), true) = (entry.l2_offset(), entry.is_copied()) {
             return self.load_l2(o);

@@ -180,7 +180,7 @@ impl RefcountState {
         storage: &dyn Storage,
         backend: &dyn MetadataBackend,
         offset: HostOffset,
-    ) -> Result<std::sync::Arc<crate::cache::CachedTable>> {
+    ) -> Result<crate::sync::Arc<crate::cache::CachedTable>> {
         self.blocks
             .get(offset, |buf| backend.read_metadata(storage, buf, offset))
     }
@@ -389,16 +389,26 @@ impl RefcountState {
     }
 
     /// Drops one reference to a cluster that held metadata (an L2 table, an
-    /// old L1 or refcount table): like [`Self::free`], and recorded so a
-    /// journal can revoke its earlier writes to it.
+    /// old L1 or refcount table): like [`Self::free`], and when its count
+    /// reaches zero it is recorded so that a journal revokes its earlier
+    /// writes to it (the draft's L1-reuse hazard). A table still shared with
+    /// a snapshot keeps its journal history.
     pub fn free_metadata(
         &mut self,
         storage: &dyn Storage,
         backend: &dyn MetadataBackend,
         cluster: HostCluster,
     ) -> Result<()> {
-        self.freed_metadata.push(cluster);
-        self.free(storage, backend, cluster)
+        if self.defer_decrements {
+            // Flush ordering journals nothing, so there is nothing to revoke.
+            self.deferred_decrements.push(cluster);
+            return Ok(());
+        }
+        if self.add(storage, backend, cluster, -1, 0)? == 0 {
+            self.freed_metadata.push(cluster);
+            self.pending_release.push(cluster);
+        }
+        Ok(())
     }
 
     /// Takes the refcount part of an epoch: fresh structures, links to them,
