@@ -1,0 +1,253 @@
+//! Running the comparison: every (workload, thread count, target) cell is
+//! measured in several rounds, interleaved, and the rounds are summed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::latency::Latencies;
+use crate::qemu;
+use crate::report::{build_rows, BenchRow, Cell};
+use crate::target::{BenchDisk, EngineDisk, RawDisk, TargetKind};
+use crate::workload::Workload;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Directory for the temporary images.
+    pub dir: PathBuf,
+    /// Workloads to run.
+    pub workloads: Vec<Workload>,
+    /// Targets to compare.
+    pub targets: Vec<TargetKind>,
+    /// Thread counts for `threads-sync`.
+    pub threads: Vec<usize>,
+    /// Operations per round for synced workloads (per thread count).
+    pub sync_ops: u64,
+    /// Operations per round for the others.
+    pub batch_ops: u64,
+    /// Interleaved rounds.
+    pub rounds: u32,
+    /// Cluster size of every image.
+    pub cluster_size: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            dir: std::env::temp_dir(),
+            workloads: Workload::ALL.to_vec(),
+            targets: TargetKind::ALL.to_vec(),
+            threads: vec![1, 2, 4, 8, 16],
+            sync_ops: 400,
+            batch_ops: 4000,
+            rounds: 2,
+            cluster_size: 65536,
+        }
+    }
+}
+
+/// Where a run is, for a progress bar.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Cells finished.
+    pub done: usize,
+    /// Cells in all.
+    pub total: usize,
+    /// What is running now.
+    pub label: String,
+}
+
+fn thread_counts(w: Workload, opts: &BenchOptions) -> Vec<usize> {
+    if w == Workload::ThreadsSync {
+        opts.threads.clone()
+    } else {
+        vec![1]
+    }
+}
+
+fn ops_for(w: Workload, opts: &BenchOptions) -> u64 {
+    if w.synced() {
+        opts.sync_ops
+    } else {
+        opts.batch_ops
+    }
+}
+
+/// Runs the comparison and returns one row per (workload, threads, target).
+pub fn run_bench(opts: &BenchOptions, progress: &dyn Fn(&Progress)) -> Result<Vec<BenchRow>, String> {
+    if opts.threads.contains(&0) {
+        return Err("a thread count of 0 is not valid".into());
+    }
+    if opts.cluster_size < 4096 || !opts.cluster_size.is_power_of_two() {
+        return Err(format!("cluster size {} must be a power of two of at least 4096", opts.cluster_size));
+    }
+    std::fs::create_dir_all(&opts.dir).map_err(|e| format!("creating {}: {e}", opts.dir.display()))?;
+    let qemu_ok = qemu::qemu_img_available();
+    let strace_ok = qemu::strace_available();
+    let mut cells: BTreeMap<(usize, usize, TargetKind), Cell> = BTreeMap::new();
+    let plan: Vec<(usize, Workload, usize, TargetKind)> = opts
+        .workloads
+        .iter()
+        .enumerate()
+        .flat_map(|(wi, &w)| {
+            thread_counts(w, opts).into_iter().flat_map(move |t| opts.targets.iter().map(move |&k| (wi, w, t, k)))
+        })
+        .collect();
+    let total = plan.len() * opts.rounds as usize;
+    let mut done = 0;
+    for round in 0..opts.rounds {
+        for &(wi, w, threads, target) in &plan {
+            progress(&Progress { done, total, label: format!("{w} {threads}t {target} (round {})", round + 1) });
+            let cell = cells.entry((wi, threads, target)).or_insert_with(|| Cell::new(w, target, threads));
+            let ops = ops_for(w, opts);
+            let path = opts.dir.join(format!("qj-bench-{}-{}-{}.img", w.name(), threads, target.name()));
+            match target {
+                TargetKind::Qemu if !qemu_ok => cell.note = Some("qemu-img not found".into()),
+                TargetKind::Qemu => {
+                    let r = run_qemu(&path, w, ops, threads, opts.cluster_size, round == 0 && strace_ok);
+                    match r {
+                        Ok((sample, counts)) => {
+                            cell.ops += sample.ops;
+                            cell.elapsed += sample.elapsed;
+                            if let Some(c) = counts {
+                                cell.counted_ops += c.ops;
+                                cell.flushes += c.flushes;
+                                cell.bytes_written += c.bytes_written;
+                            } else if !strace_ok {
+                                cell.note = Some("strace not found: no flush counts".into());
+                            }
+                            if cell.note.is_none() {
+                                cell.note = Some("qemu-img bench: no per-op latency".into());
+                            }
+                        }
+                        Err(e) => cell.note = Some(e),
+                    }
+                }
+                _ => match run_in_process(target, &path, w, ops, threads, opts.cluster_size) {
+                    Ok(m) => {
+                        cell.ops += m.ops;
+                        cell.counted_ops += m.ops;
+                        cell.elapsed += m.elapsed;
+                        cell.flushes += m.flushes;
+                        cell.bytes_written += m.bytes_written;
+                        cell.latencies.merge(m.latencies);
+                    }
+                    Err(e) => cell.note = Some(e),
+                },
+            }
+            let _ = std::fs::remove_file(&path);
+            done += 1;
+        }
+    }
+    progress(&Progress { done, total, label: "done".into() });
+    Ok(build_rows(cells.into_values().collect()))
+}
+
+fn run_qemu(
+    path: &std::path::Path,
+    w: Workload,
+    ops: u64,
+    threads: usize,
+    cs: u64,
+    trace: bool,
+) -> Result<(qemu::QemuSample, Option<qemu::QemuCounts>), String> {
+    let vsize = virtual_size(ops, cs);
+    qemu::prepare(path, w, ops, cs, vsize)?;
+    let sample = qemu::bench(path, w, ops, cs, threads)?;
+    let counts = if trace {
+        // A short traced run on a fresh image: strace slows QEMU, so it is
+        // never the timed run.
+        let traced_ops = ops.min(200);
+        qemu::prepare(path, w, traced_ops, cs, vsize)?;
+        Some(qemu::traced_counts(path, w, traced_ops, cs, threads)?)
+    } else {
+        None
+    };
+    Ok((sample, counts))
+}
+
+fn virtual_size(ops: u64, cs: u64) -> u64 {
+    (ops * cs).max(1 << 30)
+}
+
+/// What one in-process run measured.
+struct Measured {
+    ops: u64,
+    elapsed: Duration,
+    latencies: Latencies,
+    flushes: u64,
+    bytes_written: u64,
+}
+
+fn run_in_process(
+    target: TargetKind,
+    path: &std::path::Path,
+    w: Workload,
+    ops: u64,
+    threads: usize,
+    cs: u64,
+) -> Result<Measured, String> {
+    let vsize = virtual_size(ops, cs);
+    let (disk, engine): (Arc<dyn BenchDisk>, bool) = match target {
+        TargetKind::Raw => (Arc::new(RawDisk::create(path, vsize).map_err(|e| e.to_string())?), false),
+        _ => (Arc::new(EngineDisk::create(target, path, vsize, cs).map_err(|e| e.to_string())?), true),
+    };
+    let small = vec![0x3cu8; 4096];
+    if !w.allocates() {
+        for i in 0..ops {
+            disk.write(&small, i * cs).map_err(|e| e.to_string())?;
+        }
+        disk.flush().map_err(|e| e.to_string())?;
+    }
+    let (flushes0, bytes0) = disk.device_counts();
+    let payload = vec![0xa5u8; if w == Workload::AllocSyncCluster { cs as usize } else { 4096 }];
+    let started = Instant::now();
+    let per_thread = ops / threads as u64;
+    let results: Vec<Result<Latencies, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let disk = disk.clone();
+                let payload = &payload;
+                s.spawn(move || -> Result<Latencies, String> {
+                    let mut lat = Latencies::default();
+                    let mut buf = vec![0u8; 4096];
+                    for i in 0..per_thread {
+                        let offset = (t * per_thread + i) * cs;
+                        let t0 = Instant::now();
+                        match w {
+                            Workload::Read => disk.read(&mut buf, offset),
+                            _ => disk.write(payload, offset),
+                        }
+                        .map_err(|e| e.to_string())?;
+                        if w.synced() {
+                            disk.flush().map_err(|e| e.to_string())?;
+                        }
+                        lat.record(t0.elapsed().as_nanos() as u64);
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("worker panicked".into()))).collect()
+    });
+    if !w.synced() && w != Workload::Read {
+        disk.flush().map_err(|e| e.to_string())?;
+    }
+    let elapsed = started.elapsed();
+    let mut latencies = Latencies::default();
+    for r in results {
+        latencies.merge(r?);
+    }
+    let (flushes1, bytes1) = disk.device_counts();
+    drop(disk);
+    let _ = engine;
+    Ok(Measured {
+        ops: per_thread * threads as u64,
+        elapsed,
+        latencies,
+        flushes: flushes1 - flushes0,
+        bytes_written: bytes1 - bytes0,
+    })
+}

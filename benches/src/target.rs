@@ -1,0 +1,161 @@
+//! The targets a workload runs on: our two backends, QEMU, and a raw file.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use qj_engine::{CreateOptions, Image, OpenOptions};
+
+/// Where a workload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetKind {
+    /// Our journalled backend, single-flush commit.
+    Journal,
+    /// Our journalled backend, the draft's two-flush commit.
+    JournalDraft,
+    /// Our flush-ordering backend.
+    Ordered,
+    /// QEMU's qcow2 through `qemu-img bench`.
+    Qemu,
+    /// A raw file: the physical limit.
+    Raw,
+}
+
+impl TargetKind {
+    /// Every target, in report order.
+    pub const ALL: [TargetKind; 5] = [
+        TargetKind::Journal,
+        TargetKind::JournalDraft,
+        TargetKind::Ordered,
+        TargetKind::Qemu,
+        TargetKind::Raw,
+    ];
+
+    /// The name used on the command line and in JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TargetKind::Journal => "journal",
+            TargetKind::JournalDraft => "journal-draft",
+            TargetKind::Ordered => "ordered",
+            TargetKind::Qemu => "qemu",
+            TargetKind::Raw => "raw",
+        }
+    }
+
+    /// Parses a name; the error lists the valid ones.
+    pub fn parse(name: &str) -> Result<TargetKind, String> {
+        Self::ALL.iter().copied().find(|t| t.name() == name).ok_or_else(|| {
+            let valid: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
+            format!("unknown target {name:?}; valid: {}", valid.join(", "))
+        })
+    }
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A disk a workload drives in-process (everything but QEMU).
+pub trait BenchDisk: Send + Sync {
+    /// Writes `buf` at guest offset `offset`.
+    fn write(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads into `buf` from guest offset `offset`.
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Device flushes and bytes written to the device so far.
+    fn device_counts(&self) -> (u64, u64);
+}
+
+fn io_err(e: qj_engine::Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// One of our images.
+pub struct EngineDisk {
+    image: Image,
+}
+
+impl EngineDisk {
+    /// Creates a fresh image of `virtual_size` bytes at `path` for `kind`.
+    pub fn create(kind: TargetKind, path: &Path, virtual_size: u64, cluster_size: u64) -> io::Result<Self> {
+        let opts = CreateOptions { virtual_size, cluster_size, ..CreateOptions::default() };
+        match kind {
+            TargetKind::Ordered => {}
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("target {other} is not an engine target built into this version"),
+                ))
+            }
+        }
+        Image::create_path(path, &opts).map_err(io_err)?;
+        let image = Image::open_path(path, &OpenOptions::read_write()).map_err(io_err)?;
+        Ok(Self { image })
+    }
+
+    /// Closes the image cleanly.
+    pub fn close(self) -> io::Result<()> {
+        self.image.close().map_err(io_err)
+    }
+}
+
+impl BenchDisk for EngineDisk {
+    fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.image.write(buf, offset).map_err(io_err)
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.image.read(buf, offset).map_err(io_err)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.image.flush().map_err(io_err)
+    }
+    fn device_counts(&self) -> (u64, u64) {
+        let s = self.image.stats();
+        (s.flushes, s.bytes_written())
+    }
+}
+
+/// A raw file: guest offset = file offset, flush = fdatasync.
+pub struct RawDisk {
+    file: File,
+    flushes: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl RawDisk {
+    /// Creates an empty (sparse) raw file of `virtual_size` bytes.
+    pub fn create(path: &Path, virtual_size: u64) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(virtual_size)?;
+        Ok(Self { file, flushes: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+    }
+}
+
+impl BenchDisk for RawDisk {
+    fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)?;
+        self.bytes.fetch_add(buf.len() as u64, Relaxed);
+        Ok(())
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Relaxed);
+        self.file.sync_data()
+    }
+    fn device_counts(&self) -> (u64, u64) {
+        (self.flushes.load(Relaxed), self.bytes.load(Relaxed))
+    }
+}
