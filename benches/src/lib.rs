@@ -1,1 +1,17 @@
-//! Comparison workloads shared by `qj bench` and the criterion benchmarks.
+//! The comparison workloads behind `qj bench` and the criterion benchmarks:
+//! the same guest I/O on our journalled backend, our flush-ordering
+//! backend, QEMU's qcow2 (through `qemu-img bench`) and a raw file (the
+//! physical limit), interleaved in one run so that machine drift hits all
+//! targets alike.
+
+pub mod latency;
+pub mod qemu;
+pub mod report;
+pub mod run;
+pub mod target;
+pub mod workload;
+
+pub use report::{render_table, BenchRow};
+pub use run::{run_bench, BenchOptions, Progress};
+pub use target::TargetKind;
+pub use workload::Workload;
