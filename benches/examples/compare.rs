@@ -1,8 +1,28 @@
-//! `cargo run --release -p qj-benches --example compare`: the comparison
-//! table without the CLI (the CLI's `qj bench` is the supported front end).
+//! `cargo run --release -p qj-benches --example compare [WORKLOAD...]`: the
+//! comparison table without the CLI (`qj bench` is the supported front end).
 fn main() {
-    let opts = qj_benches::BenchOptions::default();
-    match qj_benches::run_bench(&opts, &|p| eprintln!("[{}/{}] {}", p.done, p.total, p.label)) {
+    let mut opts = qj_benches::BenchOptions::default();
+    let named: Result<Vec<_>, _> = std::env::args()
+        .skip(1)
+        .map(|a| qj_benches::Workload::parse(&a))
+        .collect();
+    match named {
+        Ok(w) if !w.is_empty() => opts.workloads = w,
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("compare: {e}");
+            std::process::exit(2);
+        }
+    }
+    opts.targets.retain(|t| {
+        !matches!(
+            t,
+            qj_benches::TargetKind::Journal | qj_benches::TargetKind::JournalDraft
+        )
+    });
+    match qj_benches::run_bench(&opts, &|p| {
+        eprintln!("[{}/{}] {}", p.done, p.total, p.label)
+    }) {
         Ok(rows) => print!("{}", qj_benches::render_table(&rows)),
         Err(e) => {
             eprintln!("compare: {e}");

@@ -139,6 +139,12 @@ pub struct Image {
     virtual_size: AtomicU64,
     /// Set by `close` and `abandon`: Drop then does nothing.
     finished: AtomicBool,
+    /// Bumped by every guest operation that changed data or metadata, while
+    /// it holds the gate.
+    op_gen: AtomicU64,
+    /// The `op_gen` a completed persist started at: every operation counted
+    /// up to it is durable. Lets concurrent flushes share one persist.
+    flushed_gen: AtomicU64,
 }
 
 /// The header cluster is read in two steps: the fixed part names the
@@ -272,6 +278,8 @@ impl Image {
             new_data: Mutex::new(Vec::new()),
             poison: Mutex::new(None),
             finished: AtomicBool::new(false),
+            op_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
         };
         if opts.writable {
             image.clear_autoclear_bits()?;
@@ -628,6 +636,7 @@ impl Image {
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
         for (cluster, in_cluster, n, at) in self.pieces(offset, buf.len() as u64) {
             let _gate = self.gate.read();
+            self.op_gen.fetch_add(1, Ordering::SeqCst);
             let r = self.write_piece(cluster, in_cluster, &buf[at..at + n]);
             self.poisoned(r)?;
         }
@@ -709,22 +718,36 @@ impl Image {
             return self.write_data(data, offset.0 + in_cluster as u64);
         }
         let cs = self.geometry.cluster_size() as usize;
-        // Copy-on-write: the new cluster gets the old content around the
-        // written bytes (from backing, a shared cluster, or a compressed one).
-        let full = if in_cluster == 0 && data.len() == cs {
-            data.to_vec()
-        } else {
-            let mut full = vec![0u8; cs];
-            self.old_content(cluster, old, &mut full)?;
-            full[in_cluster..in_cluster + data.len()].copy_from_slice(data);
-            full
-        };
         let new = self
             .refcounts
             .lock()
             .allocate(&*self.storage, &*self.backend, &self.counters)?;
         let host = self.geometry.host_offset(new);
-        self.write_data(&full, host.0)?;
+        let whole = in_cluster == 0 && data.len() == cs;
+        let old_reads_zero = match old {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => self.backing.is_none(),
+            _ => false,
+        };
+        let past_eof = host.0
+            >= self
+                .storage
+                .len()
+                .ctx(|| "reading the image length".into())?;
+        if whole || (old_reads_zero && past_eof) {
+            // A cluster past the end of the file reads as zeros already, so
+            // zero padding around the data need not be written (QEMU skips
+            // it too); the data write extends the file.
+            self.write_data(data, host.0 + in_cluster as u64)?;
+        } else {
+            // Copy-on-write: the new cluster gets the old content around the
+            // written bytes (from backing, a shared cluster, a compressed
+            // cluster, or zeros over a reused cluster's stale bytes).
+            let mut full = vec![0u8; cs];
+            self.old_content(cluster, old, &mut full)?;
+            full[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+            self.write_data(&full, host.0)?;
+        }
         t.set_entry(
             index,
             L2Entry::Normal {
@@ -812,6 +835,7 @@ impl Image {
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
         for (cluster, in_cluster, n, _) in self.pieces(offset, len) {
             let _gate = self.gate.read();
+            self.op_gen.fetch_add(1, Ordering::SeqCst);
             let r = self.zero_piece(cluster, in_cluster, n, false);
             self.poisoned(r)?;
         }
@@ -827,6 +851,7 @@ impl Image {
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
         for (cluster, in_cluster, n, _) in self.pieces(offset, len) {
             let _gate = self.gate.read();
+            self.op_gen.fetch_add(1, Ordering::SeqCst);
             let r = self.zero_piece(cluster, in_cluster, n, true);
             self.poisoned(r)?;
         }
@@ -888,6 +913,11 @@ impl Image {
     }
 
     /// Makes every write that completed before this call durable.
+    ///
+    /// Concurrent flushes share work: a flush whose operations were all
+    /// covered by a persist that started after them returns at once, so N
+    /// threads flushing together cost one persist (group commit), on both
+    /// backends.
     pub fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
@@ -896,19 +926,53 @@ impl Image {
             return Err(Error::Poisoned(why));
         }
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
-        let _gate = self.gate.write();
-        let r = self.persist_locked();
+        let wanted = self.op_gen.load(Ordering::SeqCst);
+        if self.flushed_gen.load(Ordering::SeqCst) >= wanted {
+            return Ok(());
+        }
+        let r = self.persist(Some(wanted));
         self.poisoned(r)
     }
 
-    /// Gathers the epoch and hands it to the backend. Caller holds the gate
-    /// exclusively, so the epoch holds whole operations only.
-    fn persist_locked(&self) -> Result<()> {
+    /// One persist: gathers the epoch under the exclusive gate (so it holds
+    /// whole operations only), submits it, then waits for durability
+    /// without the gate (so a journal can batch other threads' epochs into
+    /// the same commit), and finally applies the epoch's frees. With
+    /// `covering`, returns early if another persist already made every
+    /// operation up to that generation durable.
+    fn persist(&self, covering: Option<u64>) -> Result<()> {
+        let gate = self.gate.write();
+        if covering.is_some_and(|g| self.flushed_gen.load(Ordering::SeqCst) >= g) {
+            return Ok(());
+        }
+        let started_gen = self.op_gen.load(Ordering::SeqCst);
         let epoch = self.gather_epoch()?;
+        let releases = self.refcounts.lock().take_releases();
+        let ticket = self.backend.submit(&*self.storage, epoch, &self.counters)?;
+        drop(gate);
         self.backend
-            .persist(&*self.storage, epoch, &self.counters)?;
-        let mut rc = self.refcounts.lock();
-        rc.after_persist(&*self.storage, &*self.backend, &self.counters)
+            .wait_durable(&*self.storage, ticket, &self.counters)?;
+        self.refcounts.lock().after_durable(
+            &*self.storage,
+            &*self.backend,
+            &self.counters,
+            releases,
+        )?;
+        self.flushed_gen.fetch_max(started_gen, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Persists until nothing is pending: the first persist may apply
+    /// deferred decrements that only a second one writes. Bounded: the
+    /// second frees nothing, so a third finds nothing to do.
+    fn persist_all(&self) -> Result<()> {
+        for _ in 0..3 {
+            self.persist(None)?;
+            if !self.refcounts.lock().has_pending() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn gather_epoch(&self) -> Result<Epoch> {
@@ -998,8 +1062,7 @@ impl Image {
         let rc_full = !self.refcounts.lock().blocks.evict();
         if (l2_full || rc_full) && self.writable {
             // Only dirty tables are left: write them back, then evict.
-            let _gate = self.gate.write();
-            let r = self.persist_locked();
+            let r = self.persist(None);
             self.poisoned(r)?;
             self.l2_cache.evict();
             self.refcounts.lock().blocks.evict();
@@ -1014,6 +1077,7 @@ impl Image {
         self.check_writable()?;
         let new_size = new_size.next_multiple_of(512);
         let _gate = self.gate.write();
+        self.op_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.resize_locked(new_size);
         self.poisoned(r)?;
         drop(_gate);
@@ -1202,15 +1266,7 @@ impl Image {
         if !self.writable || self.poison.lock().is_some() {
             return Ok(());
         }
-        let _gate = self.gate.write();
-        // Bounded: the first persist may leave decrements that the second
-        // writes; the second cannot leave any (it frees nothing).
-        for _ in 0..3 {
-            self.persist_locked()?;
-            if !self.refcounts.lock().has_pending() {
-                break;
-            }
-        }
+        self.persist_all()?;
         Ok(())
     }
 
@@ -1229,12 +1285,7 @@ impl Drop for Image {
         }
         // Best effort for callers that forgot `close`; errors are lost here.
         if self.poison.lock().is_none() {
-            let _gate = self.gate.write();
-            for _ in 0..3 {
-                if self.persist_locked().is_err() || !self.refcounts.lock().has_pending() {
-                    break;
-                }
-            }
+            let _ = self.persist_all();
         }
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! Ordering rules owned here:
 //! - A cluster whose count dropped to zero is not handed out again until the
-//!   change that unreferenced it is durable ([`RefcountState::after_persist`]).
+//!   change that unreferenced it is durable ([`RefcountState::after_durable`]).
 //!   Reusing it earlier would let a crash show the old owner's entry pointing
 //!   at the new owner's bytes.
 //! - With a backend that defers decrements (flush ordering), a free only
@@ -58,6 +58,16 @@ pub struct RefcountState {
     /// Metadata clusters freed in this epoch (a journal revokes them).
     freed_metadata: Vec<HostCluster>,
     defer_decrements: bool,
+}
+
+/// Frees of one epoch, applied once it is durable.
+#[derive(Debug, Default)]
+#[must_use = "frees must be applied once their epoch is durable"]
+pub struct Releases {
+    /// Clusters whose count drops now (deferring backends).
+    decrements: Vec<HostCluster>,
+    /// Clusters already at zero, reusable now.
+    releases: Vec<HostCluster>,
 }
 
 /// Bound on nested refcount-structure growth for one allocation: a new
@@ -478,22 +488,34 @@ impl RefcountState {
             || !self.pending_release.is_empty()
     }
 
-    /// Called after a persist returned: the unreferencing of every freed
-    /// cluster is durable now, so deferred decrements may be applied (they
-    /// reach the disk in the next epoch) and clusters at zero may be reused.
-    pub fn after_persist(
+    /// Takes the frees of the epoch being gathered: they may take effect
+    /// only once that epoch is durable ([`Self::after_durable`]).
+    pub fn take_releases(&mut self) -> Releases {
+        Releases {
+            decrements: std::mem::take(&mut self.deferred_decrements),
+            releases: std::mem::take(&mut self.pending_release),
+        }
+    }
+
+    /// Called once the epoch `releases` was taken with is durable: the
+    /// unreferencing of every cluster it freed is durable now, so deferred
+    /// decrements may be applied (they reach the disk in a later epoch, and
+    /// a crash before that only leaks) and clusters at zero may be reused.
+    pub fn after_durable(
         &mut self,
         storage: &dyn Storage,
         backend: &dyn MetadataBackend,
         counters: &Counters,
+        releases: Releases,
     ) -> Result<()> {
-        for cluster in std::mem::take(&mut self.deferred_decrements) {
+        let mut free_now = releases.releases;
+        for cluster in releases.decrements {
             if self.add(storage, backend, cluster, -1, 0)? == 0 {
-                self.pending_release.push(cluster);
+                free_now.push(cluster);
             }
         }
-        for cluster in std::mem::take(&mut self.pending_release) {
-            // A freed table's cached copy is stale from now on.
+        for cluster in free_now {
+            // A freed block's cached copy is stale from now on.
             self.blocks.forget(self.geometry.host_offset(cluster));
             self.free.release(cluster);
             counters.clusters_freed.fetch_add(1, Ordering::Relaxed);

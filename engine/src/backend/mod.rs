@@ -128,12 +128,20 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
     /// durable atomically, so it applies them in the same epoch.
     fn defers_refcount_decrements(&self) -> bool;
 
-    /// Makes every write of `epoch` durable, and with it every guest data
-    /// write that completed before this call. When it returns `Ok`, a crash
-    /// leaves the image with all of the epoch; a crash during the call
-    /// leaves it consistent (flush ordering: possibly with leaks; journal:
-    /// clean, with all or none of the epoch).
-    fn persist(&self, storage: &dyn Storage, epoch: Epoch, counters: &Counters) -> Result<()>;
+    /// Starts making every write of `epoch` durable, together with every
+    /// guest data write that completed before this call, and returns a
+    /// ticket for [`MetadataBackend::wait_durable`]. Called with the image's
+    /// gate held exclusively (so epochs are submitted in order); it must not
+    /// wait for other threads. Once the ticket is durable, a crash leaves the
+    /// image with all of the epoch; a crash before leaves it consistent
+    /// (flush ordering: possibly with leaks; journal: clean, with all or none
+    /// of the epoch).
+    fn submit(&self, storage: &dyn Storage, epoch: Epoch, counters: &Counters) -> Result<u64>;
+
+    /// Returns when the epoch of `ticket` (and every earlier one) is
+    /// durable. Called without the gate, so that a journal can batch the
+    /// epochs of many threads into one commit.
+    fn wait_durable(&self, storage: &dyn Storage, ticket: u64, counters: &Counters) -> Result<()>;
 
     /// Reads metadata at `offset`, as the backend knows it (a journal may
     /// hold writes not yet checkpointed in place).

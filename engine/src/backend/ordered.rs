@@ -96,6 +96,29 @@ impl MetadataBackend for FlushOrdering {
         true
     }
 
+    fn submit(&self, storage: &dyn Storage, epoch: Epoch, counters: &Counters) -> Result<u64> {
+        self.persist(storage, epoch, counters).map(|()| 0)
+    }
+
+    fn wait_durable(&self, _: &dyn Storage, _: u64, _: &Counters) -> Result<()> {
+        // `submit` did all the work synchronously.
+        Ok(())
+    }
+
+    fn read_metadata(
+        &self,
+        storage: &dyn Storage,
+        buf: &mut [u8],
+        offset: HostOffset,
+    ) -> Result<()> {
+        storage
+            .read_at(buf, offset.0)
+            .ctx(|| format!("reading metadata at {offset}"))
+    }
+}
+
+impl FlushOrdering {
+    /// Writes the epoch in place in dependency order (rules 1-4 above).
     fn persist(&self, storage: &dyn Storage, epoch: Epoch, counters: &Counters) -> Result<()> {
         if epoch.is_empty() {
             // Only guest data to make durable.
@@ -131,16 +154,5 @@ impl MetadataBackend for FlushOrdering {
         // ... before the entries that reference them.
         Self::write_all(storage, &epoch.tables, counters)?;
         Self::flush(storage, counters, "L2/L1 tables and header")
-    }
-
-    fn read_metadata(
-        &self,
-        storage: &dyn Storage,
-        buf: &mut [u8],
-        offset: HostOffset,
-    ) -> Result<()> {
-        storage
-            .read_at(buf, offset.0)
-            .ctx(|| format!("reading metadata at {offset}"))
     }
 }
