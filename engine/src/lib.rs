@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod backing;
 pub mod cache;
+pub mod check;
 pub mod compressed;
 pub mod create;
 pub mod error;
