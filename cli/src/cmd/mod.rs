@@ -1,0 +1,56 @@
+//! One module per subcommand; each has its clap `Args` struct and a `run`
+//! that returns the process exit status.
+
+pub mod check;
+pub mod convert;
+pub mod create;
+pub mod demo;
+pub mod info;
+pub mod io;
+pub mod map;
+
+use crate::error::{CliError, CliResult};
+
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create a qcow2 image (like qemu-img create).
+    Create(create::CreateArgs),
+    /// Describe an image (like qemu-img info).
+    Info(info::InfoArgs),
+    /// Check an image for consistency, and repair it with -r (like qemu-img check).
+    Check(check::CheckArgs),
+    /// Show where guest data is stored (like qemu-img map).
+    Map(map::MapArgs),
+    /// Run guest I/O commands on an image (like qemu-io).
+    Io(io::IoArgs),
+    /// Write an image's guest content as a raw file (like qemu-img convert -O raw).
+    Convert(convert::ConvertArgs),
+    /// Create, fill, verify and check a temporary image, and show engine statistics.
+    Demo(demo::DemoArgs),
+}
+
+impl Command {
+    /// Runs the subcommand; `Ok` carries the exit status.
+    pub fn run(self) -> CliResult<u8> {
+        match self {
+            Command::Create(a) => create::run(a),
+            Command::Info(a) => info::run(a),
+            Command::Check(a) => check::run(a),
+            Command::Map(a) => map::run(a),
+            Command::Io(a) => io::run(a),
+            Command::Convert(a) => convert::run(a),
+            Command::Demo(a) => demo::run(a),
+        }
+    }
+}
+
+/// `-f FMT` is accepted for qemu compatibility; only qcow2 is understood.
+pub fn require_qcow2(format: Option<&str>, command: &str) -> CliResult<()> {
+    match format {
+        None | Some("qcow2") => Ok(()),
+        Some(other) => Err(CliError::Usage(format!(
+            "{command}: format '{other}' is not supported (qcow2 only)"
+        ))),
+    }
+}
