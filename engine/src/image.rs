@@ -137,6 +137,9 @@ pub struct Image {
     /// Set when a failure left memory and disk out of step.
     poison: Mutex<Option<String>>,
     virtual_size: AtomicU64,
+    /// The longest the file has been seen to be: a data cluster below it
+    /// exists; one at or past it is checked against the device.
+    file_len_seen: AtomicU64,
     /// Set by `close` and `abandon`: Drop then does nothing.
     finished: AtomicBool,
     /// Bumped by every guest operation that changed data or metadata, while
@@ -228,18 +231,17 @@ impl Image {
         header.validate_layout(file_len)?;
         let geometry = header.geometry();
         let cs = geometry.cluster_size();
-        if opts.writable {
-            if header.is_dirty() {
-                return Err(Error::Unsupported(
-                    "the image has the dirty bit set (lazy refcounts); run `qj check -r all` before writing".into(),
-                ));
-            }
+        if opts.writable && header.is_dirty() {
+            return Err(Error::Unsupported(
+                "the image has the dirty bit set (lazy refcounts); run `qj check -r all` before writing".into(),
+            ));
         }
 
         let l1_entries = header.l1_size as usize;
         let mut raw = vec![0u8; l1_entries * 8];
         backend.read_metadata(&*storage, &mut raw, HostOffset(header.l1_table_offset))?;
         let entries: Vec<u64> = (0..l1_entries).map(|i| read_table_entry(&raw, i)).collect();
+        validate_l1_entries(&entries, geometry, header.l1_table_offset, file_len)?;
 
         let tables_max = (opts.cache_bytes_max / cs).max(4) as usize;
         let refcounts = RefcountState::open(
@@ -260,6 +262,7 @@ impl Image {
             backend,
             counters: Arc::new(Counters::default()),
             virtual_size: AtomicU64::new(header.size),
+            file_len_seen: AtomicU64::new(file_len),
             l1: RwLock::new(L1State {
                 entries,
                 offset: HostOffset(header.l1_table_offset),
@@ -568,8 +571,34 @@ impl Image {
                     cluster.0
                 )));
             }
+            self.check_in_file(offset, cluster)?;
         }
         Ok(entry)
+    }
+
+    /// A data cluster must start inside the file. One past the end would
+    /// read as zeros instead of the guest's data, and an in-place write to
+    /// it would modify a corrupt image; the caller errors first. Like QEMU's
+    /// check, the last cluster may be partly past the end (QEMU leaves the
+    /// file short of a full cluster). Every cluster this image allocates is
+    /// written before its entry is set, so the slow path (asking the device)
+    /// runs only for entries the file does not cover.
+    fn check_in_file(&self, offset: HostOffset, cluster: GuestCluster) -> Result<()> {
+        if offset.0 < self.file_len_seen.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let file_len = self
+            .storage
+            .len()
+            .ctx(|| "reading the image length".into())?;
+        self.file_len_seen.fetch_max(file_len, Ordering::AcqRel);
+        if offset.0 >= file_len {
+            return Err(Error::Corrupt(format!(
+                "L2 entry for guest cluster {} points to offset {offset}, past the end of the file ({file_len} bytes)",
+                cluster.0
+            )));
+        }
+        Ok(())
     }
 
     fn read_piece(&self, cluster: GuestCluster, in_cluster: usize, out: &mut [u8]) -> Result<()> {
@@ -1288,6 +1317,41 @@ impl Drop for Image {
             let _ = self.persist_all();
         }
     }
+}
+
+/// Every L2 table the L1 table names must be a cluster inside the file. A
+/// misaligned table would be read across two clusters, and one past the end
+/// would read as an empty table, so that writes would allocate over whatever
+/// it was meant to map. Checked at open, before anything is written, so an
+/// image that fails stays untouched.
+fn validate_l1_entries(
+    entries: &[u64],
+    geometry: Geometry,
+    l1_table_offset: u64,
+    file_len: u64,
+) -> Result<()> {
+    for (index, &raw) in entries.iter().enumerate() {
+        let Some(l2) = L1Entry(raw).l2_offset() else {
+            continue;
+        };
+        let problem = if !geometry.is_aligned(l2.0) {
+            "is not cluster aligned".to_string()
+        } else if l2.0 >= file_len {
+            format!("is past the end of the file ({file_len} bytes)")
+        } else {
+            continue;
+        };
+        // The L1 table was checked to lie inside the file, so this is in range.
+        let entry_offset = l1_table_offset + index as u64 * 8;
+        return Err(qj_spec::error::FormatError::field(
+            "L1 table",
+            "l2_table_offset",
+            entry_offset,
+            format!("entry {index} points to an L2 table at {l2} that {problem}"),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// A header write covering only the sectors that changed: the fields a

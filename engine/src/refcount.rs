@@ -70,6 +70,21 @@ pub struct Releases {
     releases: Vec<HostCluster>,
 }
 
+/// A cluster the free index handed out had count zero when the index was
+/// built, so a count above 1 after the increment means the disk changed
+/// under us: a corrupt image whose guest data overlaps a refcount block
+/// (the block was freed as data and reloaded with guest bytes). That comes
+/// from disk bytes, so it is an error, not an assertion.
+fn check_fresh_count(cluster: HostCluster, count: u64) -> Result<()> {
+    if count != 1 {
+        return Err(Error::Corrupt(format!(
+            "newly allocated cluster {} has refcount {count}, not 1: metadata overlaps guest data",
+            cluster.0
+        )));
+    }
+    Ok(())
+}
+
 /// Bound on nested refcount-structure growth for one allocation: a new
 /// block may need a bigger table, whose clusters may need one more block.
 const GROWTH_DEPTH_MAX: u32 = 4;
@@ -97,7 +112,14 @@ impl RefcountState {
         // nonzero count; below it, every zero count is a hole.
         let rpb = geometry.refcounts_per_block();
         let mut used_end = 0u64;
-        let mut holes: Vec<u64> = Vec::new();
+        // Holes as [start, end) runs, not one entry per cluster: a block
+        // covers up to 2^24 clusters (2 MiB clusters, 1-bit refcounts), and
+        // a list of every free cluster in it would take 128 MiB.
+        let mut holes: Vec<(u64, u64)> = Vec::new();
+        let mut add_hole = |start: u64, end: u64| match holes.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => holes.push((start, end)),
+        };
         let mut block = vec![0u8; cs as usize];
         for (ti, &entry) in table.iter().enumerate() {
             let first = ti as u64 * rpb;
@@ -106,7 +128,7 @@ impl RefcountState {
             }
             let offset = entry & !0x1ff;
             if offset == 0 {
-                holes.extend(first..first + rpb);
+                add_hole(first, first + rpb);
                 continue;
             }
             if !geometry.is_aligned(offset) {
@@ -124,15 +146,17 @@ impl RefcountState {
             backend.read_metadata(storage, &mut block, HostOffset(offset))?;
             for i in 0..rpb {
                 if get_refcount(&block, i, geometry.refcount_order) == 0 {
-                    holes.push(first + i);
+                    add_hole(first + i, first + i + 1);
                 } else {
                     used_end = first + i + 1;
                 }
             }
         }
         let mut free = FreeIndex::new(used_end);
-        for c in holes.into_iter().take_while(|&c| c < used_end) {
-            free.release(HostCluster(c));
+        for (start, end) in holes.into_iter().take_while(|&(start, _)| start < used_end) {
+            for c in start..end.min(used_end) {
+                free.release(HostCluster(c));
+            }
         }
         let block_cache_tables = cache_tables_max;
         Ok(Self {
@@ -336,11 +360,7 @@ impl RefcountState {
     ) -> Result<HostCluster> {
         let cluster = self.free.take_one();
         let count = self.add(storage, backend, cluster, 1, 0)?;
-        assert_eq!(
-            count, 1,
-            "allocated cluster {} had a nonzero count",
-            cluster.0
-        );
+        check_fresh_count(cluster, count)?;
         counters.clusters_allocated.fetch_add(1, Ordering::Relaxed);
         Ok(cluster)
     }
@@ -357,12 +377,7 @@ impl RefcountState {
         let start = self.free.take_contiguous(count);
         for i in 0..count {
             let c = self.add(storage, backend, HostCluster(start.0 + i), 1, 0)?;
-            assert_eq!(
-                c,
-                1,
-                "allocated cluster {} had a nonzero count",
-                start.0 + i
-            );
+            check_fresh_count(HostCluster(start.0 + i), c)?;
         }
         counters
             .clusters_allocated
