@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::backend::ordered::FlushOrdering;
 use crate::backend::{BackendKind, Epoch, MetadataBackend, MetadataWrite};
 use crate::backing::Backing;
-use crate::cache::{CachedTable, TableCache};
+use crate::cache::{CachedTable, TableCache, WritebackPins};
 use crate::compressed::inflate_cluster;
 use crate::error::{Error, IoContext, Result};
 use crate::options::{BackingFormat, BackingSource, CreateOptions, OpenOptions};
@@ -142,6 +142,9 @@ pub struct Image {
     file_len_seen: AtomicU64,
     /// Set by `close` and `abandon`: Drop then does nothing.
     finished: AtomicBool,
+    /// Serialises submits in gather order; held without the gate during an
+    /// ordered persist's I/O. Lock order: gate, then this.
+    submit_order: Mutex<()>,
     /// Bumped by every guest operation that changed data or metadata, while
     /// it holds the gate.
     op_gen: AtomicU64,
@@ -281,6 +284,7 @@ impl Image {
             new_data: Mutex::new(Vec::new()),
             poison: Mutex::new(None),
             finished: AtomicBool::new(false),
+            submit_order: Mutex::new(()),
             op_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
         };
@@ -975,12 +979,25 @@ impl Image {
             return Ok(());
         }
         let started_gen = self.op_gen.load(Ordering::SeqCst);
-        let epoch = self.gather_epoch()?;
+        let (epoch, pins) = self.gather_epoch()?;
         let releases = self.refcounts.lock().take_releases();
-        let ticket = self.backend.submit(&*self.storage, epoch, &self.counters)?;
+        // Epochs reach the backend in the order they were gathered (a later
+        // epoch's entries may depend on an earlier epoch's counts), but the
+        // gate is released first: guest operations go on while this epoch
+        // is written and flushed, and gather the next one.
+        let order = self.submit_order.lock();
         drop(gate);
+        let ticket = self.backend.submit(&*self.storage, epoch, &self.counters)?;
+        drop(order);
         self.backend
             .wait_durable(&*self.storage, ticket, &self.counters)?;
+        // Ordering: the tables of the epoch stay pinned in their caches
+        // until the backend has their bytes. They are clean since
+        // `gather_epoch`; evicted before now, a lookup (a reader, or a
+        // writer once the gate is free) would reload the old bytes from disk
+        // and the change would be lost (loom model
+        // `table_being_written_back_is_not_lost`).
+        drop(pins);
         self.refcounts.lock().after_durable(
             &*self.storage,
             &*self.backend,
@@ -1004,29 +1021,26 @@ impl Image {
         Ok(())
     }
 
-    fn gather_epoch(&self) -> Result<Epoch> {
+    /// Gathers every metadata change into an epoch, with the pins that keep
+    /// the tables taken from being evicted until the backend has them.
+    fn gather_epoch(&self) -> Result<(Epoch, WritebackPins)> {
         let mut epoch = Epoch::default();
+        let mut pins = WritebackPins::default();
         let moved_refcount_table = self.refcounts.lock().take_epoch(
             &mut epoch.fresh_refcount,
             &mut epoch.refcount_links,
             &mut epoch.refcount_blocks,
             &mut epoch.freed_metadata,
+            &mut pins,
         );
-        for table in self.l2_cache.dirty_entries() {
-            let mut t = table.data.write();
-            let fresh = t.fresh;
-            for (at, bytes) in t.take_writeback() {
-                let w = MetadataWrite {
-                    offset: HostOffset(table.offset.0 + at as u64),
-                    bytes,
-                };
-                if fresh {
-                    epoch.fresh_tables.push(w);
-                } else {
-                    epoch.tables.push(w);
-                }
+        pins.append(self.l2_cache.take_writebacks(|offset, fresh, bytes| {
+            let w = MetadataWrite { offset, bytes };
+            if fresh {
+                epoch.fresh_tables.push(w);
+            } else {
+                epoch.tables.push(w);
             }
-        }
+        }));
         let cs = self.geometry.cluster_size() as usize;
         let mut l1 = self.l1.write();
         let encode_l1 = |entries: &[u64], c: u64| {
@@ -1083,18 +1097,28 @@ impl Image {
         }
         drop(h);
         epoch.new_data = std::mem::take(&mut *self.new_data.lock());
-        Ok(epoch)
+        Ok((epoch, pins))
     }
 
     fn maybe_evict(&self) -> Result<()> {
-        let l2_full = !self.l2_cache.evict();
-        let rc_full = !self.refcounts.lock().blocks.evict();
-        if (l2_full || rc_full) && self.writable {
+        if !self.l2_cache.over_capacity() && !self.refcounts.lock().blocks.over_capacity() {
+            return Ok(());
+        }
+        let evict = || {
+            // A table handed to a submit still in progress is clean in the
+            // cache but not yet on disk: evicting it now would let a reload
+            // read the old bytes. Holding the submit order lock means no
+            // submit is in progress.
+            let _order = self.submit_order.lock();
+            let l2_ok = self.l2_cache.evict();
+            let rc_ok = self.refcounts.lock().blocks.evict();
+            l2_ok && rc_ok
+        };
+        if !evict() && self.writable {
             // Only dirty tables are left: write them back, then evict.
             let r = self.persist(None);
             self.poisoned(r)?;
-            self.l2_cache.evict();
-            self.refcounts.lock().blocks.evict();
+            evict();
         }
         Ok(())
     }
