@@ -1,0 +1,220 @@
+//! The simulated medium: the bytes a device holds, in copy-on-write pages.
+//!
+//! Exploring crash states means building thousands of slightly different
+//! images per second. Cloning a [`Medium`] copies only a vector of page
+//! pointers; a page is copied when one of the clones writes to it. A page
+//! that was never written is absent and reads as zeros.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+/// Bytes per copy-on-write page: small enough that a sector write copies
+/// little, large enough that cloning the page vector stays cheap.
+pub const PAGE_BYTES: usize = 4096;
+
+/// The device sector: the unit a power loss can tear writes into.
+pub const SECTOR_BYTES: u64 = 512;
+
+type Page = [u8; PAGE_BYTES];
+
+/// A byte array of a given length held in shared copy-on-write pages.
+#[derive(Clone, Default)]
+pub struct Medium {
+    pages: Vec<Option<Arc<Page>>>,
+    len_bytes: u64,
+}
+
+impl fmt::Debug for Medium {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Medium")
+            .field("len_bytes", &self.len_bytes)
+            .field("pages", &self.pages.len())
+            .finish()
+    }
+}
+
+fn too_large(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("{what} too large"))
+}
+
+fn page_index(offset: u64) -> io::Result<usize> {
+    usize::try_from(offset / PAGE_BYTES as u64).map_err(|_| too_large("offset"))
+}
+
+impl Medium {
+    /// An empty medium (length 0).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A medium holding a copy of `bytes`.
+    #[must_use]
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let mut medium = Self::new();
+        // Writing at offset 0 into an empty medium cannot overflow: the
+        // length of an in-memory slice fits in u64 and in the page index.
+        if medium.write(bytes, 0).is_err() {
+            unreachable!("an in-memory slice always fits a medium");
+        }
+        medium
+    }
+
+    /// The length in bytes.
+    #[must_use]
+    pub fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zeros.
+    pub fn read(&self, buf: &mut [u8], offset: u64) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let position = offset.saturating_add(done as u64);
+            if position >= self.len_bytes {
+                buf[done..].fill(0);
+                return;
+            }
+            let in_page = (position % PAGE_BYTES as u64) as usize;
+            let chunk = (PAGE_BYTES - in_page)
+                .min(buf.len() - done)
+                .min(usize::try_from(self.len_bytes - position).unwrap_or(usize::MAX));
+            let page = usize::try_from(position / PAGE_BYTES as u64)
+                .ok()
+                .and_then(|index| self.pages.get(index))
+                .and_then(Option::as_ref);
+            match page {
+                Some(page) => {
+                    buf[done..done + chunk].copy_from_slice(&page[in_page..in_page + chunk])
+                }
+                None => buf[done..done + chunk].fill(0),
+            }
+            done += chunk;
+        }
+    }
+
+    /// Writes `data` at `offset`, growing the medium if needed.
+    pub fn write(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| too_large("write end"))?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let last_page = page_index(end - 1)?;
+        if self.pages.len() <= last_page {
+            self.pages.resize(last_page + 1, None);
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let position = offset + done as u64;
+            let in_page = (position % PAGE_BYTES as u64) as usize;
+            let chunk = (PAGE_BYTES - in_page).min(data.len() - done);
+            let slot = &mut self.pages[page_index(position)?];
+            let page = slot.get_or_insert_with(|| Arc::new([0u8; PAGE_BYTES]));
+            Arc::make_mut(page)[in_page..in_page + chunk]
+                .copy_from_slice(&data[done..done + chunk]);
+            done += chunk;
+        }
+        self.len_bytes = self.len_bytes.max(end);
+        Ok(())
+    }
+
+    /// Truncates or extends (with zeros) to `len_bytes`.
+    pub fn set_len(&mut self, len_bytes: u64) -> io::Result<()> {
+        if len_bytes < self.len_bytes {
+            let pages_kept = page_index(len_bytes.div_ceil(PAGE_BYTES as u64) * PAGE_BYTES as u64)?;
+            self.pages.truncate(pages_kept);
+            // Bytes past the new end must read as zeros if the medium grows
+            // again, as on a file that was truncated and extended.
+            let in_page = (len_bytes % PAGE_BYTES as u64) as usize;
+            if in_page != 0 {
+                if let Some(Some(page)) = self.pages.last_mut() {
+                    Arc::make_mut(page)[in_page..].fill(0);
+                }
+            }
+        } else {
+            page_index(len_bytes)?;
+        }
+        self.len_bytes = len_bytes;
+        Ok(())
+    }
+
+    /// A flat copy of the whole content.
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = vec![0u8; usize::try_from(self.len_bytes).unwrap_or(0)];
+        self.read(&mut bytes, 0);
+        bytes
+    }
+
+    /// Whether both media hold the same length and bytes; shared pages are
+    /// compared by pointer, so comparing near-identical clones is cheap.
+    #[must_use]
+    pub fn same_content(&self, other: &Medium) -> bool {
+        if self.len_bytes != other.len_bytes {
+            return false;
+        }
+        let pages = self.pages.len().max(other.pages.len());
+        let zero = [0u8; PAGE_BYTES];
+        (0..pages).all(|index| {
+            let a = self.pages.get(index).and_then(Option::as_ref);
+            let b = other.pages.get(index).and_then(Option::as_ref);
+            match (a, b) {
+                (Some(a), Some(b)) if Arc::ptr_eq(a, b) => true,
+                (a, b) => a.map_or(&zero, |p| &**p) == b.map_or(&zero, |p| &**p),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_across_pages_and_zero_fill() {
+        let mut m = Medium::new();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        m.write(&data, 1000).unwrap();
+        assert_eq!(m.len_bytes(), 11_000);
+        let mut buf = vec![0xffu8; 10_100];
+        m.read(&mut buf, 1000);
+        assert_eq!(&buf[..10_000], &data[..]);
+        assert!(buf[10_000..].iter().all(|&b| b == 0));
+        let mut head = [0xffu8; 10];
+        m.read(&mut head, 0);
+        assert_eq!(head, [0u8; 10]);
+    }
+
+    #[test]
+    fn clones_are_copy_on_write() {
+        let mut a = Medium::from_bytes(&[1u8; 8192]);
+        let b = a.clone();
+        a.write(&[2u8; 4], 10).unwrap();
+        let mut buf = [0u8; 4];
+        b.read(&mut buf, 10);
+        assert_eq!(buf, [1u8; 4], "the clone keeps the old bytes");
+        a.read(&mut buf, 10);
+        assert_eq!(buf, [2u8; 4]);
+        assert!(!a.same_content(&b));
+        assert!(b.same_content(&b.clone()));
+    }
+
+    #[test]
+    fn truncate_then_extend_reads_zeros() {
+        let mut m = Medium::from_bytes(&[7u8; 9000]);
+        m.set_len(5000).unwrap();
+        m.set_len(9000).unwrap();
+        let bytes = m.to_bytes();
+        assert!(bytes[..5000].iter().all(|&b| b == 7));
+        assert!(bytes[5000..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn overflowing_write_is_an_error() {
+        let mut m = Medium::new();
+        assert!(m.write(&[1, 2], u64::MAX).is_err());
+    }
+}
