@@ -1180,27 +1180,63 @@ impl Image {
             h.dirty = true;
         }
         if new_size > old_size {
-            // Bytes past the old end must read as zeros: hide a larger
-            // backing file and any data a shrink left in the last cluster.
-            let cs = g.cluster_size();
-            let tail_end = old_size.next_multiple_of(cs).min(new_size);
-            if tail_end > old_size {
-                for (cluster, in_cluster, n, _) in self.pieces(old_size, tail_end - old_size) {
-                    let covered =
-                        self.l1_entry(cluster)?.l2_offset().is_some() || self.backing.is_some();
-                    if covered {
-                        self.write_piece(cluster, in_cluster, &vec![0u8; n])?;
-                    }
+            self.zero_grown_range(old_size, new_size)?;
+        }
+        Ok(())
+    }
+
+    /// The L2 entry of `cluster`, or `None` when no L2 table maps it.
+    fn entry_of(&self, cluster: GuestCluster) -> Result<Option<L2Entry>> {
+        let Some(l2) = self.l1_entry(cluster)?.l2_offset() else {
+            return Ok(None);
+        };
+        let table = self.load_l2(l2)?;
+        let t = table.data.read();
+        self.l2_entry(&t.bytes, cluster).map(Some)
+    }
+
+    /// Makes `[old_size, new_size)` read as zeros after a grow. Whatever
+    /// the image maps there must go: stale bytes a shrink left in the last
+    /// cluster, a larger backing file, and entries past the old end whose
+    /// size change a crash lost (the L2 write reached the disk, the header
+    /// did not; found by the crash harness).
+    fn zero_grown_range(&self, old_size: u64, new_size: u64) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let backing_size = self.backing.as_ref().map_or(0, Backing::size);
+        let reads_zero = |entry: Option<L2Entry>, guest: u64| match entry {
+            None | Some(L2Entry::Unallocated) => guest >= backing_size,
+            Some(L2Entry::Zero { .. }) => true,
+            Some(_) => false,
+        };
+        // The rest of the cluster that held the old end.
+        let tail_end = old_size.next_multiple_of(cs).min(new_size);
+        if tail_end > old_size {
+            for (cluster, in_cluster, n, _) in self.pieces(old_size, tail_end - old_size) {
+                let guest = g.guest_offset(cluster).0 + in_cluster as u64;
+                if !reads_zero(self.entry_of(cluster)?, guest) {
+                    self.write_piece(cluster, in_cluster, &vec![0u8; n])?;
                 }
             }
-            if let Some(b) = &self.backing {
-                let hide_end = b.size().min(new_size);
-                if hide_end > tail_end {
-                    for (cluster, in_cluster, n, _) in self.pieces(tail_end, hide_end - tail_end) {
-                        self.zero_piece(cluster, in_cluster, n, false)?;
-                    }
-                }
+        }
+        // Whole clusters past it. Bounded by the number of clusters in the
+        // range; ranges without an L2 table (and no backing data) are
+        // skipped a table at a time.
+        let mut pos = tail_end;
+        while pos < new_size {
+            let cluster = g.guest_cluster(GuestOffset(pos));
+            let entry = self.entry_of(cluster)?;
+            if entry.is_none() && pos >= backing_size {
+                pos = g
+                    .guest_offset(GuestCluster((g.l1_index(cluster) + 1) * g.l2_entries()))
+                    .0;
+                continue;
             }
+            if !reads_zero(entry, pos) {
+                let n = cs.min(new_size - pos) as usize;
+                self.zero_piece(cluster, 0, n, false)?;
+            }
+            pos += cs;
         }
         Ok(())
     }

@@ -30,6 +30,7 @@
 pub mod checks;
 pub mod config;
 pub mod crash_states;
+pub mod engine_target;
 pub mod error;
 pub mod explore;
 pub mod guest_model;
@@ -49,6 +50,7 @@ pub mod workload;
 
 pub use config::ExploreConfig;
 pub use crash_states::{CrashUnits, StateSpace, EXHAUSTIVE_UNITS_DEFAULT};
+pub use engine_target::{EngineBackend, EngineTarget};
 pub use error::{HarnessError, NameError, ParseError};
 pub use explore::{backing_device, explore, reproduce, run_to_crash_point, ProgressFn, Report};
 pub use guest_model::{GuestModel, Observed};

@@ -1,0 +1,194 @@
+//! The engine as a crash target: one [`EngineTarget`] per backend (and per
+//! injected ordering bug), so the harness explores our qcow2 images exactly
+//! as it explores its own small targets.
+
+use std::sync::Arc;
+
+use qj_engine::backend::ordered::OrderingMutation;
+use qj_engine::check::{check, RepairMode};
+use qj_engine::{BackingFormat, BackingSource, CreateOptions, Image, OpenOptions};
+use qj_journal::Storage;
+
+use crate::target::{
+    CheckSummary, CrashTarget, GuestDisk, LeakExpectation, QemuExport, TargetError,
+};
+
+/// Which of the engine's backends a target runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineBackend {
+    /// Flush ordering.
+    Ordered,
+}
+
+/// The engine on one backend, optionally with a deliberate ordering bug.
+#[derive(Debug, Clone)]
+pub struct EngineTarget {
+    backend: EngineBackend,
+    ordering_mutation: OrderingMutation,
+    cluster_size: u64,
+    refcount_bits: u32,
+    cache_bytes_max: u64,
+}
+
+impl EngineTarget {
+    /// A correct target on `backend` with small clusters (so that short
+    /// workloads reach new L2 tables, refcount blocks and table growth).
+    pub fn new(backend: EngineBackend) -> Self {
+        Self {
+            backend,
+            ordering_mutation: OrderingMutation::None,
+            cluster_size: 4096,
+            refcount_bits: 16,
+            // Small caches force write-back through eviction, not only flush.
+            cache_bytes_max: 16 * 4096,
+        }
+    }
+
+    /// The same target with a flush-ordering bug injected.
+    pub fn with_ordering_mutation(mut self, mutation: OrderingMutation) -> Self {
+        self.ordering_mutation = mutation;
+        self
+    }
+
+    /// Changes the image geometry.
+    pub fn with_geometry(mut self, cluster_size: u64, refcount_bits: u32) -> Self {
+        self.cluster_size = cluster_size;
+        self.refcount_bits = refcount_bits;
+        self
+    }
+
+    fn open_options(&self, backing: Option<Arc<dyn Storage>>) -> OpenOptions {
+        let mut o = OpenOptions::read_write();
+        o.cache_bytes_max = self.cache_bytes_max;
+        o.ordering_mutation = self.ordering_mutation;
+        o.backing = match backing {
+            Some(b) => BackingSource::Given(b, BackingFormat::Raw),
+            None => BackingSource::Ignore,
+        };
+        o
+    }
+}
+
+fn engine_err(e: qj_engine::Error) -> TargetError {
+    match e {
+        qj_engine::Error::Io { source, .. } => TargetError::Io(source),
+        other => TargetError::Other(Box::new(other)),
+    }
+}
+
+impl CrashTarget for EngineTarget {
+    fn name(&self) -> String {
+        match self.backend {
+            EngineBackend::Ordered => "ordered".into(),
+        }
+    }
+
+    fn mutation(&self) -> Option<String> {
+        match self.ordering_mutation {
+            OrderingMutation::None => None,
+            OrderingMutation::SkipRefcountFlush => Some("l2-before-refcount-flush".into()),
+            OrderingMutation::TablesBeforeData => Some("l2-before-data".into()),
+        }
+    }
+
+    fn create(
+        &self,
+        dev: Arc<dyn Storage>,
+        backing: Option<Arc<dyn Storage>>,
+        virtual_size_bytes: u64,
+    ) -> Result<Box<dyn GuestDisk>, TargetError> {
+        let opts = CreateOptions {
+            virtual_size: virtual_size_bytes,
+            cluster_size: self.cluster_size,
+            refcount_bits: self.refcount_bits,
+            backing_file: backing.as_ref().map(|_| "backing.raw".to_string()),
+            backing_format: backing.as_ref().map(|_| BackingFormat::Raw),
+        };
+        Image::create(&*dev, &opts).map_err(engine_err)?;
+        self.open(dev, backing)
+    }
+
+    fn open(
+        &self,
+        dev: Arc<dyn Storage>,
+        backing: Option<Arc<dyn Storage>>,
+    ) -> Result<Box<dyn GuestDisk>, TargetError> {
+        let image = Image::open(dev, &self.open_options(backing)).map_err(engine_err)?;
+        Ok(Box::new(EngineDisk { image: Some(image) }))
+    }
+
+    fn check(&self, dev: Arc<dyn Storage>) -> Result<CheckSummary, TargetError> {
+        let report =
+            check(&*dev, RepairMode::None, &[]).map_err(|e| TargetError::Other(Box::new(e)))?;
+        Ok(CheckSummary {
+            corruptions: report.corruptions,
+            leaks: report.leaks,
+        })
+    }
+
+    fn leaks_allowed(&self) -> bool {
+        self.backend == EngineBackend::Ordered
+    }
+
+    fn qemu_export(&self, dev: Arc<dyn Storage>) -> Result<Option<QemuExport>, TargetError> {
+        let len = dev.len()?;
+        let mut image = vec![0u8; len as usize];
+        dev.read_at(&mut image, 0)?;
+        // Flush ordering leaves nothing QEMU cannot read: export as is.
+        Ok(Some(QemuExport {
+            image,
+            leaks: LeakExpectation::Any,
+        }))
+    }
+}
+
+/// An open engine image as the harness drives it.
+struct EngineDisk {
+    image: Option<Image>,
+}
+
+impl EngineDisk {
+    fn image(&self) -> &Image {
+        self.image.as_ref().expect("image is open until close")
+    }
+}
+
+impl Drop for EngineDisk {
+    fn drop(&mut self) {
+        // Dropped without close: the harness cut the power. Nothing may be
+        // written back, as after a real crash.
+        if let Some(image) = self.image.take() {
+            image.abandon();
+        }
+    }
+}
+
+impl GuestDisk for EngineDisk {
+    fn size_bytes(&self) -> u64 {
+        self.image().virtual_size()
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), TargetError> {
+        self.image().read(buf, offset).map_err(engine_err)
+    }
+    fn write(&self, buf: &[u8], offset: u64) -> Result<(), TargetError> {
+        self.image().write(buf, offset).map_err(engine_err)
+    }
+    fn write_zeroes(&self, offset: u64, len_bytes: u64) -> Result<(), TargetError> {
+        self.image()
+            .write_zeroes(offset, len_bytes)
+            .map_err(engine_err)
+    }
+    fn discard(&self, offset: u64, len_bytes: u64) -> Result<(), TargetError> {
+        self.image().discard(offset, len_bytes).map_err(engine_err)
+    }
+    fn flush(&self) -> Result<(), TargetError> {
+        self.image().flush().map_err(engine_err)
+    }
+    fn resize(&self, new_size_bytes: u64) -> Result<(), TargetError> {
+        self.image().resize(new_size_bytes).map_err(engine_err)
+    }
+    fn close(mut self: Box<Self>) -> Result<(), TargetError> {
+        let image = self.image.take().expect("image is open until close");
+        image.close().map_err(engine_err)
+    }
+}
