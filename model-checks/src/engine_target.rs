@@ -192,3 +192,45 @@ impl GuestDisk for EngineDisk {
         image.close().map_err(engine_err)
     }
 }
+
+/// Every backend `qj crash` knows: the engine's first, then the built-in
+/// proof targets.
+pub const BACKENDS: &[&str] = &["ordered", "raw", "log", "redo"];
+
+/// The engine backends `qj crash --backend all` explores.
+pub const ENGINE_BACKENDS: &[&str] = &["ordered"];
+
+/// The mutations (deliberate ordering bugs) of `backend`.
+#[must_use]
+pub fn mutations(backend: &str) -> &'static [&'static str] {
+    match backend {
+        "ordered" => &["l2-before-refcount-flush", "l2-before-data"],
+        other => crate::targets::builtin_mutations(other),
+    }
+}
+
+/// Every (backend, mutation) pair, for `qj crash --list-mutations` and CI.
+#[must_use]
+pub fn all_mutations() -> Vec<(&'static str, &'static str)> {
+    BACKENDS.iter().flat_map(|&b| mutations(b).iter().map(move |&m| (b, m))).collect()
+}
+
+/// The target named `backend`, with `mutation` injected if given.
+pub fn crash_target(
+    backend: &str,
+    mutation: Option<&str>,
+) -> Result<Arc<dyn CrashTarget>, crate::error::NameError> {
+    let ordering = match (backend, mutation) {
+        ("ordered", None) => OrderingMutation::None,
+        ("ordered", Some("l2-before-refcount-flush")) => OrderingMutation::SkipRefcountFlush,
+        ("ordered", Some("l2-before-data")) => OrderingMutation::TablesBeforeData,
+        ("ordered", Some(other)) => {
+            return Err(crate::error::NameError::new("mutation", other, mutations("ordered")))
+        }
+        (other, mutation) if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
+            return crate::targets::builtin_target(other, mutation)
+        }
+        (other, _) => return Err(crate::error::NameError::new("backend", other, BACKENDS)),
+    };
+    Ok(Arc::new(EngineTarget::new(EngineBackend::Ordered).with_ordering_mutation(ordering)))
+}
