@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod journal;
 pub mod qcow2;
 pub mod units;
 

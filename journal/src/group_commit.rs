@@ -1,0 +1,269 @@
+//! Group commit: committers queue their transactions; one of them becomes
+//! the writer, takes the whole queue, and writes it as one batch; then,
+//! while it flushes that batch, the next committer can already become the
+//! writer of the next batch (a two-stage pipeline). Batches finish, and
+//! committers get their results, strictly in batch order.
+//!
+//! Committers that loop (commit, wait, commit) would otherwise split into
+//! groups that alternate between flushes: those released by one flush
+//! arrive while the next is already being written. So a new writer gathers
+//! first: it waits until as many committers as were recently active have
+//! queued, but never longer than a quarter of the last batch's duration
+//! nor the configured maximum, and not at all while only one committer is
+//! active.
+//!
+//! All of the coordination state lives in [`GroupCommit`] and the I/O is a
+//! [`BatchPipeline`], so a loom model can drive this exact code with a fake
+//! pipeline.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::sync::{Condvar, Mutex, MutexGuard};
+
+/// The three stages of a batch.
+pub trait BatchPipeline<T, R> {
+    /// What a written batch carries to its flush and finish.
+    type Batch;
+    /// Writes a batch. Runs for one batch at a time, in batch order.
+    fn write(&self, items: Vec<T>) -> Self::Batch;
+    /// Makes a written batch durable. May run while the next batch is
+    /// written or flushed.
+    fn flush(&self, batch: &mut Self::Batch);
+    /// Produces one result per item, in item order. Runs in batch order,
+    /// after every earlier batch finished.
+    fn finish(&self, batch: Self::Batch) -> Vec<R>;
+}
+
+/// The state shared by committers.
+#[derive(Debug)]
+struct Queue<T, R> {
+    next_ticket: u64,
+    waiting: VecDeque<(u64, T)>,
+    writer_active: bool,
+    finished: Vec<(u64, R)>,
+    /// Batches taken by a writer so far (the next batch's number).
+    batches_started: u64,
+    /// Batches finished so far (the number of the next to finish).
+    batches_finished: u64,
+    /// Tickets issued whose results were not yet taken: the committers
+    /// currently inside `submit`.
+    pending: usize,
+    /// The largest `pending` seen since the last batch finished.
+    peak_this_round: usize,
+    /// The largest `pending` seen during the last batch: how many
+    /// committers are active.
+    active_committers: usize,
+    /// How long the last batch took from write to finish.
+    last_batch: Duration,
+}
+
+/// Batches items from many threads through a write-then-flush pipeline.
+#[derive(Debug)]
+pub struct GroupCommit<T, R> {
+    queue: Mutex<Queue<T, R>>,
+    changed: Condvar,
+    arrivals: Condvar,
+    capacity: usize,
+    gather_max: Duration,
+}
+
+impl<T, R> GroupCommit<T, R> {
+    /// A group commit whose queue holds at most `capacity` waiting items
+    /// (more committers block until a writer takes the queue) and whose
+    /// writers gather for at most `gather_max` (zero: never).
+    #[must_use]
+    pub fn new(capacity: usize, gather_max: Duration) -> Self {
+        assert!(capacity > 0, "group commit queue of capacity 0");
+        Self {
+            queue: Mutex::new(Queue {
+                next_ticket: 0,
+                waiting: VecDeque::new(),
+                writer_active: false,
+                finished: Vec::new(),
+                batches_started: 0,
+                batches_finished: 0,
+                pending: 0,
+                peak_this_round: 0,
+                active_committers: 0,
+                last_batch: Duration::ZERO,
+            }),
+            changed: Condvar::new(),
+            arrivals: Condvar::new(),
+            capacity,
+            gather_max,
+        }
+    }
+
+    /// Number of batches finished so far.
+    #[must_use]
+    pub fn batches(&self) -> u64 {
+        self.queue.lock().batches_finished
+    }
+
+    /// Queues `item` and returns its result. If no writer is active, this
+    /// thread becomes the writer of a batch of everything queued, then
+    /// flushes and finishes that batch.
+    pub fn submit<P: BatchPipeline<T, R> + ?Sized>(&self, item: T, pipeline: &P) -> R {
+        let mut queue = self.queue.lock();
+        // Bounded queue: wait for a writer to drain it.
+        while queue.waiting.len() >= self.capacity {
+            queue = self.changed.wait(queue);
+        }
+        let ticket = queue.next_ticket;
+        queue.next_ticket += 1;
+        queue.waiting.push_back((ticket, item));
+        queue.pending += 1;
+        queue.peak_this_round = queue.peak_this_round.max(queue.pending);
+        self.arrivals.notify_all();
+        loop {
+            if let Some(index) = queue.finished.iter().position(|(t, _)| *t == ticket) {
+                let (_, result) = queue.finished.swap_remove(index);
+                queue.pending -= 1;
+                return result;
+            }
+            if queue.writer_active || queue.waiting.iter().all(|(t, _)| *t != ticket) {
+                // Someone is writing, or our item is in a batch in flight.
+                queue = self.changed.wait(queue);
+                continue;
+            }
+            queue.writer_active = true;
+            queue = self.gather(queue);
+            let (tickets, items): (Vec<u64>, Vec<T>) = queue.waiting.drain(..).unzip();
+            let batch_number = queue.batches_started;
+            queue.batches_started += 1;
+            // The queue drained: wake committers blocked on capacity.
+            self.changed.notify_all();
+            drop(queue);
+
+            let started = Instant::now();
+            let mut batch = pipeline.write(items);
+            queue = self.queue.lock();
+            queue.writer_active = false;
+            // The next batch may be written while this one flushes.
+            self.changed.notify_all();
+            drop(queue);
+
+            pipeline.flush(&mut batch);
+
+            queue = self.queue.lock();
+            // Bounded by the number of batches in flight ahead of ours.
+            while queue.batches_finished != batch_number {
+                queue = self.changed.wait(queue);
+            }
+            drop(queue);
+            // Only this thread may finish now: later batches wait above.
+            let results = pipeline.finish(batch);
+            assert_eq!(results.len(), tickets.len(), "one result per batched item");
+
+            queue = self.queue.lock();
+            queue.finished.extend(tickets.into_iter().zip(results));
+            queue.batches_finished += 1;
+            queue.last_batch = started.elapsed();
+            queue.active_committers = queue.peak_this_round;
+            queue.peak_this_round = queue.pending;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits (bounded) for the recently active committers to queue.
+    fn gather<'a>(&self, mut queue: MutexGuard<'a, Queue<T, R>>) -> MutexGuard<'a, Queue<T, R>> {
+        let want = queue.active_committers.min(self.capacity);
+        // Gathering only delays a batch and never changes any result, and
+        // loom cannot model a timed wait (it would wait for an arrival that
+        // may never come): under loom the writer does not gather.
+        let window = (queue.last_batch / 4).min(self.gather_max);
+        if want <= 1 || window.is_zero() || cfg!(loom) {
+            return queue;
+        }
+        let deadline = Instant::now() + window;
+        // Bounded by the deadline; each round waits for an arrival.
+        while queue.waiting.len() < want {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            queue = self.arrivals.wait_timeout(queue, deadline - now);
+        }
+        queue
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    /// Doubles items; checks the stage order rules as it goes.
+    struct Doubler {
+        written: AtomicU64,
+        finished: AtomicU64,
+        calls: AtomicUsize,
+    }
+
+    impl BatchPipeline<u64, u64> for Doubler {
+        type Batch = (u64, Vec<u64>);
+        fn write(&self, items: Vec<u64>) -> Self::Batch {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            assert!(items.len() <= 8, "queue capacity bounds the batch");
+            (self.written.fetch_add(1, Ordering::SeqCst), items)
+        }
+        fn flush(&self, _batch: &mut Self::Batch) {
+            // A slow "flush" lets others queue up.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        fn finish(&self, (number, items): Self::Batch) -> Vec<u64> {
+            assert_eq!(
+                self.finished.fetch_add(1, Ordering::SeqCst),
+                number,
+                "finish in batch order"
+            );
+            items.iter().map(|x| x * 2).collect()
+        }
+    }
+
+    #[test]
+    fn every_item_gets_its_own_result_and_batches_form() {
+        let group: GroupCommit<u64, u64> = GroupCommit::new(8, Duration::from_millis(1));
+        let pipeline = Doubler {
+            written: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            calls: AtomicUsize::new(0),
+        };
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let group = &group;
+                let pipeline = &pipeline;
+                s.spawn(move || {
+                    for i in 0..50u64 {
+                        let item = t * 1000 + i;
+                        assert_eq!(group.submit(item, pipeline), item * 2);
+                    }
+                });
+            }
+        });
+        let batches = pipeline.calls.load(Ordering::Relaxed) as u64;
+        assert_eq!(group.batches(), batches);
+        assert!(
+            batches < 200,
+            "400 items in {batches} batches: nothing was grouped"
+        );
+    }
+
+    #[test]
+    fn a_lone_committer_never_waits_to_gather() {
+        let group: GroupCommit<u64, u64> = GroupCommit::new(4, Duration::from_millis(1));
+        let pipeline = Doubler {
+            written: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            calls: AtomicUsize::new(0),
+        };
+        let started = Instant::now();
+        for i in 0..200 {
+            assert_eq!(group.submit(i, &pipeline), i * 2);
+        }
+        assert_eq!(group.batches(), 200);
+        // 200 flushes of 200 us; a gather window would add up to 50 us each.
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

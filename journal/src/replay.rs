@@ -1,0 +1,196 @@
+//! Replay passes 2 and 3 over the result of the scan (pass 1): collect
+//! every revoke, then apply the transactions in order, skipping revoked
+//! bytes, verifying data checksums, and handing dedup entries to the
+//! consumer.
+//!
+//! Nothing is written before the scan has judged the whole log, so a log
+//! that must be refused (damaged in the middle, or invalid) is refused
+//! with the device untouched.
+
+use qj_spec::journal::Descriptor;
+
+use crate::apply::{
+    apply_transaction, merge_ranges, verify_data_checksums, ApplyTarget, DataChecksumMismatch,
+};
+use crate::dedup::{DedupConsumer, DedupEvent, DedupOp};
+use crate::error::JournalError;
+use crate::options::ReplayMode;
+use crate::revoke::RevokeTable;
+use crate::scan::{LogEndKind, Scan};
+
+/// Where the log ended, for the replay report and the dump.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LogEndReport {
+    /// Why the scan stopped.
+    pub kind: LogEndKind,
+    /// Ring index where the next transaction goes.
+    pub ring_block: u32,
+    /// Ring index of the block that failed.
+    pub failed_block: u32,
+    /// The sequence number expected there.
+    pub expected_seq: u64,
+    /// What was found instead.
+    pub reason: String,
+    /// For a log damaged in the middle: the transaction proving the loss.
+    pub evidence_seq: Option<u64>,
+}
+
+/// What replay did.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReplayReport {
+    /// Apply or in memory.
+    pub mode: ReplayMode,
+    /// The header's synced sequence number before replay.
+    pub synced_seq_before: u64,
+    /// Sequence number of the last transaction replayed (equal to
+    /// `synced_seq_before` if none was).
+    pub last_replayed_seq: u64,
+    /// Number of transactions replayed.
+    pub transactions_replayed: u64,
+    /// Bytes written to targets (or to the overlay).
+    pub bytes_written: u64,
+    /// Bytes skipped because a later transaction revoked them.
+    pub bytes_revoked: u64,
+    /// Merged target ranges written, as (offset, length).
+    pub ranges_written: Vec<(u64, u64)>,
+    /// Dedup entries handed to the consumer.
+    pub dedup_events: u64,
+    /// How the log ended.
+    pub end: LogEndReport,
+    /// A transaction dropped, with all after it, because data it depends
+    /// on is not on the device.
+    pub data_checksum_mismatch: Option<(u64, DataChecksumMismatch)>,
+    /// Whether committed transactions were knowingly lost (salvage of a
+    /// damaged or invalid log).
+    pub salvaged: bool,
+}
+
+/// Replay's result for the journal that opens.
+pub(crate) struct Replayed {
+    pub report: ReplayReport,
+    /// Ring index where the fresh log starts.
+    pub next_head: u32,
+}
+
+/// Runs passes 2 and 3. `device_offset_of` maps a ring index to its device
+/// offset for errors.
+pub(crate) fn replay(
+    scan: Scan,
+    mode: ReplayMode,
+    salvage: bool,
+    target: &mut dyn ApplyTarget,
+    dedup: &mut dyn DedupConsumer,
+    device_offset_of: &dyn Fn(u32) -> u64,
+) -> Result<Replayed, JournalError> {
+    let end = &scan.end;
+    let damaged = matches!(end.kind, LogEndKind::Corrupt | LogEndKind::Invalid);
+    if damaged && !salvage {
+        let device_offset = device_offset_of(end.failed_block);
+        return Err(match (&end.invalid, end.evidence_seq) {
+            (Some(source), _) => JournalError::InvalidTransaction {
+                seq: end.expected_seq,
+                device_offset,
+                source: source.clone(),
+            },
+            (None, evidence) => JournalError::CorruptLog {
+                seq: end.expected_seq,
+                device_offset,
+                reason: end.reason.clone(),
+                evidence_seq: evidence.unwrap_or(end.expected_seq),
+            },
+        });
+    }
+
+    // Pass 2: every revoke of the log, before anything is applied, so that
+    // a transaction is never applied over a range a later one revoked.
+    let mut revokes = RevokeTable::new();
+    for tx in &scan.transactions {
+        for descriptor in &tx.parsed.descriptors {
+            if let Descriptor::Revoke(ranges) = descriptor {
+                for range in ranges {
+                    revokes.insert(*range, tx.seq());
+                }
+            }
+        }
+    }
+
+    // Pass 3: apply in order.
+    let mut report = ReplayReport {
+        mode,
+        synced_seq_before: scan.header.synced_seq,
+        last_replayed_seq: scan.header.synced_seq,
+        transactions_replayed: 0,
+        bytes_written: 0,
+        bytes_revoked: 0,
+        ranges_written: Vec::new(),
+        dedup_events: 0,
+        end: LogEndReport {
+            kind: end.kind,
+            ring_block: end.ring_block,
+            failed_block: end.failed_block,
+            expected_seq: end.expected_seq,
+            reason: end.reason.clone(),
+            evidence_seq: end.evidence_seq,
+        },
+        data_checksum_mismatch: None,
+        salvaged: damaged,
+    };
+    let mut next_head = end.ring_block;
+    let mut ranges = Vec::new();
+    for tx in &scan.transactions {
+        let seq = tx.seq();
+        // A transaction no later one anchors may depend on data that never
+        // reached the device; if so it was never acknowledged, and neither
+        // was anything after it (acknowledgement is in order).
+        if seq > scan.anchor_seq {
+            if let Some(mismatch) = verify_data_checksums(target, &tx.parsed.descriptors)? {
+                report.data_checksum_mismatch = Some((seq, mismatch));
+                report.end = LogEndReport {
+                    kind: LogEndKind::TornTail,
+                    ring_block: tx.extent_start,
+                    failed_block: tx.tx_start,
+                    expected_seq: seq,
+                    reason: format!(
+                        "data checksum of {:#x}+{:#x} does not match: the data never reached the device",
+                        mismatch.target, mismatch.length
+                    ),
+                    evidence_seq: None,
+                };
+                next_head = tx.extent_start;
+                break;
+            }
+        }
+        let applied = apply_transaction(
+            target,
+            seq,
+            &tx.parsed.descriptors,
+            &tx.parsed.data,
+            &revokes,
+        )?;
+        report.bytes_written += applied.bytes_written;
+        report.bytes_revoked += applied.bytes_revoked;
+        ranges.extend(applied.ranges);
+        for descriptor in &tx.parsed.descriptors {
+            let (op, entries) = match descriptor {
+                Descriptor::DedupInsert(entries) => (DedupOp::Insert, entries),
+                Descriptor::DedupDelete(entries) => (DedupOp::Delete, entries),
+                _ => continue,
+            };
+            for entry in entries {
+                let event = DedupEvent {
+                    seq,
+                    op,
+                    entry: entry.clone(),
+                };
+                dedup
+                    .consume(&event)
+                    .map_err(|reason| JournalError::Dedup { seq, reason })?;
+                report.dedup_events += 1;
+            }
+        }
+        report.transactions_replayed += 1;
+        report.last_replayed_seq = seq;
+    }
+    report.ranges_written = merge_ranges(ranges);
+    Ok(Replayed { report, next_head })
+}
