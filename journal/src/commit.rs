@@ -17,6 +17,12 @@ use crate::sync::Arc;
 use crate::transaction::Transaction;
 use crate::Storage;
 
+/// A transaction queued by [`Journal::commit_enqueue`], to be passed to
+/// [`Journal::commit_wait`].
+#[derive(Debug)]
+#[must_use = "an enqueued transaction must be waited for"]
+pub struct CommitTicket(u64);
+
 /// A transaction of the current batch with its ring space, not yet durable.
 pub(crate) struct Planned {
     index: usize,
@@ -160,6 +166,37 @@ impl<S: Storage> Journal<S> {
             });
         }
         self.group.submit(tx, &CommitPipeline { journal: self })
+    }
+
+    /// Checks `tx` like [`Journal::commit`] and queues it for group commit
+    /// without waiting; [`Journal::commit_wait`] returns its result.
+    /// Transactions enqueued by one caller are committed in the order it
+    /// enqueued them (sequence numbers follow that order), so a caller can
+    /// fix the order under its own lock and wait outside it, letting other
+    /// threads' transactions join the same batch.
+    pub fn commit_enqueue(&self, tx: Transaction) -> Result<CommitTicket, JournalError> {
+        self.check_usable()?;
+        for (index, descriptor) in tx.descriptors().iter().enumerate() {
+            self.bounds
+                .check(descriptor, 0)
+                .map_err(|source| JournalError::RefusedDescriptor { index, source })?;
+        }
+        let needed_blocks = self.blocks_needed(&tx);
+        let ring_blocks = u64::from(self.geometry.ring_blocks());
+        if needed_blocks > ring_blocks {
+            return Err(JournalError::TooLarge {
+                needed_blocks,
+                ring_blocks,
+            });
+        }
+        Ok(CommitTicket(self.group.enqueue(tx)))
+    }
+
+    /// Waits for a transaction queued by [`Journal::commit_enqueue`] and
+    /// returns its sequence number; when this returns `Ok`, it survives any
+    /// crash, as after [`Journal::commit`].
+    pub fn commit_wait(&self, ticket: CommitTicket) -> Result<u64, JournalError> {
+        self.group.wait(ticket.0, &CommitPipeline { journal: self })
     }
 
     /// Refuses a transaction that would break the copy and data checksum

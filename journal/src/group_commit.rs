@@ -105,6 +105,17 @@ impl<T, R> GroupCommit<T, R> {
     /// thread becomes the writer of a batch of everything queued, then
     /// flushes and finishes that batch.
     pub fn submit<P: BatchPipeline<T, R> + ?Sized>(&self, item: T, pipeline: &P) -> R {
+        let ticket = self.enqueue(item);
+        self.wait(ticket, pipeline)
+    }
+
+    /// Queues `item` and returns its ticket without waiting. Items are
+    /// batched, written and finished in the order they were enqueued, so a
+    /// caller that must keep an order between its items (the engine's
+    /// epochs) enqueues them in that order, under its own lock, and waits
+    /// for them outside it. Every ticket must be passed to [`Self::wait`].
+    #[must_use = "an enqueued item must be waited for"]
+    pub fn enqueue(&self, item: T) -> u64 {
         let mut queue = self.queue.lock();
         // Bounded queue: wait for a writer to drain it.
         while queue.waiting.len() >= self.capacity {
@@ -116,6 +127,14 @@ impl<T, R> GroupCommit<T, R> {
         queue.pending += 1;
         queue.peak_this_round = queue.peak_this_round.max(queue.pending);
         self.arrivals.notify_all();
+        ticket
+    }
+
+    /// Returns the result of the item queued as `ticket`; if no writer is
+    /// active and the item is still queued, this thread becomes the writer
+    /// of a batch of everything queued, then flushes and finishes it.
+    pub fn wait<P: BatchPipeline<T, R> + ?Sized>(&self, ticket: u64, pipeline: &P) -> R {
+        let mut queue = self.queue.lock();
         loop {
             if let Some(index) = queue.finished.iter().position(|(t, _)| *t == ticket) {
                 let (_, result) = queue.finished.swap_remove(index);

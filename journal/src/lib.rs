@@ -35,6 +35,7 @@ mod transaction;
 
 pub use apply::DataChecksumMismatch;
 pub use checkpoint::CheckpointReport;
+pub use commit::CommitTicket;
 pub use dedup::{DedupConsumer, DedupEvent, DedupOp, NoDedup};
 pub use dump::{
     dump, CopyChunkDump, DataChecksumDump, DedupEntryDump, DescriptorDump, HeaderDump, JournalDump,

@@ -25,8 +25,13 @@ fn arb_extension() -> impl Strategy<Value = HeaderExtension> {
             }
         )),
         "[a-z./]{0,40}".prop_map(HeaderExtension::ExternalDataFile),
-        (any::<u64>(), any::<u64>())
-            .prop_map(|(offset, size)| HeaderExtension::Journal(JournalExtension { offset, size })),
+        (any::<u64>(), any::<u64>()).prop_map(|(offset, size)| HeaderExtension::Journal(
+            JournalExtension {
+                offset,
+                size,
+                flags: 0
+            }
+        )),
         (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..40))
             .prop_filter("not a known type", |(k, _)| {
                 ![

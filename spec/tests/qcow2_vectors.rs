@@ -204,26 +204,49 @@ fn refcount_blocks_of_every_width_match_qemu_packing() {
 }
 
 #[test]
+fn journal_extension_without_flags_word_decodes_with_flags_zero() {
+    let mut data = Vec::new();
+    data.extend_from_slice(&0x50000u64.to_be_bytes());
+    data.extend_from_slice(&0x20000u64.to_be_bytes());
+    let ext = HeaderExtension::decode(0x716a_726e, &data, 200).unwrap();
+    assert_eq!(
+        ext,
+        HeaderExtension::Journal(JournalExtension {
+            offset: 0x50000,
+            size: 0x20000,
+            flags: 0
+        })
+    );
+    data.extend_from_slice(&2u64.to_be_bytes());
+    let err = HeaderExtension::decode(0x716a_726e, &data, 200).unwrap_err();
+    assert!(err.to_string().contains("flags"), "{err}");
+}
+
+#[test]
 fn journal_extension_and_feature_bits_round_trip() {
     let mut h = Header::decode(&vector("default_64k_header", 65536)).unwrap();
     h.extensions = vec![HeaderExtension::FeatureNameTable(qjournal_feature_names())];
     h.set_journal(Some(JournalExtension {
         offset: 0x50000,
         size: 0x20000,
+        flags: JournalExtension::FLAG_TWO_FLUSH_COMMIT,
     }));
     h.incompatible_features |= INCOMPAT_JOURNAL_DIRTY_MASK;
     h.autoclear_features |= AUTOCLEAR_JOURNAL_VALID_MASK;
     let bytes = h.encode().unwrap();
-    // Journal extension right after the feature table: magic, length 16.
+    // Journal extension right after the feature table: magic, length 24,
+    // offset, size, flags.
     let at = 112 + 8 + 10 * 48;
-    assert_eq!(bytes[at..at + 8], [0x71, 0x6a, 0x72, 0x6e, 0, 0, 0, 16]);
+    assert_eq!(bytes[at..at + 8], [0x71, 0x6a, 0x72, 0x6e, 0, 0, 0, 24]);
+    assert_eq!(bytes[at + 8 + 16..at + 8 + 24], [0, 0, 0, 0, 0, 0, 0, 1]);
     let back = Header::decode(&bytes).unwrap();
     assert_eq!(back, h);
     assert_eq!(
         back.journal(),
         Some(JournalExtension {
             offset: 0x50000,
-            size: 0x20000
+            size: 0x20000,
+            flags: JournalExtension::FLAG_TWO_FLUSH_COMMIT,
         })
     );
     assert_eq!(

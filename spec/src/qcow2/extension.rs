@@ -54,11 +54,21 @@ pub struct JournalExtension {
     pub offset: u64,
     /// Size of the journal in bytes (a multiple of the cluster size).
     pub size: u64,
+    /// Flags; bit 0: commit with the draft's two-flush protocol instead of
+    /// the single-flush one. Other bits are reserved (zero).
+    pub flags: u64,
 }
 
 impl JournalExtension {
-    /// Encoded length: offset and size, both u64.
-    pub const ENCODED_LEN: usize = 16;
+    /// Encoded length: offset, size and flags, each u64.
+    pub const ENCODED_LEN: usize = 24;
+    /// The first version of the extension had no flags word; it decodes
+    /// with `flags` 0.
+    pub const ENCODED_LEN_NO_FLAGS: usize = 16;
+    /// Flag bit 0: the two-flush (draft) commit protocol.
+    pub const FLAG_TWO_FLUSH_COMMIT: u64 = 1;
+    /// Flags this version knows.
+    pub const FLAGS_KNOWN: u64 = Self::FLAG_TWO_FLUSH_COMMIT;
 }
 
 /// One header extension, in file order.
@@ -176,7 +186,9 @@ impl HeaderExtension {
             }
             EXT_JOURNAL => {
                 const S: &str = "journal extension";
-                if data.len() != JournalExtension::ENCODED_LEN {
+                if data.len() != JournalExtension::ENCODED_LEN
+                    && data.len() != JournalExtension::ENCODED_LEN_NO_FLAGS
+                {
                     return Err(FormatError::field(
                         S,
                         "length",
@@ -188,9 +200,23 @@ impl HeaderExtension {
                         ),
                     ));
                 }
+                let flags = if data.len() == JournalExtension::ENCODED_LEN {
+                    be_u64(data, 16, S)?
+                } else {
+                    0
+                };
+                if flags & !JournalExtension::FLAGS_KNOWN != 0 {
+                    return Err(FormatError::field(
+                        S,
+                        "flags",
+                        offset + 16,
+                        format!("unknown flag bits {flags:#x}"),
+                    ));
+                }
                 Ok(HeaderExtension::Journal(JournalExtension {
                     offset: be_u64(data, 0, S)?,
                     size: be_u64(data, 8, S)?,
+                    flags,
                 }))
             }
             _ => Ok(HeaderExtension::Unknown {
@@ -239,6 +265,7 @@ impl HeaderExtension {
                 let mut out = Vec::with_capacity(JournalExtension::ENCODED_LEN);
                 out.extend_from_slice(&j.offset.to_be_bytes());
                 out.extend_from_slice(&j.size.to_be_bytes());
+                out.extend_from_slice(&j.flags.to_be_bytes());
                 out
             }
             HeaderExtension::Unknown { data, .. } => data.clone(),
