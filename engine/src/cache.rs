@@ -11,6 +11,10 @@
 //! - A dirty entry is never evicted: only the flush path ([`crate::image`])
 //!   makes entries clean, and eviction skips dirty entries and entries that
 //!   someone still holds (`Arc::strong_count > 1`).
+//! - A table whose write-back was taken stays pinned ([`WritebackPins`])
+//!   until the backend has its bytes: it is clean in the cache but not yet
+//!   on disk, and evicting it would let a lookup reload the old bytes, so
+//!   the change would be lost for good.
 //! - A table that was just allocated (`fresh`) is referenced by nothing on
 //!   disk yet; backends order its write before the write that links it.
 
@@ -128,13 +132,48 @@ impl CachedTable {
     }
 }
 
+/// The map's hasher. Under loom it must be deterministic: eviction and
+/// write-back visit entries in map order, taking a lock on each, and loom
+/// replays a schedule only if every execution takes the same steps.
+#[cfg(not(loom))]
+type MapHasher = std::collections::hash_map::RandomState;
+#[cfg(loom)]
+type MapHasher = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
+/// Tables whose write-back was taken by [`TableCache::take_writebacks`] and
+/// may not have reached the backend yet. While pinned, a table cannot be
+/// evicted: it is clean in the cache but its bytes are not on disk, so a
+/// reload would read the old bytes and the change would be lost.
+#[derive(Debug, Default)]
+#[must_use = "hold the pins until the backend has the write-back, then drop them"]
+pub struct WritebackPins {
+    tables: Vec<Arc<CachedTable>>,
+}
+
+impl WritebackPins {
+    /// Adds `other`'s pins to these.
+    pub fn append(&mut self, mut other: WritebackPins) {
+        self.tables.append(&mut other.tables);
+    }
+
+    /// Number of pinned tables.
+    pub fn len(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Whether nothing is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+}
+
 /// A bounded map from host offset to cached table.
 #[derive(Debug)]
 pub struct TableCache {
     name: &'static str,
     cluster_size: usize,
     tables_max: usize,
-    map: Mutex<HashMap<HostOffset, Arc<CachedTable>>>,
+    map: Mutex<HashMap<HostOffset, Arc<CachedTable>, MapHasher>>,
     clock: AtomicU64,
 }
 
@@ -145,7 +184,7 @@ impl TableCache {
             name,
             cluster_size,
             tables_max: tables_max.max(4),
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(HashMap::default()),
             clock: AtomicU64::new(0),
         }
     }
@@ -174,18 +213,20 @@ impl TableCache {
         );
         if !entry.loaded.load(Ordering::Acquire) {
             let _loading = entry.load.lock();
+            // Checked again under the load lock: whoever held it may have
+            // loaded the table meanwhile, and a table is loaded once.
             if !entry.loaded.load(Ordering::Acquire) {
                 let mut data = entry.data.write();
-                if let Err(e) = load(&mut data.bytes) {
-                    drop(data);
-                    // Leave no half-loaded entry behind: the next lookup retries.
-                    let mut map = self.map.lock();
-                    if map.get(&offset).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
-                        map.remove(&offset);
-                    }
-                    return Err(e);
-                }
+                // A failed load leaves the entry in the map, unloaded: the
+                // next caller (or one already waiting on the load lock)
+                // retries into the entry the cache keeps. Removing it would
+                // hand a caller already holding it an entry the cache no
+                // longer has, whose changes would never be written back (the
+                // loom model `failed_load_leaves_no_orphan_entry` found it).
+                load(&mut data.bytes)?;
                 drop(data);
+                // Published only now, after the bytes are in place: a caller
+                // that sees `loaded` reads the table without the load lock.
                 entry.loaded.store(true, Ordering::Release);
             }
         }
@@ -232,6 +273,30 @@ impl TableCache {
         dirty
     }
 
+    /// Takes the write-back of every dirty table, in offset order: calls
+    /// `emit(file offset, the table is fresh, bytes)` for each run of changed
+    /// sectors ([`TableData::take_writeback`]) and leaves the table clean.
+    /// The tables stay pinned against eviction until the returned pins are
+    /// dropped, which the caller does only once the backend has the bytes
+    /// (its `read_metadata` returns them).
+    pub fn take_writebacks(
+        &self,
+        mut emit: impl FnMut(HostOffset, bool, Vec<u8>),
+    ) -> WritebackPins {
+        let tables = self.dirty_entries();
+        for table in &tables {
+            // The runs are taken and the table made clean under one write
+            // lock: a change made after it stays dirty for the next
+            // write-back, and none is written half.
+            let mut data = table.data.write();
+            let fresh = data.fresh;
+            for (at, bytes) in data.take_writeback() {
+                emit(HostOffset(table.offset.0 + at as u64), fresh, bytes);
+            }
+        }
+        WritebackPins { tables }
+    }
+
     /// Number of dirty entries.
     pub fn dirty_count(&self) -> usize {
         self.map
@@ -256,7 +321,8 @@ impl TableCache {
         }
         let mut candidates: Vec<(u64, HostOffset)> = map
             .values()
-            // Busy: someone holds the Arc besides the map. Dirty: must be written first.
+            // Busy: someone holds the Arc besides the map (a caller, or the
+            // pins of a write-back in flight). Dirty: must be written first.
             .filter(|e| Arc::strong_count(e) == 1 && !e.data.read().dirty)
             .map(|e| (e.last_use.load(Ordering::Relaxed), e.offset))
             .collect();
@@ -334,6 +400,41 @@ mod tests {
         assert!(map.contains_key(&HostOffset(512)), "dirty entry evicted");
         drop(map);
         drop(held);
+    }
+
+    #[test]
+    fn tables_taken_for_write_back_stay_until_unpinned() {
+        let cache = TableCache::new("t", 512, 4);
+        // Table 0 is dirty and the least recently used.
+        cache
+            .get(HostOffset(0), |_| Ok(()))
+            .unwrap()
+            .data
+            .write()
+            .set_entry(3, 7);
+        for i in 1..4u64 {
+            cache.get(HostOffset(i * 512), |_| Ok(())).unwrap();
+        }
+        let mut runs = Vec::new();
+        let pins = cache.take_writebacks(|offset, fresh, bytes| {
+            runs.push((offset, fresh, bytes.len()));
+        });
+        assert_eq!(runs, [(HostOffset(0), false, 512)]);
+        assert_eq!(pins.len(), 1);
+        assert_eq!(cache.dirty_count(), 0);
+        cache.get(HostOffset(4 * 512), |_| Ok(())).unwrap();
+        assert!(cache.evict());
+        assert!(
+            cache.map.lock().contains_key(&HostOffset(0)),
+            "a table was evicted before its write-back reached the backend"
+        );
+        drop(pins);
+        cache.get(HostOffset(5 * 512), |_| Ok(())).unwrap();
+        assert!(cache.evict());
+        assert!(
+            !cache.map.lock().contains_key(&HostOffset(0)),
+            "an unpinned clean table is evicted least recently used first"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use qj_spec::qcow2::{get_refcount, read_table_entry, set_refcount, write_table_e
 use qj_spec::units::{Geometry, HostCluster, HostOffset};
 
 use crate::backend::{MetadataBackend, MetadataWrite};
-use crate::cache::TableCache;
+use crate::cache::{TableCache, WritebackPins};
 use crate::error::{Error, Result};
 use crate::free_index::FreeIndex;
 use crate::stats::Counters;
@@ -438,29 +438,24 @@ impl RefcountState {
 
     /// Takes the refcount part of an epoch: fresh structures, links to them,
     /// changed blocks, and freed metadata clusters. The header switch to a
-    /// moved table is returned as `Some((offset, clusters))`.
+    /// moved table is returned as `Some((offset, clusters))`. The blocks
+    /// taken are added to `pins`: hold them until the backend has the epoch.
     pub fn take_epoch(
         &mut self,
         fresh_refcount: &mut Vec<MetadataWrite>,
         refcount_links: &mut Vec<MetadataWrite>,
         refcount_blocks: &mut Vec<MetadataWrite>,
         freed_metadata: &mut Vec<HostCluster>,
+        pins: &mut WritebackPins,
     ) -> Option<(HostOffset, u64)> {
-        for block in self.blocks.dirty_entries() {
-            let mut data = block.data.write();
-            let fresh = data.fresh;
-            for (at, bytes) in data.take_writeback() {
-                let w = MetadataWrite {
-                    offset: HostOffset(block.offset.0 + at as u64),
-                    bytes,
-                };
-                if fresh {
-                    fresh_refcount.push(w);
-                } else {
-                    refcount_blocks.push(w);
-                }
+        pins.append(self.blocks.take_writebacks(|offset, fresh, bytes| {
+            let w = MetadataWrite { offset, bytes };
+            if fresh {
+                fresh_refcount.push(w);
+            } else {
+                refcount_blocks.push(w);
             }
-        }
+        }));
         let cs = self.geometry.cluster_size() as usize;
         let encode_cluster = |table: &[u64], i: u64| {
             let mut bytes = vec![0u8; cs];
