@@ -30,20 +30,31 @@ pub struct QemuCounts {
 
 /// Whether `qemu-img` runs here.
 pub fn qemu_img_available() -> bool {
-    Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Whether `strace` runs here.
 pub fn strace_available() -> bool {
-    Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success())
+    Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -51,11 +62,24 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 
 /// Creates the image a workload needs: empty for allocating workloads,
 /// with every cluster the workload touches already written otherwise.
-pub fn prepare(path: &Path, workload: Workload, ops: u64, cluster_size: u64, virtual_size: u64) -> Result<(), String> {
+pub fn prepare(
+    path: &Path,
+    workload: Workload,
+    ops: u64,
+    cluster_size: u64,
+    virtual_size: u64,
+) -> Result<(), String> {
     let _ = std::fs::remove_file(path);
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o"]).arg(format!("cluster_size={cluster_size}")).arg(path).arg(virtual_size.to_string()))?;
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("cluster_size={cluster_size}"))
+        .arg(path)
+        .arg(virtual_size.to_string()))?;
     if !workload.allocates() {
-        run(Command::new("qemu-io").args(["-f", "qcow2", "-c"]).arg(format!("write -P 0x5a 0 {}", ops * cluster_size)).arg(path))?;
+        run(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("write -P 0x5a 0 {}", ops * cluster_size))
+            .arg(path))?;
     }
     Ok(())
 }
@@ -66,47 +90,97 @@ fn bench_args(workload: Workload, ops: u64, cluster_size: u64, threads: usize) -
         a.push("-w".into());
     }
     // writethrough: QEMU flushes after every request, as our synced workloads do.
-    let cache = if workload.synced() { "writethrough" } else { "writeback" };
-    let size = if workload == Workload::AllocSyncCluster { cluster_size } else { 4096 };
+    let cache = if workload.synced() {
+        "writethrough"
+    } else {
+        "writeback"
+    };
+    let size = if workload == Workload::AllocSyncCluster {
+        cluster_size
+    } else {
+        4096
+    };
     a.extend([
-        "-t".into(), cache.into(),
-        "-d".into(), threads.to_string(),
-        "-c".into(), ops.to_string(),
-        "-s".into(), size.to_string(),
-        "-S".into(), cluster_size.to_string(),
+        "-t".into(),
+        cache.into(),
+        "-d".into(),
+        threads.to_string(),
+        "-c".into(),
+        ops.to_string(),
+        "-s".into(),
+        size.to_string(),
+        "-S".into(),
+        cluster_size.to_string(),
     ]);
     a
 }
 
 /// Runs `qemu-img bench` on a prepared image and parses its timing.
-pub fn bench(path: &Path, workload: Workload, ops: u64, cluster_size: u64, threads: usize) -> Result<QemuSample, String> {
-    let out = run(Command::new("qemu-img").args(bench_args(workload, ops, cluster_size, threads)).arg(path))?;
+pub fn bench(
+    path: &Path,
+    workload: Workload,
+    ops: u64,
+    cluster_size: u64,
+    threads: usize,
+) -> Result<QemuSample, String> {
+    let out = run(Command::new("qemu-img")
+        .args(bench_args(workload, ops, cluster_size, threads))
+        .arg(path))?;
     let secs = out
         .lines()
-        .find_map(|l| l.strip_prefix("Run completed in ").and_then(|r| r.strip_suffix(" seconds.")))
+        .find_map(|l| {
+            l.strip_prefix("Run completed in ")
+                .and_then(|r| r.strip_suffix(" seconds."))
+        })
         .and_then(|s| s.trim().parse::<f64>().ok())
         .ok_or_else(|| format!("cannot parse qemu-img bench output: {out:?}"))?;
-    Ok(QemuSample { ops, elapsed: Duration::from_secs_f64(secs) })
+    Ok(QemuSample {
+        ops,
+        elapsed: Duration::from_secs_f64(secs),
+    })
 }
 
 /// Runs `qemu-img bench` under strace and counts flushes and written bytes.
-pub fn traced_counts(path: &Path, workload: Workload, ops: u64, cluster_size: u64, threads: usize) -> Result<QemuCounts, String> {
+pub fn traced_counts(
+    path: &Path,
+    workload: Workload,
+    ops: u64,
+    cluster_size: u64,
+    threads: usize,
+) -> Result<QemuCounts, String> {
     let trace = path.with_extension("strace");
     run(Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=fdatasync,fsync,pwrite64,pwritev,pwritev2", "-e", "abbrev=all", "-o"])
+        .args([
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fdatasync,fsync,pwrite64,pwritev,pwritev2",
+            "-e",
+            "abbrev=all",
+            "-o",
+        ])
         .arg(&trace)
         .arg("qemu-img")
         .args(bench_args(workload, ops, cluster_size, threads))
         .arg(path))?;
-    let text = std::fs::read_to_string(&trace).map_err(|e| format!("reading {}: {e}", trace.display()))?;
+    let text =
+        std::fs::read_to_string(&trace).map_err(|e| format!("reading {}: {e}", trace.display()))?;
     let _ = std::fs::remove_file(&trace);
-    let mut counts = QemuCounts { ops, ..QemuCounts::default() };
+    let mut counts = QemuCounts {
+        ops,
+        ..QemuCounts::default()
+    };
     for line in text.lines() {
         if line.contains("fdatasync(") || line.contains("fsync(") {
             counts.flushes += 1;
         } else if line.contains("pwrite") {
             // The return value after '=' is the byte count.
-            if let Some(n) = line.rsplit('=').next().and_then(|r| r.trim().split(' ').next()).and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(n) = line
+                .rsplit('=')
+                .next()
+                .and_then(|r| r.trim().split(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 counts.bytes_written += n;
             }
         }

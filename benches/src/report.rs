@@ -107,8 +107,10 @@ pub fn build_rows(cells: Vec<Cell>) -> Vec<BenchRow> {
                 mb_per_s: ops_per_s.map(|r| r * op_bytes(c.workload, 65536) as f64 / 1e6),
                 p50_us: c.latencies.percentile_us(50.0),
                 p99_us: c.latencies.percentile_us(99.0),
-                flushes_per_op: (c.counted_ops > 0).then(|| c.flushes as f64 / c.counted_ops as f64),
-                bytes_written_per_op: (c.counted_ops > 0).then(|| c.bytes_written as f64 / c.counted_ops as f64),
+                flushes_per_op: (c.counted_ops > 0)
+                    .then(|| c.flushes as f64 / c.counted_ops as f64),
+                bytes_written_per_op: (c.counted_ops > 0)
+                    .then(|| c.bytes_written as f64 / c.counted_ops as f64),
                 vs_raw: None,
                 vs_qemu: None,
                 vs_ordered: None,
@@ -117,7 +119,9 @@ pub fn build_rows(cells: Vec<Cell>) -> Vec<BenchRow> {
         })
         .collect();
     let find = |rows: &[BenchRow], w: &str, t: usize, target: &str| {
-        rows.iter().find(|r| r.workload == w && r.threads == t && r.target == target).and_then(|r| r.ops_per_s)
+        rows.iter()
+            .find(|r| r.workload == w && r.threads == t && r.target == target)
+            .and_then(|r| r.ops_per_s)
     };
     let snapshot = rows.clone();
     for r in &mut rows {
@@ -137,7 +141,19 @@ fn f(v: Option<f64>, prec: usize) -> String {
 pub fn render_table(rows: &[BenchRow]) -> String {
     let mut out = format!(
         "{:<19} {:<13} {:>3} {:>10} {:>8} {:>9} {:>9} {:>7} {:>10} {:>6} {:>6} {:>6}  {}\n",
-        "workload", "target", "thr", "ops/s", "MB/s", "p50 us", "p99 us", "fl/op", "B/op", "/raw", "/qemu", "/ord", "note"
+        "workload",
+        "target",
+        "thr",
+        "ops/s",
+        "MB/s",
+        "p50 us",
+        "p99 us",
+        "fl/op",
+        "B/op",
+        "/raw",
+        "/qemu",
+        "/ord",
+        "note"
     );
     for r in rows {
         out.push_str(&format!(

@@ -76,14 +76,21 @@ fn ops_for(w: Workload, opts: &BenchOptions) -> u64 {
 }
 
 /// Runs the comparison and returns one row per (workload, threads, target).
-pub fn run_bench(opts: &BenchOptions, progress: &dyn Fn(&Progress)) -> Result<Vec<BenchRow>, String> {
+pub fn run_bench(
+    opts: &BenchOptions,
+    progress: &dyn Fn(&Progress),
+) -> Result<Vec<BenchRow>, String> {
     if opts.threads.contains(&0) {
         return Err("a thread count of 0 is not valid".into());
     }
     if opts.cluster_size < 4096 || !opts.cluster_size.is_power_of_two() {
-        return Err(format!("cluster size {} must be a power of two of at least 4096", opts.cluster_size));
+        return Err(format!(
+            "cluster size {} must be a power of two of at least 4096",
+            opts.cluster_size
+        ));
     }
-    std::fs::create_dir_all(&opts.dir).map_err(|e| format!("creating {}: {e}", opts.dir.display()))?;
+    std::fs::create_dir_all(&opts.dir)
+        .map_err(|e| format!("creating {}: {e}", opts.dir.display()))?;
     let qemu_ok = qemu::qemu_img_available();
     let strace_ok = qemu::strace_available();
     let mut cells: BTreeMap<(usize, usize, TargetKind), Cell> = BTreeMap::new();
@@ -92,21 +99,41 @@ pub fn run_bench(opts: &BenchOptions, progress: &dyn Fn(&Progress)) -> Result<Ve
         .iter()
         .enumerate()
         .flat_map(|(wi, &w)| {
-            thread_counts(w, opts).into_iter().flat_map(move |t| opts.targets.iter().map(move |&k| (wi, w, t, k)))
+            thread_counts(w, opts)
+                .into_iter()
+                .flat_map(move |t| opts.targets.iter().map(move |&k| (wi, w, t, k)))
         })
         .collect();
     let total = plan.len() * opts.rounds as usize;
     let mut done = 0;
     for round in 0..opts.rounds {
         for &(wi, w, threads, target) in &plan {
-            progress(&Progress { done, total, label: format!("{w} {threads}t {target} (round {})", round + 1) });
-            let cell = cells.entry((wi, threads, target)).or_insert_with(|| Cell::new(w, target, threads));
+            progress(&Progress {
+                done,
+                total,
+                label: format!("{w} {threads}t {target} (round {})", round + 1),
+            });
+            let cell = cells
+                .entry((wi, threads, target))
+                .or_insert_with(|| Cell::new(w, target, threads));
             let ops = ops_for(w, opts);
-            let path = opts.dir.join(format!("qj-bench-{}-{}-{}.img", w.name(), threads, target.name()));
+            let path = opts.dir.join(format!(
+                "qj-bench-{}-{}-{}.img",
+                w.name(),
+                threads,
+                target.name()
+            ));
             match target {
                 TargetKind::Qemu if !qemu_ok => cell.note = Some("qemu-img not found".into()),
                 TargetKind::Qemu => {
-                    let r = run_qemu(&path, w, ops, threads, opts.cluster_size, round == 0 && strace_ok);
+                    let r = run_qemu(
+                        &path,
+                        w,
+                        ops,
+                        threads,
+                        opts.cluster_size,
+                        round == 0 && strace_ok,
+                    );
                     match r {
                         Ok((sample, counts)) => {
                             cell.ops += sample.ops;
@@ -141,7 +168,11 @@ pub fn run_bench(opts: &BenchOptions, progress: &dyn Fn(&Progress)) -> Result<Ve
             done += 1;
         }
     }
-    progress(&Progress { done, total, label: "done".into() });
+    progress(&Progress {
+        done,
+        total,
+        label: "done".into(),
+    });
     Ok(build_rows(cells.into_values().collect()))
 }
 
@@ -191,8 +222,14 @@ fn run_in_process(
 ) -> Result<Measured, String> {
     let vsize = virtual_size(ops, cs);
     let (disk, engine): (Arc<dyn BenchDisk>, bool) = match target {
-        TargetKind::Raw => (Arc::new(RawDisk::create(path, vsize).map_err(|e| e.to_string())?), false),
-        _ => (Arc::new(EngineDisk::create(target, path, vsize, cs).map_err(|e| e.to_string())?), true),
+        TargetKind::Raw => (
+            Arc::new(RawDisk::create(path, vsize).map_err(|e| e.to_string())?),
+            false,
+        ),
+        _ => (
+            Arc::new(EngineDisk::create(target, path, vsize, cs).map_err(|e| e.to_string())?),
+            true,
+        ),
     };
     let small = vec![0x3cu8; 4096];
     if !w.allocates() {
@@ -202,7 +239,14 @@ fn run_in_process(
         disk.flush().map_err(|e| e.to_string())?;
     }
     let (flushes0, bytes0) = disk.device_counts();
-    let payload = vec![0xa5u8; if w == Workload::AllocSyncCluster { cs as usize } else { 4096 }];
+    let payload = vec![
+        0xa5u8;
+        if w == Workload::AllocSyncCluster {
+            cs as usize
+        } else {
+            4096
+        }
+    ];
     let started = Instant::now();
     let per_thread = ops / threads as u64;
     let results: Vec<Result<Latencies, String>> = std::thread::scope(|s| {
@@ -230,7 +274,10 @@ fn run_in_process(
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("worker panicked".into()))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("worker panicked".into())))
+            .collect()
     });
     if !w.synced() && w != Workload::Read {
         disk.flush().map_err(|e| e.to_string())?;

@@ -47,10 +47,14 @@ impl TargetKind {
 
     /// Parses a name; the error lists the valid ones.
     pub fn parse(name: &str) -> Result<TargetKind, String> {
-        Self::ALL.iter().copied().find(|t| t.name() == name).ok_or_else(|| {
-            let valid: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
-            format!("unknown target {name:?}; valid: {}", valid.join(", "))
-        })
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| {
+                let valid: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown target {name:?}; valid: {}", valid.join(", "))
+            })
     }
 }
 
@@ -83,8 +87,17 @@ pub struct EngineDisk {
 
 impl EngineDisk {
     /// Creates a fresh image of `virtual_size` bytes at `path` for `kind`.
-    pub fn create(kind: TargetKind, path: &Path, virtual_size: u64, cluster_size: u64) -> io::Result<Self> {
-        let opts = CreateOptions { virtual_size, cluster_size, ..CreateOptions::default() };
+    pub fn create(
+        kind: TargetKind,
+        path: &Path,
+        virtual_size: u64,
+        cluster_size: u64,
+    ) -> io::Result<Self> {
+        let opts = CreateOptions {
+            virtual_size,
+            cluster_size,
+            ..CreateOptions::default()
+        };
         match kind {
             TargetKind::Ordered => {}
             other => {
@@ -138,7 +151,11 @@ impl RawDisk {
             .truncate(true)
             .open(path)?;
         file.set_len(virtual_size)?;
-        Ok(Self { file, flushes: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+        Ok(Self {
+            file,
+            flushes: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
     }
 }
 

@@ -45,15 +45,22 @@ impl Workload {
 
     /// Parses a name; the error lists the valid ones.
     pub fn parse(name: &str) -> Result<Workload, String> {
-        Self::ALL.iter().copied().find(|w| w.name() == name).ok_or_else(|| {
-            let valid: Vec<_> = Self::ALL.iter().map(|w| w.name()).collect();
-            format!("unknown workload {name:?}; valid: {}", valid.join(", "))
-        })
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|w| w.name() == name)
+            .ok_or_else(|| {
+                let valid: Vec<_> = Self::ALL.iter().map(|w| w.name()).collect();
+                format!("unknown workload {name:?}; valid: {}", valid.join(", "))
+            })
     }
 
     /// Whether each operation is followed by a flush.
     pub fn synced(&self) -> bool {
-        matches!(self, Workload::AllocSync4k | Workload::AllocSyncCluster | Workload::ThreadsSync)
+        matches!(
+            self,
+            Workload::AllocSync4k | Workload::AllocSyncCluster | Workload::ThreadsSync
+        )
     }
 
     /// Whether the workload writes clusters that are not yet allocated.
