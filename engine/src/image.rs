@@ -19,20 +19,22 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use qj_journal::{FileStorage, MemStorage, Storage};
+use qj_journal::{CommitProtocol, FileStorage, MemStorage, Storage};
 use qj_spec::qcow2::{
-    features, read_table_entry, write_table_entry, Header, HeaderExtension, L1Entry, L2Entry,
+    features, read_table_entry, write_table_entry, Header, HeaderExtension, JournalExtension,
+    L1Entry, L2Entry,
 };
 use qj_spec::units::{Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};
 use serde::Serialize;
 
+use crate::backend::journal::JournalBackend;
 use crate::backend::ordered::FlushOrdering;
 use crate::backend::{BackendKind, Epoch, MetadataBackend, MetadataWrite};
 use crate::backing::Backing;
 use crate::cache::{CachedTable, TableCache, WritebackPins};
 use crate::compressed::inflate_cluster;
 use crate::error::{Error, IoContext, Result};
-use crate::options::{BackingFormat, BackingSource, CreateOptions, OpenOptions};
+use crate::options::{BackingFormat, BackingSource, CreateOptions, JournalConfig, OpenOptions};
 use crate::refcount::RefcountState;
 use crate::stats::{Counters, Stats};
 use crate::sync::{Arc as SyncArc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
@@ -158,15 +160,30 @@ pub struct Image {
 const HEADER_PROBE_BYTES: usize = 512;
 
 impl Image {
-    /// Creates an empty image on `storage`.
+    /// Creates an empty image on `storage`. An image with a journal needs
+    /// a shared device: use [`Image::create_shared`].
     pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+        if opts.journal.is_some() {
+            return Err(Error::InvalidArgument(
+                "creating a journalled image needs a shared device (Image::create_shared)".into(),
+            ));
+        }
         crate::create::create(storage, opts)
+    }
+
+    /// Creates an empty image on `storage`, with a journal if asked.
+    pub fn create_shared(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<()> {
+        crate::create::create(&*storage, opts)?;
+        if let Some(journal) = &opts.journal {
+            Self::enable_journal(storage, journal)?;
+        }
+        Ok(())
     }
 
     /// Creates an empty image file at `path` (replacing any file there).
     pub fn create_path(path: &Path, opts: &CreateOptions) -> Result<()> {
         let storage = FileStorage::create(path).ctx(|| format!("creating {}", path.display()))?;
-        Self::create(&storage, opts)
+        Self::create_shared(Arc::new(storage), opts)
     }
 
     /// Opens the image file at `path`.
@@ -180,20 +197,226 @@ impl Image {
         Self::open(Arc::new(storage), &opts)
     }
 
-    /// Opens an image on `storage` with the flush-ordering backend.
+    /// Opens an image on `storage`: with the journalled backend when the
+    /// header locates a valid qjournal (replaying it first), else with the
+    /// flush-ordering backend.
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
-        let backend = Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
-        Self::open_with_backend(storage, opts, backend)
+        let header = Self::read_header(&*storage)?;
+        let ordered = || Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
+        let Some(ext) = header.journal() else {
+            return Self::open_with_backend(storage, opts, ordered());
+        };
+        if !header.has_autoclear(features::AUTOCLEAR_JOURNAL_VALID_BIT) {
+            // A program that does not know the journal opened the image
+            // read-write since (QEMU clears unknown autoclear bits), which
+            // it could do only while the journal was clean: the metadata in
+            // place is authoritative and the journal's clusters may have
+            // been freed and reused. Reading needs nothing from the journal;
+            // writing gets a fresh one.
+            if !opts.writable {
+                return Self::open_with_backend(storage, opts, ordered());
+            }
+            return Self::recreate_journal(storage, opts, ext);
+        }
+        let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        let cs = header.geometry().cluster_size();
+        let field = |name: &'static str, reason: String| {
+            Error::Format(qj_spec::error::FormatError::Field {
+                structure: "journal extension",
+                field: name,
+                offset: 0,
+                reason,
+            })
+        };
+        if ext.offset == 0 || ext.offset % cs != 0 {
+            return Err(field(
+                "offset",
+                format!(
+                    "{:#x} is not a cluster-aligned offset past the header",
+                    ext.offset
+                ),
+            ));
+        }
+        if ext.size == 0
+            || ext.size % cs != 0
+            || ext
+                .offset
+                .checked_add(ext.size)
+                .is_none_or(|end| end > file_len)
+        {
+            return Err(field(
+                "size",
+                format!(
+                    "{:#x} at {:#x} is not whole clusters inside the file ({file_len:#x} bytes)",
+                    ext.size, ext.offset
+                ),
+            ));
+        }
+        let protocol = if ext.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0 {
+            CommitProtocol::TwoFlush
+        } else {
+            CommitProtocol::SingleFlush
+        };
+        let (backend, _replay) = JournalBackend::open(
+            storage.clone(),
+            HostOffset(ext.offset),
+            ext.size,
+            cs,
+            protocol,
+            opts.writable,
+            header.has_incompatible(features::INCOMPAT_JOURNAL_DIRTY_BIT),
+            opts.journal_mutation,
+        )?;
+        Self::open_with_backend(storage, opts, Box::new(backend))
+    }
+
+    /// Gives an image without a journal a fresh one: clusters allocated and
+    /// counted, the region formatted, then one header write that links it.
+    /// Each step is durable before the next, so a crash in between leaves
+    /// at worst leaked clusters.
+    pub fn enable_journal(storage: Arc<dyn Storage>, config: &JournalConfig) -> Result<()> {
+        let opts = OpenOptions {
+            backing: BackingSource::Ignore,
+            ..OpenOptions::read_write()
+        };
+        let image =
+            Self::open_with_backend(storage.clone(), &opts, Box::new(FlushOrdering::new()))?;
+        if image.header.lock().mem.journal().is_some() {
+            return Err(Error::InvalidArgument(
+                "the image already has a journal".into(),
+            ));
+        }
+        let g = image.geometry;
+        let cs = g.cluster_size();
+        let size = config.size_bytes.next_multiple_of(cs);
+        let block_size = cs.min(4096) as u32;
+        if size < 16 * u64::from(block_size) || size > 1 << 32 {
+            return Err(Error::InvalidArgument(format!(
+                "journal_size {size} must be at least {} bytes and at most 4 GiB",
+                16 * block_size
+            )));
+        }
+        let start = image.refcounts.lock().allocate_contiguous(
+            &*image.storage,
+            &*image.backend,
+            &image.counters,
+            size / cs,
+        )?;
+        // The journal's counts are durable before it is formatted and linked.
+        image.persist_all()?;
+        let offset = g.host_offset(start);
+        // The region lies inside the file, so that every cluster the image
+        // counts exists (QEMU's check treats counted clusters past the end
+        // of the file as errors, and so does ours).
+        let end = offset.0 + size;
+        if storage.len().ctx(|| "reading the image length".into())? < end {
+            storage
+                .set_len(end)
+                .ctx(|| "extending the image over the journal".into())?;
+        }
+        let protocol = if config.two_flush {
+            CommitProtocol::TwoFlush
+        } else {
+            CommitProtocol::SingleFlush
+        };
+        JournalBackend::format(storage.clone(), offset, size, block_size, protocol)?;
+        // The formatted region is durable before the header points to it.
+        storage.flush().ctx(|| "flushing the new journal".into())?;
+        {
+            let mut h = image.header.lock();
+            h.mem.set_journal(Some(JournalExtension {
+                offset: offset.0,
+                size,
+                flags: if config.two_flush {
+                    JournalExtension::FLAG_TWO_FLUSH_COMMIT
+                } else {
+                    0
+                },
+            }));
+            h.mem.autoclear_features |= features::AUTOCLEAR_JOURNAL_VALID_MASK;
+            h.dirty = true;
+        }
+        image.close()
+    }
+
+    /// Removes the journal: replays and checkpoints it, unlinks it from
+    /// the header, then frees its clusters (after the unlinking is durable,
+    /// by the usual free rules).
+    pub fn disable_journal(storage: Arc<dyn Storage>) -> Result<()> {
+        let opts = OpenOptions {
+            backing: BackingSource::Ignore,
+            ..OpenOptions::read_write()
+        };
+        Self::open(storage.clone(), &opts)?.close()?;
+        let image = Self::open_with_backend(storage, &opts, Box::new(FlushOrdering::new()))?;
+        let Some(ext) = image.header.lock().mem.journal() else {
+            return image.close();
+        };
+        {
+            let mut h = image.header.lock();
+            h.mem.set_journal(None);
+            h.mem.autoclear_features &= !features::AUTOCLEAR_JOURNAL_VALID_MASK;
+            h.dirty = true;
+        }
+        {
+            let g = image.geometry;
+            let mut rc = image.refcounts.lock();
+            for i in 0..ext.size / g.cluster_size() {
+                let cluster = HostCluster(g.host_cluster(HostOffset(ext.offset)).0 + i);
+                rc.free(&*image.storage, &*image.backend, cluster)?;
+            }
+        }
+        image.close()
+    }
+
+    /// After a program that does not know the journal wrote the image: drop
+    /// the stale journal, free exactly its clusters that are now leaked
+    /// (those the other program did not reuse), and create a fresh one.
+    fn recreate_journal(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        old: JournalExtension,
+    ) -> Result<Image> {
+        let plain = OpenOptions {
+            backing: BackingSource::Ignore,
+            ..OpenOptions::read_write()
+        };
+        let image =
+            Self::open_with_backend(storage.clone(), &plain, Box::new(FlushOrdering::new()))?;
+        {
+            let mut h = image.header.lock();
+            h.mem.set_journal(None);
+            h.dirty = true;
+        }
+        image.close()?;
+        crate::check::check(&*storage, crate::check::RepairMode::Leaks, &[])
+            .map_err(|e| Error::Journal(format!("freeing the stale journal's clusters: {e}")))?;
+        let config = JournalConfig {
+            size_bytes: old.size,
+            two_flush: old.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0,
+        };
+        Self::enable_journal(storage.clone(), &config)?;
+        Self::open(storage, opts)
     }
 
     /// Reads and validates the header of the image on `storage`, without
     /// opening it. Nothing is written.
     pub fn read_header(storage: &dyn Storage) -> Result<Header> {
         let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        Self::read_header_with(file_len, &mut |buf, offset| {
+            storage
+                .read_at(buf, offset)
+                .ctx(|| "reading the header".into())
+        })
+    }
+
+    /// Reads the header with `read` from a file of `file_len` bytes.
+    fn read_header_with(
+        file_len: u64,
+        read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<Header> {
         let mut probe = vec![0u8; HEADER_PROBE_BYTES.min(file_len as usize)];
-        storage
-            .read_at(&mut probe, 0)
-            .ctx(|| "reading the header".into())?;
+        read(&mut probe, 0)?;
         if probe.len() < 24 {
             return Ok(Header::decode(&probe)?);
         }
@@ -205,9 +428,7 @@ impl Image {
                 probe.len()
             };
         let mut bytes = vec![0u8; want];
-        storage
-            .read_at(&mut bytes, 0)
-            .ctx(|| "reading the header cluster".into())?;
+        read(&mut bytes, 0)?;
         Ok(Header::decode(&bytes)?)
     }
 
@@ -218,7 +439,16 @@ impl Image {
         backend: Box<dyn MetadataBackend>,
     ) -> Result<Image> {
         let file_len = storage.len().ctx(|| "reading the image length".into())?;
-        let header = Self::read_header(&*storage)?;
+        // Through the backend: a journal replayed in memory may hold a newer
+        // header than the one in place.
+        let mut header = Self::read_header_with(file_len, &mut |buf, offset| {
+            backend.read_metadata(&*storage, buf, HostOffset(offset))
+        })?;
+        if backend.kind() == BackendKind::Journal {
+            // Every header this image journals says the journal may be dirty
+            // (the in-place bit is the backend's to set and clear).
+            header.incompatible_features |= features::INCOMPAT_JOURNAL_DIRTY_MASK;
+        }
         match header.unsupported_features() {
             // Like QEMU, an image marked corrupt may still be read.
             Err(qj_spec::error::FormatError::MarkedCorrupt) if !opts.writable => {}
@@ -300,10 +530,17 @@ impl Image {
     /// QEMU discards the bitmaps as inconsistent. Durable before any write.
     fn clear_autoclear_bits(&self) -> Result<()> {
         let mut h = self.header.lock();
-        if h.mem.autoclear_features == 0 {
+        // The journal's "journal valid" bit is ours to keep while we
+        // maintain the journal.
+        let kept = if self.backend.kind() == BackendKind::Journal {
+            features::AUTOCLEAR_JOURNAL_VALID_MASK
+        } else {
+            0
+        };
+        if h.mem.autoclear_features & !kept == 0 {
             return Ok(());
         }
-        h.mem.autoclear_features = 0;
+        h.mem.autoclear_features &= kept;
         let bytes = h.mem.encode()?;
         self.storage
             .write_at(&bytes, 0)
@@ -794,6 +1031,8 @@ impl Image {
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        self.backend
+            .before_data_write(HostOffset(host), data.len() as u64, &self.counters)?;
         self.storage
             .write_at(data, host)
             .ctx(|| format!("writing guest data at host {host:#x}"))?;
@@ -1356,7 +1595,7 @@ impl Image {
             return Ok(());
         }
         self.persist_all()?;
-        Ok(())
+        self.backend.shutdown(&*self.storage, &self.counters)
     }
 
     /// Drops the image without writing anything back, as a process killed
@@ -1458,7 +1697,7 @@ fn push_extent(out: &mut Vec<MapExtent>, ext: MapExtent) {
 
 /// An in-memory image, for tests and examples.
 pub fn create_in_memory(opts: &CreateOptions) -> Result<Image> {
-    let storage = Arc::new(MemStorage::new());
-    Image::create(&*storage, opts)?;
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    Image::create_shared(storage.clone(), opts)?;
     Image::open(storage, &OpenOptions::read_write())
 }

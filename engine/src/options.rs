@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use qj_journal::Storage;
 
+use crate::backend::journal::JournalMutation;
 use crate::backend::ordered::OrderingMutation;
 
 /// Format of a backing file.
@@ -48,6 +49,26 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// Format of the backing file.
     pub backing_format: Option<BackingFormat>,
+    /// A metadata journal (the journalled backend), or none (flush ordering).
+    pub journal: Option<JournalConfig>,
+}
+
+/// The journal an image is created with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalConfig {
+    /// Size of the journal in bytes (rounded up to whole clusters).
+    pub size_bytes: u64,
+    /// Commit with the draft's two-flush protocol instead of single-flush.
+    pub two_flush: bool,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            size_bytes: 16 << 20,
+            two_flush: false,
+        }
+    }
 }
 
 impl Default for CreateOptions {
@@ -58,6 +79,7 @@ impl Default for CreateOptions {
             refcount_bits: 16,
             backing_file: None,
             backing_format: None,
+            journal: None,
         }
     }
 }
@@ -89,6 +111,8 @@ pub struct OpenOptions {
     pub base_dir: Option<PathBuf>,
     /// A deliberate ordering bug, for the crash harness only.
     pub ordering_mutation: OrderingMutation,
+    /// A deliberate bug in the journalled backend, for the crash harness only.
+    pub journal_mutation: JournalMutation,
 }
 
 impl Default for OpenOptions {
@@ -99,6 +123,7 @@ impl Default for OpenOptions {
             backing: BackingSource::FromHeader,
             base_dir: None,
             ordering_mutation: OrderingMutation::None,
+            journal_mutation: JournalMutation::None,
         }
     }
 }

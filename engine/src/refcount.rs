@@ -55,6 +55,8 @@ pub struct RefcountState {
     deferred_decrements: Vec<HostCluster>,
     /// Clusters at count zero that wait for durability before reuse.
     pending_release: Vec<HostCluster>,
+    /// Clusters at count zero that the backend does not let us reuse yet.
+    parked: Vec<HostCluster>,
     /// Metadata clusters freed in this epoch (a journal revokes them).
     freed_metadata: Vec<HostCluster>,
     defer_decrements: bool,
@@ -171,6 +173,7 @@ impl RefcountState {
             deferred_decrements: Vec::new(),
             pending_release: Vec::new(),
             freed_metadata: Vec::new(),
+            parked: Vec::new(),
             defer_decrements: backend.defers_refcount_decrements(),
         })
     }
@@ -275,27 +278,41 @@ impl RefcountState {
         if entry != 0 {
             return Ok(HostOffset(entry));
         }
-        // A new block, placed inside the range it covers so that it counts
-        // itself: no other block has to exist for it to be consistent.
+        // A new block, placed inside the range it covers when it can, so
+        // that it counts itself and needs no other block. When that range
+        // has no free cluster (a contiguous allocation is taking all of
+        // it), the block goes elsewhere and is counted where it lands,
+        // which may create one more block (bounded by `depth`).
         let rpb = self.geometry.refcounts_per_block();
         let first = ti * rpb;
-        let Some(cluster) = self.free.first_free_in(first, first + rpb) else {
-            return Err(Error::Corrupt(format!(
-                "refcount block {ti} is missing but all clusters it covers are in use"
-            )));
+        let (cluster, self_describing) = match self.free.first_free_in(first, first + rpb) {
+            Some(c) => {
+                self.free.take_specific(c);
+                (c, true)
+            }
+            None => (self.free.take_one(), false),
         };
-        self.free.take_specific(cluster);
         let offset = self.geometry.host_offset(cluster);
         let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
-        set_refcount(
-            &mut bytes,
-            self.geometry.refcount_block_index(cluster),
-            self.geometry.refcount_order,
-            1,
-        );
+        if self_describing {
+            set_refcount(
+                &mut bytes,
+                self.geometry.refcount_block_index(cluster),
+                self.geometry.refcount_order,
+                1,
+            );
+        }
         self.blocks.insert_fresh(offset, bytes);
         self.table[ti as usize] = offset.0;
         self.mark_table_entry_dirty(ti);
+        if !self_describing {
+            let count = self.add(storage, backend, cluster, 1, depth + 1)?;
+            if count != 1 {
+                return Err(Error::Corrupt(format!(
+                    "new refcount block at {offset} had a nonzero count"
+                )));
+            }
+        }
         Ok(offset)
     }
 
@@ -524,6 +541,12 @@ impl RefcountState {
                 free_now.push(cluster);
             }
         }
+        // Clusters the backend still protects (a journal's unsynced data
+        // checksum) wait, and are offered again after later epochs.
+        free_now.append(&mut self.parked);
+        let (free_now, parked): (Vec<_>, Vec<_>) =
+            free_now.into_iter().partition(|&c| backend.may_reuse(c));
+        self.parked = parked;
         for cluster in free_now {
             // A freed block's cached copy is stale from now on.
             self.blocks.forget(self.geometry.host_offset(cluster));

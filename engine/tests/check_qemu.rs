@@ -636,7 +636,8 @@ fn journal_clusters_are_ours_and_leaks_to_qemu() {
     let mut h = img.header();
     h.set_journal(Some(JournalExtension {
         offset: journal,
-        size: 2 * cs, flags: 0
+        size: 2 * cs,
+        flags: 0,
     }));
     h.autoclear_features |= AUTOCLEAR_JOURNAL_VALID_MASK;
     img.file().write_all_at(&h.encode().unwrap(), 0).unwrap();

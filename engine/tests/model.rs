@@ -142,6 +142,7 @@ fn run(ops: &[Op], cluster_size: u64, refcount_bits: u32, with_backing: bool) {
         refcount_bits,
         backing_file: with_backing.then(|| "backing.raw".to_string()),
         backing_format: with_backing.then_some(BackingFormat::Raw),
+        journal: None,
     };
     Image::create(&*storage, &opts).unwrap();
     let mut h = Harness {

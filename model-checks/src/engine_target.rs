@@ -103,6 +103,7 @@ impl CrashTarget for EngineTarget {
             refcount_bits: self.refcount_bits,
             backing_file: backing.as_ref().map(|_| "backing.raw".to_string()),
             backing_format: backing.as_ref().map(|_| BackingFormat::Raw),
+            journal: None,
         };
         Image::create(&*dev, &opts).map_err(engine_err)?;
         self.open(dev, backing)
@@ -212,7 +213,10 @@ pub fn mutations(backend: &str) -> &'static [&'static str] {
 /// Every (backend, mutation) pair, for `qj crash --list-mutations` and CI.
 #[must_use]
 pub fn all_mutations() -> Vec<(&'static str, &'static str)> {
-    BACKENDS.iter().flat_map(|&b| mutations(b).iter().map(move |&m| (b, m))).collect()
+    BACKENDS
+        .iter()
+        .flat_map(|&b| mutations(b).iter().map(move |&m| (b, m)))
+        .collect()
 }
 
 /// The target named `backend`, with `mutation` injected if given.
@@ -225,12 +229,18 @@ pub fn crash_target(
         ("ordered", Some("l2-before-refcount-flush")) => OrderingMutation::SkipRefcountFlush,
         ("ordered", Some("l2-before-data")) => OrderingMutation::TablesBeforeData,
         ("ordered", Some(other)) => {
-            return Err(crate::error::NameError::new("mutation", other, mutations("ordered")))
+            return Err(crate::error::NameError::new(
+                "mutation",
+                other,
+                mutations("ordered"),
+            ))
         }
         (other, mutation) if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
             return crate::targets::builtin_target(other, mutation)
         }
         (other, _) => return Err(crate::error::NameError::new("backend", other, BACKENDS)),
     };
-    Ok(Arc::new(EngineTarget::new(EngineBackend::Ordered).with_ordering_mutation(ordering)))
+    Ok(Arc::new(
+        EngineTarget::new(EngineBackend::Ordered).with_ordering_mutation(ordering),
+    ))
 }

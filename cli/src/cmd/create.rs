@@ -63,6 +63,7 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
         refcount_bits: list.refcount_bits.unwrap_or(defaults.refcount_bits),
         backing_file: backing_file.clone(),
         backing_format: None,
+        journal: None,
     };
     let size = args.size.or(list.size);
     opts.virtual_size = match &backing_file {
@@ -166,6 +167,7 @@ mod tests {
             refcount_bits: 16,
             backing_file: Some("a.qcow2".into()),
             backing_format: Some(BackingFormat::Qcow2),
+            journal: None,
         };
         // Copied from `qemu-img create -f qcow2 -b a.qcow2 -F qcow2 b.qcow2`.
         assert_eq!(

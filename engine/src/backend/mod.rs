@@ -16,6 +16,7 @@
 //! Both see exactly the same epochs, which is what makes their flush counts,
 //! bytes and crash behaviour comparable.
 
+pub mod journal;
 pub mod ordered;
 
 use std::fmt;
@@ -142,6 +143,35 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
     /// durable. Called without the gate, so that a journal can batch the
     /// epochs of many threads into one commit.
     fn wait_durable(&self, storage: &dyn Storage, ticket: u64, counters: &Counters) -> Result<()>;
+
+    /// Called before guest data is written to `[offset, offset + len)` of
+    /// a data cluster (never across clusters). A journal may first have to
+    /// make an earlier transaction's data checksum unnecessary.
+    fn before_data_write(&self, offset: HostOffset, len: u64, counters: &Counters) -> Result<()> {
+        let _ = (offset, len, counters);
+        Ok(())
+    }
+
+    /// Whether a cluster whose count reached zero, and whose unreferencing
+    /// is durable, may be handed out again now.
+    fn may_reuse(&self, cluster: HostCluster) -> bool {
+        let _ = cluster;
+        true
+    }
+
+    /// Writes everything durable so far to its place (a journal's
+    /// checkpoint; nothing to do in place already).
+    fn checkpoint(&self, storage: &dyn Storage, counters: &Counters) -> Result<()> {
+        let _ = (storage, counters);
+        Ok(())
+    }
+
+    /// Leaves the image clean for programs that do not know this backend
+    /// (called by a clean close after the last persist).
+    fn shutdown(&self, storage: &dyn Storage, counters: &Counters) -> Result<()> {
+        let _ = (storage, counters);
+        Ok(())
+    }
 
     /// Reads metadata at `offset`, as the backend knows it (a journal may
     /// hold writes not yet checkpointed in place).

@@ -129,7 +129,8 @@ fn extra_refs_and_a_valid_journal_count_as_references() {
     let mut h = img.header();
     h.set_journal(Some(JournalExtension {
         offset: 7 * CLUSTER,
-        size: 3 * CLUSTER, flags: 0
+        size: 3 * CLUSTER,
+        flags: 0,
     }));
     img.set_header(&h);
     assert_eq!(

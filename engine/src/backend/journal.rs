@@ -1,0 +1,459 @@
+//! The journalled backend: every epoch becomes one qjournal transaction;
+//! metadata reaches its place in the image only at checkpoint.
+//!
+//! The ordering rules, all enforced here (the journal's own commit,
+//! checkpoint and replay rules are in `spec/qjournal.md` §11):
+//!
+//! 1. The qcow2 "journal dirty" bit (incompatible bit 60) is durable before
+//!    the first transaction commits ([`JournalBackend::submit`] writes and
+//!    flushes it first). A program that does not know the journal then
+//!    refuses the image instead of reading metadata that lacks committed
+//!    updates. It is cleared only after a checkpoint synced everything
+//!    ([`JournalBackend::clean_shutdown`]).
+//! 2. Guest data is durable no later than the transaction that references
+//!    it. Two-flush commit: the first flush covers the data. Single-flush
+//!    commit: the one flush covers data and transaction together, and each
+//!    newly referenced data cluster is described by a data checksum
+//!    descriptor, so replay drops a transaction whose data did not land
+//!    (and every later one: none was acknowledged).
+//! 3. A checksummed data cluster is not rewritten in place until its
+//!    transaction is anchored (a later durable transaction records it as
+//!    acknowledged) or synced: otherwise replay would find a mismatch and
+//!    drop a transaction whose commit had returned
+//!    ([`JournalBackend::before_data_write`]).
+//! 4. A cluster freed while its checksum is unsynced is not reused until
+//!    synced ([`JournalBackend::may_reuse`]): the journal refuses a later
+//!    journalled write into a checksummed range, and replay idempotence
+//!    needs the range stable.
+//! 5. Metadata clusters freed in an epoch are revoked in that epoch's
+//!    transaction, so replay never writes old metadata over the data a
+//!    reused cluster holds (the draft's L1-reuse example); the image reuses
+//!    them only after that transaction is durable (refcount.rs).
+//!
+//! Until a checkpoint, the newest content of journalled metadata lives in
+//! the journal, not in place: reads of metadata go through an overlay of
+//! every submitted write ([`JournalBackend::read_metadata`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use qj_journal::{
+    CommitProtocol, CommitTicket, Journal, JournalError, JournalOptions, JournalStats, NoDedup,
+    Overlay, ReplayMode, ReplayReport, Storage, Transaction,
+};
+use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_MASK;
+use qj_spec::units::{HostCluster, HostOffset};
+
+use super::{BackendKind, Epoch, MetadataBackend};
+use crate::error::{Error, IoContext, Result};
+use crate::stats::Counters;
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+
+/// Highest host offset a journalled write may target: the largest offset an
+/// L2 entry can hold (bits 9-55).
+const DEVICE_LIMIT_BYTES: u64 = 1 << 56;
+
+/// Byte offset of the incompatible feature field in the qcow2 header.
+const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
+
+/// Deliberate bugs in the journalled backend, for the crash harness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JournalMutation {
+    /// Correct behaviour.
+    #[default]
+    None,
+    /// Rule 2 broken: single-flush commits without data checksums.
+    SkipDataChecksums,
+    /// Rule 5 broken: freed metadata clusters are not revoked.
+    SkipRevokes,
+    /// Rule 1 broken: the journal-dirty bit is never set.
+    SkipDirtyBit,
+}
+
+/// How a data cluster is protected by a data checksum (rule 3).
+#[derive(Debug, Clone, Copy)]
+enum DataGuard {
+    /// In the epoch with this engine ticket, not yet committed.
+    Submitted(u64),
+    /// In the committed transaction with this sequence number.
+    Committed(u64),
+}
+
+/// Submitted metadata not yet known to be in place.
+#[derive(Debug, Default)]
+struct Pending {
+    overlay: Overlay,
+    /// Epochs submitted and not yet waited for.
+    in_flight: u64,
+}
+
+/// The journalled backend.
+#[derive(Debug)]
+pub struct JournalBackend {
+    journal: Journal<Arc<dyn Storage>>,
+    protocol: CommitProtocol,
+    cluster_size: u64,
+    mutation: JournalMutation,
+    pending: Mutex<Pending>,
+    tickets: Mutex<HashMap<u64, (CommitTicket, Vec<u64>)>>,
+    next_ticket: AtomicU64,
+    guards: Mutex<BTreeMap<u64, DataGuard>>,
+    guard_count: AtomicUsize,
+    dirty_bit_on_disk: AtomicBool,
+    /// Journal counters already folded into the engine's.
+    folded: Mutex<JournalStats>,
+    /// In-place bytes written by checkpoints.
+    checkpoint_bytes: AtomicU64,
+}
+
+fn journal_err(e: JournalError) -> Error {
+    Error::Journal(e.to_string())
+}
+
+impl JournalBackend {
+    /// Formats a journal of `size_bytes` at `offset` on `storage`.
+    pub fn format(
+        storage: Arc<dyn Storage>,
+        offset: HostOffset,
+        size_bytes: u64,
+        block_size: u32,
+        protocol: CommitProtocol,
+    ) -> Result<()> {
+        let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
+        options.commit_protocol = protocol;
+        Journal::create(storage, offset.0, size_bytes, block_size, options).map_err(journal_err)?;
+        Ok(())
+    }
+
+    /// Opens the journal at `offset`, replaying committed transactions:
+    /// in place when `writable`, else into an in-memory overlay (nothing is
+    /// written). Whether the dirty bit is durable on disk comes from the
+    /// header the caller read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        offset: HostOffset,
+        size_bytes: u64,
+        cluster_size: u64,
+        protocol: CommitProtocol,
+        writable: bool,
+        dirty_bit_on_disk: bool,
+        mutation: JournalMutation,
+    ) -> Result<(Self, ReplayReport)> {
+        let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
+        options.commit_protocol = protocol;
+        options.replay_mode = if writable {
+            ReplayMode::Apply
+        } else {
+            ReplayMode::InMemory
+        };
+        let (journal, report) =
+            Journal::open(storage, offset.0, size_bytes, options, &mut NoDedup).map_err(|e| {
+                Error::Journal(format!(
+                    "{e}; the image's committed metadata could not be replayed (run `qj check` for details)"
+                ))
+            })?;
+        let overlay = if writable {
+            Overlay::new()
+        } else {
+            journal.overlay().clone()
+        };
+        let backend = Self {
+            journal,
+            protocol,
+            cluster_size,
+            mutation,
+            pending: Mutex::new(Pending {
+                overlay,
+                in_flight: 0,
+            }),
+            tickets: Mutex::new(HashMap::new()),
+            next_ticket: AtomicU64::new(1),
+            guards: Mutex::new(BTreeMap::new()),
+            guard_count: AtomicUsize::new(0),
+            dirty_bit_on_disk: AtomicBool::new(dirty_bit_on_disk),
+            folded: Mutex::new(JournalStats::default()),
+            checkpoint_bytes: AtomicU64::new(0),
+        };
+        Ok((backend, report))
+    }
+
+    /// The journal itself (sequence numbers, fill, statistics).
+    pub fn journal(&self) -> &Journal<Arc<dyn Storage>> {
+        &self.journal
+    }
+
+    /// The commit protocol in use.
+    pub fn protocol(&self) -> CommitProtocol {
+        self.protocol
+    }
+
+    /// Sets or clears the journal-dirty bit in the header in place and
+    /// flushes. Only the incompatible-features field changes; the rest of
+    /// the in-place header (possibly older than journalled header writes)
+    /// is left as it is.
+    fn write_dirty_bit(&self, storage: &dyn Storage, set: bool, counters: &Counters) -> Result<()> {
+        let mut sector = [0u8; 512];
+        storage
+            .read_at(&mut sector, 0)
+            .ctx(|| "reading the header".into())?;
+        let at = INCOMPATIBLE_FEATURES_OFFSET;
+        let mut features = u64::from_be_bytes(sector[at..at + 8].try_into().expect("8 bytes"));
+        if set {
+            features |= INCOMPAT_JOURNAL_DIRTY_MASK;
+        } else {
+            features &= !INCOMPAT_JOURNAL_DIRTY_MASK;
+        }
+        sector[at..at + 8].copy_from_slice(&features.to_be_bytes());
+        storage
+            .write_at(&sector, 0)
+            .ctx(|| "writing the journal-dirty bit".into())?;
+        counters.metadata_write(sector.len());
+        counters.flush();
+        storage
+            .flush()
+            .ctx(|| "flushing the journal-dirty bit".into())?;
+        self.dirty_bit_on_disk.store(set, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Folds journal counters (commit and checkpoint flushes, ring bytes)
+    /// into the engine's, so both backends report in one shape.
+    fn fold_stats(&self, counters: &Counters) {
+        let now = self.journal.stats();
+        let mut folded = self.folded.lock();
+        let flushes = (now.commit_flushes + now.checkpoint_flushes)
+            - (folded.commit_flushes + folded.checkpoint_flushes);
+        counters.flushes.fetch_add(flushes, Ordering::Relaxed);
+        let block = self.journal.geometry().block_size();
+        counters.journal_bytes.fetch_add(
+            (now.blocks_written - folded.blocks_written) * block,
+            Ordering::Relaxed,
+        );
+        *folded = now;
+    }
+
+    /// Applies every committed transaction in place. Called without the
+    /// image's gate; the journal serialises it with commits.
+    pub fn checkpoint(&self, counters: &Counters) -> Result<()> {
+        let report = self.journal.checkpoint().map_err(journal_err)?;
+        self.checkpoint_bytes
+            .fetch_add(report.bytes_written, Ordering::Relaxed);
+        counters
+            .metadata_bytes
+            .fetch_add(report.bytes_written, Ordering::Relaxed);
+        counters
+            .metadata_writes
+            .fetch_add(report.ranges_written.len() as u64, Ordering::Relaxed);
+        self.fold_stats(counters);
+        self.forget_synced();
+        Ok(())
+    }
+
+    /// Drops what a checkpoint made unnecessary: guards of synced
+    /// transactions, and the overlay once nothing is in flight or unsynced.
+    fn forget_synced(&self) {
+        let synced = self.journal.synced_seq();
+        {
+            let mut guards = self.guards.lock();
+            guards.retain(|_, g| !matches!(g, DataGuard::Committed(s) if *s <= synced));
+            self.guard_count.store(guards.len(), Ordering::SeqCst);
+        }
+        let mut pending = self.pending.lock();
+        if pending.in_flight == 0 && !self.journal.has_unsynced() && !self.journal.is_read_only() {
+            pending.overlay = Overlay::new();
+        }
+    }
+
+    /// At clean close: checkpoint everything, then clear the dirty bit
+    /// (rule 1: only once the journal header saying so is durable, which
+    /// the checkpoint's own flush guarantees).
+    pub fn clean_shutdown(&self, storage: &dyn Storage, counters: &Counters) -> Result<()> {
+        if self.journal.is_read_only() {
+            return Ok(());
+        }
+        if self.journal.has_unsynced() {
+            self.checkpoint(counters)?;
+        }
+        if self.dirty_bit_on_disk.load(Ordering::SeqCst) && !self.journal.has_unsynced() {
+            self.write_dirty_bit(storage, false, counters)?;
+        }
+        Ok(())
+    }
+
+    /// Commits an empty transaction and waits: once durable, every earlier
+    /// acknowledged transaction is anchored (its data checksums are no
+    /// longer checked at replay).
+    fn anchor(&self, counters: &Counters) -> Result<()> {
+        let mut tx = Transaction::new();
+        tx.no_op();
+        self.journal.commit(tx).map_err(journal_err)?;
+        self.fold_stats(counters);
+        Ok(())
+    }
+}
+
+impl MetadataBackend for JournalBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Journal
+    }
+
+    fn defers_refcount_decrements(&self) -> bool {
+        false
+    }
+
+    fn submit(&self, storage: &dyn Storage, epoch: Epoch, counters: &Counters) -> Result<u64> {
+        if epoch.is_empty() {
+            // Only guest data to make durable: no transaction needed.
+            counters.flush();
+            storage.flush().ctx(|| "flushing guest data".into())?;
+            return Ok(0);
+        }
+        // Rule 1.
+        if !self.dirty_bit_on_disk.load(Ordering::SeqCst)
+            && self.mutation != JournalMutation::SkipDirtyBit
+        {
+            self.write_dirty_bit(storage, true, counters)?;
+        }
+        let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst);
+        let mut tx = Transaction::new();
+        for w in epoch.writes_in_order() {
+            tx.write(w.offset.0, &w.bytes).map_err(journal_err)?;
+        }
+        // Rule 5.
+        if self.mutation != JournalMutation::SkipRevokes {
+            for cluster in &epoch.freed_metadata {
+                tx.revoke(cluster.0 * self.cluster_size, self.cluster_size)
+                    .map_err(journal_err)?;
+            }
+        }
+        // Rule 2. The data was written before this epoch was gathered and
+        // cannot change before the commit (the gate was held while
+        // gathering; rule 3 guards it after).
+        let mut guarded = Vec::new();
+        if self.protocol == CommitProtocol::SingleFlush
+            && self.mutation != JournalMutation::SkipDataChecksums
+        {
+            let mut data = vec![0u8; self.cluster_size as usize];
+            for &(offset, len) in &epoch.new_data {
+                let buf = &mut data[..len as usize];
+                storage
+                    .read_at(buf, offset.0)
+                    .ctx(|| format!("reading data at {offset} to checksum"))?;
+                tx.data_checksum(offset.0, buf).map_err(journal_err)?;
+                guarded.push(offset.0);
+            }
+        }
+        {
+            let mut pending = self.pending.lock();
+            for w in epoch.writes_in_order() {
+                pending.overlay.write(w.offset.0, &w.bytes);
+            }
+            pending.in_flight += 1;
+        }
+        if !guarded.is_empty() {
+            let mut guards = self.guards.lock();
+            for &offset in &guarded {
+                guards.insert(offset, DataGuard::Submitted(ticket));
+            }
+            self.guard_count.store(guards.len(), Ordering::SeqCst);
+        }
+        let commit = self.journal.commit_enqueue(tx).map_err(journal_err)?;
+        self.tickets.lock().insert(ticket, (commit, guarded));
+        Ok(ticket)
+    }
+
+    fn wait_durable(&self, _storage: &dyn Storage, ticket: u64, counters: &Counters) -> Result<()> {
+        if ticket == 0 {
+            return Ok(());
+        }
+        let (commit, guarded) = self
+            .tickets
+            .lock()
+            .remove(&ticket)
+            .expect("every submitted ticket is waited for once");
+        let result = self.journal.commit_wait(commit);
+        self.pending.lock().in_flight -= 1;
+        let seq = result.map_err(journal_err)?;
+        if !guarded.is_empty() {
+            let mut guards = self.guards.lock();
+            for offset in guarded {
+                if let Some(g) = guards.get_mut(&offset) {
+                    if matches!(g, DataGuard::Submitted(t) if *t == ticket) {
+                        *g = DataGuard::Committed(seq);
+                    }
+                }
+            }
+        }
+        self.fold_stats(counters);
+        if self.journal.needs_checkpoint() {
+            self.checkpoint(counters)?;
+        }
+        Ok(())
+    }
+
+    fn read_metadata(
+        &self,
+        storage: &dyn Storage,
+        buf: &mut [u8],
+        offset: HostOffset,
+    ) -> Result<()> {
+        storage
+            .read_at(buf, offset.0)
+            .ctx(|| format!("reading metadata at {offset}"))?;
+        self.pending.lock().overlay.patch(buf, offset.0);
+        Ok(())
+    }
+
+    fn before_data_write(&self, offset: HostOffset, len: u64, counters: &Counters) -> Result<()> {
+        if self.guard_count.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
+        let first = offset.0 - offset.0 % self.cluster_size;
+        // Bounded: a submitted guard becomes committed after one commit
+        // round, and a committed one is anchored by the next.
+        for _ in 0..4 {
+            // Data writes never cross a cluster: one guard to look at.
+            debug_assert!(offset.0 + len <= first + self.cluster_size);
+            let Some(guard) = self.guards.lock().get(&first).copied() else {
+                return Ok(());
+            };
+            let at = first;
+            match guard {
+                DataGuard::Committed(seq) if seq <= self.journal.anchored_seq() => {
+                    let mut guards = self.guards.lock();
+                    guards.remove(&at);
+                    self.guard_count.store(guards.len(), Ordering::SeqCst);
+                }
+                // Rule 3: anchor before rewriting. A commit queued now
+                // finishes after the submitted one (batches finish in
+                // order) and, once that is acknowledged, records it.
+                _ => self.anchor(counters)?,
+            }
+        }
+        Err(Error::Journal(format!(
+            "data at {offset} stayed guarded after anchoring"
+        )))
+    }
+
+    fn may_reuse(&self, cluster: HostCluster) -> bool {
+        if self.guard_count.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        let synced = self.journal.synced_seq();
+        // Rule 4.
+        match self.guards.lock().get(&(cluster.0 * self.cluster_size)) {
+            None => true,
+            Some(DataGuard::Committed(seq)) => *seq <= synced,
+            Some(DataGuard::Submitted(_)) => false,
+        }
+    }
+
+    fn checkpoint(&self, _storage: &dyn Storage, counters: &Counters) -> Result<()> {
+        JournalBackend::checkpoint(self, counters)
+    }
+
+    fn shutdown(&self, storage: &dyn Storage, counters: &Counters) -> Result<()> {
+        self.clean_shutdown(storage, counters)
+    }
+}
