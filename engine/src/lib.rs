@@ -21,7 +21,7 @@ pub mod sync;
 
 pub use backend::{BackendKind, MetadataBackend};
 pub use error::{Error, Result};
-pub use image::{create_in_memory, Image, ImageInfo, MapExtent};
+pub use image::{create_in_memory, Image, ImageInfo, JournalInfo, MapExtent};
 pub use options::{BackingFormat, BackingSource, CreateOptions, JournalConfig, OpenOptions};
 pub use qj_journal::{FileStorage, MemStorage, Storage};
 pub use stats::Stats;

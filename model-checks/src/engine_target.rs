@@ -4,9 +4,12 @@
 
 use std::sync::Arc;
 
+use qj_engine::backend::journal::JournalMutation;
 use qj_engine::backend::ordered::OrderingMutation;
 use qj_engine::check::{check, RepairMode};
-use qj_engine::{BackingFormat, BackingSource, CreateOptions, Image, OpenOptions};
+use qj_engine::{
+    BackingFormat, BackingSource, CreateOptions, Image, JournalConfig, MemStorage, OpenOptions,
+};
 use qj_journal::Storage;
 
 use crate::target::{
@@ -18,13 +21,22 @@ use crate::target::{
 pub enum EngineBackend {
     /// Flush ordering.
     Ordered,
+    /// The journal, single-flush commit.
+    Journal,
+    /// The journal, the draft's two-flush commit.
+    JournalDraft,
 }
+
+/// Journal size of crash targets: small, so that short workloads wrap the
+/// ring and checkpoint.
+pub const CRASH_JOURNAL_BYTES: u64 = 96 << 10;
 
 /// The engine on one backend, optionally with a deliberate ordering bug.
 #[derive(Debug, Clone)]
 pub struct EngineTarget {
     backend: EngineBackend,
     ordering_mutation: OrderingMutation,
+    journal_mutation: JournalMutation,
     cluster_size: u64,
     refcount_bits: u32,
     cache_bytes_max: u64,
@@ -37,6 +49,7 @@ impl EngineTarget {
         Self {
             backend,
             ordering_mutation: OrderingMutation::None,
+            journal_mutation: JournalMutation::None,
             cluster_size: 4096,
             refcount_bits: 16,
             // Small caches force write-back through eviction, not only flush.
@@ -50,6 +63,16 @@ impl EngineTarget {
         self
     }
 
+    /// The same target with a journalled-backend bug injected.
+    pub fn with_journal_mutation(mut self, mutation: JournalMutation) -> Self {
+        self.journal_mutation = mutation;
+        self
+    }
+
+    fn is_journal(&self) -> bool {
+        self.backend != EngineBackend::Ordered
+    }
+
     /// Changes the image geometry.
     pub fn with_geometry(mut self, cluster_size: u64, refcount_bits: u32) -> Self {
         self.cluster_size = cluster_size;
@@ -61,6 +84,7 @@ impl EngineTarget {
         let mut o = OpenOptions::read_write();
         o.cache_bytes_max = self.cache_bytes_max;
         o.ordering_mutation = self.ordering_mutation;
+        o.journal_mutation = self.journal_mutation;
         o.backing = match backing {
             Some(b) => BackingSource::Given(b, BackingFormat::Raw),
             None => BackingSource::Ignore,
@@ -80,15 +104,24 @@ impl CrashTarget for EngineTarget {
     fn name(&self) -> String {
         match self.backend {
             EngineBackend::Ordered => "ordered".into(),
+            EngineBackend::Journal => "journal".into(),
+            EngineBackend::JournalDraft => "journal-draft".into(),
         }
     }
 
     fn mutation(&self) -> Option<String> {
-        match self.ordering_mutation {
+        let journal = match self.journal_mutation {
+            JournalMutation::None => None,
+            JournalMutation::SkipDataChecksums => Some("no-data-checksums"),
+            JournalMutation::SkipRevokes => Some("no-revokes"),
+            JournalMutation::SkipDirtyBit => Some("no-dirty-bit"),
+        };
+        let ordering = match self.ordering_mutation {
             OrderingMutation::None => None,
-            OrderingMutation::SkipRefcountFlush => Some("l2-before-refcount-flush".into()),
-            OrderingMutation::TablesBeforeData => Some("l2-before-data".into()),
-        }
+            OrderingMutation::SkipRefcountFlush => Some("l2-before-refcount-flush"),
+            OrderingMutation::TablesBeforeData => Some("l2-before-data"),
+        };
+        journal.or(ordering).map(String::from)
     }
 
     fn create(
@@ -103,9 +136,12 @@ impl CrashTarget for EngineTarget {
             refcount_bits: self.refcount_bits,
             backing_file: backing.as_ref().map(|_| "backing.raw".to_string()),
             backing_format: backing.as_ref().map(|_| BackingFormat::Raw),
-            journal: None,
+            journal: self.is_journal().then(|| JournalConfig {
+                size_bytes: CRASH_JOURNAL_BYTES,
+                two_flush: self.backend == EngineBackend::JournalDraft,
+            }),
         };
-        Image::create(&*dev, &opts).map_err(engine_err)?;
+        Image::create_shared(dev.clone(), &opts).map_err(engine_err)?;
         self.open(dev, backing)
     }
 
@@ -114,17 +150,23 @@ impl CrashTarget for EngineTarget {
         dev: Arc<dyn Storage>,
         backing: Option<Arc<dyn Storage>>,
     ) -> Result<Box<dyn GuestDisk>, TargetError> {
+        if self.is_journal() {
+            check_dirty_bit(&*dev)?;
+        }
         let image = Image::open(dev, &self.open_options(backing)).map_err(engine_err)?;
         Ok(Box::new(EngineDisk { image: Some(image) }))
     }
 
     fn check(&self, dev: Arc<dyn Storage>) -> Result<CheckSummary, TargetError> {
-        let report =
-            check(&*dev, RepairMode::None, &[]).map_err(|e| TargetError::Other(Box::new(e)))?;
-        Ok(CheckSummary {
-            corruptions: report.corruptions,
-            leaks: report.leaks,
-        })
+        if self.is_journal() {
+            // The journal's committed state is the image: check what replay
+            // makes of it, on a copy (check must not write to `dev`).
+            let copy: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(device_bytes(&*dev)?));
+            let image = Image::open(copy.clone(), &self.open_options(None)).map_err(engine_err)?;
+            image.close().map_err(engine_err)?;
+            return check_device(&*copy);
+        }
+        check_device(&*dev)
     }
 
     fn leaks_allowed(&self) -> bool {
@@ -132,15 +174,66 @@ impl CrashTarget for EngineTarget {
     }
 
     fn qemu_export(&self, dev: Arc<dyn Storage>) -> Result<Option<QemuExport>, TargetError> {
-        let len = dev.len()?;
-        let mut image = vec![0u8; len as usize];
-        dev.read_at(&mut image, 0)?;
-        // Flush ordering leaves nothing QEMU cannot read: export as is.
+        let image = device_bytes(&*dev)?;
+        if !self.is_journal() {
+            // Flush ordering leaves nothing QEMU cannot read: export as is.
+            return Ok(Some(QemuExport {
+                image,
+                leaks: LeakExpectation::Any,
+            }));
+        }
+        // QEMU refuses a dirty journal: replay and clean-close a copy first.
+        // QEMU then counts exactly the journal's clusters as leaks.
+        let copy: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(image));
+        Image::open(copy.clone(), &self.open_options(None))
+            .and_then(Image::close)
+            .map_err(engine_err)?;
+        let clusters = CRASH_JOURNAL_BYTES.div_ceil(self.cluster_size);
         Ok(Some(QemuExport {
-            image,
-            leaks: LeakExpectation::Any,
+            image: device_bytes(&*copy)?,
+            leaks: LeakExpectation::Exactly(clusters),
         }))
     }
+}
+
+/// Rule 1 of the journalled backend, checked on a crash image before
+/// recovery: a journal with anything to replay is flagged dirty in the
+/// header, or a program that does not know the journal would read metadata
+/// without the committed updates. Reads only.
+fn check_dirty_bit(dev: &dyn Storage) -> Result<(), TargetError> {
+    let header = Image::read_header(dev).map_err(engine_err)?;
+    let Some(ext) = header.journal() else {
+        return Ok(());
+    };
+    let dump = match qj_journal::dump(dev, ext.offset, ext.size) {
+        Ok(dump) => dump,
+        // Not this check's business: recovery reports a damaged journal.
+        Err(_) => return Ok(()),
+    };
+    if dump.dirty && !header.has_incompatible(60) {
+        return Err(TargetError::Corrupt {
+            what: format!(
+                "the journal holds {} transactions to replay but the header's journal-dirty bit is clear",
+                dump.transactions.len()
+            ),
+            offset: 72,
+        });
+    }
+    Ok(())
+}
+
+fn device_bytes(dev: &dyn Storage) -> Result<Vec<u8>, TargetError> {
+    let mut bytes = vec![0u8; dev.len()? as usize];
+    dev.read_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
+fn check_device(dev: &dyn Storage) -> Result<CheckSummary, TargetError> {
+    let report = check(dev, RepairMode::None, &[]).map_err(|e| TargetError::Other(Box::new(e)))?;
+    Ok(CheckSummary {
+        corruptions: report.corruptions,
+        leaks: report.leaks,
+    })
 }
 
 /// An open engine image as the harness drives it.
@@ -196,16 +289,18 @@ impl GuestDisk for EngineDisk {
 
 /// Every backend `qj crash` knows: the engine's first, then the built-in
 /// proof targets.
-pub const BACKENDS: &[&str] = &["ordered", "raw", "log", "redo"];
+pub const BACKENDS: &[&str] = &["ordered", "journal", "journal-draft", "raw", "log", "redo"];
 
 /// The engine backends `qj crash --backend all` explores.
-pub const ENGINE_BACKENDS: &[&str] = &["ordered"];
+pub const ENGINE_BACKENDS: &[&str] = &["ordered", "journal", "journal-draft"];
 
 /// The mutations (deliberate ordering bugs) of `backend`.
 #[must_use]
 pub fn mutations(backend: &str) -> &'static [&'static str] {
     match backend {
         "ordered" => &["l2-before-refcount-flush", "l2-before-data"],
+        "journal" => &["no-data-checksums", "no-revokes", "no-dirty-bit"],
+        "journal-draft" => &[],
         other => crate::targets::builtin_mutations(other),
     }
 }
@@ -224,23 +319,39 @@ pub fn crash_target(
     backend: &str,
     mutation: Option<&str>,
 ) -> Result<Arc<dyn CrashTarget>, crate::error::NameError> {
-    let ordering = match (backend, mutation) {
-        ("ordered", None) => OrderingMutation::None,
-        ("ordered", Some("l2-before-refcount-flush")) => OrderingMutation::SkipRefcountFlush,
-        ("ordered", Some("l2-before-data")) => OrderingMutation::TablesBeforeData,
-        ("ordered", Some(other)) => {
+    let base = match backend {
+        "ordered" => EngineTarget::new(EngineBackend::Ordered),
+        "journal" => EngineTarget::new(EngineBackend::Journal),
+        "journal-draft" => EngineTarget::new(EngineBackend::JournalDraft),
+        other if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
+            return crate::targets::builtin_target(other, mutation)
+        }
+        other => return Err(crate::error::NameError::new("backend", other, BACKENDS)),
+    };
+    let target = match mutation {
+        None => base,
+        Some("l2-before-refcount-flush") if backend == "ordered" => {
+            base.with_ordering_mutation(OrderingMutation::SkipRefcountFlush)
+        }
+        Some("l2-before-data") if backend == "ordered" => {
+            base.with_ordering_mutation(OrderingMutation::TablesBeforeData)
+        }
+        Some("no-data-checksums") if backend == "journal" => {
+            base.with_journal_mutation(JournalMutation::SkipDataChecksums)
+        }
+        Some("no-revokes") if backend == "journal" => {
+            base.with_journal_mutation(JournalMutation::SkipRevokes)
+        }
+        Some("no-dirty-bit") if backend == "journal" => {
+            base.with_journal_mutation(JournalMutation::SkipDirtyBit)
+        }
+        Some(other) => {
             return Err(crate::error::NameError::new(
                 "mutation",
                 other,
-                mutations("ordered"),
+                mutations(backend),
             ))
         }
-        (other, mutation) if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
-            return crate::targets::builtin_target(other, mutation)
-        }
-        (other, _) => return Err(crate::error::NameError::new("backend", other, BACKENDS)),
     };
-    Ok(Arc::new(
-        EngineTarget::new(EngineBackend::Ordered).with_ordering_mutation(ordering),
-    ))
+    Ok(Arc::new(target))
 }

@@ -104,6 +104,8 @@ pub struct JournalBackend {
     folded: Mutex<JournalStats>,
     /// In-place bytes written by checkpoints.
     checkpoint_bytes: AtomicU64,
+    /// Transactions replayed when the journal was opened.
+    replayed: u64,
 }
 
 fn journal_err(e: JournalError) -> Error {
@@ -174,6 +176,7 @@ impl JournalBackend {
             dirty_bit_on_disk: AtomicBool::new(dirty_bit_on_disk),
             folded: Mutex::new(JournalStats::default()),
             checkpoint_bytes: AtomicU64::new(0),
+            replayed: report.transactions_replayed,
         };
         Ok((backend, report))
     }
@@ -447,6 +450,24 @@ impl MetadataBackend for JournalBackend {
             Some(DataGuard::Committed(seq)) => *seq <= synced,
             Some(DataGuard::Submitted(_)) => false,
         }
+    }
+
+    fn journal_info(&self) -> Option<crate::image::JournalInfo> {
+        let fill = self.journal.fill();
+        Some(crate::image::JournalInfo {
+            offset: self.journal.base_offset(),
+            size: self.journal.geometry().size_bytes(),
+            commit_protocol: match self.protocol {
+                CommitProtocol::SingleFlush => "single-flush".into(),
+                CommitProtocol::TwoFlush => "two-flush".into(),
+            },
+            used_percent: fill.used_percent(),
+            committed_seq: self.journal.committed_seq(),
+            synced_seq: self.journal.synced_seq(),
+            unsynced: self.journal.has_unsynced(),
+            dirty_bit: self.dirty_bit_on_disk.load(Ordering::SeqCst),
+            replayed_transactions: self.replayed,
+        })
     }
 
     fn checkpoint(&self, _storage: &dyn Storage, counters: &Counters) -> Result<()> {

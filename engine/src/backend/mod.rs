@@ -173,6 +173,11 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// The journal's state, for backends that have one.
+    fn journal_info(&self) -> Option<crate::image::JournalInfo> {
+        None
+    }
+
     /// Reads metadata at `offset`, as the backend knows it (a journal may
     /// hold writes not yet checkpointed in place).
     fn read_metadata(
