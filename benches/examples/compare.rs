@@ -14,12 +14,6 @@ fn main() {
             std::process::exit(2);
         }
     }
-    opts.targets.retain(|t| {
-        !matches!(
-            t,
-            qj_benches::TargetKind::Journal | qj_benches::TargetKind::JournalDraft
-        )
-    });
     match qj_benches::run_bench(&opts, &|p| {
         eprintln!("[{}/{}] {}", p.done, p.total, p.label)
     }) {

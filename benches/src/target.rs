@@ -7,7 +7,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use qj_engine::{CreateOptions, Image, OpenOptions};
+use qj_engine::{CreateOptions, Image, JournalConfig, OpenOptions};
+
+/// Journal size of the journalled targets (the engine's default).
+pub const JOURNAL_BYTES: u64 = 16 << 20;
 
 /// Where a workload runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,20 +96,29 @@ impl EngineDisk {
         virtual_size: u64,
         cluster_size: u64,
     ) -> io::Result<Self> {
-        let opts = CreateOptions {
-            virtual_size,
-            cluster_size,
-            ..CreateOptions::default()
+        let journal = |two_flush| {
+            Some(JournalConfig {
+                size_bytes: JOURNAL_BYTES,
+                two_flush,
+            })
         };
-        match kind {
-            TargetKind::Ordered => {}
+        let journal = match kind {
+            TargetKind::Ordered => None,
+            TargetKind::Journal => journal(false),
+            TargetKind::JournalDraft => journal(true),
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
-                    format!("target {other} is not an engine target built into this version"),
+                    format!("target {other} is not an engine target"),
                 ))
             }
-        }
+        };
+        let opts = CreateOptions {
+            virtual_size,
+            cluster_size,
+            journal,
+            ..CreateOptions::default()
+        };
         Image::create_path(path, &opts).map_err(io_err)?;
         let image = Image::open_path(path, &OpenOptions::read_write()).map_err(io_err)?;
         Ok(Self { image })
