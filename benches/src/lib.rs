@@ -5,6 +5,7 @@
 //! targets alike.
 
 pub mod latency;
+pub mod plot;
 pub mod qemu;
 pub mod report;
 pub mod run;

@@ -50,7 +50,7 @@ impl Cell {
 }
 
 /// One row of the report (and one object of `--output json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct BenchRow {
     /// Workload name.
     pub workload: String,
