@@ -16,20 +16,30 @@ const COLOURS: [(&str, &str); 5] = [
 ];
 
 fn colour(target: &str) -> &'static str {
-    COLOURS.iter().find(|(t, _)| *t == target).map_or("#444444", |(_, c)| c)
+    COLOURS
+        .iter()
+        .find(|(t, _)| *t == target)
+        .map_or("#444444", |(_, c)| c)
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// One SVG chart of the rows of `workload` (ops/s per target and thread
 /// count); `None` when no row of that workload has a rate.
 #[must_use]
 pub fn workload_chart(rows: &[BenchRow], workload: &str, title: &str) -> Option<String> {
-    let bars: Vec<&BenchRow> =
-        rows.iter().filter(|r| r.workload == workload && r.ops_per_s.is_some()).collect();
-    let max = bars.iter().filter_map(|r| r.ops_per_s).fold(0.0f64, f64::max);
+    let bars: Vec<&BenchRow> = rows
+        .iter()
+        .filter(|r| r.workload == workload && r.ops_per_s.is_some())
+        .collect();
+    let max = bars
+        .iter()
+        .filter_map(|r| r.ops_per_s)
+        .fold(0.0f64, f64::max);
     if bars.is_empty() || max <= 0.0 {
         return None;
     }
@@ -41,7 +51,11 @@ pub fn workload_chart(rows: &[BenchRow], workload: &str, title: &str) -> Option<
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{:.0}" font-family="sans-serif" font-size="11">"#,
         top + height + 110.0
     );
-    let _ = writeln!(svg, r#"<text x="{left}" y="20" font-size="14">{}</text>"#, escape(title));
+    let _ = writeln!(
+        svg,
+        r#"<text x="{left}" y="20" font-size="14">{}</text>"#,
+        escape(title)
+    );
     for tick in 0..=4 {
         let v = max * f64::from(tick) / 4.0;
         let y = top + height - height * f64::from(tick) / 4.0;
@@ -112,10 +126,14 @@ mod tests {
 
     #[test]
     fn bars_scale_to_the_largest_rate() {
-        let rows = vec![row("journal", Some(200.0)), row("ordered", Some(100.0)), row("qemu", None)];
+        let rows = vec![
+            row("journal", Some(200.0)),
+            row("ordered", Some(100.0)),
+            row("qemu", None),
+        ];
         let svg = workload_chart(&rows, "alloc-sync-4k", "t").unwrap();
-        assert!(svg.contains(r#"height="220.0" fill="#1b9e77""#), "{svg}");
-        assert!(svg.contains(r#"height="110.0" fill="#d95f02""#), "{svg}");
+        assert!(svg.contains(r##"height="220.0" fill="#1b9e77""##), "{svg}");
+        assert!(svg.contains(r##"height="110.0" fill="#d95f02""##), "{svg}");
         assert!(!svg.contains("qemu"), "rows without a rate are left out");
         assert!(workload_chart(&rows, "read", "t").is_none());
     }
