@@ -9,6 +9,7 @@ use qj_spec::journal::{
 };
 
 use crate::error::JournalError;
+use crate::options::Mutation;
 use crate::region::Region;
 use crate::replay::LogEndReport;
 use crate::scan::scan;
@@ -333,6 +334,7 @@ pub fn dump(
         &region,
         &header,
         &TargetBounds::outside_journal(base_offset, end_offset),
+        Mutation::None,
     )?;
     let transactions: Vec<TransactionDump> = scanned
         .transactions

@@ -289,7 +289,7 @@ impl<S: Storage> Journal<S> {
             base: base_offset,
             geometry,
         };
-        let scanned = scan(&region, &header, &bounds)?;
+        let scanned = scan(&region, &header, &bounds, options.mutation)?;
         let offset_of = |index: u32| region.block_offset(index);
         match options.replay_mode {
             ReplayMode::Apply => {
@@ -298,6 +298,7 @@ impl<S: Storage> Journal<S> {
                     scanned,
                     ReplayMode::Apply,
                     options.salvage,
+                    options.mutation,
                     &mut target,
                     dedup,
                     &offset_of,
@@ -344,6 +345,7 @@ impl<S: Storage> Journal<S> {
                     scanned,
                     ReplayMode::InMemory,
                     options.salvage,
+                    options.mutation,
                     &mut target,
                     dedup,
                     &offset_of,

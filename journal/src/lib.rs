@@ -44,7 +44,7 @@ pub use dump::{
 pub use error::JournalError;
 pub use group_commit::{BatchPipeline, GroupCommit};
 pub use journal::{Journal, JournalFill};
-pub use options::{CommitProtocol, JournalOptions, ReplayMode, WhenFull};
+pub use options::{CommitProtocol, JournalOptions, Mutation, ReplayMode, WhenFull};
 pub use overlay::Overlay;
 pub use replay::{LogEndReport, ReplayReport};
 pub use revoke::RevokeTable;

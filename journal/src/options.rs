@@ -34,6 +34,31 @@ pub enum WhenFull {
     Fail,
 }
 
+/// Deliberate bugs for the crash harness; never set them otherwise.
+///
+/// Each one breaks exactly one rule of `spec/qjournal.md` §10-11 at the
+/// one place the journal enforces it, so that the crash harness can prove
+/// it notices (`qj crash --mutate NAME`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Mutation {
+    /// Correct behaviour.
+    #[default]
+    None,
+    /// `replay-skips-tx-checksum`: the scan accepts a transaction whose
+    /// whole-transaction checksum (in the commit block, over every block
+    /// before it) does not match, so a partly written transaction is
+    /// replayed with whatever its missing blocks hold (`scan.rs`).
+    ReplaySkipsTxChecksum,
+    /// `replay-ignores-revokes`: replay applies writes that a later
+    /// transaction of the log revoked (`replay.rs`, pass 2).
+    ReplayIgnoresRevokes,
+    /// `checkpoint-before-flush`: checkpoint writes the header advancing
+    /// the synced sequence number without first flushing its in-place
+    /// writes, so the header may be durable while they are not
+    /// (`checkpoint.rs`).
+    CheckpointBeforeFlush,
+}
+
 /// Options for [`crate::Journal::create`] and [`crate::Journal::open`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalOptions {
@@ -59,12 +84,15 @@ pub struct JournalOptions {
     /// When the log is damaged in the middle (a committed transaction is
     /// lost), apply the valid prefix instead of refusing to open.
     pub salvage: bool,
+    /// A deliberate bug for the crash harness; [`Mutation::None`] except
+    /// in harness runs that must show the bug is caught.
+    pub mutation: Mutation,
 }
 
 impl JournalOptions {
     /// Defaults: single-flush commit, checkpoint when full, threshold 50%,
     /// queue of 1024, gathering for at most 1 ms, replay by applying, no
-    /// salvage.
+    /// salvage, no mutation.
     #[must_use]
     pub fn new(device_limit_bytes: u64) -> Self {
         Self {
@@ -76,6 +104,7 @@ impl JournalOptions {
             group_commit_gather_max: std::time::Duration::from_millis(1),
             replay_mode: ReplayMode::Apply,
             salvage: false,
+            mutation: Mutation::None,
         }
     }
 }

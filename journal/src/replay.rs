@@ -14,7 +14,7 @@ use crate::apply::{
 };
 use crate::dedup::{DedupConsumer, DedupEvent, DedupOp};
 use crate::error::JournalError;
-use crate::options::ReplayMode;
+use crate::options::{Mutation, ReplayMode};
 use crate::revoke::RevokeTable;
 use crate::scan::{LogEndKind, Scan};
 
@@ -78,6 +78,7 @@ pub(crate) fn replay(
     scan: Scan,
     mode: ReplayMode,
     salvage: bool,
+    mutation: Mutation,
     target: &mut dyn ApplyTarget,
     dedup: &mut dyn DedupConsumer,
     device_offset_of: &dyn Fn(u32) -> u64,
@@ -112,6 +113,12 @@ pub(crate) fn replay(
                 }
             }
         }
+    }
+    if mutation == Mutation::ReplayIgnoresRevokes {
+        // Deliberate bug for the crash harness (never set otherwise): with
+        // the table empty, pass 3 writes old metadata over ranges that a
+        // later transaction freed and the image may since have reused.
+        revokes = RevokeTable::new();
     }
 
     // Pass 3: apply in order.

@@ -115,6 +115,16 @@ impl CrashTarget for EngineTarget {
             JournalMutation::SkipDataChecksums => Some("no-data-checksums"),
             JournalMutation::SkipRevokes => Some("no-revokes"),
             JournalMutation::SkipDirtyBit => Some("no-dirty-bit"),
+            JournalMutation::Journal(qj_journal::Mutation::None) => None,
+            JournalMutation::Journal(qj_journal::Mutation::ReplaySkipsTxChecksum) => {
+                Some("replay-skips-tx-checksum")
+            }
+            JournalMutation::Journal(qj_journal::Mutation::ReplayIgnoresRevokes) => {
+                Some("replay-ignores-revokes")
+            }
+            JournalMutation::Journal(qj_journal::Mutation::CheckpointBeforeFlush) => {
+                Some("checkpoint-before-flush")
+            }
         };
         let ordering = match self.ordering_mutation {
             OrderingMutation::None => None,
@@ -299,7 +309,14 @@ pub const ENGINE_BACKENDS: &[&str] = &["ordered", "journal", "journal-draft"];
 pub fn mutations(backend: &str) -> &'static [&'static str] {
     match backend {
         "ordered" => &["l2-before-refcount-flush", "l2-before-data"],
-        "journal" => &["no-data-checksums", "no-revokes", "no-dirty-bit"],
+        "journal" => &[
+            "no-data-checksums",
+            "no-revokes",
+            "no-dirty-bit",
+            "replay-skips-tx-checksum",
+            "replay-ignores-revokes",
+            "checkpoint-before-flush",
+        ],
         "journal-draft" => &[],
         other => crate::targets::builtin_mutations(other),
     }
@@ -345,6 +362,15 @@ pub fn crash_target(
         Some("no-dirty-bit") if backend == "journal" => {
             base.with_journal_mutation(JournalMutation::SkipDirtyBit)
         }
+        Some("replay-skips-tx-checksum") if backend == "journal" => base.with_journal_mutation(
+            JournalMutation::Journal(qj_journal::Mutation::ReplaySkipsTxChecksum),
+        ),
+        Some("replay-ignores-revokes") if backend == "journal" => base.with_journal_mutation(
+            JournalMutation::Journal(qj_journal::Mutation::ReplayIgnoresRevokes),
+        ),
+        Some("checkpoint-before-flush") if backend == "journal" => base.with_journal_mutation(
+            JournalMutation::Journal(qj_journal::Mutation::CheckpointBeforeFlush),
+        ),
         Some(other) => {
             return Err(crate::error::NameError::new(
                 "mutation",

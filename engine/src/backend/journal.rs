@@ -68,6 +68,9 @@ pub enum JournalMutation {
     SkipRevokes,
     /// Rule 1 broken: the journal-dirty bit is never set.
     SkipDirtyBit,
+    /// A rule of the journal itself broken (replay or checkpoint), passed
+    /// to it in [`JournalOptions::mutation`].
+    Journal(qj_journal::Mutation),
 }
 
 /// How a data cluster is protected by a data checksum (rule 3).
@@ -144,6 +147,9 @@ impl JournalBackend {
     ) -> Result<(Self, ReplayReport)> {
         let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
         options.commit_protocol = protocol;
+        if let JournalMutation::Journal(journal_mutation) = mutation {
+            options.mutation = journal_mutation;
+        }
         options.replay_mode = if writable {
             ReplayMode::Apply
         } else {
