@@ -170,6 +170,10 @@ pub struct Image {
     file_len_seen: AtomicU64,
     /// Set by `close` and `abandon`: Drop then does nothing.
     finished: AtomicBool,
+    /// L2 and L1 table clusters allocated since the last epoch was
+    /// gathered: with the refcount side's count and the operations since
+    /// the last persist, an upper bound of the next epoch's size.
+    fresh_tables: AtomicU64,
     /// Serialises submits in gather order; held without the gate during an
     /// ordered persist's I/O. Lock order: gate, then this.
     submit_order: Mutex<()>,
@@ -319,12 +323,17 @@ impl Image {
         // the same size carry them without padding (4 KiB blocks made each
         // synced allocating write log 16 KiB instead of 2 KiB).
         let block_size = 512u32;
-        if size < 16 * u64::from(block_size) || size > 1 << 32 {
+        // One operation's epoch may hold two fresh tables (an L2 table and
+        // a refcount block) besides its sectors, and epochs are kept to a
+        // quarter of the ring (`epoch_bytes_max`): 8 clusters and 64 KiB
+        // of room cover that with margin.
+        let size_min = 8 * cs + (64 << 10);
+        if size < size_min || size > 1 << 32 {
             return Err(Error::InvalidArgument(format!(
-                "journal_size {size} must be at least {} bytes and at most 4 GiB",
-                16 * block_size
+                "journal_size {size} must be at least {size_min} bytes (8 clusters + 64 KiB) and at most 4 GiB"
             )));
         }
+
         let start = image.refcounts.lock().allocate_contiguous(
             &*image.storage,
             &*image.backend,
@@ -559,6 +568,7 @@ impl Image {
             poison: Mutex::new(None),
             finished: AtomicBool::new(false),
             submit_order: Mutex::new(()),
+            fresh_tables: AtomicU64::new(0),
             op_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
         };
@@ -999,6 +1009,7 @@ impl Image {
             new
         };
         let offset = self.geometry.host_offset(new);
+        self.fresh_tables.fetch_add(1, Ordering::Relaxed);
         let table = self.l2_cache.insert_fresh(offset, bytes);
         l1.entries[index] = L1Entry::new(offset, true).0;
         if !l1.fresh {
@@ -1308,6 +1319,7 @@ impl Image {
     /// Gathers every metadata change into an epoch, with the pins that keep
     /// the tables taken from being evicted until the backend has them.
     fn gather_epoch(&self) -> Result<(Epoch, WritebackPins)> {
+        self.fresh_tables.store(0, Ordering::Relaxed);
         let mut epoch = Epoch::default();
         let mut pins = WritebackPins::default();
         let moved_refcount_table = self.refcounts.lock().take_epoch(
@@ -1385,6 +1397,23 @@ impl Image {
     }
 
     fn maybe_evict(&self) -> Result<()> {
+        if let Some(max) = self.backend.epoch_bytes_max() {
+            // Bound the epoch so its transaction fits the journal. Each
+            // operation piece dirties at most an L2 and a refcount sector
+            // (budget 3 sectors with descriptor overhead); fresh tables
+            // count whole.
+            let fresh =
+                self.fresh_tables.load(Ordering::Relaxed) + self.refcounts.lock().fresh_clusters;
+            let pieces = self
+                .op_gen
+                .load(Ordering::SeqCst)
+                .saturating_sub(self.flushed_gen.load(Ordering::SeqCst));
+            let estimate = fresh * self.geometry.cluster_size() + pieces * 1536;
+            if estimate > max && self.writable {
+                let r = self.persist(None);
+                self.poisoned(r)?;
+            }
+        }
         if !self.l2_cache.over_capacity() && !self.refcounts.lock().blocks.over_capacity() {
             return Ok(());
         }
@@ -1545,6 +1574,7 @@ impl Image {
             rc.free_metadata(&*self.storage, &*self.backend, HostCluster(old_start.0 + i))?;
         }
         drop(rc);
+        self.fresh_tables.fetch_add(clusters, Ordering::Relaxed);
         l1.entries.resize(new_entries as usize, 0);
         l1.offset = g.host_offset(start);
         l1.fresh = true;

@@ -55,6 +55,9 @@ pub struct RefcountState {
     deferred_decrements: Vec<HostCluster>,
     /// Clusters at count zero that wait for durability before reuse.
     pending_release: Vec<HostCluster>,
+    /// Refcount structure clusters allocated since the last epoch was
+    /// taken (new blocks, a moved table): a measure of the epoch's size.
+    pub fresh_clusters: u64,
     /// Clusters at count zero that the backend does not let us reuse yet.
     parked: Vec<HostCluster>,
     /// Metadata clusters freed in this epoch (a journal revokes them).
@@ -174,6 +177,7 @@ impl RefcountState {
             pending_release: Vec::new(),
             freed_metadata: Vec::new(),
             parked: Vec::new(),
+            fresh_clusters: 0,
             defer_decrements: backend.defers_refcount_decrements(),
         })
     }
@@ -303,6 +307,7 @@ impl RefcountState {
             );
         }
         self.blocks.insert_fresh(offset, bytes);
+        self.fresh_clusters += 1;
         self.table[ti as usize] = offset.0;
         self.mark_table_entry_dirty(ti);
         if !self_describing {
@@ -351,6 +356,7 @@ impl RefcountState {
         self.table_clusters = new_clusters;
         self.table_fresh = true;
         self.table_dirty_clusters.clear();
+        self.fresh_clusters += new_clusters;
         for i in 0..new_clusters {
             self.add(storage, backend, HostCluster(start.0 + i), 1, depth + 1)?;
         }
@@ -465,6 +471,7 @@ impl RefcountState {
         freed_metadata: &mut Vec<HostCluster>,
         pins: &mut WritebackPins,
     ) -> Option<(HostOffset, u64)> {
+        self.fresh_clusters = 0;
         pins.append(self.blocks.take_writebacks(|offset, fresh, bytes| {
             let w = MetadataWrite { offset, bytes };
             if fresh {

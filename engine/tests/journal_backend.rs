@@ -360,3 +360,43 @@ fn after_qemu_writes_the_journal_is_recreated_and_qemus_data_kept() {
     );
     let _ = BackingSource::Ignore;
 }
+
+#[test]
+fn unflushed_writes_larger_than_the_journal_persist_early_instead_of_failing() {
+    // 4 KiB clusters: an L2 table maps 2 MiB. 400 writes 2 MiB apart each
+    // create a fresh L2 table: 1.6 MiB of tables, more than the 1 MiB ring.
+    let (storage, image) = mem_image(&journal_opts(1 << 30, 4096, false));
+    for i in 0..400u64 {
+        image.write(&pattern(i as u8, 4096), i * (2 << 20)).unwrap();
+    }
+    image.flush().unwrap();
+    image.abandon();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    for i in 0..400u64 {
+        assert_eq!(
+            read(&image, i * (2 << 20), 4096),
+            pattern(i as u8, 4096),
+            "write {i}"
+        );
+    }
+    image.close().unwrap();
+    let report = check(&*storage, RepairMode::None, &[]).unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks),
+        (0, 0),
+        "{:?}",
+        report.messages
+    );
+}
+
+#[test]
+fn a_journal_too_small_for_the_cluster_size_is_refused_at_creation() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let mut opts = journal_opts(1 << 30, 65536, false);
+    opts.journal = Some(JournalConfig {
+        size_bytes: 64 << 10,
+        two_flush: false,
+    });
+    let err = Image::create_shared(storage, &opts).unwrap_err();
+    assert!(err.to_string().contains("journal_size"), "{err}");
+}

@@ -458,6 +458,13 @@ impl MetadataBackend for JournalBackend {
         }
     }
 
+    fn epoch_bytes_max(&self) -> Option<u64> {
+        // A transaction must fit the ring: keep epochs to a quarter of it,
+        // so a checkpoint can make room while others are still unsynced.
+        let fill = self.journal.fill();
+        Some(fill.ring_blocks * self.journal.geometry().block_size() / 4)
+    }
+
     fn journal_info(&self) -> Option<crate::image::JournalInfo> {
         let fill = self.journal.fill();
         Some(crate::image::JournalInfo {

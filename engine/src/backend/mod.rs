@@ -173,6 +173,12 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// The largest epoch, in bytes, the backend can take at once; the image
+    /// persists early when an epoch grows towards it. `None`: no limit.
+    fn epoch_bytes_max(&self) -> Option<u64> {
+        None
+    }
+
     /// The journal's state, for backends that have one.
     fn journal_info(&self) -> Option<crate::image::JournalInfo> {
         None
