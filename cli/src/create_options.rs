@@ -1,13 +1,33 @@
-//! The `-o key=value,...` list of `qj create` (and later `qj amend`), as
-//! qemu-img reads it: keys separated by commas, a literal comma in a value
-//! written `,,`, later keys overriding earlier ones.
+//! The `-o key=value,...` list of `qj create` and `qj amend`, as qemu-img
+//! reads it: keys separated by commas, a literal comma in a value written
+//! `,,`, later keys overriding earlier ones.
 //!
 //! Every key is one row of [`KEYS`]; a new option is one new row (and a
-//! field in [`CreateOptionList`]). Keys of features still to come are listed
-//! in [`NOT_YET`] so that users get "not supported yet" rather than "unknown".
+//! field in [`CreateOptionList`]). `qj amend` accepts only [`AMEND_KEYS`].
+
+use qj_engine::JournalConfig;
 
 use crate::error::CliError;
 use crate::size::parse_size;
+
+/// How journal transactions are committed (`commit=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    /// One flush per commit: the commit block carries a checksum of the
+    /// whole transaction, so a torn commit is detected at replay.
+    SingleFlush,
+    /// The 2013 draft's protocol: flush the transaction, then write and
+    /// flush its commit block.
+    Draft,
+}
+
+/// The `commit=` values, for error messages.
+const COMMIT_VALUES: &str = "single-flush, draft";
+
+/// Smallest journal the engine formats: 16 blocks of 512 bytes.
+pub const JOURNAL_SIZE_MIN_BYTES: u64 = 16 * 512;
+/// Largest journal the engine formats (its offsets are 32-bit).
+pub const JOURNAL_SIZE_MAX_BYTES: u64 = 1 << 32;
 
 /// The options given with `-o`, each `None` when not given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,6 +42,12 @@ pub struct CreateOptionList {
     pub backing_file: Option<String>,
     /// `backing_fmt`: backing file format name.
     pub backing_fmt: Option<String>,
+    /// `journal`: on (true) or off (false).
+    pub journal: Option<bool>,
+    /// `journal_size`: journal region size in bytes.
+    pub journal_size: Option<u64>,
+    /// `commit`: the journal's commit protocol.
+    pub commit: Option<CommitMode>,
 }
 
 /// One `-o` key: its name, its help line, and how it sets the list.
@@ -110,18 +136,79 @@ const KEYS: &[Key] = &[
         help: "off only",
         apply: |_, v| only(v, &["off"], "preallocation is not implemented"),
     },
+    Key {
+        name: "journal",
+        help: "metadata journal instead of flush ordering: on or off (default off)",
+        apply: |o, v| {
+            o.journal = Some(match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(format!("'{v}' is not valid; valid values are: on, off")),
+            });
+            Ok(())
+        },
+    },
+    Key {
+        name: "journal_size",
+        help: "size of the journal, 8k to 4G (default 16M; needs journal=on)",
+        apply: |o, v| {
+            let size = parse_size(v).map_err(|e| e.to_string())?;
+            if !(JOURNAL_SIZE_MIN_BYTES..=JOURNAL_SIZE_MAX_BYTES).contains(&size) {
+                return Err(format!(
+                    "'{v}' is not valid; the journal size must be from 8k to 4G"
+                ));
+            }
+            o.journal_size = Some(size);
+            Ok(())
+        },
+    },
+    Key {
+        name: "commit",
+        help: "journal commit protocol: single-flush or draft (two flushes; needs journal=on)",
+        apply: |o, v| {
+            o.commit = Some(match v {
+                "single-flush" => CommitMode::SingleFlush,
+                "draft" => CommitMode::Draft,
+                _ => {
+                    return Err(format!(
+                        "'{v}' is not valid; valid values are: {COMMIT_VALUES}"
+                    ))
+                }
+            });
+            Ok(())
+        },
+    },
 ];
 
-/// Keys of features still to be built: recognised, refused clearly.
-const NOT_YET: &[(&str, &str)] = &[
-    ("journal", "the metadata journal (issue 5)"),
-    ("journal_size", "the metadata journal (issue 5)"),
-    ("commit", "journal commit modes (issue 5)"),
-];
+/// The keys `qj amend` can change; the others describe a layout fixed at
+/// creation.
+pub const AMEND_KEYS: &[&str] = &["journal", "journal_size", "commit"];
 
-/// The names of the supported keys, for error messages.
-fn key_names() -> String {
-    KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+/// Which command reads the list: it decides the valid keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFor {
+    /// `qj create`: every key.
+    Create,
+    /// `qj amend`: [`AMEND_KEYS`] only.
+    Amend,
+}
+
+impl ListFor {
+    fn allows(self, name: &str) -> bool {
+        match self {
+            ListFor::Create => true,
+            ListFor::Amend => AMEND_KEYS.contains(&name),
+        }
+    }
+}
+
+/// The names of the keys valid for `command`, for error messages.
+fn key_names(command: ListFor) -> String {
+    KEYS.iter()
+        .map(|k| k.name)
+        .filter(|n| command.allows(n))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Whether an `-o` list asks for the key list (`-o help` or `-o ?`).
@@ -134,13 +221,10 @@ pub fn wants_help(list: &str) -> bool {
 
 /// The `-o help` text: one key per line with its meaning.
 #[must_use]
-pub fn help_text() -> String {
+pub fn help_text(command: ListFor) -> String {
     let mut text = String::from("Supported options:\n");
-    for key in KEYS {
+    for key in KEYS.iter().filter(|k| command.allows(k.name)) {
         text.push_str(&format!("  {:<17}- {}\n", key.name, key.help));
-    }
-    for (name, what) in NOT_YET {
-        text.push_str(&format!("  {name:<17}- not supported yet: {what}\n"));
     }
     text
 }
@@ -167,8 +251,12 @@ fn split_list(list: &str) -> Vec<String> {
 }
 
 /// Applies one `-o` list to `options`. Errors are usage errors naming the
-/// key and listing the valid ones.
-pub fn apply_list(list: &str, options: &mut CreateOptionList) -> Result<(), CliError> {
+/// key and listing the valid ones for `command`.
+pub fn apply_list(
+    list: &str,
+    options: &mut CreateOptionList,
+    command: ListFor,
+) -> Result<(), CliError> {
     for item in split_list(list) {
         if item.is_empty() {
             continue;
@@ -176,22 +264,50 @@ pub fn apply_list(list: &str, options: &mut CreateOptionList) -> Result<(), CliE
         let (name, value) = item.split_once('=').ok_or_else(|| {
             CliError::Usage(format!("-o option '{item}' needs a value (key=value)"))
         })?;
-        if let Some((_, what)) = NOT_YET.iter().find(|(n, _)| *n == name) {
-            return Err(CliError::Usage(format!(
-                "-o option '{name}' is not supported yet: {what}"
-            )));
-        }
-        let key = KEYS.iter().find(|k| k.name == name).ok_or_else(|| {
-            CliError::Usage(format!(
-                "invalid -o option '{name}'; valid options are: {}",
-                key_names()
-            ))
-        })?;
+        let key = KEYS
+            .iter()
+            .find(|k| k.name == name && command.allows(k.name))
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "invalid -o option '{name}'; valid options are: {}",
+                    key_names(command)
+                ))
+            })?;
         (key.apply)(options, value).map_err(|why| {
             CliError::Usage(format!("invalid value for -o option '{name}': {why}"))
         })?;
     }
     Ok(())
+}
+
+impl CreateOptionList {
+    /// The journal the options ask for: `None` without `journal=on`.
+    /// `journal_size` or `commit` without `journal=on` is an error rather
+    /// than silently ignored.
+    pub fn journal_config(&self) -> Result<Option<JournalConfig>, CliError> {
+        if self.journal != Some(true) {
+            for (name, given) in [
+                ("journal_size", self.journal_size.is_some()),
+                ("commit", self.commit.is_some()),
+            ] {
+                if given {
+                    return Err(CliError::Usage(format!(
+                        "-o option '{name}' needs journal=on"
+                    )));
+                }
+            }
+            return Ok(None);
+        }
+        let defaults = JournalConfig::default();
+        Ok(Some(JournalConfig {
+            size_bytes: self.journal_size.unwrap_or(defaults.size_bytes),
+            two_flush: match self.commit {
+                Some(CommitMode::Draft) => true,
+                Some(CommitMode::SingleFlush) => false,
+                None => defaults.two_flush,
+            },
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +316,7 @@ mod tests {
 
     fn parse(list: &str) -> Result<CreateOptionList, CliError> {
         let mut o = CreateOptionList::default();
-        apply_list(list, &mut o)?;
+        apply_list(list, &mut o, ListFor::Create)?;
         Ok(o)
     }
 
@@ -232,11 +348,85 @@ mod tests {
     }
 
     #[test]
-    fn future_keys_are_not_supported_yet() {
-        for key in ["journal=on", "journal_size=1M", "commit=draft"] {
-            let e = parse(key).unwrap_err().to_string();
-            assert!(e.contains("not supported yet"), "{e}");
+    fn journal_keys_make_a_config() {
+        assert_eq!(parse("").unwrap().journal_config().unwrap(), None);
+        assert_eq!(
+            parse("journal=off").unwrap().journal_config().unwrap(),
+            None
+        );
+        assert_eq!(
+            parse("journal=on").unwrap().journal_config().unwrap(),
+            Some(JournalConfig {
+                size_bytes: 16 << 20,
+                two_flush: false
+            })
+        );
+        assert_eq!(
+            parse("journal=on,journal_size=1M,commit=draft")
+                .unwrap()
+                .journal_config()
+                .unwrap(),
+            Some(JournalConfig {
+                size_bytes: 1 << 20,
+                two_flush: true
+            })
+        );
+        assert_eq!(
+            parse("commit=draft,journal=on,commit=single-flush")
+                .unwrap()
+                .journal_config()
+                .unwrap(),
+            Some(JournalConfig {
+                size_bytes: 16 << 20,
+                two_flush: false
+            })
+        );
+    }
+
+    #[test]
+    fn journal_details_need_journal_on() {
+        for list in [
+            "journal_size=1M",
+            "commit=draft",
+            "journal=off,commit=draft",
+        ] {
+            let e = parse(list)
+                .unwrap()
+                .journal_config()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("needs journal=on"), "{list}: {e}");
         }
+    }
+
+    #[test]
+    fn bad_journal_values_list_the_valid_ones() {
+        let e = parse("journal=yes").unwrap_err().to_string();
+        assert!(e.contains("'yes'") && e.contains("on, off"), "{e}");
+        let e = parse("commit=fast").unwrap_err().to_string();
+        assert!(
+            e.contains("'fast'") && e.contains("single-flush, draft"),
+            "{e}"
+        );
+        let e = parse("journal_size=4k").unwrap_err().to_string();
+        assert!(e.contains("journal_size") && e.contains("8k to 4G"), "{e}");
+        let e = parse("journal_size=5G").unwrap_err().to_string();
+        assert!(e.contains("8k to 4G"), "{e}");
+        assert_eq!(parse("journal_size=8k").unwrap().journal_size, Some(8192));
+    }
+
+    #[test]
+    fn amend_accepts_only_journal_keys() {
+        let mut o = CreateOptionList::default();
+        apply_list("journal=on,commit=draft", &mut o, ListFor::Amend).unwrap();
+        assert_eq!(o.journal, Some(true));
+        let e = apply_list("cluster_size=4k", &mut o, ListFor::Amend)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'cluster_size'"), "{e}");
+        assert!(e.contains("journal, journal_size, commit"), "{e}");
+        assert!(!help_text(ListFor::Amend).contains("cluster_size"));
+        assert!(help_text(ListFor::Amend).contains("journal_size"));
     }
 
     #[test]
@@ -256,6 +446,7 @@ mod tests {
         assert!(wants_help("help"));
         assert!(wants_help("cluster_size=4k,?"));
         assert!(!wants_help("cluster_size=4k"));
-        assert!(help_text().contains("cluster_size"));
+        assert!(help_text(ListFor::Create).contains("cluster_size"));
+        assert!(help_text(ListFor::Create).contains("journal"));
     }
 }

@@ -21,7 +21,7 @@ use clap::Parser;
 use crate::error::{one_line, EXIT_USAGE};
 
 /// qcow2 images with crash-consistent metadata: create, inspect, check,
-/// map, do I/O, convert.
+/// map, do I/O, convert, explore power-loss crashes, benchmark.
 #[derive(Debug, clap::Parser)]
 #[command(name = "qj", version)]
 struct Cli {

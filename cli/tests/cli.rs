@@ -753,7 +753,7 @@ fn bad_arguments_give_one_line_and_the_right_status() {
         (&["frobnicate"], 2),
         (&["create", "x.qcow2", "12Q"], 2),
         (&["create", "-o", "foo=bar", "x.qcow2", "1M"], 2),
-        (&["create", "-o", "journal=on", "x.qcow2", "1M"], 2),
+        (&["create", "-o", "commit=draft", "x.qcow2", "1M"], 2),
         (&["create", "-o", "cluster_size=1000", "x.qcow2", "1M"], 1),
         (&["create", "x.qcow2"], 2),
         (&["create", "-b", "good.qcow2", "y.qcow2"], 2),

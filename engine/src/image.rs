@@ -1281,8 +1281,14 @@ impl Image {
         // gate is released first: guest operations go on while this epoch
         // is written and flushed, and gather the next one.
         let order = self.submit_order.lock();
-        drop(gate);
-        let ticket = self.backend.submit(&*self.storage, epoch, &self.counters)?;
+        let ticket = if self.backend.submits_under_gate() {
+            let ticket = self.backend.submit(&*self.storage, epoch, &self.counters);
+            drop(gate);
+            ticket?
+        } else {
+            drop(gate);
+            self.backend.submit(&*self.storage, epoch, &self.counters)?
+        };
         drop(order);
         self.backend
             .wait_durable(&*self.storage, ticket, &self.counters)?;

@@ -51,7 +51,8 @@ pub mod workload;
 pub use config::ExploreConfig;
 pub use crash_states::{CrashUnits, StateSpace, EXHAUSTIVE_UNITS_DEFAULT};
 pub use engine_target::{
-    all_mutations, crash_target, mutations, EngineBackend, EngineTarget, BACKENDS, ENGINE_BACKENDS,
+    all_mutations, crash_target, exposing_seed, mutations, EngineBackend, EngineTarget, BACKENDS,
+    ENGINE_BACKENDS,
 };
 pub use error::{HarnessError, NameError, ParseError};
 pub use explore::{backing_device, explore, reproduce, run_to_crash_point, ProgressFn, Report};

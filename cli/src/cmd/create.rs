@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use qj_engine::{BackingFormat, CreateOptions, FileStorage, Image, OpenOptions, Storage};
 
 use crate::chain::backing_path;
-use crate::create_options::{apply_list, help_text, wants_help, CreateOptionList};
+use crate::create_options::{apply_list, help_text, wants_help, CreateOptionList, ListFor};
 use crate::error::{engine, io, quoted, CliError, CliResult};
 use crate::size::parse_size;
 
@@ -47,13 +47,14 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
         )));
     }
     if args.options.iter().any(|o| wants_help(o)) {
-        print!("{}", help_text());
+        print!("{}", help_text(ListFor::Create));
         return Ok(0);
     }
     let mut list = CreateOptionList::default();
     for o in &args.options {
-        apply_list(o, &mut list)?;
+        apply_list(o, &mut list, ListFor::Create)?;
     }
+    let journal = list.journal_config()?;
     let backing_file = args.backing.clone().or(list.backing_file.clone());
     let backing_fmt = args.backing_format.clone().or(list.backing_fmt.clone());
     let defaults = CreateOptions::default();
@@ -63,7 +64,7 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
         refcount_bits: list.refcount_bits.unwrap_or(defaults.refcount_bits),
         backing_file: backing_file.clone(),
         backing_format: None,
-        journal: None,
+        journal,
     };
     let size = args.size.or(list.size);
     opts.virtual_size = match &backing_file {
@@ -152,6 +153,14 @@ pub fn formatting_line(file: &Path, opts: &CreateOptions, size: u64) -> String {
         " lazy_refcounts=off refcount_bits={}",
         opts.refcount_bits
     ));
+    // Our own keys, after QEMU's, only when they differ from a plain image.
+    if let Some(j) = &opts.journal {
+        line.push_str(&format!(
+            " journal=on journal_size={} commit={}",
+            j.size_bytes,
+            if j.two_flush { "draft" } else { "single-flush" }
+        ));
+    }
     line
 }
 

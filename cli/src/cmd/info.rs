@@ -2,13 +2,21 @@
 //! `qemu-img info`. The header is described even when the engine refuses
 //! to open the image (unsupported feature, broken layout); the reason is
 //! then printed on stderr and the exit status is 1.
+//!
+//! The image is always opened read-only: a dirty journal is replayed in
+//! memory to describe the image, and the file is left exactly as it was.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use qj_engine::{BackendKind, FileStorage, Image};
-use qj_spec::qcow2::features::{COMPAT_LAZY_REFCOUNTS_MASK, INCOMPAT_EXTL2_MASK};
-use qj_spec::qcow2::{Header, HeaderExtension, COMPRESSION_ZLIB, COMPRESSION_ZSTD};
+use qj_engine::{BackendKind, FileStorage, Image, JournalInfo};
+use qj_spec::qcow2::features::{
+    AUTOCLEAR_JOURNAL_VALID_BIT, COMPAT_LAZY_REFCOUNTS_MASK, INCOMPAT_EXTL2_MASK,
+    INCOMPAT_JOURNAL_DIRTY_BIT,
+};
+use qj_spec::qcow2::{
+    Header, HeaderExtension, JournalExtension, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
+};
 use serde::Serialize;
 
 use crate::chain::{backing_path, open_layer};
@@ -93,6 +101,56 @@ pub struct QjDetails {
     /// Why the engine cannot open the image, when it cannot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_error: Option<String>,
+    /// The metadata journal, when the header names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal: Option<JournalDetails>,
+}
+
+/// The journal under `qj.journal`: where it is from the header, its state
+/// from the engine when the image could be opened.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JournalDetails {
+    /// Host offset of the region.
+    pub offset: u64,
+    /// Region size in bytes.
+    pub size: u64,
+    /// `single-flush` or `two-flush` (the draft's).
+    pub commit_protocol: String,
+    /// Autoclear "journal valid" bit: clear when a program that does not
+    /// know the journal wrote the image; the next read-write open then
+    /// replaces the journal.
+    pub valid: bool,
+    /// Incompatible "journal dirty" bit: committed transactions may not be
+    /// in place yet, and QEMU refuses the image.
+    pub dirty_bit: bool,
+    /// Whether the description comes from a read-only, in-memory replay of
+    /// a dirty journal (the file itself still needs replaying).
+    pub replayed_in_memory: bool,
+    /// Ring fill in percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_percent: Option<u64>,
+    /// Last committed sequence number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub committed_seq: Option<u64>,
+    /// Last synced (checkpointed) sequence number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synced_seq: Option<u64>,
+    /// Whether committed transactions wait for a checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unsynced: Option<bool>,
+    /// Transactions the open replayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replayed_transactions: Option<u64>,
+}
+
+/// What the engine's read-only open found.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The backend it chose.
+    pub backend: BackendKind,
+    /// The journal's state, for the journalled backend.
+    pub journal: Option<JournalInfo>,
 }
 
 /// The whole `qj info --output json` document: qemu-img's keys first.
@@ -162,14 +220,42 @@ fn backend_name(kind: BackendKind) -> &'static str {
     }
 }
 
+/// The journal block from the header extension and the engine's state.
+fn journal_details(
+    header: &Header,
+    ext: &JournalExtension,
+    live: Option<&JournalInfo>,
+) -> JournalDetails {
+    let dirty_bit = header.has_incompatible(INCOMPAT_JOURNAL_DIRTY_BIT);
+    let commit_protocol = match live {
+        Some(j) => j.commit_protocol.clone(),
+        None if ext.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0 => "two-flush".into(),
+        None => "single-flush".into(),
+    };
+    JournalDetails {
+        offset: ext.offset,
+        size: ext.size,
+        commit_protocol,
+        valid: header.has_autoclear(AUTOCLEAR_JOURNAL_VALID_BIT),
+        dirty_bit,
+        replayed_in_memory: dirty_bit && live.is_some(),
+        used_percent: live.map(|j| j.used_percent),
+        committed_seq: live.map(|j| j.committed_seq),
+        synced_seq: live.map(|j| j.synced_seq),
+        unsynced: live.map(|j| j.unsynced),
+        replayed_transactions: live.map(|j| j.replayed_transactions),
+    }
+}
+
 /// Describes the image from its header (what is on disk) and file.
 pub fn describe(
     path: &Path,
     header: &Header,
     file_length: u64,
     actual_size: u64,
-    opened: &Result<BackendKind, String>,
+    opened: &Result<Opened, String>,
 ) -> InfoJson {
+    let live_journal = opened.as_ref().ok().and_then(|o| o.journal.as_ref());
     let v3 = header.version >= 3;
     let backing_filename = header.backing_file.clone();
     InfoJson {
@@ -208,8 +294,14 @@ pub fn describe(
             compatible_features: header.compatible_features,
             autoclear_features: header.autoclear_features,
             extensions: header.extensions.iter().map(extension_name).collect(),
-            backend: opened.as_ref().ok().map(|k| backend_name(*k).to_string()),
+            backend: opened
+                .as_ref()
+                .ok()
+                .map(|o| backend_name(o.backend).to_string()),
             open_error: opened.as_ref().err().cloned(),
+            journal: header
+                .journal()
+                .map(|ext| journal_details(header, &ext, live_journal)),
         },
     }
 }
@@ -293,6 +385,45 @@ pub fn human_text(info: &InfoJson) -> String {
         (None, Some(e)) => s.push_str(&format!("    cannot be opened: {e}\n")),
         (None, None) => {}
     }
+    if let Some(j) = &q.journal {
+        s.push_str(&journal_lines(j));
+    }
+    s
+}
+
+/// The journal block of the human text.
+#[must_use]
+pub fn journal_lines(j: &JournalDetails) -> String {
+    let mut s = format!(
+        "    journal: {} ({} bytes) at {:#x}\n",
+        size_to_str(j.size),
+        j.size,
+        j.offset
+    );
+    s.push_str(&format!("        commit protocol: {}\n", j.commit_protocol));
+    if let Some(p) = j.used_percent {
+        s.push_str(&format!("        fill: {p}%\n"));
+    }
+    if let (Some(c), Some(y)) = (j.committed_seq, j.synced_seq) {
+        s.push_str(&format!(
+            "        committed seq: {c}\n        synced seq: {y}\n"
+        ));
+    }
+    if let Some(u) = j.unsynced {
+        s.push_str(&format!("        unsynced: {u}\n"));
+    }
+    s.push_str(&format!("        dirty bit: {}\n", j.dirty_bit));
+    if !j.valid {
+        s.push_str(
+            "        valid: false (written by a program that does not know the journal; replaced on the next read-write open)\n",
+        );
+    }
+    if j.replayed_in_memory {
+        s.push_str(&format!(
+            "        journal dirty: opened read-only, {} transaction(s) replayed in memory; the file is unchanged until a read-write open\n",
+            j.replayed_transactions.unwrap_or(0)
+        ));
+    }
     s
 }
 
@@ -308,7 +439,15 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
     // looking must change nothing, and a missing backing file does not
     // stop the description.
     let opened = open_layer(path)
-        .map(|(image, _)| image.backend_kind())
+        .and_then(|(image, _)| {
+            let info = image
+                .info()
+                .map_err(engine(format!("describing {}", quoted(path))))?;
+            Ok(Opened {
+                backend: info.backend,
+                journal: info.journal,
+            })
+        })
         .map_err(|e| match e {
             crate::error::CliError::Engine { source, .. } => one_line(&source.to_string()),
             other => one_line(&other.to_string()),

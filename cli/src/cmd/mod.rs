@@ -1,12 +1,16 @@
 //! One module per subcommand; each has its clap `Args` struct and a `run`
 //! that returns the process exit status.
 
+pub mod amend;
+pub mod bench;
 pub mod check;
 pub mod convert;
+pub mod crash;
 pub mod create;
 pub mod demo;
 pub mod info;
 pub mod io;
+pub mod journal;
 pub mod map;
 
 use crate::error::{CliError, CliResult};
@@ -28,6 +32,14 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Create, fill, verify and check a temporary image, and show engine statistics.
     Demo(demo::DemoArgs),
+    /// Explore power-loss crash states of the backends and check every recovered image.
+    Crash(crash::CrashArgs),
+    /// Compare the backends, QEMU and a raw file on the same workloads.
+    Bench(bench::BenchArgs),
+    /// Give an image a metadata journal or remove it (like qemu-img amend).
+    Amend(amend::AmendArgs),
+    /// Inspect a metadata journal.
+    Journal(journal::JournalArgs),
 }
 
 impl Command {
@@ -41,6 +53,10 @@ impl Command {
             Command::Io(a) => io::run(a),
             Command::Convert(a) => convert::run(a),
             Command::Demo(a) => demo::run(a),
+            Command::Crash(a) => crash::run(a),
+            Command::Bench(a) => bench::run(a),
+            Command::Amend(a) => amend::run(a),
+            Command::Journal(a) => journal::run(a),
         }
     }
 }

@@ -419,30 +419,31 @@ impl MetadataBackend for JournalBackend {
             return Ok(());
         }
         let first = offset.0 - offset.0 % self.cluster_size;
-        // Bounded: a submitted guard becomes committed after one commit
-        // round, and a committed one is anchored by the next.
-        for _ in 0..4 {
-            // Data writes never cross a cluster: one guard to look at.
-            debug_assert!(offset.0 + len <= first + self.cluster_size);
+        // Data writes never cross a cluster: one guard to look at.
+        debug_assert!(offset.0 + len <= first + self.cluster_size);
+        // Rule 3: anchor before rewriting. The guarded transaction was
+        // enqueued before this write could start (submit runs under the
+        // image's gate), so a commit queued now finishes after it, and a
+        // second one, written after that was acknowledged, records it:
+        // two anchoring commits suffice even if the submitter has not yet
+        // learnt its sequence number. The guard itself stays until the
+        // transaction is synced: the journal refuses journalled writes
+        // into the range until then, so the cluster must not be reused
+        // as metadata (rule 4, `may_reuse`).
+        for anchors in 0..3 {
             let Some(guard) = self.guards.lock().get(&first).copied() else {
                 return Ok(());
             };
-            let at = first;
-            match guard {
-                DataGuard::Committed(seq) if seq <= self.journal.anchored_seq() => {
-                    let mut guards = self.guards.lock();
-                    guards.remove(&at);
-                    self.guard_count.store(guards.len(), Ordering::SeqCst);
-                }
-                // Rule 3: anchor before rewriting. A commit queued now
-                // finishes after the submitted one (batches finish in
-                // order) and, once that is acknowledged, records it.
-                _ => self.anchor(counters)?,
+            let anchored = match guard {
+                DataGuard::Committed(seq) => seq <= self.journal.anchored_seq(),
+                DataGuard::Submitted(_) => anchors >= 2,
+            };
+            if anchored {
+                return Ok(());
             }
+            self.anchor(counters)?;
         }
-        Err(Error::Journal(format!(
-            "data at {offset} stayed guarded after anchoring"
-        )))
+        Ok(())
     }
 
     fn may_reuse(&self, cluster: HostCluster) -> bool {
@@ -456,6 +457,13 @@ impl MetadataBackend for JournalBackend {
             Some(DataGuard::Committed(seq)) => *seq <= synced,
             Some(DataGuard::Submitted(_)) => false,
         }
+    }
+
+    fn submits_under_gate(&self) -> bool {
+        // Submit only enqueues the transaction (the wait comes later,
+        // without the gate); it also reads the new data for checksums and
+        // guards it, which no guest write may race.
+        true
     }
 
     fn epoch_bytes_max(&self) -> Option<u64> {

@@ -173,6 +173,13 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Whether `submit` must run before guest operations resume (under the
+    /// image's gate). False lets guest I/O go on during a synchronous
+    /// submit (flush ordering writes and flushes in it).
+    fn submits_under_gate(&self) -> bool {
+        false
+    }
+
     /// The largest epoch, in bytes, the backend can take at once; the image
     /// persists early when an epoch grows towards it. `None`: no limit.
     fn epoch_bytes_max(&self) -> Option<u64> {

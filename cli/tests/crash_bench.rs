@@ -1,0 +1,502 @@
+//! End-to-end tests of `qj crash` and `qj bench`: the binary is run as a
+//! user runs it, and what it prints is parsed back.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use qj_model_checks::{all_mutations, BACKENDS, ENGINE_BACKENDS, WORKLOAD_NAMES};
+use serde_json::Value;
+
+fn qj(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qj"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qj: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts the exit status and returns stdout.
+#[track_caller]
+fn expect_exit(out: &Output, code: i32) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Asserts a usage error: exit 2, one `qj: ` line on stderr naming every
+/// string of `valid`. Returns the line.
+#[track_caller]
+fn expect_usage_error(args: &[&str], valid: &[&str]) -> String {
+    let out = qj(args);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: want one line, got: {stderr}");
+    assert!(lines[0].starts_with("qj: "), "{stderr}");
+    for name in valid {
+        assert!(
+            lines[0].contains(name),
+            "{args:?}: {name} missing from: {stderr}"
+        );
+    }
+    lines[0].to_string()
+}
+
+/// Splits a reproducer line the way a POSIX shell would: words separated
+/// by spaces, single quotes grouping (the operation list is quoted).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut in_word = false;
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            ' ' if !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            _ => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    assert!(!quoted, "unbalanced quote in {line}");
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// The reproducer lines a run printed (unshrunk first, then shrunk).
+fn reproducer_lines(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            line.find("qj crash --backend")
+                .map(|at| line[at..].to_string())
+        })
+        .collect()
+}
+
+/// Runs a reproducer line (its argv, minus the program name).
+fn run_line(line: &str) -> Output {
+    let words = shell_words(line);
+    assert_eq!(words.first().map(String::as_str), Some("qj"), "{line}");
+    let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
+    qj(&args)
+}
+
+/// `crash: N states explored, M violations` is the last line.
+fn closing_counts(stdout: &str) -> (u64, u64) {
+    let last = stdout.lines().last().unwrap_or_default();
+    let rest = last
+        .strip_prefix("crash: ")
+        .unwrap_or_else(|| panic!("last line is not the closing line: {stdout}"));
+    let numbers: Vec<u64> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(numbers.len(), 2, "{last}");
+    assert!(
+        rest.contains(" states explored, ") && rest.ends_with(" violations"),
+        "{last}"
+    );
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn list_mutations_prints_every_mutation_one_a_line() {
+    let stdout = expect_exit(&qj(&["crash", "--list-mutations"]), 0);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let all = all_mutations();
+    assert!(!all.is_empty());
+    assert_eq!(lines.len(), all.len(), "{stdout}");
+    for (backend, mutation) in all {
+        let unique = all_mutations()
+            .iter()
+            .filter(|(_, m)| *m == mutation)
+            .count()
+            == 1;
+        let want = if unique {
+            mutation.to_string()
+        } else {
+            format!("{backend}/{mutation}")
+        };
+        assert!(lines.contains(&want.as_str()), "{want} missing: {stdout}");
+    }
+}
+
+/// Every mutation is caught by a default `qj crash --mutate NAME` (no
+/// budget flags: the default budget), exits 1, prints reproducer lines
+/// (unshrunk and shrunk), and each reproducer line exits 1 again.
+#[test]
+fn every_mutation_is_caught_with_the_default_budget_and_reproduces() {
+    let listed = expect_exit(&qj(&["crash", "--list-mutations"]), 0);
+    // Every mutation is tried before failing, so that one run names all
+    // that escape.
+    let mut uncaught = Vec::new();
+    for name in listed.lines() {
+        // One exploration thread: the budget is what is explored, and a
+        // second thread would only shrink a second violation.
+        let out = qj(&["crash", "--mutate", name, "--jobs", "1"]);
+        let stdout = text(&out.stdout);
+        if out.status.code() != Some(1) {
+            uncaught.push(format!(
+                "{name} (exit {:?}): {}",
+                out.status.code(),
+                stdout.lines().last().unwrap_or_default()
+            ));
+            continue;
+        }
+        let (states, violations) = closing_counts(&stdout);
+        assert!(states > 0 && violations >= 1, "{name}: {stdout}");
+        let lines = reproducer_lines(&stdout);
+        assert!(!lines.is_empty(), "{name}: no reproducer line: {stdout}");
+        let mutation = name.rsplit('/').next().unwrap_or(name);
+        for line in &lines {
+            assert!(line.starts_with("qj crash --backend "), "{line}");
+            assert!(line.contains(&format!(" --mutate {mutation} ")), "{line}");
+            assert!(line.contains(" --crash-at "), "{line}");
+            let again = run_line(line);
+            let again_stdout = expect_exit(&again, 1);
+            let (states, violations) = closing_counts(&again_stdout);
+            assert!(states >= 1 && violations == 1, "{line}: {again_stdout}");
+        }
+    }
+    assert!(
+        uncaught.is_empty(),
+        "not caught with the default budget: {uncaught:#?}"
+    );
+}
+
+#[test]
+fn a_clean_run_exits_0_with_a_summary_row_per_engine_backend() {
+    let out = qj(&[
+        "crash",
+        "--workload",
+        "mixed",
+        "--states",
+        "100",
+        "--workloads",
+        "1",
+    ]);
+    let stdout = expect_exit(&out, 0);
+    let (states, violations) = closing_counts(&stdout);
+    assert_eq!(violations, 0, "{stdout}");
+    assert!(states >= 100 * ENGINE_BACKENDS.len() as u64, "{stdout}");
+    assert!(
+        stdout.lines().next().unwrap().starts_with("target "),
+        "{stdout}"
+    );
+    for backend in ENGINE_BACKENDS {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{backend} "))),
+            "{backend} row missing: {stdout}"
+        );
+    }
+    assert!(!stdout.contains("violation "), "{stdout}");
+}
+
+#[test]
+fn json_output_carries_the_summary_per_target() {
+    let out = qj(&[
+        "crash",
+        "--backend",
+        "raw",
+        "--workload",
+        "all",
+        "--states",
+        "60",
+        "--workloads",
+        "2",
+        "--output",
+        "json",
+    ]);
+    let stdout = expect_exit(&out, 0);
+    let json: Value = serde_json::from_str(&stdout).expect("one JSON document");
+    let targets = json["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 1, "{stdout}");
+    let raw = &targets[0];
+    assert_eq!(raw["target"], "raw");
+    // Every preset, with and without a backing file, for two seeds.
+    assert_eq!(
+        raw["workloads"].as_u64(),
+        Some(WORKLOAD_NAMES.len() as u64 * 2 * 2)
+    );
+    let states = raw["states_explored"].as_u64().unwrap();
+    assert!(states >= 60 * 20, "{stdout}");
+    assert_eq!(json["states_explored"].as_u64(), Some(states));
+    assert_eq!(json["violations"].as_u64(), Some(0));
+    assert!(json["findings"].as_array().unwrap().is_empty());
+    for key in [
+        "crash_points",
+        "states_with_leaks",
+        "leaked_clusters_max",
+        "states_per_s",
+    ] {
+        assert!(raw.get(key).is_some(), "{key} missing: {stdout}");
+    }
+}
+
+#[test]
+fn a_violation_in_json_names_its_reproducer() {
+    let out = qj(&[
+        "crash",
+        "--mutate",
+        "skip-flush",
+        "--no-shrink",
+        "--output",
+        "json",
+    ]);
+    let stdout = expect_exit(&out, 1);
+    let json: Value = serde_json::from_str(&stdout).expect("one JSON document");
+    let finding = &json["findings"][0];
+    let line = finding["reproduce"].as_str().expect("reproducer");
+    assert!(
+        line.starts_with("qj crash --backend raw --mutate skip-flush "),
+        "{line}"
+    );
+    assert!(finding["shrunk"].is_null(), "--no-shrink: {stdout}");
+    assert!(json["violations"].as_u64().unwrap() >= 1);
+
+    // A reproducer line reruns as is; with --shrink it is shrunk as well.
+    let plain = expect_exit(&run_line(line), 1);
+    assert!(!plain.contains("reproduce shrunk: "), "{plain}");
+    let shrunk = expect_exit(&run_line(&format!("{line} --shrink")), 1);
+    let lines = reproducer_lines(&shrunk);
+    assert_eq!(lines.len(), 2, "{shrunk}");
+    assert!(lines[1].contains(" --ops '"), "{shrunk}");
+    expect_exit(&run_line(&lines[1]), 1);
+
+    // Settings that change which states exist travel with the line.
+    let out = qj(&[
+        "crash",
+        "--mutate",
+        "skip-flush",
+        "--no-shrink",
+        "--cluster-size",
+        "8k",
+        "--qemu-every",
+        "0",
+    ]);
+    let stdout = expect_exit(&out, 1);
+    let line = reproducer_lines(&stdout).remove(0);
+    assert!(
+        line.ends_with(" --cluster-size 8192 --qemu-every 0"),
+        "{line}"
+    );
+    expect_exit(&run_line(&line), 1);
+}
+
+#[test]
+fn bad_names_numbers_and_crash_points_are_usage_errors_listing_what_is_valid() {
+    let mut backends: Vec<&str> = BACKENDS.to_vec();
+    backends.push("all");
+    expect_usage_error(&["crash", "--backend", "qcow3"], &backends);
+    let mutation_names: Vec<&str> = all_mutations().iter().map(|(_, m)| *m).collect();
+    expect_usage_error(&["crash", "--mutate", "no-such-bug"], &mutation_names);
+    // A mutation of another backend: the backend's own list.
+    let (backend, _) = all_mutations()[0];
+    let foreign = all_mutations()
+        .into_iter()
+        .find(|(b, _)| *b != backend)
+        .map(|(_, m)| m)
+        .expect("mutations on two backends");
+    let own: Vec<&str> = qj_model_checks::mutations(backend).to_vec();
+    expect_usage_error(&["crash", "--backend", backend, "--mutate", foreign], &own);
+    let mut workloads: Vec<&str> = WORKLOAD_NAMES.to_vec();
+    workloads.push("all");
+    expect_usage_error(&["crash", "--workload", "busy"], &workloads);
+    expect_usage_error(
+        &["crash", "--seed", "12abc"],
+        &["seed", "12abc", "whole number"],
+    );
+    expect_usage_error(&["crash", "--seed=-1"], &["seed", "whole number"]);
+    let line = expect_usage_error(
+        &[
+            "crash",
+            "--backend",
+            "raw",
+            "--workload",
+            "mixed",
+            "--crash-at",
+            "100000",
+            "--state",
+            "0",
+        ],
+        &["100000", "valid crash points are"],
+    );
+    assert!(line.contains("beyond the trace"), "{line}");
+    expect_usage_error(
+        &[
+            "crash",
+            "--backend",
+            "raw",
+            "--workload",
+            "mixed",
+            "--crash-at",
+            "3",
+            "--state",
+            "99999999",
+        ],
+        &["99999999", "valid states are 0.."],
+    );
+    // A crash path belongs to one backend and one workload preset.
+    expect_usage_error(
+        &["crash", "--backend", "raw", "--crash-at", "3"],
+        &["--workload"],
+    );
+    expect_usage_error(
+        &["crash", "--backend", "raw", "--crash-at", "x7"],
+        &["x7", "valid"],
+    );
+    expect_usage_error(
+        &["crash", "--backend", "raw", "--ops", "w1+1,q"],
+        &["operation list", "valid"],
+    );
+    expect_usage_error(&["crash", "--threads", "0"], &["--threads"]);
+    expect_usage_error(&["crash", "--cluster-size", "12Q"], &["12Q"]);
+    expect_usage_error(&["crash", "--cluster-size", "3000"], &["cluster_bytes"]);
+}
+
+fn bench_json(args: &[&str]) -> Vec<Value> {
+    let stdout = expect_exit(&qj(args), 0);
+    let json: Value = serde_json::from_str(&stdout).expect("a JSON array");
+    json.as_array().expect("a JSON array").clone()
+}
+
+#[test]
+fn bench_json_rows_carry_the_required_keys() {
+    let rows = bench_json(&[
+        "bench",
+        "--workload",
+        "alloc-sync-4k",
+        "--target",
+        "ordered,raw",
+        "--ops",
+        "20",
+        "--rounds",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for key in [
+        "workload",
+        "target",
+        "threads",
+        "ops_per_s",
+        "p50_us",
+        "p99_us",
+        "flushes_per_op",
+        "bytes_written_per_op",
+    ] {
+        for row in &rows {
+            assert!(row.get(key).is_some(), "{key} missing: {row}");
+        }
+    }
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["ordered", "raw"]);
+    for row in &rows {
+        assert_eq!(row["workload"], "alloc-sync-4k");
+        assert_eq!(row["threads"], 1);
+        assert_eq!(row["ops"], 20, "{row}");
+        assert!(row["ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        // Every synced write flushes at least once.
+        assert!(row["flushes_per_op"].as_f64().unwrap() >= 1.0, "{row}");
+        assert!(
+            row["bytes_written_per_op"].as_f64().unwrap() >= 4096.0,
+            "{row}"
+        );
+    }
+}
+
+#[test]
+fn bench_repeated_flags_thread_counts_and_an_own_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let rows = bench_json(&[
+        "bench",
+        "--workload",
+        "threads-sync",
+        "--target",
+        "raw",
+        "--target",
+        "raw",
+        "--threads",
+        "1,2",
+        "--ops",
+        "8",
+        "--rounds",
+        "1",
+        "--dir",
+        images.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let threads: Vec<u64> = rows
+        .iter()
+        .map(|r| r["threads"].as_u64().unwrap())
+        .collect();
+    assert_eq!(threads, [1, 2], "{rows:?}");
+    // The directory is the user's: it stays, the images do not.
+    assert!(images.is_dir());
+    assert_eq!(std::fs::read_dir(&images).unwrap().count(), 0);
+    // The table form has a header and a row per cell.
+    let stdout = expect_exit(
+        &qj(&[
+            "bench",
+            "--workload",
+            "read",
+            "--target",
+            "raw",
+            "--batch-ops",
+            "16",
+            "--rounds",
+            "1",
+        ]),
+        0,
+    );
+    assert!(stdout.starts_with("workload "), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("read ")), "{stdout}");
+    assert!(Path::new(&images).exists());
+}
+
+#[test]
+fn bench_bad_names_zero_threads_and_bad_sizes_are_usage_errors() {
+    expect_usage_error(
+        &["bench", "--workload", "alloc,read"],
+        &["alloc-sync-4k", "threads-sync"],
+    );
+    expect_usage_error(
+        &["bench", "--target", "qcow2"],
+        &["journal", "journal-draft", "ordered", "qemu", "raw"],
+    );
+    expect_usage_error(&["bench", "--threads", "1,0"], &["--threads"]);
+    expect_usage_error(&["bench", "--cluster-size", "12Q"], &["12Q"]);
+    expect_usage_error(&["bench", "--cluster-size", "48k"], &["power of two"]);
+    expect_usage_error(&["bench", "--ops", "many"], &["--ops"]);
+}

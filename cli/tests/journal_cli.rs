@@ -1,0 +1,397 @@
+//! End-to-end tests of the journal commands of `qj` (`create -o journal=..`,
+//! `amend`, `info`'s journal block, `journal dump`, `io -c abort` on a
+//! journalled image), with qemu-img and qemu-io as the independent oracle.
+//! They fail (not skip) when the QEMU tools are missing.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn run(program: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"))
+}
+
+fn qj(dir: &Path, args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_qj"), args, dir)
+}
+
+fn qemu_img(dir: &Path, args: &[&str]) -> Output {
+    run("qemu-img", args, dir)
+}
+
+fn qemu_io(dir: &Path, args: &[&str]) -> Output {
+    run("qemu-io", args, dir)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts success and returns stdout.
+#[track_caller]
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Asserts the exit status, one `qj: ` line on stderr, no panic, and
+/// returns that line.
+#[track_caller]
+fn one_line_error(out: &Output, code: i32) -> String {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one line, got: {stderr}");
+    assert!(lines[0].starts_with("qj: "), "{stderr}");
+    lines[0].to_string()
+}
+
+/// `qj info --output json FILE`, parsed.
+#[track_caller]
+fn info_json(dir: &Path, file: &str) -> Value {
+    let out = ok(qj(dir, &["info", "--output", "json", file]));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn journalled_image_lifecycle_against_qemu() {
+    let dir = tmp();
+    let d = dir.path();
+    let created = ok(qj(
+        d,
+        &[
+            "create",
+            "-o",
+            "journal=on,journal_size=1M",
+            "j.qcow2",
+            "4M",
+        ],
+    ));
+    assert!(created.contains("journal=on"), "{created}");
+
+    // A fresh journalled image: the journal is described, clean.
+    ok(qj(
+        d,
+        &["io", "-c", "write -P 0xab 0 128k", "-c", "flush", "j.qcow2"],
+    ));
+    let info = info_json(d, "j.qcow2");
+    assert_eq!(info["qj"]["backend"], "journal", "{info}");
+    let journal = &info["qj"]["journal"];
+    assert_eq!(journal["size"], 1 << 20, "{info}");
+    assert_eq!(journal["commit-protocol"], "single-flush", "{info}");
+    assert_eq!(journal["dirty-bit"], false, "{info}");
+    assert_eq!(journal["valid"], true, "{info}");
+    assert!(journal["committed-seq"].as_u64().is_some(), "{info}");
+    assert!(journal["used-percent"].as_u64().is_some(), "{info}");
+    // QEMU's keys are untouched by ours.
+    assert_eq!(info["virtual-size"], 4 << 20, "{info}");
+    assert_eq!(info["format"], "qcow2", "{info}");
+    let journal_offset = journal["offset"].as_u64().unwrap();
+
+    // Killed after a flush: the committed transactions are only in the
+    // journal, so the image is dirty and QEMU must refuse it by name.
+    ok(qj(
+        d,
+        &[
+            "io",
+            "-c",
+            "write -P 0xcd 128k 64k",
+            "-c",
+            "flush",
+            "-c",
+            "abort",
+            "j.qcow2",
+        ],
+    ));
+    let refused = qemu_img(d, &["info", "j.qcow2"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("journal dirty"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    // Looking changes nothing: info and a read-only io replay in memory.
+    let before = std::fs::read(d.join("j.qcow2")).unwrap();
+    let info = info_json(d, "j.qcow2");
+    let journal = &info["qj"]["journal"];
+    assert_eq!(journal["dirty-bit"], true, "{info}");
+    assert_eq!(journal["replayed-in-memory"], true, "{info}");
+    assert!(
+        journal["replayed-transactions"].as_u64().unwrap() >= 1,
+        "{info}"
+    );
+    let human = ok(qj(d, &["info", "j.qcow2"]));
+    assert!(human.contains("dirty bit: true"), "{human}");
+    assert!(human.contains("replayed in memory"), "{human}");
+    ok(qj(
+        d,
+        &[
+            "io",
+            "-r",
+            "-c",
+            "read -P 0xab 0 128k",
+            "-c",
+            "read -P 0xcd 128k 64k",
+            "j.qcow2",
+        ],
+    ));
+    // A wrong pattern fails: the read really verifies.
+    let wrong = qj(d, &["io", "-r", "-c", "read -P 0xab 128k 64k", "j.qcow2"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert_eq!(std::fs::read(d.join("j.qcow2")).unwrap(), before);
+
+    // The dump of the dirty journal, as text and as JSON.
+    let dump = ok(qj(d, &["journal", "dump", "j.qcow2"]));
+    assert!(
+        dump.contains(&format!("journal at {journal_offset:#x}")),
+        "{dump}"
+    );
+    assert!(dump.contains("to replay (dirty)"), "{dump}");
+    assert!(dump.contains("\ntransaction "), "{dump}");
+    let dump_json: Value = serde_json::from_str(&ok(qj(
+        d,
+        &["journal", "dump", "--output", "json", "j.qcow2"],
+    )))
+    .unwrap();
+    assert_eq!(dump_json["base_offset"], journal_offset, "{dump_json}");
+    assert_eq!(dump_json["size_bytes"], 1 << 20, "{dump_json}");
+
+    // A read-write open replays in place; our checker then finds it clean.
+    ok(qj(d, &["io", "-c", "read -P 0xcd 128k 64k", "j.qcow2"]));
+    let check = qj(d, &["check", "j.qcow2"]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stderr));
+    assert_eq!(info_json(d, "j.qcow2")["qj"]["journal"]["dirty-bit"], false);
+
+    // Removing the journal gives QEMU an image with no leaks and the data.
+    ok(qj(d, &["amend", "-o", "journal=off", "j.qcow2"]));
+    let info = info_json(d, "j.qcow2");
+    assert!(info["qj"].get("journal").is_none(), "{info}");
+    assert_eq!(info["qj"]["backend"], "flush-ordering", "{info}");
+    let check = qemu_img(d, &["check", "--output=json", "j.qcow2"]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stderr));
+    let check: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert!(check.get("leaks").is_none(), "{check}");
+    assert!(check.get("corruptions").is_none(), "{check}");
+    ok(qemu_io(
+        d,
+        &[
+            "-c",
+            "read -P 0xab 0 128k",
+            "-c",
+            "read -P 0xcd 128k 64k",
+            "j.qcow2",
+        ],
+    ));
+
+    // And back on, with the draft's commit; twice is refused.
+    ok(qj(
+        d,
+        &["amend", "-o", "journal=on,commit=draft", "j.qcow2"],
+    ));
+    let info = info_json(d, "j.qcow2");
+    assert_eq!(
+        info["qj"]["journal"]["commit-protocol"], "two-flush",
+        "{info}"
+    );
+    assert_eq!(info["qj"]["journal"]["size"], 16 << 20, "{info}");
+    let again = qj(d, &["amend", "-o", "journal=on", "j.qcow2"]);
+    let line = one_line_error(&again, 1);
+    assert!(line.contains("already has a journal"), "{line}");
+    ok(qj(
+        d,
+        &[
+            "io",
+            "-c",
+            "write -P 0x11 1M 64k",
+            "-c",
+            "read -P 0xab 0 128k",
+            "j.qcow2",
+        ],
+    ));
+    ok(qj(d, &["io", "-r", "-c", "read -P 0x11 1M 64k", "j.qcow2"]));
+}
+
+#[test]
+fn draft_commit_is_shown_as_two_flush() {
+    let dir = tmp();
+    let d = dir.path();
+    ok(qj(
+        d,
+        &[
+            "create",
+            "-q",
+            "-o",
+            "journal=on,commit=draft,journal_size=256k",
+            "c.qcow2",
+            "1M",
+        ],
+    ));
+    let human = ok(qj(d, &["info", "c.qcow2"]));
+    assert!(human.contains("commit protocol: two-flush"), "{human}");
+    assert!(human.contains("journal: 256 KiB (262144 bytes)"), "{human}");
+    ok(qj(
+        d,
+        &["io", "-c", "write -P 7 0 4k", "-c", "flush", "c.qcow2"],
+    ));
+    ok(qj(d, &["io", "-r", "-c", "read -P 7 0 4k", "c.qcow2"]));
+    // Without journal=on the image has no journal at all.
+    ok(qj(
+        d,
+        &["create", "-q", "-o", "journal=off", "p.qcow2", "1M"],
+    ));
+    let info = info_json(d, "p.qcow2");
+    assert!(info["qj"].get("journal").is_none(), "{info}");
+    let check = qemu_img(d, &["check", "p.qcow2"]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stderr));
+}
+
+#[test]
+fn bad_journal_options_and_files_give_one_line() {
+    let dir = tmp();
+    let d = dir.path();
+    let line = one_line_error(
+        &qj(d, &["create", "-o", "commit=draft", "x.qcow2", "1M"]),
+        2,
+    );
+    assert!(line.contains("needs journal=on"), "{line}");
+    let line = one_line_error(
+        &qj(d, &["create", "-o", "journal_size=1M", "x.qcow2", "1M"]),
+        2,
+    );
+    assert!(
+        line.contains("journal_size") && line.contains("journal=on"),
+        "{line}"
+    );
+    assert!(
+        !d.join("x.qcow2").exists(),
+        "bad options must create nothing"
+    );
+    let line = one_line_error(
+        &qj(d, &["create", "-o", "journal=maybe", "x.qcow2", "1M"]),
+        2,
+    );
+    assert!(
+        line.contains("'maybe'") && line.contains("on, off"),
+        "{line}"
+    );
+    let line = one_line_error(
+        &qj(
+            d,
+            &["create", "-o", "journal=on,commit=fast", "x.qcow2", "1M"],
+        ),
+        2,
+    );
+    assert!(line.contains("single-flush, draft"), "{line}");
+    let line = one_line_error(
+        &qj(
+            d,
+            &[
+                "create",
+                "-o",
+                "journal=on,journal_size=1k",
+                "x.qcow2",
+                "1M",
+            ],
+        ),
+        2,
+    );
+    assert!(line.contains("journal_size"), "{line}");
+
+    ok(qj(d, &["create", "-q", "plain.qcow2", "1M"]));
+    let before = std::fs::read(d.join("plain.qcow2")).unwrap();
+    let line = one_line_error(
+        &qj(d, &["amend", "-o", "cluster_size=4k", "plain.qcow2"]),
+        2,
+    );
+    assert!(
+        line.contains("'cluster_size'") && line.contains("journal, journal_size, commit"),
+        "{line}"
+    );
+    let line = one_line_error(&qj(d, &["amend", "-o", "commit=draft", "plain.qcow2"]), 2);
+    assert!(line.contains("needs journal=on"), "{line}");
+    let line = one_line_error(&qj(d, &["amend", "plain.qcow2"]), 2);
+    assert!(line.contains("-o"), "{line}");
+    assert_eq!(std::fs::read(d.join("plain.qcow2")).unwrap(), before);
+    let line = one_line_error(&qj(d, &["amend", "-o", "journal=on", "missing.qcow2"]), 1);
+    assert!(line.contains("missing.qcow2"), "{line}");
+
+    // A qcow2 image without a journal, garbage, and an empty file.
+    let line = one_line_error(&qj(d, &["journal", "dump", "plain.qcow2"]), 1);
+    assert!(line.contains("no qjournal header extension"), "{line}");
+    std::fs::write(d.join("junk.bin"), [0x5au8; 4096]).unwrap();
+    let line = one_line_error(&qj(d, &["journal", "dump", "junk.bin"]), 1);
+    assert!(line.contains("bad magic"), "{line}");
+    std::fs::write(d.join("empty.bin"), []).unwrap();
+    let line = one_line_error(&qj(d, &["journal", "dump", "empty.bin"]), 1);
+    assert!(line.contains("empty"), "{line}");
+    let line = one_line_error(&qj(d, &["journal", "dump", "none.bin"]), 1);
+    assert!(line.contains("none.bin"), "{line}");
+}
+
+#[test]
+fn a_bare_journal_region_is_dumped_from_offset_zero() {
+    use qj_journal::{FileStorage, Journal, JournalOptions, Transaction};
+    let dir = tmp();
+    let d = dir.path();
+    let region_bytes = 64 * 1024;
+    {
+        let storage = FileStorage::create(&d.join("region.bin")).unwrap();
+        let journal =
+            Journal::create(storage, 0, region_bytes, 512, JournalOptions::new(1 << 20)).unwrap();
+        let mut tx = Transaction::new();
+        tx.write(0x20000, &[0x5a; 512]).unwrap();
+        assert_eq!(journal.commit(tx).unwrap(), 1);
+        // Dropped without a checkpoint: the transaction stays to replay.
+    }
+    // The file is the region: as long as the journal, even where the
+    // journal has not written yet.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("region.bin"))
+        .unwrap()
+        .set_len(region_bytes)
+        .unwrap();
+    let dump = ok(qj(d, &["journal", "dump", "region.bin"]));
+    assert!(
+        dump.starts_with(&format!(
+            "journal at 0x0: {region_bytes} bytes, 512-byte blocks"
+        )),
+        "{dump}"
+    );
+    assert!(
+        dump.contains("1 transaction(s) to replay (dirty)"),
+        "{dump}"
+    );
+    assert!(dump.contains("0x20000+0x200"), "{dump}");
+    let json: Value = serde_json::from_str(&ok(qj(
+        d,
+        &["journal", "dump", "--output", "json", "region.bin"],
+    )))
+    .unwrap();
+    assert_eq!(json["base_offset"], 0, "{json}");
+    assert_eq!(json["size_bytes"], region_bytes, "{json}");
+    let transactions = json["transactions"].as_array().unwrap();
+    assert_eq!(transactions.len(), 1, "{json}");
+    assert_eq!(transactions[0]["seq"], 1, "{json}");
+    assert_eq!(
+        transactions[0]["descriptors"][0]["chunks"][0]["target"], 0x20000,
+        "{json}"
+    );
+}
