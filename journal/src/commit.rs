@@ -151,21 +151,8 @@ impl<S: Storage> Journal<S> {
     /// the ring is full the commit checkpoints (or fails with
     /// [`JournalError::Full`], per the options).
     pub fn commit(&self, tx: Transaction) -> Result<u64, JournalError> {
-        self.check_usable()?;
-        for (index, descriptor) in tx.descriptors().iter().enumerate() {
-            self.bounds
-                .check(descriptor, 0)
-                .map_err(|source| JournalError::RefusedDescriptor { index, source })?;
-        }
-        let needed_blocks = self.blocks_needed(&tx);
-        let ring_blocks = u64::from(self.geometry.ring_blocks());
-        if needed_blocks > ring_blocks {
-            return Err(JournalError::TooLarge {
-                needed_blocks,
-                ring_blocks,
-            });
-        }
-        self.group.submit(tx, &CommitPipeline { journal: self })
+        let ticket = self.commit_enqueue(tx)?;
+        self.commit_wait(ticket)
     }
 
     /// Checks `tx` like [`Journal::commit`] and queues it for group commit
