@@ -238,14 +238,14 @@ fn draft_commit_is_shown_as_two_flush() {
             "create",
             "-q",
             "-o",
-            "journal=on,commit=draft,journal_size=256k",
+            "journal=on,commit=draft,journal_size=1M",
             "c.qcow2",
             "1M",
         ],
     ));
     let human = ok(qj(d, &["info", "c.qcow2"]));
     assert!(human.contains("commit protocol: two-flush"), "{human}");
-    assert!(human.contains("journal: 256 KiB (262144 bytes)"), "{human}");
+    assert!(human.contains("journal: 1 MiB (1048576 bytes)"), "{human}");
     ok(qj(
         d,
         &["io", "-c", "write -P 7 0 4k", "-c", "flush", "c.qcow2"],
