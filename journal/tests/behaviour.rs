@@ -1164,6 +1164,8 @@ fn a_torn_header_update_falls_back_to_the_other_slot() {
     let dumped = dump(&storage, 0, SIZE).unwrap();
     assert!(dumped.slots[header.slot].error.is_some());
     assert_eq!(dumped.header.generation, header.generation - 1);
+    // Clobber the synced target: only a replay that re-applies the synced
+    // transactions (as the older slot demands) can bring "first" back.
     storage.write_at(b"XXXXX", AREA).unwrap();
     let (_, report) = reopen(&storage);
     assert_eq!(report.synced_seq_before, 0);
