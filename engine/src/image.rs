@@ -305,12 +305,7 @@ impl Image {
     /// Each step is durable before the next, so a crash in between leaves
     /// at worst leaked clusters.
     pub fn enable_journal(storage: Arc<dyn Storage>, config: &JournalConfig) -> Result<()> {
-        let opts = OpenOptions {
-            backing: BackingSource::Ignore,
-            ..OpenOptions::read_write()
-        };
-        let image =
-            Self::open_with_backend(storage.clone(), &opts, Box::new(FlushOrdering::new()))?;
+        let image = Self::open_for_metadata_change(storage.clone())?;
         if image.header.lock().mem.journal().is_some() {
             return Err(Error::InvalidArgument(
                 "the image already has a journal".into(),
@@ -377,6 +372,16 @@ impl Image {
         image.close()
     }
 
+    /// Opens read-write on flush ordering without the backing file, to
+    /// change the image's own structure (journal on, off, re-created).
+    fn open_for_metadata_change(storage: Arc<dyn Storage>) -> Result<Image> {
+        let opts = OpenOptions {
+            backing: BackingSource::Ignore,
+            ..OpenOptions::read_write()
+        };
+        Self::open_with_backend(storage, &opts, Box::new(FlushOrdering::new()))
+    }
+
     /// Removes the journal: replays and checkpoints it, unlinks it from
     /// the header, then frees its clusters (after the unlinking is durable,
     /// by the usual free rules).
@@ -386,7 +391,7 @@ impl Image {
             ..OpenOptions::read_write()
         };
         Self::open(storage.clone(), &opts)?.close()?;
-        let image = Self::open_with_backend(storage, &opts, Box::new(FlushOrdering::new()))?;
+        let image = Self::open_for_metadata_change(storage)?;
         let Some(ext) = image.header.lock().mem.journal() else {
             return image.close();
         };
@@ -415,12 +420,7 @@ impl Image {
         opts: &OpenOptions,
         old: JournalExtension,
     ) -> Result<Image> {
-        let plain = OpenOptions {
-            backing: BackingSource::Ignore,
-            ..OpenOptions::read_write()
-        };
-        let image =
-            Self::open_with_backend(storage.clone(), &plain, Box::new(FlushOrdering::new()))?;
+        let image = Self::open_for_metadata_change(storage.clone())?;
         {
             let mut h = image.header.lock();
             h.mem.set_journal(None);
