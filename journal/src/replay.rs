@@ -1,7 +1,7 @@
-//! Replay passes 2 and 3 over the result of the scan (pass 1): collect
-//! every revoke, then apply the transactions in order, skipping revoked
-//! bytes, verifying data checksums, and handing dedup entries to the
-//! consumer.
+//! Replay passes 2 and 3 over the result of the scan (pass 1): settle where
+//! the replayed log ends (data checksums of unanchored transactions), collect
+//! the revokes of what will be replayed, then apply the transactions in
+//! order, skipping revoked bytes and handing dedup entries to the consumer.
 //!
 //! Nothing is written before the scan has judged the whole log, so a log
 //! that must be refused (damaged in the middle, or invalid) is refused
@@ -102,26 +102,6 @@ pub(crate) fn replay(
         });
     }
 
-    // Pass 2: every revoke of the log, before anything is applied, so that
-    // a transaction is never applied over a range a later one revoked.
-    let mut revokes = RevokeTable::new();
-    for tx in &scan.transactions {
-        for descriptor in &tx.parsed.descriptors {
-            if let Descriptor::Revoke(ranges) = descriptor {
-                for range in ranges {
-                    revokes.insert(*range, tx.seq());
-                }
-            }
-        }
-    }
-    if mutation == Mutation::ReplayIgnoresRevokes {
-        // Deliberate bug for the crash harness (never set otherwise): with
-        // the table empty, pass 3 writes old metadata over ranges that a
-        // later transaction freed and the image may since have reused.
-        revokes = RevokeTable::new();
-    }
-
-    // Pass 3: apply in order.
     let mut report = ReplayReport {
         mode,
         synced_seq_before: scan.header.synced_seq,
@@ -143,30 +123,67 @@ pub(crate) fn replay(
         salvaged: damaged,
     };
     let mut next_head = end.ring_block;
-    let mut ranges = Vec::new();
-    for tx in &scan.transactions {
+
+    // Pass 2a: where the replayed log ends. A transaction no later one
+    // anchors may depend on data that never reached the device; if so it
+    // was never acknowledged, and neither was anything after it
+    // (acknowledgement is in order). This must be settled before the
+    // revokes are collected: a dropped transaction's revokes never
+    // happened, and honouring one would skip an earlier, replayed write
+    // (the L1 table of a dropped grow, say) and lose committed metadata.
+    // Checking before anything is applied gives the same answer as
+    // checking in order, because no replayed operation changes a
+    // checksummed range (spec 8.6 rule 3).
+    let mut replayed_count = scan.transactions.len();
+    for (index, tx) in scan.transactions.iter().enumerate() {
         let seq = tx.seq();
-        // A transaction no later one anchors may depend on data that never
-        // reached the device; if so it was never acknowledged, and neither
-        // was anything after it (acknowledgement is in order).
-        if seq > scan.anchor_seq {
-            if let Some(mismatch) = verify_data_checksums(target, &tx.parsed.descriptors)? {
-                report.data_checksum_mismatch = Some((seq, mismatch));
-                report.end = LogEndReport {
-                    kind: LogEndKind::TornTail,
-                    ring_block: tx.extent_start,
-                    failed_block: tx.tx_start,
-                    expected_seq: seq,
-                    reason: format!(
-                        "data checksum of {:#x}+{:#x} does not match: the data never reached the device",
-                        mismatch.target, mismatch.length
-                    ),
-                    evidence_seq: None,
-                };
-                next_head = tx.extent_start;
-                break;
+        if seq <= scan.anchor_seq {
+            continue;
+        }
+        if let Some(mismatch) = verify_data_checksums(target, &tx.parsed.descriptors)? {
+            report.data_checksum_mismatch = Some((seq, mismatch));
+            report.end = LogEndReport {
+                kind: LogEndKind::TornTail,
+                ring_block: tx.extent_start,
+                failed_block: tx.tx_start,
+                expected_seq: seq,
+                reason: format!(
+                    "data checksum of {:#x}+{:#x} does not match: the data never reached the device",
+                    mismatch.target, mismatch.length
+                ),
+                evidence_seq: None,
+            };
+            next_head = tx.extent_start;
+            replayed_count = index;
+            break;
+        }
+    }
+    let replayed = &scan.transactions[..replayed_count];
+
+    // Pass 2b: every revoke of the replayed log, before anything is
+    // applied, so that a transaction is never applied over a range a later
+    // one revoked.
+    let mut revokes = RevokeTable::new();
+    for tx in replayed {
+        for descriptor in &tx.parsed.descriptors {
+            if let Descriptor::Revoke(ranges) = descriptor {
+                for range in ranges {
+                    revokes.insert(*range, tx.seq());
+                }
             }
         }
+    }
+    if mutation == Mutation::ReplayIgnoresRevokes {
+        // Deliberate bug for the crash harness (never set otherwise): with
+        // the table empty, pass 3 writes old metadata over ranges that a
+        // later transaction freed and the image may since have reused.
+        revokes = RevokeTable::new();
+    }
+
+    // Pass 3: apply in order.
+    let mut ranges = Vec::new();
+    for tx in replayed {
+        let seq = tx.seq();
         let applied = apply_transaction(
             target,
             seq,

@@ -621,6 +621,35 @@ fn data_checksum_mismatch_drops_the_unanchored_tail() {
     assert_eq!(read(&storage, AREA + 0x100, 7), b"mapping");
 }
 
+/// Found by the crash harness (journal backend, grow workload): a grow
+/// committed a new L1 table and revoked the old one, but its guest data
+/// never reached the disk, so the grow was dropped at replay, yet its
+/// revoke still suppressed the earlier transaction's write of the old L1
+/// table, and the image lost a mapping. A dropped transaction's revokes
+/// never happened.
+#[test]
+fn a_dropped_transaction_revokes_nothing() {
+    const GUEST: u64 = AREA + 0x4000;
+    let storage = MemStorage::new();
+    let journal = create(&storage);
+    journal.commit(tx_write(AREA, b"old table")).unwrap();
+    let mut t2 = Transaction::new();
+    t2.revoke(AREA, 0x1000)
+        .unwrap()
+        .write(AREA + 0x1000, b"new table")
+        .unwrap()
+        .data_checksum(GUEST, &pattern(9, 4096))
+        .unwrap();
+    journal.commit(t2).unwrap();
+    drop(journal);
+    let (_, report) = reopen(&storage);
+    assert_eq!(report.data_checksum_mismatch.map(|(seq, _)| seq), Some(2));
+    assert_eq!(report.transactions_replayed, 1);
+    assert_eq!(report.bytes_revoked, 0, "transaction 2's revoke is void");
+    assert_eq!(read(&storage, AREA, 9), b"old table");
+    assert_eq!(read(&storage, AREA + 0x1000, 9), vec![0; 9]);
+}
+
 #[test]
 fn copy_sources_and_checksummed_ranges_are_protected_until_synced() {
     let storage = MemStorage::new();
