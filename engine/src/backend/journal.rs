@@ -350,7 +350,8 @@ impl MetadataBackend for JournalBackend {
                     .read_at(buf, offset.0)
                     .ctx(|| format!("reading data at {offset} to checksum"))?;
                 tx.data_checksum(offset.0, buf).map_err(journal_err)?;
-                guarded.push(offset.0);
+                // Guards are per cluster: a range never crosses one.
+                guarded.push(offset.0 - offset.0 % self.cluster_size);
             }
         }
         {

@@ -66,7 +66,8 @@ impl fmt::Debug for MetadataWrite {
 ///   guest data written into newly referenced clusters.
 /// - `new_data`: host ranges of guest data that entries in `tables` or
 ///   `fresh_tables` newly reference (their content was written before the
-///   epoch was gathered).
+///   epoch was gathered): the whole cluster, or only the bytes written
+///   when the rest of the cluster is a hole past the end of the file.
 /// - `freed_metadata`: clusters that held metadata and were freed in this
 ///   epoch; a journal must revoke its earlier writes to them.
 #[derive(Debug, Default)]
