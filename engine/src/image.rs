@@ -1064,13 +1064,12 @@ impl Image {
         // what a journal's data checksum must cover (the rest of a cluster
         // past the end of the file is a hole no one else writes, and reads
         // as zeros however the crash falls).
-        let written: (HostOffset, u64);
-        if whole || (old_reads_zero && past_eof) {
+        let written: (HostOffset, u64) = if whole || (old_reads_zero && past_eof) {
             // A cluster past the end of the file reads as zeros already, so
             // zero padding around the data need not be written (QEMU skips
             // it too); the data write extends the file.
             self.write_data(data, host.0 + in_cluster as u64)?;
-            written = (HostOffset(host.0 + in_cluster as u64), data.len() as u64);
+            (HostOffset(host.0 + in_cluster as u64), data.len() as u64)
         } else {
             // Copy-on-write: the new cluster gets the old content around the
             // written bytes (from backing, a shared cluster, a compressed
@@ -1079,8 +1078,8 @@ impl Image {
             self.old_content(cluster, old, &mut full)?;
             full[in_cluster..in_cluster + data.len()].copy_from_slice(data);
             self.write_data(&full, host.0)?;
-            written = (host, cs as u64);
-        }
+            (host, cs as u64)
+        };
         t.set_entry(
             index,
             L2Entry::Normal {
