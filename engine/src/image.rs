@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::backend::journal::JournalBackend;
 use crate::backend::ordered::FlushOrdering;
-use crate::backend::{BackendKind, Epoch, MetadataBackend, MetadataWrite};
+use crate::backend::{BackendKind, DelayedCopy, Epoch, MetadataBackend, MetadataWrite};
 use crate::backing::Backing;
 use crate::cache::{CachedTable, TableCache, WritebackPins};
 use crate::compressed::inflate_cluster;
@@ -296,6 +296,7 @@ impl Image {
             opts.writable,
             header.has_incompatible(features::INCOMPAT_JOURNAL_DIRTY_BIT),
             opts.journal_mutation,
+            opts.delayed_cow,
         )?;
         Self::open_with_backend(storage, opts, Box::new(backend))
     }
@@ -915,10 +916,13 @@ impl Image {
                 out.fill(0);
                 Ok(())
             }
-            L2Entry::Normal { offset, .. } => self
-                .storage
-                .read_at(out, offset.0 + in_cluster as u64)
-                .ctx(|| format!("reading guest data at {guest:#x}")),
+            L2Entry::Normal { offset, .. } => {
+                let host = HostOffset(offset.0 + in_cluster as u64);
+                self.storage
+                    .read_at(out, host.0)
+                    .ctx(|| format!("reading guest data at {guest:#x}"))?;
+                self.backend.patch_data_read(out, host)
+            }
             L2Entry::Compressed {
                 host_offset,
                 compressed_size_max,
@@ -1064,7 +1068,34 @@ impl Image {
         // what a journal's data checksum must cover (the rest of a cluster
         // past the end of the file is a hole no one else writes, and reads
         // as zeros however the crash falls).
-        let written: (HostOffset, u64) = if whole || (old_reads_zero && past_eof) {
+        let delayed = match old {
+            // Shared with a snapshot: the backend may carry the copy of
+            // the untouched bytes (delayed copy-on-write) instead of us
+            // making it now.
+            L2Entry::Normal {
+                offset: source,
+                copied: false,
+            } if !whole => {
+                let end = (in_cluster + data.len()) as u64;
+                let untouched: Vec<(u64, u64)> = [(0, in_cluster as u64), (end, cs as u64 - end)]
+                    .into_iter()
+                    .filter(|&(_, len)| len > 0)
+                    .collect();
+                self.backend.delay_copy(&DelayedCopy {
+                    target: host.0,
+                    source: source.0,
+                    untouched,
+                })
+            }
+            _ => false,
+        };
+        let written: (HostOffset, u64) = if delayed {
+            // The untouched bytes come from the copy in the transaction
+            // that links this cluster; only the guest's bytes are ours to
+            // write (and to checksum).
+            self.write_data(data, host.0 + in_cluster as u64)?;
+            (HostOffset(host.0 + in_cluster as u64), data.len() as u64)
+        } else if whole || (old_reads_zero && past_eof) {
             // A cluster past the end of the file reads as zeros already, so
             // zero padding around the data need not be written (QEMU skips
             // it too); the data write extends the file.

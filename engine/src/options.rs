@@ -113,6 +113,11 @@ pub struct OpenOptions {
     pub ordering_mutation: OrderingMutation,
     /// A deliberate bug in the journalled backend, for the crash harness only.
     pub journal_mutation: JournalMutation,
+    /// On a journalled image, let a partial write into a cluster shared
+    /// with a snapshot journal a copy of the untouched bytes instead of
+    /// copying them before it returns (delayed copy-on-write). No effect
+    /// with flush ordering, which always copies first.
+    pub delayed_cow: bool,
 }
 
 impl Default for OpenOptions {
@@ -124,6 +129,7 @@ impl Default for OpenOptions {
             base_dir: None,
             ordering_mutation: OrderingMutation::None,
             journal_mutation: JournalMutation::None,
+            delayed_cow: true,
         }
     }
 }

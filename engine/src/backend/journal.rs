@@ -29,6 +29,16 @@
 //!    transaction, so replay never writes old metadata over the data a
 //!    reused cluster holds (the draft's L1-reuse example); the image reuses
 //!    them only after that transaction is durable (refcount.rs).
+//! 6. A delayed copy-on-write (`delayed_cow.rs`) travels in the transaction
+//!    that links its target ([`JournalBackend::submit`]), so replay never
+//!    exposes the target's untouched bytes unfilled. Until the copy is
+//!    synced, reads of those bytes go to the source
+//!    ([`MetadataBackend::patch_data_read`]), a write into them first
+//!    makes the copy happen, in place if its transaction is not submitted,
+//!    else by commit and checkpoint (so the copy, applied later, cannot
+//!    overwrite the write), and neither source nor target is reused
+//!    ([`JournalBackend::may_reuse`]): a replay run twice must copy the
+//!    same bytes into a cluster no one else owns.
 //!
 //! Until a checkpoint, the newest content of journalled metadata lives in
 //! the journal, not in place: reads of metadata go through an overlay of
@@ -44,7 +54,8 @@ use qj_journal::{
 use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_MASK;
 use qj_spec::units::{HostCluster, HostOffset};
 
-use super::{BackendKind, Epoch, MetadataBackend};
+use super::delayed_cow::{CopyState, PendingCopies};
+use super::{BackendKind, DelayedCopy, Epoch, MetadataBackend};
 use crate::error::{Error, IoContext, Result};
 use crate::stats::Counters;
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
@@ -109,6 +120,14 @@ pub struct JournalBackend {
     checkpoint_bytes: AtomicU64,
     /// Transactions replayed when the journal was opened.
     replayed: u64,
+    /// Whether partial writes into shared clusters delay their copy.
+    delayed_cow: bool,
+    /// Delayed copies not yet synced (rule 6).
+    copies: Mutex<PendingCopies>,
+    copy_count: AtomicUsize,
+    /// Clusters whose delayed copy was made in place before its
+    /// transaction was submitted: the next epoch checksums them whole.
+    copied_in_place: Mutex<Vec<(HostOffset, u64)>>,
 }
 
 fn journal_err(e: JournalError) -> Error {
@@ -133,7 +152,8 @@ impl JournalBackend {
     /// Opens the journal at `offset`, replaying committed transactions:
     /// in place when `writable`, else into an in-memory overlay (nothing is
     /// written). Whether the dirty bit is durable on disk comes from the
-    /// header the caller read.
+    /// header the caller read. `delayed_cow`: carry the copies of partial
+    /// writes into shared clusters in the journal (rule 6).
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         storage: Arc<dyn Storage>,
@@ -144,6 +164,7 @@ impl JournalBackend {
         writable: bool,
         dirty_bit_on_disk: bool,
         mutation: JournalMutation,
+        delayed_cow: bool,
     ) -> Result<(Self, ReplayReport)> {
         let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
         options.commit_protocol = protocol;
@@ -183,6 +204,10 @@ impl JournalBackend {
             folded: Mutex::new(JournalStats::default()),
             checkpoint_bytes: AtomicU64::new(0),
             replayed: report.transactions_replayed,
+            delayed_cow,
+            copies: Mutex::new(PendingCopies::default()),
+            copy_count: AtomicUsize::new(0),
+            copied_in_place: Mutex::new(Vec::new()),
         };
         Ok((backend, report))
     }
@@ -268,6 +293,11 @@ impl JournalBackend {
             guards.retain(|_, g| !matches!(g, DataGuard::Committed(s) if *s <= synced));
             self.guard_count.store(guards.len(), Ordering::SeqCst);
         }
+        {
+            let mut copies = self.copies.lock();
+            copies.forget_synced(synced);
+            self.copy_count.store(copies.len(), Ordering::SeqCst);
+        }
         let mut pending = self.pending.lock();
         if pending.in_flight == 0 && !self.journal.has_unsynced() && !self.journal.is_read_only() {
             pending.overlay = Overlay::new();
@@ -287,6 +317,53 @@ impl JournalBackend {
         if self.dirty_bit_on_disk.load(Ordering::SeqCst) && !self.journal.has_unsynced() {
             self.write_dirty_bit(storage, false, counters)?;
         }
+        Ok(())
+    }
+
+    /// Rule 6, before guest data is written to `[offset, offset + len)`:
+    /// if that touches the untouched bytes of a pending delayed copy, the
+    /// copy must happen first, or it would later overwrite the write.
+    fn copy_before_write(&self, offset: HostOffset, len: u64, counters: &Counters) -> Result<()> {
+        let cs = self.cluster_size;
+        // Held across the copy: two writers into one pending cluster must
+        // not both copy (the second copy would land after the first
+        // writer's data), and readers must not see it half made.
+        let mut copies = self.copies.lock();
+        let Some((copy, state)) = copies.touched_by(offset.0, len, cs) else {
+            return Ok(());
+        };
+        if state != CopyState::Gathering {
+            // Its transaction is enqueued: the copy descriptor will be
+            // applied at checkpoint (or replay) whatever we do now. Commit
+            // (every earlier transaction durable) and checkpoint (applied
+            // in place and synced), then write. Rare: a second partial
+            // write into the untouched part of a cluster copied in an
+            // earlier epoch, before the next checkpoint.
+            drop(copies);
+            self.anchor(counters)?;
+            self.checkpoint(counters)?;
+            debug_assert!(self.copies.lock().touched_by(offset.0, len, cs).is_none());
+            return Ok(());
+        }
+        // Not submitted: copy now, as an immediate copy-on-write would
+        // have, and let the epoch's data checksum cover the whole cluster.
+        let storage = self.journal.storage();
+        let mut buf = vec![0u8; cs as usize];
+        for &(at, length) in &copy.untouched {
+            let piece = &mut buf[..length as usize];
+            storage
+                .read_at(piece, copy.source + at)
+                .ctx(|| format!("reading the source of a delayed copy at {:#x}", copy.source))?;
+            storage
+                .write_at(piece, copy.target + at)
+                .ctx(|| format!("making a delayed copy into {:#x}", copy.target))?;
+            counters.data_write(piece.len());
+        }
+        copies.remove(copy.target);
+        self.copy_count.store(copies.len(), Ordering::SeqCst);
+        self.copied_in_place
+            .lock()
+            .push((HostOffset(copy.target), cs));
         Ok(())
     }
 
@@ -329,6 +406,15 @@ impl MetadataBackend for JournalBackend {
         for w in epoch.writes_in_order() {
             tx.write(w.offset.0, &w.bytes).map_err(journal_err)?;
         }
+        // Rule 6: every copy registered since the last submit belongs to
+        // this epoch (registration and the L2 entry happen under the gate
+        // this submit holds exclusively).
+        if self.copy_count.load(Ordering::SeqCst) > 0 {
+            for (target, source, length) in self.copies.lock().take_gathering(ticket) {
+                let length = u32::try_from(length).expect("within one cluster");
+                tx.copy(target, source, length).map_err(journal_err)?;
+            }
+        }
         // Rule 5.
         if self.mutation != JournalMutation::SkipRevokes {
             for cluster in &epoch.freed_metadata {
@@ -340,11 +426,12 @@ impl MetadataBackend for JournalBackend {
         // cannot change before the commit (the gate was held while
         // gathering; rule 3 guards it after).
         let mut guarded = Vec::new();
+        let copied_in_place = std::mem::take(&mut *self.copied_in_place.lock());
         if self.protocol == CommitProtocol::SingleFlush
             && self.mutation != JournalMutation::SkipDataChecksums
         {
             let mut data = vec![0u8; self.cluster_size as usize];
-            for &(offset, len) in &epoch.new_data {
+            for &(offset, len) in epoch.new_data.iter().chain(&copied_in_place) {
                 let buf = &mut data[..len as usize];
                 storage
                     .read_at(buf, offset.0)
@@ -385,6 +472,9 @@ impl MetadataBackend for JournalBackend {
         let result = self.journal.commit_wait(commit);
         self.pending.lock().in_flight -= 1;
         let seq = result.map_err(journal_err)?;
+        if self.copy_count.load(Ordering::SeqCst) > 0 {
+            self.copies.lock().committed(ticket, seq);
+        }
         if !guarded.is_empty() {
             let mut guards = self.guards.lock();
             for offset in guarded {
@@ -416,6 +506,9 @@ impl MetadataBackend for JournalBackend {
     }
 
     fn before_data_write(&self, offset: HostOffset, len: u64, counters: &Counters) -> Result<()> {
+        if self.copy_count.load(Ordering::SeqCst) > 0 {
+            self.copy_before_write(offset, len, counters)?;
+        }
         if self.guard_count.load(Ordering::SeqCst) == 0 {
             return Ok(());
         }
@@ -447,7 +540,45 @@ impl MetadataBackend for JournalBackend {
         Ok(())
     }
 
+    fn delay_copy(&self, copy: &DelayedCopy) -> bool {
+        if !self.delayed_cow || self.journal.is_read_only() {
+            return false;
+        }
+        let mut copies = self.copies.lock();
+        copies.register(copy.clone(), self.cluster_size);
+        self.copy_count.store(copies.len(), Ordering::SeqCst);
+        true
+    }
+
+    fn patch_data_read(&self, buf: &mut [u8], offset: HostOffset) -> Result<()> {
+        if self.copy_count.load(Ordering::SeqCst) > 0 {
+            // Rule 6: untouched bytes of a delayed copy are still at the
+            // source. The lock keeps a copy being made in place
+            // (`copy_before_write`) from interleaving with this read.
+            let copies = self.copies.lock();
+            let len = buf.len() as u64;
+            for (at, source, length) in copies.redirects(offset.0, len, self.cluster_size) {
+                let piece = &mut buf[at as usize..(at + length) as usize];
+                self.journal
+                    .storage()
+                    .read_at(piece, source)
+                    .ctx(|| format!("reading the source of a delayed copy at {source:#x}"))?;
+            }
+        }
+        if self.journal.is_read_only() {
+            // An in-memory replay's copies landed in the overlay.
+            self.pending.lock().overlay.patch(buf, offset.0);
+        }
+        Ok(())
+    }
+
     fn may_reuse(&self, cluster: HostCluster) -> bool {
+        // Rule 6.
+        if self.copy_count.load(Ordering::SeqCst) > 0
+            && self.copies.lock().protects(cluster.0 * self.cluster_size)
+        {
+            return false;
+        }
         if self.guard_count.load(Ordering::SeqCst) == 0 {
             return true;
         }

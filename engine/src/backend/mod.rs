@@ -16,6 +16,7 @@
 //! Both see exactly the same epochs, which is what makes their flush counts,
 //! bytes and crash behaviour comparable.
 
+pub mod delayed_cow;
 pub mod journal;
 pub mod ordered;
 
@@ -23,6 +24,8 @@ use std::fmt;
 
 use qj_journal::Storage;
 use qj_spec::units::{HostCluster, HostOffset};
+
+pub use delayed_cow::DelayedCopy;
 
 use crate::error::Result;
 use crate::stats::Counters;
@@ -150,6 +153,26 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
     /// make an earlier transaction's data checksum unnecessary.
     fn before_data_write(&self, offset: HostOffset, len: u64, counters: &Counters) -> Result<()> {
         let _ = (offset, len, counters);
+        Ok(())
+    }
+
+    /// Offers to carry a delayed copy-on-write (`delayed_cow.rs`): called
+    /// before the L2 entry that links `copy.target` is set, with the
+    /// image's gate held shared and the L2 table locked. True: the backend
+    /// fills the untouched ranges from the source in the transaction that
+    /// links the target, and serves reads of them until then. False: the
+    /// image must copy now (flush ordering has no way to delay it).
+    fn delay_copy(&self, copy: &DelayedCopy) -> bool {
+        let _ = copy;
+        false
+    }
+
+    /// Called after guest data was read from `[offset, offset + buf.len())`
+    /// of a data cluster (never across clusters): replaces bytes the disk
+    /// does not hold yet (the untouched ranges of a delayed copy, or what an
+    /// in-memory replay found).
+    fn patch_data_read(&self, buf: &mut [u8], offset: HostOffset) -> Result<()> {
+        let _ = (buf, offset);
         Ok(())
     }
 
