@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use qj_engine::backend::journal::JournalMutation;
 use qj_engine::backend::ordered::OrderingMutation;
 use qj_engine::check::{check, RepairMode};
@@ -31,6 +33,9 @@ pub enum EngineBackend {
 /// ring and checkpoint.
 pub const CRASH_JOURNAL_BYTES: u64 = 96 << 10;
 
+/// A built snapshot-base image: (virtual size, base content, image bytes).
+type SnapshotBase = (u64, Vec<u8>, Vec<u8>);
+
 /// The engine on one backend, optionally with a deliberate ordering bug.
 #[derive(Debug, Clone)]
 pub struct EngineTarget {
@@ -40,6 +45,12 @@ pub struct EngineTarget {
     cluster_size: u64,
     refcount_bits: u32,
     cache_bytes_max: u64,
+    /// Put the base content in the image itself, shared with an internal
+    /// snapshot, instead of in a backing file (see [`Self::with_snapshot_base`]).
+    snapshot_base: bool,
+    /// The snapshot base image last built, by (virtual size, backing
+    /// content): building it runs `qemu-img`, once per workload shape.
+    base_cache: Arc<Mutex<Option<SnapshotBase>>>,
 }
 
 impl EngineTarget {
@@ -54,7 +65,20 @@ impl EngineTarget {
             refcount_bits: 16,
             // Small caches force write-back through eviction, not only flush.
             cache_bytes_max: 16 * 4096,
+            snapshot_base: false,
+            base_cache: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// The same target where a workload's base content (what a backing file
+    /// would hold, or zeros without one) is written into every cluster of
+    /// the image and then shared with an internal snapshot made by
+    /// `qemu-img snapshot -c`: every partial write is a copy-on-write of a
+    /// shared cluster, which the journalled backend delays with copy
+    /// descriptors.
+    pub fn with_snapshot_base(mut self) -> Self {
+        self.snapshot_base = true;
+        self
     }
 
     /// The same target with a flush-ordering bug injected.
@@ -80,6 +104,54 @@ impl EngineTarget {
         self
     }
 
+    /// The image a snapshot-base workload starts from: the base content in
+    /// clusters shared with snapshot `base` (QEMU made it, so its rules
+    /// hold), and the journal if the backend has one.
+    fn snapshot_base_image(
+        &self,
+        backing: Option<&dyn Storage>,
+        virtual_size_bytes: u64,
+    ) -> Result<Vec<u8>, TargetError> {
+        let mut content = match backing {
+            Some(backing) => device_bytes(backing)?,
+            None => Vec::new(),
+        };
+        // Bounded by the workload's disk size.
+        content.resize(virtual_size_bytes as usize, 0);
+        if let Some((size, cached_content, image)) = &*self.base_cache.lock() {
+            if *size == virtual_size_bytes && *cached_content == content {
+                return Ok(image.clone());
+            }
+        }
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let opts = CreateOptions {
+            virtual_size: virtual_size_bytes,
+            cluster_size: self.cluster_size,
+            refcount_bits: self.refcount_bits,
+            ..CreateOptions::default()
+        };
+        Image::create_shared(storage.clone(), &opts).map_err(engine_err)?;
+        let image = Image::open(storage.clone(), &self.open_options(None)).map_err(engine_err)?;
+        image.write(&content, 0).map_err(engine_err)?;
+        image.close().map_err(engine_err)?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("base.qcow2");
+        std::fs::write(&path, device_bytes(&*storage)?)?;
+        crate::qemu::qemu_img_snapshot(&path, "base")
+            .map_err(|e| TargetError::Other(Box::new(e)))?;
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(std::fs::read(&path)?));
+        if self.is_journal() {
+            let config = JournalConfig {
+                size_bytes: CRASH_JOURNAL_BYTES,
+                two_flush: self.backend == EngineBackend::JournalDraft,
+            };
+            Image::enable_journal(storage.clone(), &config).map_err(engine_err)?;
+        }
+        let image = device_bytes(&*storage)?;
+        *self.base_cache.lock() = Some((virtual_size_bytes, content, image.clone()));
+        Ok(image)
+    }
+
     fn open_options(&self, backing: Option<Arc<dyn Storage>>) -> OpenOptions {
         let mut o = OpenOptions::read_write();
         o.cache_bytes_max = self.cache_bytes_max;
@@ -102,10 +174,15 @@ fn engine_err(e: qj_engine::Error) -> TargetError {
 
 impl CrashTarget for EngineTarget {
     fn name(&self) -> String {
-        match self.backend {
-            EngineBackend::Ordered => "ordered".into(),
-            EngineBackend::Journal => "journal".into(),
-            EngineBackend::JournalDraft => "journal-draft".into(),
+        let name = match self.backend {
+            EngineBackend::Ordered => "ordered",
+            EngineBackend::Journal => "journal",
+            EngineBackend::JournalDraft => "journal-draft",
+        };
+        if self.snapshot_base {
+            format!("{name}-cow")
+        } else {
+            name.into()
         }
     }
 
@@ -115,6 +192,7 @@ impl CrashTarget for EngineTarget {
             JournalMutation::SkipDataChecksums => Some("no-data-checksums"),
             JournalMutation::SkipRevokes => Some("no-revokes"),
             JournalMutation::SkipDirtyBit => Some("no-dirty-bit"),
+            JournalMutation::SkipCopyBeforeWrite => Some("no-copy-before-write"),
             JournalMutation::Journal(qj_journal::Mutation::None) => None,
             JournalMutation::Journal(qj_journal::Mutation::ReplaySkipsTxChecksum) => {
                 Some("replay-skips-tx-checksum")
@@ -140,6 +218,12 @@ impl CrashTarget for EngineTarget {
         backing: Option<Arc<dyn Storage>>,
         virtual_size_bytes: u64,
     ) -> Result<Box<dyn GuestDisk>, TargetError> {
+        if self.snapshot_base {
+            let image = self.snapshot_base_image(backing.as_deref(), virtual_size_bytes)?;
+            dev.write_at(&image, 0)?;
+            dev.flush()?;
+            return self.open(dev, None);
+        }
         let opts = CreateOptions {
             virtual_size: virtual_size_bytes,
             cluster_size: self.cluster_size,
@@ -163,6 +247,8 @@ impl CrashTarget for EngineTarget {
         if self.is_journal() {
             check_dirty_bit(&*dev)?;
         }
+        // A snapshot-base image has no backing file: its base is inside.
+        let backing = backing.filter(|_| !self.snapshot_base);
         let image = Image::open(dev, &self.open_options(backing)).map_err(engine_err)?;
         Ok(Box::new(EngineDisk { image: Some(image) }))
     }
@@ -299,10 +385,20 @@ impl GuestDisk for EngineDisk {
 
 /// Every backend `qj crash` knows: the engine's first, then the built-in
 /// proof targets.
-pub const BACKENDS: &[&str] = &["ordered", "journal", "journal-draft", "raw", "log", "redo"];
+pub const BACKENDS: &[&str] = &[
+    "ordered",
+    "journal",
+    "journal-draft",
+    "journal-cow",
+    "raw",
+    "log",
+    "redo",
+];
 
 /// The engine backends `qj crash --backend all` explores.
-pub const ENGINE_BACKENDS: &[&str] = &["ordered", "journal", "journal-draft"];
+/// `journal-cow` is the journal on images whose every cluster starts
+/// shared with an internal snapshot (delayed copy-on-write).
+pub const ENGINE_BACKENDS: &[&str] = &["ordered", "journal", "journal-draft", "journal-cow"];
 
 /// The mutations (deliberate ordering bugs) of `backend`.
 #[must_use]
@@ -318,6 +414,7 @@ pub fn mutations(backend: &str) -> &'static [&'static str] {
             "checkpoint-before-flush",
         ],
         "journal-draft" => &[],
+        "journal-cow" => &["no-copy-before-write"],
         other => crate::targets::builtin_mutations(other),
     }
 }
@@ -340,6 +437,7 @@ pub fn crash_target(
         "ordered" => EngineTarget::new(EngineBackend::Ordered),
         "journal" => EngineTarget::new(EngineBackend::Journal),
         "journal-draft" => EngineTarget::new(EngineBackend::JournalDraft),
+        "journal-cow" => EngineTarget::new(EngineBackend::Journal).with_snapshot_base(),
         other if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
             return crate::targets::builtin_target(other, mutation)
         }
@@ -371,6 +469,9 @@ pub fn crash_target(
         Some("checkpoint-before-flush") if backend == "journal" => base.with_journal_mutation(
             JournalMutation::Journal(qj_journal::Mutation::CheckpointBeforeFlush),
         ),
+        Some("no-copy-before-write") if backend == "journal-cow" => {
+            base.with_journal_mutation(JournalMutation::SkipCopyBeforeWrite)
+        }
         Some(other) => {
             return Err(crate::error::NameError::new(
                 "mutation",

@@ -65,6 +65,14 @@ pub enum QemuError {
     /// Writing the temporary image or starting `qemu-img` failed.
     #[error("running qemu-img: {0}")]
     Io(#[from] std::io::Error),
+    /// `qemu-img snapshot` failed.
+    #[error("qemu-img snapshot -c exited with {exit}: {stderr}")]
+    Snapshot {
+        /// Exit code.
+        exit: i32,
+        /// Its standard error.
+        stderr: String,
+    },
     /// `qemu-img` gave no usable JSON (it could not open the image).
     #[error("qemu-img {command} exited with {exit} and no JSON: {stderr}")]
     NoJson {
@@ -134,5 +142,21 @@ pub fn qemu_img_check(image: &[u8]) -> Result<QemuVerdict, QemuError> {
             .get("dirty-flag")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+    })
+}
+
+/// Makes internal snapshot `name` of the qcow2 image at `path` with
+/// `qemu-img snapshot -c` (QEMU's rules for shared clusters, not ours).
+pub fn qemu_img_snapshot(path: &Path, name: &str) -> Result<(), QemuError> {
+    let output = Command::new("qemu-img")
+        .args(["snapshot", "-c", name])
+        .arg(path)
+        .output()?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(QemuError::Snapshot {
+        exit: output.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
     })
 }

@@ -228,3 +228,36 @@ fn a_grow_dropped_at_replay_keeps_the_earlier_mapping() {
         assert!(report.summary.states_explored >= 2, "{:?}", report.summary);
     }
 }
+
+/// Delayed copy-on-write under power loss: every cluster starts shared
+/// with an internal snapshot (QEMU makes it), so every partial write
+/// journals a copy; the images recover clean, and with the write-before-
+/// copy rule broken the harness sees a copy undo a flushed write.
+#[test]
+fn delayed_copy_on_write_survives_every_explored_crash() {
+    for (workload, backing) in [("mixed", false), ("overwrite", true), ("grow", true)] {
+        let mut config = config(workload, 800);
+        config.workload.backing = backing;
+        let target = qj_model_checks::crash_target("journal-cow", None).unwrap();
+        let report = explore(target, &config, None).unwrap();
+        assert!(
+            report.violations.is_empty(),
+            "{workload} (backing {backing}): {}",
+            report.violations[0]
+        );
+        let s = &report.summary;
+        assert!(s.states_explored >= 600, "{s:?}");
+        assert_eq!(s.leaked_clusters, 0, "{s:?}");
+    }
+    let target =
+        qj_model_checks::crash_target("journal-cow", Some("no-copy-before-write")).unwrap();
+    let mut config = ExploreConfig::new(WorkloadConfig::preset("alloc").unwrap());
+    config.states_budget = 3000;
+    config.shrink = false;
+    let report = explore(target, &config, None).unwrap();
+    assert!(
+        !report.violations.is_empty(),
+        "no-copy-before-write not caught: {:?}",
+        report.summary
+    );
+}

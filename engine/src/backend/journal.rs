@@ -79,6 +79,10 @@ pub enum JournalMutation {
     SkipRevokes,
     /// Rule 1 broken: the journal-dirty bit is never set.
     SkipDirtyBit,
+    /// Rule 6 broken: a write into the untouched bytes of a pending
+    /// delayed copy does not make the copy first (the copy, applied later,
+    /// overwrites the write).
+    SkipCopyBeforeWrite,
     /// A rule of the journal itself broken (replay or checkpoint), passed
     /// to it in [`JournalOptions::mutation`].
     Journal(qj_journal::Mutation),
@@ -506,7 +510,9 @@ impl MetadataBackend for JournalBackend {
     }
 
     fn before_data_write(&self, offset: HostOffset, len: u64, counters: &Counters) -> Result<()> {
-        if self.copy_count.load(Ordering::SeqCst) > 0 {
+        if self.copy_count.load(Ordering::SeqCst) > 0
+            && self.mutation != JournalMutation::SkipCopyBeforeWrite
+        {
             self.copy_before_write(offset, len, counters)?;
         }
         if self.guard_count.load(Ordering::SeqCst) == 0 {
@@ -575,6 +581,7 @@ impl MetadataBackend for JournalBackend {
     fn may_reuse(&self, cluster: HostCluster) -> bool {
         // Rule 6.
         if self.copy_count.load(Ordering::SeqCst) > 0
+            && self.mutation != JournalMutation::SkipCopyBeforeWrite
             && self.copies.lock().protects(cluster.0 * self.cluster_size)
         {
             return false;
