@@ -258,8 +258,18 @@ impl JournalBackend {
     /// Folds journal counters (commit and checkpoint flushes, ring bytes)
     /// into the engine's, so both backends report in one shape.
     fn fold_stats(&self, counters: &Counters) {
-        let now = self.journal.stats();
+        // The snapshot is taken under the lock: each journal counter only
+        // grows, so the folds, serialised here, see it grow too. Taken
+        // before the lock, a thread could fold an older snapshot after a
+        // newer one and subtract past zero (found by the stress test).
         let mut folded = self.folded.lock();
+        let now = self.journal.stats();
+        assert!(
+            now.commit_flushes >= folded.commit_flushes
+                && now.checkpoint_flushes >= folded.checkpoint_flushes
+                && now.blocks_written >= folded.blocks_written,
+            "journal counters only grow"
+        );
         let flushes = (now.commit_flushes + now.checkpoint_flushes)
             - (folded.commit_flushes + folded.checkpoint_flushes);
         counters.flushes.fetch_add(flushes, Ordering::Relaxed);
