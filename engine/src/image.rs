@@ -171,9 +171,12 @@ pub struct Image {
     /// Set by `close` and `abandon`: Drop then does nothing.
     finished: AtomicBool,
     /// L2 and L1 table clusters allocated since the last epoch was
-    /// gathered: with the refcount side's count and the operations since
-    /// the last persist, an upper bound of the next epoch's size.
+    /// gathered: with the refcount side's count and `entries_changed`, an
+    /// upper bound of the next epoch's size.
     fresh_tables: AtomicU64,
+    /// L2 entries changed since the last gather: with `fresh_tables`, what
+    /// bounds the size of the next epoch (pure overwrites change none).
+    entries_changed: AtomicU64,
     /// Serialises submits in gather order; held without the gate during an
     /// ordered persist's I/O. Lock order: gate, then this.
     submit_order: Mutex<()>,
@@ -570,6 +573,7 @@ impl Image {
             finished: AtomicBool::new(false),
             submit_order: Mutex::new(()),
             fresh_tables: AtomicU64::new(0),
+            entries_changed: AtomicU64::new(0),
             op_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
         };
@@ -1111,6 +1115,7 @@ impl Image {
             self.write_data(&full, host.0)?;
             (host, cs as u64)
         };
+        self.entries_changed.fetch_add(1, Ordering::Relaxed);
         t.set_entry(
             index,
             L2Entry::Normal {
@@ -1273,6 +1278,7 @@ impl Image {
             return Ok(());
         }
         let index = self.geometry.l2_index(cluster) as usize;
+        self.entries_changed.fetch_add(1, Ordering::Relaxed);
         t.set_entry(index, new_entry.encode(self.geometry.cluster_bits));
         self.release_entry(old)
     }
@@ -1363,6 +1369,7 @@ impl Image {
     /// the tables taken from being evicted until the backend has them.
     fn gather_epoch(&self) -> Result<(Epoch, WritebackPins)> {
         self.fresh_tables.store(0, Ordering::Relaxed);
+        self.entries_changed.store(0, Ordering::Relaxed);
         let mut epoch = Epoch::default();
         let mut pins = WritebackPins::default();
         let moved_refcount_table = self.refcounts.lock().take_epoch(
@@ -1442,16 +1449,15 @@ impl Image {
     fn maybe_evict(&self) -> Result<()> {
         if let Some(max) = self.backend.epoch_bytes_max() {
             // Bound the epoch so its transaction fits the journal. Each
-            // operation piece dirties at most an L2 and a refcount sector
+            // changed L2 entry dirties at most an L2 and a refcount sector
             // (budget 3 sectors with descriptor overhead); fresh tables
-            // count whole.
+            // count whole. Overwrites in place change no entry and count
+            // nothing (counting them forced needless persists, and flushes,
+            // every ~2,700 overwrites).
             let fresh =
                 self.fresh_tables.load(Ordering::Relaxed) + self.refcounts.lock().fresh_clusters;
-            let pieces = self
-                .op_gen
-                .load(Ordering::SeqCst)
-                .saturating_sub(self.flushed_gen.load(Ordering::SeqCst));
-            let estimate = fresh * self.geometry.cluster_size() + pieces * 1536;
+            let entries = self.entries_changed.load(Ordering::Relaxed);
+            let estimate = fresh * self.geometry.cluster_size() + entries * 1536;
             if estimate > max && self.writable {
                 let r = self.persist(None);
                 self.poisoned(r)?;
@@ -1521,6 +1527,7 @@ impl Image {
                 let mut t = table.data.write();
                 let old = self.l2_entry(&t.bytes, cluster)?;
                 if old != L2Entry::Unallocated {
+                    self.entries_changed.fetch_add(1, Ordering::Relaxed);
                     t.set_entry(g.l2_index(cluster) as usize, 0);
                     drop(t);
                     self.release_entry(old)?;
