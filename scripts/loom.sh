@@ -10,3 +10,4 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_LOOM:-target/loom}"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}"
 cargo test --locked --release -p qj-model-checks --test loom_engine
 cargo test --locked --release -p qj-journal --test loom_group_commit
+cargo test --locked --release -p qj-journal --test loom_space
