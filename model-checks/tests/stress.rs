@@ -1,12 +1,29 @@
 //! Multi-threaded stress test on a real file, on every backend: flush
-//! ordering, the journal with single-flush commits, and the journal with the
-//! draft's two-flush commits. 8 threads issue overlapping writes,
+//! ordering, the journal with single-flush commits, the journal with the
+//! draft's two-flush commits, and the single-flush journal on a disk shared
+//! with internal snapshots (delayed copy-on-write). 8 threads issue
+//! overlapping writes,
 //! write-zeroes, discards, reads and flushes on one image, all over the same
 //! small disk, with a metadata cache far smaller than the metadata so that
 //! eviction and write-back run under the load, and (journal backends) a
 //! journal so small that the ring wraps, so checkpoints run while threads
 //! write. Then every byte is checked against a model, and the image against
 //! our `check` and `qemu-img check`; QEMU must read the same bytes.
+//!
+//! Delayed copy-on-write (`journal-cow`): before the first session every
+//! cluster of the disk gets base content and `qemu-img snapshot -c base`
+//! shares it with an internal snapshot; QEMU clears the journal-valid bit,
+//! so the next open re-creates the journal (checked: our check finds no
+//! leak, QEMU exactly the new journal's clusters). After every session but
+//! the last another QEMU snapshot shares the whole disk again, so every
+//! session starts with each allocated cluster shared. A partial write into
+//! a shared cluster then writes only its bytes and journals a copy of the
+//! rest (rule 6 in `journal.rs`): with half the requests shorter than a
+//! cluster, at 256-byte granularity, copies are delayed, overwritten while
+//! pending (before and after a flush), read while pending, and left pending
+//! at an abandon (the replay must make the committed ones). The model starts
+//! from the base content; after each session every snapshot must still
+//! read, through `qemu-img convert -l`, as when it was taken.
 //!
 //! Four sessions on the same file, so later ones start from tables on disk:
 //! 1. open, stress, read the live image, close, reopen: the same bytes;
@@ -31,14 +48,16 @@
 //! harness's (`engine_crash.rs`).
 //!
 //! Sizes: 8 threads x 1500 operations x 4 sessions per backend, 1 KiB
-//! clusters, a 2 MiB disk, a 256 KiB journal (20 to 30 wraps of the ring per
-//! session); the three backends run as three tests, about 10 s in all in
+//! clusters, a 2 MiB disk, a 256 KiB journal (about 20 wraps of the ring
+//! per session); the four backends run as four tests, under 10 s in all in
 //! the test profile on 2 cores.
 //!
-//! The model is per 512-byte sector and real-time: every operation takes a
-//! ticket from a global clock when it starts and when it returns. Every
-//! written sector carries the id of the operation that wrote it (and its own
-//! index), so a sector's content names its writer. A sector must hold the
+//! The model is per sector and real-time. Its sectors are 256 bytes, half a
+//! disk sector, so that requests are not 512-aligned and a write inside a
+//! 1 KiB cluster can leave untouched bytes on both sides. Every operation
+//! takes a ticket from a global clock when it starts and when it returns.
+//! Every written sector carries the id of the operation that wrote it (and
+//! its own index), so a sector's content names its writer. A sector must hold the
 //! value of an operation on it that no other operation on it followed in
 //! real time (or its value from before the session if none touched it). A
 //! read is checked the same way on the sectors no operation touched while
@@ -61,7 +80,7 @@ use qj_engine::check::{check, RepairMode};
 use qj_engine::{
     BackendKind, CreateOptions, FileStorage, Image, JournalConfig, OpenOptions, Stats,
 };
-use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_BIT;
+use qj_spec::qcow2::features::{AUTOCLEAR_JOURNAL_VALID_BIT, INCOMPAT_JOURNAL_DIRTY_BIT};
 
 /// A backend under test: how its images are created. Opening is the same
 /// for all (the header says which backend runs).
@@ -73,6 +92,9 @@ enum Backend {
     Journal,
     /// The journal, the draft's two-flush commits.
     JournalDraft,
+    /// The journal, single-flush commits, on a disk shared with internal
+    /// snapshots: partial writes are delayed copies-on-write.
+    JournalCow,
 }
 
 impl Backend {
@@ -81,13 +103,14 @@ impl Backend {
             Backend::Ordered => "flush-ordering",
             Backend::Journal => "journal",
             Backend::JournalDraft => "journal-draft",
+            Backend::JournalCow => "journal-cow",
         }
     }
 
     fn journal(self) -> Option<JournalConfig> {
         let two_flush = match self {
             Backend::Ordered => return None,
-            Backend::Journal => false,
+            Backend::Journal | Backend::JournalCow => false,
             Backend::JournalDraft => true,
         };
         Some(JournalConfig {
@@ -99,8 +122,14 @@ impl Backend {
     fn kind(self) -> BackendKind {
         match self {
             Backend::Ordered => BackendKind::FlushOrdering,
-            Backend::Journal | Backend::JournalDraft => BackendKind::Journal,
+            Backend::Journal | Backend::JournalDraft | Backend::JournalCow => BackendKind::Journal,
         }
+    }
+
+    /// Whether the disk starts with base content shared with an internal
+    /// snapshot, and is shared again with a new one after every session.
+    fn shares_snapshots(self) -> bool {
+        matches!(self, Backend::JournalCow)
     }
 
     /// Clusters of the journal, which QEMU counts as leaks.
@@ -109,8 +138,12 @@ impl Backend {
     }
 
     fn open(self, path: &Path) -> Image {
-        let mut opts = OpenOptions::read_write();
-        opts.cache_bytes_max = CACHE_BYTES_MAX;
+        let opts = OpenOptions {
+            cache_bytes_max: CACHE_BYTES_MAX,
+            // The default, spelled out: `JournalCow` exists to stress it.
+            delayed_cow: true,
+            ..OpenOptions::read_write()
+        };
         let image = Image::open_path(path, &opts).expect("opening the image");
         assert_eq!(image.backend_kind(), self.kind(), "{}", self.name());
         image
@@ -130,9 +163,13 @@ enum End {
 const SESSION_ENDS: [End; 4] = [End::Close, End::Abandon, End::Abandon, End::Close];
 
 const THREADS: u64 = 8;
-const SECTOR_BYTES: u64 = 512;
+/// The model's sector: half a disk sector, so that requests are not
+/// 512-aligned and a write can fall strictly inside a cluster.
+const SECTOR_BYTES: u64 = 256;
 /// Small clusters: many L2 tables and refcount entries for little data.
 const CLUSTER_BYTES: u64 = 1024;
+const CLUSTER_SECTORS: u64 = CLUSTER_BYTES / SECTOR_BYTES;
+const CLUSTERS: usize = (DISK_BYTES / CLUSTER_BYTES) as usize;
 /// 16 L2 tables' worth of guest disk, all of it shared by every thread.
 const DISK_BYTES: u64 = 16 * (CLUSTER_BYTES / 8) * CLUSTER_BYTES;
 const SECTORS: usize = (DISK_BYTES / SECTOR_BYTES) as usize;
@@ -144,10 +181,23 @@ const CACHE_BYTES_MAX: u64 = 4 * CLUSTER_BYTES;
 const JOURNAL_BYTES: u64 = 256 << 10;
 const OPS_PER_THREAD: u64 = 1500;
 /// Longest request, in sectors: up to 6 clusters, crossing cluster and L2
-/// table boundaries.
-const REQUEST_SECTORS_MAX: u64 = 12;
+/// table boundaries. Half the requests are shorter than a cluster instead.
+const REQUEST_SECTORS_MAX: u64 = 6 * CLUSTER_SECTORS;
 /// The hot spot: the first 8 clusters.
-const HOT_SECTORS: u64 = 8 * CLUSTER_BYTES / SECTOR_BYTES;
+const HOT_SECTORS: u64 = 8 * CLUSTER_SECTORS;
+/// The model value of every sector of the base content a snapshot-sharing
+/// backend starts from; the sessions' operation ids start above it.
+const BASE_ID: SectorValue = 1;
+/// The internal snapshot made of the base content.
+const BASE_SNAPSHOT: &str = "base";
+/// Per session, the least delayed copies, changes into their untouched
+/// bytes (before a flush, and after one) and reads of those bytes that
+/// prove the delayed copy-on-write ran under the load (see
+/// [`CowExercise`]): about a fifth of what a run shows (600 to 800 copies,
+/// 180 to 210 changes before a flush, 360 to 480 after, 150 to 250 reads).
+const COW_DELAYED_COPIES_MIN: usize = 150;
+const COW_PENDING_CHANGES_MIN: usize = 40;
+const COW_PENDING_READS_MIN: usize = 30;
 
 /// A sector's content in the model: the id of the operation that wrote it,
 /// or zero (never written, zeroed, or discarded).
@@ -175,6 +225,13 @@ fn decode_sector(bytes: &[u8], sector: usize) -> Option<SectorValue> {
     let index = u32::from_le_bytes(first[4..].try_into().unwrap());
     let whole = bytes.chunks_exact(8).all(|w| w == first);
     (whole && op_id != 0 && index as usize == sector).then_some(op_id)
+}
+
+/// What a worker does next.
+enum Op {
+    Change(Kind),
+    Read,
+    Flush,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,23 +325,50 @@ fn worker(shared: &Shared, seed: u64) -> ThreadLog {
     let mut rng = Rng::new(seed);
     let mut log = ThreadLog::default();
     let image = &shared.image;
+    // After a write that ended inside a cluster: (first sector, sectors)
+    // of a range in the part of that cluster it left untouched.
+    let mut follow_up: Option<(u64, u64)> = None;
     for _ in 0..OPS_PER_THREAD {
-        let sectors = rng.below(REQUEST_SECTORS_MAX) + 1;
-        // Half the requests go to a hot spot of a few clusters, where
-        // discards and writes make threads race to allocate the same
-        // clusters and tables; the rest anywhere.
-        let window = if rng.below(2) == 0 {
-            HOT_SECTORS
-        } else {
-            SECTORS as u64
+        let (first, sectors, op) = match follow_up.take() {
+            // Half the time the next operation writes there: into a cluster
+            // shared with a snapshot, that is a write into the untouched
+            // bytes of a delayed copy just registered, often before any
+            // flush submitted it.
+            Some((first, sectors)) if rng.below(2) == 0 => {
+                (first, sectors, Op::Change(Kind::Write))
+            }
+            _ => {
+                // Half the requests fall inside one cluster or straddle two
+                // without covering either: partial writes, which on a
+                // shared cluster are delayed copies.
+                let sectors = if rng.below(2) == 0 {
+                    rng.below(CLUSTER_SECTORS - 1) + 1
+                } else {
+                    rng.below(REQUEST_SECTORS_MAX) + 1
+                };
+                // Half the requests go to a hot spot of a few clusters,
+                // where discards and writes make threads race to allocate
+                // the same clusters and tables; the rest anywhere.
+                let window = if rng.below(2) == 0 {
+                    HOT_SECTORS
+                } else {
+                    SECTORS as u64
+                };
+                let first = rng.below(window - sectors + 1);
+                let op = match rng.below(20) {
+                    0..=8 => Op::Change(Kind::Write),
+                    9..=10 => Op::Change(Kind::Zero),
+                    11..=13 => Op::Change(Kind::Discard),
+                    14..=18 => Op::Read,
+                    _ => Op::Flush,
+                };
+                (first, sectors, op)
+            }
         };
-        let first = rng.below(window - sectors + 1);
         let (offset, len) = (first * SECTOR_BYTES, sectors * SECTOR_BYTES);
-        let kind = match rng.below(20) {
-            0..=8 => Kind::Write,
-            9..=10 => Kind::Zero,
-            11..=13 => Kind::Discard,
-            14..=18 => {
+        let kind = match op {
+            Op::Change(kind) => kind,
+            Op::Read => {
                 let start = shared.tick();
                 let mut buf = vec![0u8; len as usize];
                 image.read(&mut buf, offset).expect("read");
@@ -302,7 +386,7 @@ fn worker(shared: &Shared, seed: u64) -> ThreadLog {
                 });
                 continue;
             }
-            _ => {
+            Op::Flush => {
                 let start = shared.tick();
                 image.flush().expect("flush");
                 log.flush_starts.push(start);
@@ -318,6 +402,11 @@ fn worker(shared: &Shared, seed: u64) -> ThreadLog {
                     sector_bytes(id, first as usize + i, sector);
                 }
                 image.write(&buf, offset).expect("write");
+                let end = first + sectors;
+                let untouched = CLUSTER_SECTORS - end % CLUSTER_SECTORS;
+                if untouched < CLUSTER_SECTORS {
+                    follow_up = Some((end, rng.below(untouched) + 1));
+                }
             }
             Kind::Zero => image.write_zeroes(offset, len).expect("write zeroes"),
             Kind::Discard => image.discard(offset, len).expect("discard"),
@@ -430,6 +519,100 @@ fn read_disk(image: &Image) -> Vec<SectorValue> {
                 .unwrap_or_else(|| panic!("sector {sector} holds neither zeros nor one write"))
         })
         .collect()
+}
+
+/// The bytes of a disk whose sectors hold `values`.
+fn encode_disk(values: &[SectorValue]) -> Vec<u8> {
+    let mut bytes = vec![0u8; values.len() * SECTOR_BYTES as usize];
+    let sectors = bytes.chunks_exact_mut(SECTOR_BYTES as usize).zip(values);
+    for (sector, (out, &value)) in sectors.enumerate() {
+        if value != 0 {
+            sector_bytes(value, sector, out);
+        }
+    }
+    bytes
+}
+
+/// How much a session exercised delayed copy-on-write, as far as the model
+/// sees it (the engine's checkpoints, which end a pending copy, are not
+/// visible here): partial writes that were the first change to a cluster
+/// holding data when the last snapshot was taken (each is a delayed copy),
+/// the first later write or zeroing into the bytes such a write left
+/// untouched (split by whether a flush started in between), and the reads
+/// of those bytes in between.
+#[derive(Debug, Default)]
+struct CowExercise {
+    delayed_copies: usize,
+    changes_into_untouched_before_flush: usize,
+    changes_into_untouched_after_flush: usize,
+    reads_of_untouched: usize,
+}
+
+fn cow_exercise(logs: &[ThreadLog], initial: &[SectorValue]) -> CowExercise {
+    let cluster_of = |sector: usize| sector / CLUSTER_SECTORS as usize;
+    let mut changes: Vec<Vec<&Change>> = vec![Vec::new(); CLUSTERS];
+    for change in logs.iter().flat_map(|l| &l.changes) {
+        let touched: BTreeSet<usize> = change.effects().map(|(s, _)| cluster_of(s)).collect();
+        for cluster in touched {
+            changes[cluster].push(change);
+        }
+    }
+    let mut reads: Vec<Vec<&ReadSeen>> = vec![Vec::new(); CLUSTERS];
+    for read in logs.iter().flat_map(|l| &l.reads) {
+        let first = (read.offset / SECTOR_BYTES) as usize;
+        let touched = cluster_of(first)..=cluster_of(first + read.sectors.len() - 1);
+        for per_cluster in &mut reads[touched] {
+            per_cluster.push(read);
+        }
+    }
+    let flush_starts: Vec<u64> = logs.iter().flat_map(|l| &l.flush_starts).copied().collect();
+    let sectors_of = |offset: u64, len: u64| {
+        (offset / SECTOR_BYTES) as usize..((offset + len) / SECTOR_BYTES) as usize
+    };
+    let mut exercise = CowExercise::default();
+    for (cluster, changes) in changes.iter().enumerate() {
+        let in_cluster =
+            cluster * CLUSTER_SECTORS as usize..(cluster + 1) * CLUSTER_SECTORS as usize;
+        // Unallocated, zero or zeroed when the snapshot was taken: not
+        // shared with it, or not known to be.
+        if initial[in_cluster.clone()].iter().all(|&v| v == 0) {
+            continue;
+        }
+        let Some(first) = changes.iter().min_by_key(|c| c.start) else {
+            continue;
+        };
+        let written = sectors_of(first.offset, first.len);
+        let partial = in_cluster.clone().any(|s| !written.contains(&s));
+        if first.kind != Kind::Write || !partial {
+            continue;
+        }
+        exercise.delayed_copies += 1;
+        let into_untouched = |offset: u64, len: u64| {
+            sectors_of(offset, len).any(|s| in_cluster.contains(&s) && !written.contains(&s))
+        };
+        let next = changes
+            .iter()
+            .filter(|c| c.kind != Kind::Discard && c.start > first.end)
+            .filter(|c| into_untouched(c.offset, c.len))
+            .min_by_key(|c| c.start);
+        if let Some(next) = next {
+            let flushed = flush_starts
+                .iter()
+                .any(|&f| f > first.end && f < next.start);
+            if flushed {
+                exercise.changes_into_untouched_after_flush += 1;
+            } else {
+                exercise.changes_into_untouched_before_flush += 1;
+            }
+        }
+        let until = next.map_or(u64::MAX, |c| c.start);
+        exercise.reads_of_untouched += reads[cluster]
+            .iter()
+            .filter(|r| r.start > first.end && r.end < until)
+            .filter(|r| into_untouched(r.offset, r.sectors.len() as u64 * SECTOR_BYTES))
+            .count();
+    }
+    exercise
 }
 
 /// What a session left: the threads' logs, the disk as the live image read
@@ -612,11 +795,16 @@ fn qemu_check(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("qemu-img check prints JSON")
 }
 
-/// QEMU's reading of the guest disk, byte for byte.
-fn qemu_raw(path: &Path, dir: &Path) -> Vec<u8> {
+/// QEMU's reading of the guest disk, or of internal snapshot `snapshot`,
+/// byte for byte.
+fn qemu_raw(path: &Path, dir: &Path, snapshot: Option<&str>) -> Vec<u8> {
     let raw = dir.join("guest.raw");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
+    let mut command = Command::new("qemu-img");
+    command.args(["convert", "-f", "qcow2", "-O", "raw"]);
+    if let Some(name) = snapshot {
+        command.arg("-l").arg(format!("snapshot.name={name}"));
+    }
+    let out = command
         .arg(path)
         .arg(&raw)
         .output()
@@ -627,6 +815,75 @@ fn qemu_raw(path: &Path, dir: &Path) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::read(&raw).expect("reading the converted disk")
+}
+
+/// Panics at the first guest offset where QEMU reads other bytes than
+/// `expected`.
+fn assert_qemu_reads(expected: &[u8], theirs: &[u8], what: &str) {
+    assert_eq!(
+        theirs.len(),
+        expected.len(),
+        "{what}: QEMU's disk has another size"
+    );
+    if let Some(at) = (0..expected.len()).find(|&i| expected[i] != theirs[i]) {
+        panic!(
+            "{what}: QEMU reads other bytes, first at guest offset {at} (model sector {})",
+            at as u64 / SECTOR_BYTES
+        );
+    }
+}
+
+/// `qemu-img snapshot -c name`: QEMU shares every allocated cluster with a
+/// new internal snapshot (and, writing the image, clears the journal-valid
+/// autoclear bit it does not know).
+fn qemu_snapshot(path: &Path, name: &str) {
+    let out = Command::new("qemu-img")
+        .args(["snapshot", "-c", name])
+        .arg(path)
+        .output()
+        .expect("qemu-img is installed");
+    assert!(
+        out.status.success(),
+        "qemu-img snapshot -c {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether the header on disk says the journal is valid.
+fn journal_valid(path: &Path) -> bool {
+    let storage = FileStorage::open(path, false).expect("opening the file");
+    let header = Image::read_header(&storage).expect("reading the header");
+    header.has_autoclear(AUTOCLEAR_JOURNAL_VALID_BIT)
+}
+
+/// Shares the whole (closed, clean) image with a new snapshot made by
+/// QEMU, so that its rules hold, then lets our next read-write open
+/// re-create the journal QEMU invalidated. In between QEMU counts exactly
+/// the old journal's clusters as leaked; after, our check must count none
+/// (the re-creation frees them) and QEMU exactly the new journal's.
+fn share_with_snapshot(backend: Backend, path: &Path, snapshot: &str) {
+    let name = backend.name();
+    assert!(journal_valid(path), "{name}: our close keeps the journal");
+    qemu_snapshot(path, snapshot);
+    assert!(
+        !journal_valid(path),
+        "{name}: QEMU kept the journal-valid autoclear bit it does not know"
+    );
+    let qemu = qemu_check(path);
+    assert_eq!(
+        qemu["leaks"].as_u64().unwrap_or(0),
+        backend.journal_clusters(),
+        "{name}: after qemu-img snapshot, QEMU's leaks are not the journal's clusters: {qemu}"
+    );
+    backend
+        .open(path)
+        .close()
+        .expect("re-creating the journal and closing");
+    assert!(
+        journal_valid(path),
+        "{name}: the journal was not re-created"
+    );
+    check_image(backend, path, End::Close);
 }
 
 /// The disk after reopening must be what the session allows: exactly the
@@ -681,12 +938,12 @@ fn check_reopened(
     }
 }
 
-fn stress(backend: Backend) {
-    let name = backend.name();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = dir.path().join("stress.qcow2");
+/// Creates the image; returns the model of its guest disk: zeros, or for
+/// a snapshot-sharing backend base content in every sector, shared with
+/// snapshot `base`.
+fn create_image(backend: Backend, path: &Path) -> Vec<SectorValue> {
     Image::create_path(
-        &path,
+        path,
         &CreateOptions {
             virtual_size: DISK_BYTES,
             cluster_size: CLUSTER_BYTES,
@@ -695,8 +952,30 @@ fn stress(backend: Backend) {
         },
     )
     .expect("creating the image");
-    let mut disk: Vec<SectorValue> = vec![0; SECTORS];
-    let mut next_id = 1;
+    if !backend.shares_snapshots() {
+        return vec![0; SECTORS];
+    }
+    let base = vec![BASE_ID; SECTORS];
+    let image = backend.open(path);
+    image
+        .write(&encode_disk(&base), 0)
+        .expect("writing the base content");
+    image.close().expect("closing the image");
+    share_with_snapshot(backend, path, BASE_SNAPSHOT);
+    base
+}
+
+fn stress(backend: Backend) {
+    let name = backend.name();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("stress.qcow2");
+    let mut disk = create_image(backend, &path);
+    // Internal snapshots, and the guest bytes each must keep.
+    let mut snapshots: Vec<(String, Vec<u8>)> = Vec::new();
+    if backend.shares_snapshots() {
+        snapshots.push((BASE_SNAPSHOT.to_string(), encode_disk(&disk)));
+    }
+    let mut next_id = u64::from(BASE_ID) + 1;
     for (session, &end) in SESSION_ENDS.iter().enumerate() {
         let outcome = run_session(backend, &path, session as u64, next_id, end);
         let changes: usize = outcome.logs.iter().map(|l| l.changes.len()).sum();
@@ -714,8 +993,13 @@ fn stress(backend: Backend) {
             );
         }
         // The model must have been exercised, or the checks prove nothing.
-        let written = outcome.live_disk.iter().filter(|&&v| v != 0).count();
-        assert!(written > SECTORS / 4, "only {written} sectors hold data");
+        let changed = (0..SECTORS)
+            .filter(|&s| outcome.live_disk[s] != disk[s])
+            .count();
+        assert!(
+            changed > SECTORS / 4,
+            "{name} session {session}: only {changed} sectors changed"
+        );
         assert!(
             reads_checked > 1000,
             "only {reads_checked} read sectors checked"
@@ -731,6 +1015,16 @@ fn stress(backend: Backend) {
                 outcome.stats
             );
         }
+        if backend.shares_snapshots() {
+            let cow = cow_exercise(&outcome.logs, &disk);
+            assert!(
+                cow.delayed_copies > COW_DELAYED_COPIES_MIN
+                    && cow.changes_into_untouched_before_flush > COW_PENDING_CHANGES_MIN
+                    && cow.changes_into_untouched_after_flush > COW_PENDING_CHANGES_MIN
+                    && cow.reads_of_untouched > COW_PENDING_READS_MIN,
+                "{name} session {session}: delayed copy-on-write barely exercised: {cow:?}"
+            );
+        }
 
         let image = backend.open(&path);
         let reopened = read_disk(&image);
@@ -743,12 +1037,21 @@ fn stress(backend: Backend) {
         let image = backend.open(&path);
         image.read(&mut ours, 0).expect("reading the disk");
         image.close().expect("closing the image");
-        let theirs = qemu_raw(&path, dir.path());
-        assert_eq!(theirs.len(), ours.len(), "QEMU's disk has another size");
-        if let Some(at) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
-            panic!(
-                "{name} session {session}: QEMU reads other bytes than we do, first at guest offset {at}"
+        let theirs = qemu_raw(&path, dir.path(), None);
+        assert_qemu_reads(&ours, &theirs, &format!("{name} session {session}"));
+        // Nothing a session does may reach a snapshot's clusters.
+        for (snapshot, content) in &snapshots {
+            let theirs = qemu_raw(&path, dir.path(), Some(snapshot));
+            assert_qemu_reads(
+                content,
+                &theirs,
+                &format!("{name} session {session}: snapshot {snapshot}"),
             );
+        }
+        if backend.shares_snapshots() && session + 1 < SESSION_ENDS.len() {
+            let snapshot = format!("after-session-{session}");
+            share_with_snapshot(backend, &path, &snapshot);
+            snapshots.push((snapshot, ours));
         }
     }
 }
@@ -766,4 +1069,9 @@ fn eight_threads_overlapping_on_the_journal() {
 #[test]
 fn eight_threads_overlapping_on_the_two_flush_draft_journal() {
     stress(Backend::JournalDraft);
+}
+
+#[test]
+fn eight_threads_overlapping_on_the_journal_with_delayed_copy_on_write() {
+    stress(Backend::JournalCow);
 }
