@@ -395,3 +395,124 @@ fn a_bare_journal_region_is_dumped_from_offset_zero() {
         "{json}"
     );
 }
+
+/// Three synced writes left in a dirty journal by `-c abort`, as a power
+/// cut after the last flush would leave them.
+fn dirty_journal_of_three_commits(d: &Path, file: &str) {
+    ok(qj(
+        d,
+        &["create", "-o", "journal=on,cluster_size=4k", file, "16M"],
+    ));
+    ok(qj(
+        d,
+        &[
+            "io",
+            file,
+            "-c",
+            "write -P 0x11 0 8k",
+            "-c",
+            "flush",
+            "-c",
+            "write -P 0x22 64k 8k",
+            "-c",
+            "flush",
+            "-c",
+            "write -P 0x33 128k 8k",
+            "-c",
+            "flush",
+            "-c",
+            "abort",
+        ],
+    ));
+}
+
+#[test]
+fn a_dirty_journal_is_checked_as_replayed_without_writing() {
+    let dir = tmp();
+    let d = dir.path();
+    dirty_journal_of_three_commits(d, "dirty.qcow2");
+    let before = std::fs::read(d.join("dirty.qcow2")).unwrap();
+    let out = qj(d, &["check", "--output", "json", "dirty.qcow2"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("3 committed transaction(s) replayed in memory"),
+        "{stderr}"
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The six data clusters exist only in the journal's transactions: the
+    // tables in place map none of them.
+    assert_eq!(json["allocated-clusters"], 6, "{json}");
+    assert_eq!(
+        std::fs::read(d.join("dirty.qcow2")).unwrap(),
+        before,
+        "a check wrote to the image"
+    );
+}
+
+#[test]
+fn a_journal_damaged_in_the_middle_is_refused_and_reported_by_check() {
+    let dir = tmp();
+    let d = dir.path();
+    dirty_journal_of_three_commits(d, "torn.qcow2");
+    // Flip a byte in a data block of the second of the three transactions:
+    // the third proves the second was committed.
+    let dump: Value = serde_json::from_str(&ok(qj(
+        d,
+        &["journal", "dump", "--output", "json", "torn.qcow2"],
+    )))
+    .unwrap();
+    let transactions = dump["transactions"].as_array().unwrap();
+    assert_eq!(transactions.len(), 3, "{dump}");
+    let second = &transactions[1];
+    assert_eq!(second["seq"], 2);
+    let at = second["device_offset"].as_u64().unwrap()
+        + second["descriptor_blocks"].as_u64().unwrap() * 512
+        + 10;
+    let mut bytes = std::fs::read(d.join("torn.qcow2")).unwrap();
+    bytes[at as usize] ^= 0x5a;
+    std::fs::write(d.join("torn.qcow2"), &bytes).unwrap();
+
+    // Open, read-write or read-only: refused, naming the transaction and
+    // the way on, with nothing written.
+    for args in [
+        &["io", "torn.qcow2", "-c", "read -P 0x11 0 8k"][..],
+        &["io", "-r", "torn.qcow2", "-c", "read -P 0x11 0 8k"][..],
+    ] {
+        let line = one_line_error(&qj(d, args), 1);
+        assert!(line.contains("transaction 2"), "{line}");
+        assert!(line.contains("qj check"), "{line}");
+        assert_eq!(
+            std::fs::read(d.join("torn.qcow2")).unwrap(),
+            bytes,
+            "{args:?}"
+        );
+    }
+
+    // `qj check` names it as a corruption (exit 2), still writing nothing;
+    // a repair is refused while committed metadata sits in the journal.
+    let out = qj(d, &["check", "torn.qcow2"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ERROR journal at ") && stderr.contains("transaction 2"),
+        "{stderr}"
+    );
+    assert!(
+        text(&out.stdout).contains("1 errors were found"),
+        "{}",
+        text(&out.stdout)
+    );
+    let line = one_line_error(&qj(d, &["check", "-r", "all", "torn.qcow2"]), 1);
+    assert!(line.contains("journal is dirty"), "{line}");
+    assert_eq!(std::fs::read(d.join("torn.qcow2")).unwrap(), bytes);
+
+    // QEMU refuses it by our bit's name.
+    let out = qemu_img(d, &["check", "torn.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("journal dirty"),
+        "{}",
+        text(&out.stderr)
+    );
+}

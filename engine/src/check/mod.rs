@@ -29,6 +29,7 @@ mod copied;
 mod error;
 mod image;
 mod imrt;
+mod journal;
 mod rebuild;
 mod refcounts;
 mod report;
@@ -45,6 +46,7 @@ use qj_spec::units::HostOffset;
 use checker::Checker;
 pub use error::CheckError;
 use image::Image;
+use journal::{JournalState, ReplayedStorage};
 use report::Tally;
 pub use report::{CheckReport, MESSAGES_MAX};
 
@@ -122,13 +124,57 @@ fn check_pass(
     extra_refs: &[(HostOffset, u64)],
 ) -> Result<Pass, CheckError> {
     let image = Image::load(storage)?;
-    let journal_dirty = image.header.has_incompatible(INCOMPAT_JOURNAL_DIRTY_BIT);
-    if journal_dirty && mode != RepairMode::None {
+    if !image.header.has_incompatible(INCOMPAT_JOURNAL_DIRTY_BIT) {
+        return check_image(storage, mode, extra_refs, image, &[], 0);
+    }
+    // A dirty journal holds committed metadata not yet in place: a repair
+    // made from the stale metadata would be contradicted by the replay, so
+    // only the read-write open that replays it may come first.
+    if mode != RepairMode::None {
         return Err(CheckError::JournalDirty);
     }
+    match journal::replay_dirty_journal(storage, &image.header) {
+        JournalState::Replayed {
+            overlay,
+            transactions,
+        } => {
+            let replayed = ReplayedStorage::new(storage, &overlay);
+            // Header fields are journalled too: load the image again.
+            let image = Image::load(&replayed)?;
+            let note = format!(
+                "The journal is dirty: {transactions} committed transaction(s) replayed in memory; checking the metadata as replayed"
+            );
+            check_image(&replayed, mode, extra_refs, image, &[note], 0)
+        }
+        JournalState::Unreplayable(why) => {
+            // Committed metadata the image cannot get back: a corruption,
+            // never a silent loss.
+            let notes = [
+                format!("ERROR {why}"),
+                "WARNING the journal's committed transactions cannot be replayed: this is the metadata as it was before them".to_string(),
+            ];
+            check_image(storage, mode, extra_refs, image, &notes, 1)
+        }
+        JournalState::InPlace => {
+            let note = "WARNING the journal is dirty: this is the metadata as it was before the journal's replay".to_string();
+            check_image(storage, mode, extra_refs, image, &[note], 0)
+        }
+    }
+}
+
+/// One pass over `image` as loaded from `storage`; `notes` open the
+/// messages and `journal_corruptions` count with the problems found.
+fn check_image(
+    storage: &dyn Storage,
+    mode: RepairMode,
+    extra_refs: &[(HostOffset, u64)],
+    image: Image,
+    notes: &[String],
+    journal_corruptions: u64,
+) -> Result<Pass, CheckError> {
     let mut checker = Checker::new(storage, mode, extra_refs, image)?;
-    if journal_dirty {
-        checker.msg("WARNING the journal is dirty: this is the metadata as it was before the journal's replay".into());
+    for note in notes {
+        checker.msg(note.clone());
     }
 
     let mut snapshot_tally = Tally::default();
@@ -157,7 +203,7 @@ fn check_pass(
     // QEMU counts the virtual size in whole 512-byte sectors.
     let virtual_bytes = checker.image.header.size / 512 * 512;
     let report = CheckReport {
-        corruptions: result.corruptions,
+        corruptions: result.corruptions + journal_corruptions,
         leaks: result.leaks,
         check_errors: result.check_errors,
         corruptions_fixed: result.corruptions_fixed,
