@@ -39,6 +39,11 @@ fn install_panic_hook() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown".into());
+        // `qj ... | head`: the reader went away. Not a defect; end as a
+        // program killed by SIGPIPE would (128 + 13), without a message.
+        if what.starts_with("failed printing to stdout") && what.contains("Broken pipe") {
+            std::process::exit(141);
+        }
         let at = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
