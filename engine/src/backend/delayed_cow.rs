@@ -60,7 +60,13 @@ pub struct PendingCopies {
 fn intersect(a: u64, a_len: u64, b: u64, b_len: u64) -> Option<(u64, u64)> {
     let start = a.max(b);
     let end = (a + a_len).min(b + b_len);
-    (start < end).then_some((start, end - start))
+    // Not `then_some`: its argument is computed first, and `end - start`
+    // underflows for disjoint ranges.
+    if start < end {
+        Some((start, end - start))
+    } else {
+        None
+    }
 }
 
 impl PendingCopies {
@@ -179,6 +185,14 @@ mod tests {
     use super::*;
 
     const CS: u64 = 4096;
+
+    #[test]
+    fn disjoint_ranges_do_not_intersect() {
+        assert_eq!(intersect(0, 10, 20, 5), None);
+        assert_eq!(intersect(20, 5, 0, 10), None);
+        assert_eq!(intersect(0, 10, 10, 5), None);
+        assert_eq!(intersect(0, 10, 5, 10), Some((5, 5)));
+    }
 
     fn copy(target: u64, source: u64, written: (u64, u64)) -> DelayedCopy {
         let (at, len) = written;
