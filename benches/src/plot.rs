@@ -7,9 +7,10 @@ use std::fmt::Write;
 use crate::report::BenchRow;
 
 /// Colours per target, in `TargetKind::ALL` order.
-const COLOURS: [(&str, &str); 5] = [
+const COLOURS: [(&str, &str); 6] = [
     ("journal", "#1b9e77"),
     ("journal-draft", "#66a61e"),
+    ("journal-logged", "#e6ab02"),
     ("ordered", "#d95f02"),
     ("qemu", "#7570b3"),
     ("raw", "#999999"),

@@ -54,7 +54,8 @@ impl Cell {
 pub struct BenchRow {
     /// Workload name.
     pub workload: String,
-    /// `journal`, `journal-draft`, `ordered`, `qemu` or `raw`.
+    /// `journal`, `journal-draft`, `journal-logged`, `ordered`, `qemu` or
+    /// `raw`.
     pub target: String,
     /// Threads (QEMU: queue depth).
     pub threads: usize,

@@ -19,6 +19,9 @@ pub enum TargetKind {
     Journal,
     /// Our journalled backend, the draft's two-flush commit.
     JournalDraft,
+    /// Our journalled backend, single-flush commit, with small writes into
+    /// fresh clusters carried in the transaction (logged data).
+    JournalLogged,
     /// Our flush-ordering backend.
     Ordered,
     /// QEMU's qcow2 through `qemu-img bench`.
@@ -29,9 +32,10 @@ pub enum TargetKind {
 
 impl TargetKind {
     /// Every target, in report order.
-    pub const ALL: [TargetKind; 5] = [
+    pub const ALL: [TargetKind; 6] = [
         TargetKind::Journal,
         TargetKind::JournalDraft,
+        TargetKind::JournalLogged,
         TargetKind::Ordered,
         TargetKind::Qemu,
         TargetKind::Raw,
@@ -42,6 +46,7 @@ impl TargetKind {
         match self {
             TargetKind::Journal => "journal",
             TargetKind::JournalDraft => "journal-draft",
+            TargetKind::JournalLogged => "journal-logged",
             TargetKind::Ordered => "ordered",
             TargetKind::Qemu => "qemu",
             TargetKind::Raw => "raw",
@@ -105,7 +110,9 @@ impl EngineDisk {
         let journal = match kind {
             TargetKind::Ordered => None,
             TargetKind::Journal => journal(false),
-            TargetKind::JournalDraft => journal(true),
+            TargetKind::JournalDraft | TargetKind::JournalLogged => {
+                journal(kind == TargetKind::JournalDraft)
+            }
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
@@ -120,7 +127,11 @@ impl EngineDisk {
             ..CreateOptions::default()
         };
         Image::create_path(path, &opts).map_err(io_err)?;
-        let image = Image::open_path(path, &OpenOptions::read_write()).map_err(io_err)?;
+        let opts = OpenOptions {
+            log_fresh_data: kind == TargetKind::JournalLogged,
+            ..OpenOptions::read_write()
+        };
+        let image = Image::open_path(path, &opts).map_err(io_err)?;
         Ok(Self { image })
     }
 

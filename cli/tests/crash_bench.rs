@@ -574,7 +574,14 @@ fn bench_bad_names_zero_threads_and_bad_sizes_are_usage_errors() {
     );
     expect_usage_error(
         &["bench", "--target", "qcow2"],
-        &["journal", "journal-draft", "ordered", "qemu", "raw"],
+        &[
+            "journal",
+            "journal-draft",
+            "journal-logged",
+            "ordered",
+            "qemu",
+            "raw",
+        ],
     );
     expect_usage_error(&["bench", "--threads", "1,0"], &["--threads"]);
     expect_usage_error(&["bench", "--cluster-size", "12Q"], &["12Q"]);

@@ -300,6 +300,7 @@ impl Image {
             header.has_incompatible(features::INCOMPAT_JOURNAL_DIRTY_BIT),
             opts.journal_mutation,
             opts.delayed_cow,
+            opts.log_fresh_data,
         )?;
         Self::open_with_backend(storage, opts, Box::new(backend))
     }
@@ -371,6 +372,7 @@ impl Image {
                 },
             }));
             h.mem.autoclear_features |= features::AUTOCLEAR_JOURNAL_VALID_MASK;
+            name_journal_features(&mut h.mem);
             h.dirty = true;
         }
         image.close()
@@ -480,7 +482,14 @@ impl Image {
         opts: &OpenOptions,
         backend: Box<dyn MetadataBackend>,
     ) -> Result<Image> {
-        let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        // A journal replayed in memory may hold tables past the end of the
+        // file (the write that extended the file for them was lost, or they
+        // were only ever in the journal): the image, as replay leaves it,
+        // reaches that far.
+        let file_len = storage
+            .len()
+            .ctx(|| "reading the image length".into())?
+            .max(backend.held_end());
         // Through the backend: a journal replayed in memory may hold a newer
         // header than the one in place.
         let mut header = Self::read_header_with(file_len, &mut |buf, offset| {
@@ -893,7 +902,9 @@ impl Image {
             .len()
             .ctx(|| "reading the image length".into())?;
         self.file_len_seen.fetch_max(file_len, Ordering::AcqRel);
-        if offset.0 >= file_len {
+        // Logged data (`backend/logged_data.rs`) reaches the file at
+        // checkpoint: until then its cluster may lie past the end.
+        if offset.0 >= file_len && !self.backend.holds_data(offset) {
             return Err(Error::Corrupt(format!(
                 "L2 entry for guest cluster {} points to offset {offset}, past the end of the file ({file_len} bytes)",
                 cluster.0
@@ -922,10 +933,7 @@ impl Image {
             }
             L2Entry::Normal { offset, .. } => {
                 let host = HostOffset(offset.0 + in_cluster as u64);
-                self.storage
-                    .read_at(out, host.0)
-                    .ctx(|| format!("reading guest data at {guest:#x}"))?;
-                self.backend.patch_data_read(out, host)
+                self.backend.read_data(&*self.storage, out, host)
             }
             L2Entry::Compressed {
                 host_offset,
@@ -1099,6 +1107,13 @@ impl Image {
             // write (and to checksum).
             self.write_data(data, host.0 + in_cluster as u64)?;
             (HostOffset(host.0 + in_cluster as u64), data.len() as u64)
+        } else if (whole || old_reads_zero)
+            && past_eof
+            && self.backend.log_fresh_data(host, in_cluster as u64, data)
+        {
+            // Logged data: the transaction that links the cluster carries
+            // the bytes; the file reaches them at checkpoint.
+            (HostOffset(host.0 + in_cluster as u64), data.len() as u64)
         } else if whole || (old_reads_zero && past_eof) {
             // A cluster past the end of the file reads as zeros already, so
             // zero padding around the data need not be written (QEMU skips
@@ -1129,6 +1144,9 @@ impl Image {
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        if self.backend.absorb_data_write(HostOffset(host), data) {
+            return Ok(());
+        }
         self.backend
             .before_data_write(HostOffset(host), data.len() as u64, &self.counters)?;
         self.storage
@@ -1740,6 +1758,43 @@ impl Drop for Image {
         if self.poison.lock().is_none() {
             let _ = self.persist_all();
         }
+    }
+}
+
+/// Puts the names of our feature bits into the header's feature name table,
+/// so that a program refusing the image names them ("journal dirty"). QEMU
+/// writes its own table whenever it rewrites the header and drops names it
+/// does not know (`shared/notes/qemu-behaviour.md`), so a journal re-created
+/// after QEMU wrote the image needs them back. Entries already there are
+/// kept. Like at creation, the table is left out when it does not fit in
+/// the header cluster: it is informational only.
+fn name_journal_features(header: &mut Header) {
+    let ours = qj_spec::qcow2::features::qjournal_feature_names();
+    let at = header
+        .extensions
+        .iter()
+        .position(|e| matches!(e, HeaderExtension::FeatureNameTable(_)));
+    match at {
+        Some(i) => {
+            if let HeaderExtension::FeatureNameTable(names) = &mut header.extensions[i] {
+                for name in ours {
+                    if !names
+                        .iter()
+                        .any(|n| n.kind == name.kind && n.bit == name.bit)
+                    {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        None => header
+            .extensions
+            .push(HeaderExtension::FeatureNameTable(ours)),
+    }
+    if header.encode().is_err() {
+        header
+            .extensions
+            .retain(|e| !matches!(e, HeaderExtension::FeatureNameTable(_)));
     }
 }
 

@@ -118,6 +118,13 @@ pub struct OpenOptions {
     /// copying them before it returns (delayed copy-on-write). No effect
     /// with flush ordering, which always copies first.
     pub delayed_cow: bool,
+    /// On a journalled image, let a write into a fresh cluster past the end
+    /// of the file travel in the journal transaction instead of being
+    /// written in place first (logged data, `backend/logged_data.rs`): a
+    /// synced allocating write then flushes overwrites of the journal ring
+    /// only, and the file grows at checkpoint. Off by default: the data is
+    /// written twice. No effect with flush ordering.
+    pub log_fresh_data: bool,
 }
 
 impl Default for OpenOptions {
@@ -130,6 +137,7 @@ impl Default for OpenOptions {
             ordering_mutation: OrderingMutation::None,
             journal_mutation: JournalMutation::None,
             delayed_cow: true,
+            log_fresh_data: false,
         }
     }
 }

@@ -364,6 +364,19 @@ fn after_qemu_writes_the_journal_is_recreated_and_qemus_data_kept() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // QEMU rewrote the header with its own feature name table, without our
+    // names; the re-created journal put them back, so that QEMU's refusal
+    // of a dirty journal still names the bit.
+    let image = Image::open_path(&path, &OpenOptions::read_write()).unwrap();
+    image.write(&vec![0x44; 4096], 5 << 20).unwrap();
+    image.flush().unwrap();
+    image.abandon();
+    let out = qemu(&["qemu-img", "info", p]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("journal dirty"),
+        "{stderr}"
+    );
     let _ = BackingSource::Ignore;
 }
 

@@ -63,6 +63,15 @@ impl Overlay {
         self.extents.insert(offset, bytes.to_vec());
     }
 
+    /// Whether an extent covers byte `offset`.
+    #[must_use]
+    pub fn covers(&self, offset: u64) -> bool {
+        self.extents
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(start, data)| offset < start + data.len() as u64)
+    }
+
     /// Lays the overlay over bytes already read from the device at
     /// `offset`.
     pub fn patch(&self, buf: &mut [u8], offset: u64) {

@@ -48,6 +48,9 @@ pub struct EngineTarget {
     /// Put the base content in the image itself, shared with an internal
     /// snapshot, instead of in a backing file (see [`Self::with_snapshot_base`]).
     snapshot_base: bool,
+    /// Carry small writes into fresh clusters in the journal transaction
+    /// (`OpenOptions::log_fresh_data`, journal rule 7).
+    log_fresh_data: bool,
     /// The snapshot base image last built, by (virtual size, backing
     /// content): building it runs `qemu-img`, once per workload shape.
     base_cache: Arc<Mutex<Option<SnapshotBase>>>,
@@ -66,6 +69,7 @@ impl EngineTarget {
             // Small caches force write-back through eviction, not only flush.
             cache_bytes_max: 16 * 4096,
             snapshot_base: false,
+            log_fresh_data: false,
             base_cache: Arc::new(Mutex::new(None)),
         }
     }
@@ -78,6 +82,12 @@ impl EngineTarget {
     /// descriptors.
     pub fn with_snapshot_base(mut self) -> Self {
         self.snapshot_base = true;
+        self
+    }
+
+    /// The same target with logged data (journal rule 7).
+    pub fn with_logged_data(mut self) -> Self {
+        self.log_fresh_data = true;
         self
     }
 
@@ -157,6 +167,7 @@ impl EngineTarget {
         o.cache_bytes_max = self.cache_bytes_max;
         o.ordering_mutation = self.ordering_mutation;
         o.journal_mutation = self.journal_mutation;
+        o.log_fresh_data = self.log_fresh_data;
         o.backing = match backing {
             Some(b) => BackingSource::Given(b, BackingFormat::Raw),
             None => BackingSource::Ignore,
@@ -181,6 +192,8 @@ impl CrashTarget for EngineTarget {
         };
         if self.snapshot_base {
             format!("{name}-cow")
+        } else if self.log_fresh_data {
+            format!("{name}-logged")
         } else {
             name.into()
         }
@@ -193,6 +206,7 @@ impl CrashTarget for EngineTarget {
             JournalMutation::SkipRevokes => Some("no-revokes"),
             JournalMutation::SkipDirtyBit => Some("no-dirty-bit"),
             JournalMutation::SkipCopyBeforeWrite => Some("no-copy-before-write"),
+            JournalMutation::WriteLoggedInPlace => Some("logged-write-in-place"),
             JournalMutation::Journal(qj_journal::Mutation::None) => None,
             JournalMutation::Journal(qj_journal::Mutation::ReplaySkipsTxChecksum) => {
                 Some("replay-skips-tx-checksum")
@@ -390,6 +404,7 @@ pub const BACKENDS: &[&str] = &[
     "journal",
     "journal-draft",
     "journal-cow",
+    "journal-logged",
     "raw",
     "log",
     "redo",
@@ -397,8 +412,16 @@ pub const BACKENDS: &[&str] = &[
 
 /// The engine backends `qj crash --backend all` explores.
 /// `journal-cow` is the journal on images whose every cluster starts
-/// shared with an internal snapshot (delayed copy-on-write).
-pub const ENGINE_BACKENDS: &[&str] = &["ordered", "journal", "journal-draft", "journal-cow"];
+/// shared with an internal snapshot (delayed copy-on-write);
+/// `journal-logged` carries small writes into fresh clusters in the
+/// transaction (logged data).
+pub const ENGINE_BACKENDS: &[&str] = &[
+    "ordered",
+    "journal",
+    "journal-draft",
+    "journal-cow",
+    "journal-logged",
+];
 
 /// The mutations (deliberate ordering bugs) of `backend`.
 #[must_use]
@@ -415,6 +438,7 @@ pub fn mutations(backend: &str) -> &'static [&'static str] {
         ],
         "journal-draft" => &[],
         "journal-cow" => &["no-copy-before-write"],
+        "journal-logged" => &["logged-write-in-place"],
         other => crate::targets::builtin_mutations(other),
     }
 }
@@ -438,6 +462,7 @@ pub fn crash_target(
         "journal" => EngineTarget::new(EngineBackend::Journal),
         "journal-draft" => EngineTarget::new(EngineBackend::JournalDraft),
         "journal-cow" => EngineTarget::new(EngineBackend::Journal).with_snapshot_base(),
+        "journal-logged" => EngineTarget::new(EngineBackend::Journal).with_logged_data(),
         other if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
             return crate::targets::builtin_target(other, mutation)
         }
@@ -471,6 +496,9 @@ pub fn crash_target(
         ),
         Some("no-copy-before-write") if backend == "journal-cow" => {
             base.with_journal_mutation(JournalMutation::SkipCopyBeforeWrite)
+        }
+        Some("logged-write-in-place") if backend == "journal-logged" => {
+            base.with_journal_mutation(JournalMutation::WriteLoggedInPlace)
         }
         Some(other) => {
             return Err(crate::error::NameError::new(

@@ -1,7 +1,9 @@
 //! Multi-threaded stress test on a real file, on every backend: flush
 //! ordering, the journal with single-flush commits, the journal with the
-//! draft's two-flush commits, and the single-flush journal on a disk shared
-//! with internal snapshots (delayed copy-on-write). 8 threads issue
+//! draft's two-flush commits, the single-flush journal on a disk shared
+//! with internal snapshots (delayed copy-on-write), and the single-flush
+//! journal with logged data (small writes into fresh clusters in the
+//! transaction, reads of them from memory until checkpoint). 8 threads issue
 //! overlapping writes,
 //! write-zeroes, discards, reads and flushes on one image, all over the same
 //! small disk, with a metadata cache far smaller than the metadata so that
@@ -49,7 +51,7 @@
 //!
 //! Sizes: 8 threads x 1500 operations x 4 sessions per backend, 1 KiB
 //! clusters, a 2 MiB disk, a 256 KiB journal (about 20 wraps of the ring
-//! per session); the four backends run as four tests, under 10 s in all in
+//! per session); the five backends run as five tests, about 10 s in all in
 //! the test profile on 2 cores.
 //!
 //! The model is per sector and real-time. Its sectors are 256 bytes, half a
@@ -95,6 +97,9 @@ enum Backend {
     /// The journal, single-flush commits, on a disk shared with internal
     /// snapshots: partial writes are delayed copies-on-write.
     JournalCow,
+    /// The journal, single-flush commits, with logged data: small writes
+    /// into fresh clusters travel in the transaction (rule 7).
+    JournalLogged,
 }
 
 impl Backend {
@@ -104,13 +109,14 @@ impl Backend {
             Backend::Journal => "journal",
             Backend::JournalDraft => "journal-draft",
             Backend::JournalCow => "journal-cow",
+            Backend::JournalLogged => "journal-logged",
         }
     }
 
     fn journal(self) -> Option<JournalConfig> {
         let two_flush = match self {
             Backend::Ordered => return None,
-            Backend::Journal | Backend::JournalCow => false,
+            Backend::Journal | Backend::JournalCow | Backend::JournalLogged => false,
             Backend::JournalDraft => true,
         };
         Some(JournalConfig {
@@ -122,7 +128,10 @@ impl Backend {
     fn kind(self) -> BackendKind {
         match self {
             Backend::Ordered => BackendKind::FlushOrdering,
-            Backend::Journal | Backend::JournalDraft | Backend::JournalCow => BackendKind::Journal,
+            Backend::Journal
+            | Backend::JournalDraft
+            | Backend::JournalCow
+            | Backend::JournalLogged => BackendKind::Journal,
         }
     }
 
@@ -142,6 +151,7 @@ impl Backend {
             cache_bytes_max: CACHE_BYTES_MAX,
             // The default, spelled out: `JournalCow` exists to stress it.
             delayed_cow: true,
+            log_fresh_data: matches!(self, Backend::JournalLogged),
             ..OpenOptions::read_write()
         };
         let image = Image::open_path(path, &opts).expect("opening the image");
@@ -1074,4 +1084,9 @@ fn eight_threads_overlapping_on_the_two_flush_draft_journal() {
 #[test]
 fn eight_threads_overlapping_on_the_journal_with_delayed_copy_on_write() {
     stress(Backend::JournalCow);
+}
+
+#[test]
+fn eight_threads_overlapping_on_the_journal_with_logged_data() {
+    stress(Backend::JournalLogged);
 }

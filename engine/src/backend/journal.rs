@@ -40,6 +40,20 @@
 //!    ([`JournalBackend::may_reuse`]): a replay run twice must copy the
 //!    same bytes into a cluster no one else owns.
 //!
+//! 7. Logged data (`logged_data.rs`, with [`OpenOptions::log_fresh_data`])
+//!    travels in the transaction that links its cluster (the same
+//!    [`JournalBackend::submit`] takes both), so it is durable exactly when
+//!    the entry is. While a cluster's newest bytes are in the journal, a
+//!    later write into it joins the next transaction instead of the file
+//!    ([`MetadataBackend::absorb_data_write`]): written in place, it would
+//!    be overwritten by the older logged bytes at checkpoint or replay.
+//!    Reads come from memory until the last such transaction is synced,
+//!    and the cluster is not reused until then ([`JournalBackend::may_reuse`]):
+//!    a replay would write the old bytes over the next owner's. Logged
+//!    clusters get no data checksum: their bytes are in the transaction.
+//!
+//! [`OpenOptions::log_fresh_data`]: crate::OpenOptions::log_fresh_data
+//!
 //! Until a checkpoint, the newest content of journalled metadata lives in
 //! the journal, not in place: reads of metadata go through an overlay of
 //! every submitted write ([`JournalBackend::read_metadata`]).
@@ -55,6 +69,7 @@ use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_MASK;
 use qj_spec::units::{HostCluster, HostOffset};
 
 use super::delayed_cow::{CopyState, PendingCopies};
+use super::logged_data::LoggedData;
 use super::{BackendKind, DelayedCopy, Epoch, MetadataBackend};
 use crate::error::{Error, IoContext, Result};
 use crate::stats::Counters;
@@ -63,6 +78,9 @@ use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 /// Highest host offset a journalled write may target: the largest offset an
 /// L2 entry can hold (bits 9-55).
 const DEVICE_LIMIT_BYTES: u64 = 1 << 56;
+
+/// Zero-fill unit of a new journal region.
+const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
 
 /// Byte offset of the incompatible feature field in the qcow2 header.
 const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
@@ -83,6 +101,10 @@ pub enum JournalMutation {
     /// delayed copy does not make the copy first (the copy, applied later,
     /// overwrites the write).
     SkipCopyBeforeWrite,
+    /// Rule 7 broken: a write into a logged cluster whose bytes are already
+    /// in a submitted transaction goes in place (the older logged bytes,
+    /// applied later, overwrite it).
+    WriteLoggedInPlace,
     /// A rule of the journal itself broken (replay or checkpoint), passed
     /// to it in [`JournalOptions::mutation`].
     Journal(qj_journal::Mutation),
@@ -132,6 +154,12 @@ pub struct JournalBackend {
     /// Clusters whose delayed copy was made in place before its
     /// transaction was submitted: the next epoch checksums them whole.
     copied_in_place: Mutex<Vec<(HostOffset, u64)>>,
+    /// Whether writes into fresh clusters past the end of the file travel
+    /// in the transaction (rule 7).
+    log_fresh_data: bool,
+    /// Logged data not yet synced (rule 7).
+    logged: Mutex<LoggedData>,
+    logged_count: AtomicUsize,
 }
 
 fn journal_err(e: JournalError) -> Error {
@@ -147,6 +175,20 @@ impl JournalBackend {
         block_size: u32,
         protocol: CommitProtocol,
     ) -> Result<()> {
+        // Zeros over the whole region first, so that the file system has
+        // blocks under the ring: a commit then overwrites allocated blocks,
+        // and its flush commits no file-system metadata (a sparse ring
+        // allocates blocks on its first lap, which costs every such flush
+        // as much as a write that grows the file). Once per journal.
+        let zeros = vec![0u8; ZERO_FILL_CHUNK_BYTES];
+        let mut at = 0;
+        while at < size_bytes {
+            let n = (size_bytes - at).min(ZERO_FILL_CHUNK_BYTES as u64);
+            storage
+                .write_at(&zeros[..n as usize], offset.0 + at)
+                .ctx(|| format!("zero-filling the journal at {:#x}", offset.0 + at))?;
+            at += n;
+        }
         let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
         options.commit_protocol = protocol;
         Journal::create(storage, offset.0, size_bytes, block_size, options).map_err(journal_err)?;
@@ -169,6 +211,7 @@ impl JournalBackend {
         dirty_bit_on_disk: bool,
         mutation: JournalMutation,
         delayed_cow: bool,
+        log_fresh_data: bool,
     ) -> Result<(Self, ReplayReport)> {
         let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
         options.commit_protocol = protocol;
@@ -212,6 +255,18 @@ impl JournalBackend {
             copies: Mutex::new(PendingCopies::default()),
             copy_count: AtomicUsize::new(0),
             copied_in_place: Mutex::new(Vec::new()),
+            log_fresh_data: log_fresh_data && writable,
+            // Held: a quarter of the ring (a checkpoint makes room at three
+            // quarters of that, `wait_durable`). One transaction's data: an
+            // eighth (plus what later writes into its clusters add, at most
+            // the held bound), so that with its metadata (epochs are kept
+            // to a quarter, `epoch_bytes_max`) it stays within half the ring.
+            logged: Mutex::new(LoggedData::new(
+                cluster_size,
+                size_bytes / 4,
+                size_bytes / 8,
+            )),
+            logged_count: AtomicUsize::new(0),
         };
         Ok((backend, report))
     }
@@ -312,6 +367,11 @@ impl JournalBackend {
             copies.forget_synced(synced);
             self.copy_count.store(copies.len(), Ordering::SeqCst);
         }
+        if self.logged_count.load(Ordering::SeqCst) > 0 {
+            let mut logged = self.logged.lock();
+            logged.forget_synced(synced);
+            self.logged_count.store(logged.len(), Ordering::SeqCst);
+        }
         let mut pending = self.pending.lock();
         if pending.in_flight == 0 && !self.journal.has_unsynced() && !self.journal.is_read_only() {
             pending.overlay = Overlay::new();
@@ -403,7 +463,9 @@ impl MetadataBackend for JournalBackend {
     }
 
     fn submit(&self, storage: &dyn Storage, epoch: Epoch, counters: &Counters) -> Result<u64> {
-        if epoch.is_empty() {
+        let logged_dirty =
+            self.logged_count.load(Ordering::SeqCst) > 0 && self.logged.lock().has_dirty();
+        if epoch.is_empty() && !logged_dirty {
             // Only guest data to make durable: no transaction needed.
             counters.flush();
             storage.flush().ctx(|| "flushing guest data".into())?;
@@ -429,6 +491,13 @@ impl MetadataBackend for JournalBackend {
                 tx.copy(target, source, length).map_err(journal_err)?;
             }
         }
+        // Rule 7: the logged data of the clusters this epoch links (and
+        // every later write into logged clusters) rides with it.
+        if logged_dirty {
+            for (offset, bytes) in self.logged.lock().take_dirty(ticket) {
+                tx.write(offset, &bytes).map_err(journal_err)?;
+            }
+        }
         // Rule 5.
         if self.mutation != JournalMutation::SkipRevokes {
             for cluster in &epoch.freed_metadata {
@@ -445,7 +514,12 @@ impl MetadataBackend for JournalBackend {
             && self.mutation != JournalMutation::SkipDataChecksums
         {
             let mut data = vec![0u8; self.cluster_size as usize];
+            let logged = (self.logged_count.load(Ordering::SeqCst) > 0).then(|| self.logged.lock());
             for &(offset, len) in epoch.new_data.iter().chain(&copied_in_place) {
+                // Rule 7: logged bytes are in the transaction itself.
+                if logged.as_ref().is_some_and(|l| l.holds(offset.0)) {
+                    continue;
+                }
                 let buf = &mut data[..len as usize];
                 storage
                     .read_at(buf, offset.0)
@@ -489,6 +563,9 @@ impl MetadataBackend for JournalBackend {
         if self.copy_count.load(Ordering::SeqCst) > 0 {
             self.copies.lock().committed(ticket, seq);
         }
+        if self.logged_count.load(Ordering::SeqCst) > 0 {
+            self.logged.lock().committed(ticket, seq);
+        }
         if !guarded.is_empty() {
             let mut guards = self.guards.lock();
             for offset in guarded {
@@ -500,7 +577,14 @@ impl MetadataBackend for JournalBackend {
             }
         }
         self.fold_stats(counters);
-        if self.journal.needs_checkpoint() {
+        // Rule 7's memory bound: logged bytes leave memory only at a
+        // checkpoint, so make one at three quarters of the bound (else new
+        // clusters would go in place until the ring fills).
+        let logged_full = self.logged_count.load(Ordering::SeqCst) > 0 && {
+            let (held, max) = self.logged.lock().held_bytes();
+            held >= max / 4 * 3
+        };
+        if self.journal.needs_checkpoint() || logged_full {
             self.checkpoint(counters)?;
         }
         Ok(())
@@ -588,7 +672,72 @@ impl MetadataBackend for JournalBackend {
         Ok(())
     }
 
+    fn log_fresh_data(&self, cluster: HostOffset, in_cluster: u64, data: &[u8]) -> bool {
+        if !self.log_fresh_data {
+            return false;
+        }
+        let mut logged = self.logged.lock();
+        let taken = logged.log_fresh(cluster.0, in_cluster, data);
+        self.logged_count.store(logged.len(), Ordering::SeqCst);
+        taken
+    }
+
+    fn absorb_data_write(&self, offset: HostOffset, data: &[u8]) -> bool {
+        // A cluster cannot become logged under a writer: logging needs the
+        // L2 table locked for its fresh entry, and writers into the cluster
+        // hold that table too.
+        if self.logged_count.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let mut logged = self.logged.lock();
+        if self.mutation == JournalMutation::WriteLoggedInPlace && logged.is_submitted(offset.0) {
+            return false;
+        }
+        logged.absorb(offset.0, data)
+    }
+
+    fn read_data(&self, storage: &dyn Storage, buf: &mut [u8], offset: HostOffset) -> Result<()> {
+        if self.logged_count.load(Ordering::SeqCst) > 0 {
+            // Rule 7. Decided under the lock: a checkpoint forgets a
+            // cluster only after its bytes are in place, so either they are
+            // served from here or the file already holds them.
+            if self.logged.lock().read(buf, offset.0) {
+                return Ok(());
+            }
+        }
+        storage
+            .read_at(buf, offset.0)
+            .ctx(|| format!("reading guest data at host {offset}"))?;
+        self.patch_data_read(buf, offset)
+    }
+
+    fn held_end(&self) -> u64 {
+        if !self.journal.is_read_only() {
+            // Replay wrote in place; logged data comes later, into clusters
+            // the image allocates past the end.
+            return 0;
+        }
+        self.pending
+            .lock()
+            .overlay
+            .extents()
+            .map(|(offset, bytes)| offset + bytes.len() as u64)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn holds_data(&self, offset: HostOffset) -> bool {
+        (self.logged_count.load(Ordering::SeqCst) > 0 && self.logged.lock().holds(offset.0))
+            || (self.journal.is_read_only() && self.pending.lock().overlay.covers(offset.0))
+    }
+
     fn may_reuse(&self, cluster: HostCluster) -> bool {
+        // Rule 7.
+        if self.logged_count.load(Ordering::SeqCst) > 0
+            && self.logged.lock().holds(cluster.0 * self.cluster_size)
+        {
+            return false;
+        }
         // Rule 6.
         if self.copy_count.load(Ordering::SeqCst) > 0
             && self.mutation != JournalMutation::SkipCopyBeforeWrite

@@ -18,6 +18,7 @@
 
 pub mod delayed_cow;
 pub mod journal;
+pub mod logged_data;
 pub mod ordered;
 
 use std::fmt;
@@ -27,7 +28,7 @@ use qj_spec::units::{HostCluster, HostOffset};
 
 pub use delayed_cow::DelayedCopy;
 
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::stats::Counters;
 
 /// One metadata write: `bytes` go to `offset` in the image file.
@@ -174,6 +175,50 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
     fn patch_data_read(&self, buf: &mut [u8], offset: HostOffset) -> Result<()> {
         let _ = (buf, offset);
         Ok(())
+    }
+
+    /// Offers to carry `data`, written at `in_cluster` into the fresh
+    /// cluster at `cluster` past the end of the file, in the transaction
+    /// that links it (`logged_data.rs`). Called with the gate held shared
+    /// and the L2 table locked, before the entry is set. True: the backend
+    /// has the bytes, serves reads of the cluster and takes every later
+    /// write into it ([`MetadataBackend::absorb_data_write`]) until they
+    /// are in place; the image writes nothing. False: write in place.
+    fn log_fresh_data(&self, cluster: HostOffset, in_cluster: u64, data: &[u8]) -> bool {
+        let _ = (cluster, in_cluster, data);
+        false
+    }
+
+    /// Called before guest data is written to `offset` (never across
+    /// clusters): true if the backend took the write (the cluster's newest
+    /// bytes are logged data), and the image must not write in place.
+    fn absorb_data_write(&self, offset: HostOffset, data: &[u8]) -> bool {
+        let _ = (offset, data);
+        false
+    }
+
+    /// Reads guest data at `offset` of a data cluster (never across
+    /// clusters), as the backend knows it. Called with the cluster's L2
+    /// table locked.
+    fn read_data(&self, storage: &dyn Storage, buf: &mut [u8], offset: HostOffset) -> Result<()> {
+        storage
+            .read_at(buf, offset.0)
+            .ctx(|| format!("reading guest data at host {offset}"))?;
+        self.patch_data_read(buf, offset)
+    }
+
+    /// Whether the backend holds the data at `offset` that the file does not
+    /// (yet): a data cluster past the end of the file is then no corruption.
+    fn holds_data(&self, offset: HostOffset) -> bool {
+        let _ = offset;
+        false
+    }
+
+    /// One past the last byte the backend holds for the file beyond what
+    /// the file holds (a journal replayed in memory: its tables and data may
+    /// lie past the end of the file); 0 if none.
+    fn held_end(&self) -> u64 {
+        0
     }
 
     /// Whether a cluster whose count reached zero, and whose unreferencing

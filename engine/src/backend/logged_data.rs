@@ -1,0 +1,357 @@
+//! Logged data: guest writes into fresh clusters past the end of the file
+//! that travel in the journal transaction instead of being written in
+//! place before it.
+//!
+//! Why: on a file-backed image the expensive part of a synced allocating
+//! write is not the number of flushes but what one of them carries. A data
+//! write past the end of the file allocates file-system blocks and changes
+//! the file's size, so the `fdatasync` after it must also commit the file
+//! system's own journal; a flush after overwrites only is about half as
+//! costly (`shared/notes/baseline.md`: 9,000/s against 3,900/s). With the
+//! data in the transaction, the commit's one flush covers overwrites of the
+//! (already allocated) journal ring only; the file grows later, at
+//! checkpoint, once for many writes. ZFS's intent log does the same with
+//! small synchronous writes. The price: the data is written twice (journal,
+//! then in place), which the statistics show.
+//!
+//! The rules this file keeps the state for (the journalled backend enforces
+//! them, `journal.rs` rule 7):
+//! - the bytes are in the same transaction as the L2 entry that makes the
+//!   cluster reachable, so replay writes them before anything reads them;
+//! - while the newest bytes of a cluster live in the journal, every later
+//!   write into it goes into the journal too (merged while not submitted,
+//!   else in the next transaction): written in place, it would be
+//!   overwritten by the older logged bytes at checkpoint or replay;
+//! - until the last of its transactions is synced, reads of the cluster are
+//!   served from here (the file does not hold the bytes, and may not even
+//!   reach the cluster);
+//! - the cluster is not reused until then: a replay would write the old
+//!   bytes over its next owner's.
+
+use std::collections::BTreeMap;
+
+/// The last transaction that carries a cluster's logged bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    /// In the epoch with this engine ticket, enqueued, not known committed.
+    Submitted(u64),
+    /// In the committed transaction with this sequence number.
+    Committed(u64),
+}
+
+/// Largest write logged: bigger ones cost more to write twice than the
+/// file growth they avoid (ZFS draws the same line at 32 KiB,
+/// `zfs_immediate_write_sz`).
+pub const LOGGED_WRITE_BYTES_MAX: usize = 32 << 10;
+
+/// One cluster's logged bytes.
+#[derive(Debug)]
+struct Logged {
+    /// The written span of the cluster as the guest sees it, starting at
+    /// byte `start` of the cluster; the rest of the cluster reads as zeros
+    /// (a fresh cluster past the end of the file).
+    start: u64,
+    bytes: Vec<u8>,
+    /// The part written since the last submit, `[lo, hi)` in the cluster:
+    /// what the next transaction carries.
+    dirty: Option<(u64, u64)>,
+    /// The last transaction submitted with bytes of this cluster.
+    carrier: Option<Carrier>,
+}
+
+impl Logged {
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+
+    /// Copies `data` in at byte `at` of the cluster, widening the span
+    /// (with zeros) as needed; returns how many bytes the span grew.
+    fn put(&mut self, at: u64, data: &[u8]) -> u64 {
+        let end = at + data.len() as u64;
+        let (start, span_end) = (self.start.min(at), self.end().max(end));
+        let grown = (span_end - start) - self.bytes.len() as u64;
+        if grown > 0 {
+            let mut bytes = vec![0u8; (span_end - start) as usize];
+            let from = (self.start - start) as usize;
+            bytes[from..from + self.bytes.len()].copy_from_slice(&self.bytes);
+            (self.start, self.bytes) = (start, bytes);
+        }
+        let from = (at - self.start) as usize;
+        self.bytes[from..from + data.len()].copy_from_slice(data);
+        grown
+    }
+
+    /// The cluster's bytes `[at, at + out.len())`.
+    fn read(&self, at: u64, out: &mut [u8]) {
+        out.fill(0);
+        let from = at.max(self.start);
+        let to = (at + out.len() as u64).min(self.end());
+        if from < to {
+            out[(from - at) as usize..(to - at) as usize].copy_from_slice(
+                &self.bytes[(from - self.start) as usize..(to - self.start) as usize],
+            );
+        }
+    }
+}
+
+/// Logged data not yet synced, by cluster offset, with a bound on the bytes
+/// held in memory (and so on the data one transaction carries).
+#[derive(Debug)]
+pub struct LoggedData {
+    clusters: BTreeMap<u64, Logged>,
+    cluster_size: u64,
+    /// Bytes of written spans held.
+    held_bytes: u64,
+    /// Most bytes held; past it, fresh clusters are written in place as
+    /// without logging.
+    held_bytes_max: u64,
+    /// Clusters with bytes not yet submitted.
+    dirty_clusters: usize,
+    /// Bytes not yet submitted (the spans the next transaction carries).
+    dirty_bytes: u64,
+    /// Most bytes not yet submitted that fresh clusters may add: bounds
+    /// the data one transaction carries.
+    dirty_bytes_max: u64,
+}
+
+impl LoggedData {
+    /// Nothing logged yet; fresh clusters are logged while at most
+    /// `held_bytes_max` bytes are held and at most `dirty_bytes_max` wait
+    /// for the next transaction.
+    pub fn new(cluster_size: u64, held_bytes_max: u64, dirty_bytes_max: u64) -> Self {
+        Self {
+            clusters: BTreeMap::new(),
+            cluster_size,
+            held_bytes: 0,
+            held_bytes_max,
+            dirty_clusters: 0,
+            dirty_bytes: 0,
+            dirty_bytes_max,
+        }
+    }
+
+    /// Clusters held.
+    pub fn len(&self) -> usize {
+        self.clusters.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+
+    /// Bytes held, and the most that may be.
+    pub fn held_bytes(&self) -> (u64, u64) {
+        (self.held_bytes, self.held_bytes_max)
+    }
+
+    /// Whether some bytes wait for the next transaction.
+    pub fn has_dirty(&self) -> bool {
+        self.dirty_clusters > 0
+    }
+
+    /// Logs `data` written at `in_cluster` into the fresh cluster at
+    /// `cluster` (whose L2 entry is about to be set), if the bounds allow.
+    /// False: the caller writes in place.
+    pub fn log_fresh(&mut self, cluster: u64, in_cluster: u64, data: &[u8]) -> bool {
+        let cs = self.cluster_size;
+        assert!(
+            cluster.is_multiple_of(cs),
+            "logged cluster {cluster:#x} is not aligned"
+        );
+        assert!(
+            in_cluster + data.len() as u64 <= cs,
+            "logged data crosses a cluster"
+        );
+        assert!(
+            !self.clusters.contains_key(&cluster),
+            "fresh cluster {cluster:#x} already holds logged data"
+        );
+        if data.len() > LOGGED_WRITE_BYTES_MAX
+            || self.held_bytes + data.len() as u64 > self.held_bytes_max
+            || self.dirty_bytes + data.len() as u64 > self.dirty_bytes_max
+        {
+            return false;
+        }
+        self.clusters.insert(
+            cluster,
+            Logged {
+                start: in_cluster,
+                bytes: data.to_vec(),
+                dirty: Some((in_cluster, in_cluster + data.len() as u64)),
+                carrier: None,
+            },
+        );
+        self.held_bytes += data.len() as u64;
+        self.dirty_bytes += data.len() as u64;
+        self.dirty_clusters += 1;
+        true
+    }
+
+    /// A write of `data` at byte `offset` of the file (inside one cluster):
+    /// true if the cluster holds logged data and the write joined it (the
+    /// caller must not write in place). Never refused: a cluster whose
+    /// newest bytes are logged takes every write (at most a cluster each,
+    /// so the bound is exceeded by less than a cluster per logged cluster).
+    pub fn absorb(&mut self, offset: u64, data: &[u8]) -> bool {
+        let cs = self.cluster_size;
+        let cluster = offset - offset % cs;
+        let Some(logged) = self.clusters.get_mut(&cluster) else {
+            return false;
+        };
+        let at = offset - cluster;
+        let end = at + data.len() as u64;
+        assert!(end <= cs, "a data write crosses a cluster");
+        self.held_bytes += logged.put(at, data);
+        let (lo, hi) = match logged.dirty {
+            Some((lo, hi)) => {
+                self.dirty_bytes -= hi - lo;
+                (lo.min(at), hi.max(end))
+            }
+            None => {
+                self.dirty_clusters += 1;
+                (at, end)
+            }
+        };
+        self.dirty_bytes += hi - lo;
+        logged.dirty = Some((lo, hi));
+        true
+    }
+
+    /// Hands the bytes written since the last submit to the epoch with
+    /// engine ticket `ticket`, as (file offset, bytes) writes.
+    pub fn take_dirty(&mut self, ticket: u64) -> Vec<(u64, Vec<u8>)> {
+        let mut writes = Vec::with_capacity(self.dirty_clusters);
+        for (&cluster, logged) in &mut self.clusters {
+            if let Some((lo, hi)) = logged.dirty.take() {
+                logged.carrier = Some(Carrier::Submitted(ticket));
+                let mut bytes = vec![0u8; (hi - lo) as usize];
+                logged.read(lo, &mut bytes);
+                writes.push((cluster + lo, bytes));
+            }
+        }
+        self.dirty_clusters = 0;
+        self.dirty_bytes = 0;
+        writes
+    }
+
+    /// The epoch with `ticket` committed as transaction `seq`.
+    pub fn committed(&mut self, ticket: u64, seq: u64) {
+        for logged in self.clusters.values_mut() {
+            if logged.carrier == Some(Carrier::Submitted(ticket)) {
+                logged.carrier = Some(Carrier::Committed(seq));
+            }
+        }
+    }
+
+    /// Forgets the clusters whose every logged byte transactions up to
+    /// `synced` put in place.
+    pub fn forget_synced(&mut self, synced: u64) {
+        let mut freed = 0;
+        self.clusters.retain(|_, logged| {
+            let keep = logged.dirty.is_some()
+                || !matches!(logged.carrier, Some(Carrier::Committed(s)) if s <= synced);
+            if !keep {
+                freed += logged.bytes.len() as u64;
+            }
+            keep
+        });
+        self.held_bytes -= freed;
+    }
+
+    /// Whether the cluster holding file offset `offset` holds logged data
+    /// that is all in submitted transactions (nothing waits for the next).
+    pub fn is_submitted(&self, offset: u64) -> bool {
+        self.clusters
+            .get(&(offset - offset % self.cluster_size))
+            .is_some_and(|logged| logged.dirty.is_none() && logged.carrier.is_some())
+    }
+
+    /// Whether the cluster holding file offset `offset` holds logged data
+    /// (it must not be reused, and it may lie past the end of the file).
+    pub fn holds(&self, offset: u64) -> bool {
+        self.clusters
+            .contains_key(&(offset - offset % self.cluster_size))
+    }
+
+    /// Fills `buf` with the bytes at file offset `offset` (inside one
+    /// cluster) if that cluster holds logged data; false if it does not.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> bool {
+        let cs = self.cluster_size;
+        let cluster = offset - offset % cs;
+        let Some(logged) = self.clusters.get(&cluster) else {
+            return false;
+        };
+        logged.read(offset - cluster, buf);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u64 = 4096;
+
+    #[test]
+    fn reads_see_logged_bytes_and_later_writes_join_the_next_transaction() {
+        let mut l = LoggedData::new(CS, 4 * CS, 4 * CS);
+        assert!(l.log_fresh(CS, 512, &[7; 512]));
+        let mut buf = [9u8; 2048];
+        assert!(l.read(&mut buf, CS));
+        assert_eq!(&buf[..512], &[0; 512], "the unwritten part reads zeros");
+        assert_eq!(&buf[512..1024], &[7; 512]);
+        assert!(l.absorb(CS + 1024, &[8; 100]), "merged before submit");
+        assert!(!l.absorb(3 * CS, &[8; 100]), "not logged");
+        let writes = l.take_dirty(5);
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].0, CS + 512);
+        assert_eq!(writes[0].1.len(), 612);
+        assert_eq!(&writes[0].1[512..], &[8; 100]);
+        assert!(!l.has_dirty());
+        // After submit, a write still goes to the journal: the next
+        // transaction.
+        assert!(l.absorb(CS, &[1; 4]));
+        assert!(l.has_dirty());
+        l.committed(5, 11);
+        l.forget_synced(11);
+        assert!(l.holds(CS + 100), "bytes wait for the next transaction");
+        assert_eq!(l.take_dirty(6), vec![(CS, vec![1; 4])]);
+        l.committed(6, 12);
+        l.forget_synced(11);
+        assert!(l.holds(CS), "synced 11 does not cover seq 12");
+        l.forget_synced(12);
+        assert!(l.is_empty());
+        let mut buf = [9u8; 16];
+        assert!(!l.read(&mut buf, CS), "nothing left");
+    }
+
+    #[test]
+    fn past_the_bound_fresh_clusters_go_in_place() {
+        let mut l = LoggedData::new(CS, 4097, 4097);
+        assert!(l.log_fresh(0, 0, &[1; 4096]));
+        assert!(l.log_fresh(CS, 7, &[1; 1]));
+        assert!(!l.log_fresh(2 * CS, 0, &[1; 1]), "bytes held bound");
+        assert_eq!(l.held_bytes(), (4097, 4097));
+        // A later write widens the span with zeros between.
+        assert!(l.absorb(CS + 100, &[2; 4]));
+        assert_eq!(l.held_bytes().0, 4096 + 97);
+        let mut buf = [9u8; 12];
+        assert!(l.read(&mut buf, CS + 6));
+        assert_eq!(buf, [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        l.take_dirty(1);
+        l.committed(1, 1);
+        l.forget_synced(1);
+        assert_eq!(l.held_bytes().0, 0);
+        assert!(l.log_fresh(2 * CS, 0, &[1; 1]));
+        // The transaction's bound: only what is not yet submitted counts.
+        let mut l = LoggedData::new(CS, 8 * CS, CS);
+        assert!(l.log_fresh(0, 0, &[1; 4096]));
+        assert!(!l.log_fresh(CS, 0, &[1; 1]), "dirty bytes bound");
+        l.take_dirty(2);
+        assert!(l.log_fresh(CS, 0, &[1; 1]));
+        let big = vec![1u8; LOGGED_WRITE_BYTES_MAX + 1];
+        let mut l = LoggedData::new(2 * big.len() as u64, 1 << 20, 1 << 20);
+        assert!(!l.log_fresh(0, 0, &big), "too big to log");
+    }
+}
