@@ -141,7 +141,7 @@ fn f(v: Option<f64>, prec: usize) -> String {
 /// The human table.
 pub fn render_table(rows: &[BenchRow]) -> String {
     let mut out = format!(
-        "{:<19} {:<13} {:>3} {:>10} {:>8} {:>9} {:>9} {:>7} {:>10} {:>6} {:>6} {:>6}  {}\n",
+        "{:<19} {:<14} {:>3} {:>10} {:>8} {:>9} {:>9} {:>7} {:>10} {:>6} {:>6} {:>6}  {}\n",
         "workload",
         "target",
         "thr",
@@ -158,7 +158,7 @@ pub fn render_table(rows: &[BenchRow]) -> String {
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<19} {:<13} {:>3} {:>10} {:>8} {:>9} {:>9} {:>7} {:>10} {:>6} {:>6} {:>6}  {}\n",
+            "{:<19} {:<14} {:>3} {:>10} {:>8} {:>9} {:>9} {:>7} {:>10} {:>6} {:>6} {:>6}  {}\n",
             r.workload,
             r.target,
             r.threads,

@@ -40,8 +40,8 @@ impl Default for BenchOptions {
             workloads: Workload::ALL.to_vec(),
             targets: TargetKind::ALL.to_vec(),
             threads: vec![1, 2, 4, 8, 16],
-            sync_ops: 400,
-            batch_ops: 4000,
+            sync_ops: 250,
+            batch_ops: 2000,
             rounds: 2,
             cluster_size: 65536,
         }
