@@ -229,36 +229,55 @@ fn a_grow_dropped_at_replay_keeps_the_earlier_mapping() {
     }
 }
 
+/// Explores `backend` (a registered engine target) on each (workload,
+/// backing) pair and asserts every crash recovers clean without a leak;
+/// then asserts `mutation` is caught on `exposing` (preset, backing) with
+/// the default 3,000 states.
+fn survives_and_catches(
+    backend: &str,
+    workloads: &[(&str, bool)],
+    mutation: &str,
+    exposing: (&str, bool),
+) {
+    for &(workload, backing) in workloads {
+        let mut config = config(workload, 800);
+        config.workload.backing = backing;
+        let target = qj_model_checks::crash_target(backend, None).unwrap();
+        let report = explore(target, &config, None).unwrap();
+        assert!(
+            report.violations.is_empty(),
+            "{backend} {workload} (backing {backing}): {}",
+            report.violations[0]
+        );
+        let s = &report.summary;
+        assert!(s.states_explored >= 600, "{s:?}");
+        assert_eq!(s.leaked_clusters, 0, "{s:?}");
+        assert!(s.recovery_crash_states > 0, "{s:?}");
+    }
+    let target = qj_model_checks::crash_target(backend, Some(mutation)).unwrap();
+    let mut config = ExploreConfig::new(WorkloadConfig::preset(exposing.0).unwrap());
+    config.workload.backing = exposing.1;
+    config.states_budget = 3000;
+    config.shrink = false;
+    let report = explore(target, &config, None).unwrap();
+    assert!(
+        !report.violations.is_empty(),
+        "{mutation} not caught: {:?}",
+        report.summary
+    );
+}
+
 /// Delayed copy-on-write under power loss: every cluster starts shared
 /// with an internal snapshot (QEMU makes it), so every partial write
 /// journals a copy; the images recover clean, and with the write-before-
 /// copy rule broken the harness sees a copy undo a flushed write.
 #[test]
 fn delayed_copy_on_write_survives_every_explored_crash() {
-    for (workload, backing) in [("mixed", false), ("overwrite", true), ("grow", true)] {
-        let mut config = config(workload, 800);
-        config.workload.backing = backing;
-        let target = qj_model_checks::crash_target("journal-cow", None).unwrap();
-        let report = explore(target, &config, None).unwrap();
-        assert!(
-            report.violations.is_empty(),
-            "{workload} (backing {backing}): {}",
-            report.violations[0]
-        );
-        let s = &report.summary;
-        assert!(s.states_explored >= 600, "{s:?}");
-        assert_eq!(s.leaked_clusters, 0, "{s:?}");
-    }
-    let target =
-        qj_model_checks::crash_target("journal-cow", Some("no-copy-before-write")).unwrap();
-    let mut config = ExploreConfig::new(WorkloadConfig::preset("alloc").unwrap());
-    config.states_budget = 3000;
-    config.shrink = false;
-    let report = explore(target, &config, None).unwrap();
-    assert!(
-        !report.violations.is_empty(),
-        "no-copy-before-write not caught: {:?}",
-        report.summary
+    survives_and_catches(
+        "journal-cow",
+        &[("mixed", false), ("overwrite", true), ("grow", true)],
+        "no-copy-before-write",
+        ("alloc", false),
     );
 }
 
@@ -268,31 +287,10 @@ fn delayed_copy_on_write_survives_every_explored_crash() {
 /// once its bytes are in a submitted transaction is caught.
 #[test]
 fn logged_data_survives_every_explored_crash() {
-    for (workload, backing) in [("mixed", false), ("alloc", true), ("grow", false)] {
-        let mut config = config(workload, 800);
-        config.workload.backing = backing;
-        let target = qj_model_checks::crash_target("journal-logged", None).unwrap();
-        let report = explore(target, &config, None).unwrap();
-        assert!(
-            report.violations.is_empty(),
-            "{workload} (backing {backing}): {}",
-            report.violations[0]
-        );
-        let s = &report.summary;
-        assert!(s.states_explored >= 600, "{s:?}");
-        assert_eq!(s.leaked_clusters, 0, "{s:?}");
-        assert!(s.recovery_crash_states > 0, "{s:?}");
-    }
-    let target =
-        qj_model_checks::crash_target("journal-logged", Some("logged-write-in-place")).unwrap();
-    let mut config = ExploreConfig::new(WorkloadConfig::preset("mixed").unwrap());
-    config.workload.backing = true;
-    config.states_budget = 3000;
-    config.shrink = false;
-    let report = explore(target, &config, None).unwrap();
-    assert!(
-        !report.violations.is_empty(),
-        "logged-write-in-place not caught: {:?}",
-        report.summary
+    survives_and_catches(
+        "journal-logged",
+        &[("mixed", false), ("alloc", true), ("grow", false)],
+        "logged-write-in-place",
+        ("mixed", true),
     );
 }
