@@ -69,6 +69,7 @@ fn prepare(mode: Mode, path: &Path) {
         journal: mode.journal.map(|two_flush| JournalConfig {
             size_bytes: 16 << 20,
             two_flush,
+            log_data: false,
         }),
         ..CreateOptions::default()
     };

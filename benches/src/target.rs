@@ -105,6 +105,7 @@ impl EngineDisk {
             Some(JournalConfig {
                 size_bytes: JOURNAL_BYTES,
                 two_flush,
+                log_data: false,
             })
         };
         let journal = match kind {

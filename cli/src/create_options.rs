@@ -48,6 +48,8 @@ pub struct CreateOptionList {
     pub journal_size: Option<u64>,
     /// `commit`: the journal's commit protocol.
     pub commit: Option<CommitMode>,
+    /// `log_data`: carry small writes into fresh clusters in the journal.
+    pub log_data: Option<bool>,
 }
 
 /// One `-o` key: its name, its help line, and how it sets the list.
@@ -178,11 +180,23 @@ const KEYS: &[Key] = &[
             Ok(())
         },
     },
+    Key {
+        name: "log_data",
+        help: "carry small writes into fresh clusters in the journal transaction (logged data): on or off (default off; needs journal=on)",
+        apply: |o, v| {
+            o.log_data = Some(match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(format!("'{v}' is not valid; valid values are: on, off")),
+            });
+            Ok(())
+        },
+    },
 ];
 
 /// The keys `qj amend` can change; the others describe a layout fixed at
 /// creation.
-pub const AMEND_KEYS: &[&str] = &["journal", "journal_size", "commit"];
+pub const AMEND_KEYS: &[&str] = &["journal", "journal_size", "commit", "log_data"];
 
 /// Which command reads the list: it decides the valid keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +303,7 @@ impl CreateOptionList {
             for (name, given) in [
                 ("journal_size", self.journal_size.is_some()),
                 ("commit", self.commit.is_some()),
+                ("log_data", self.log_data.is_some()),
             ] {
                 if given {
                     return Err(CliError::Usage(format!(
@@ -306,6 +321,7 @@ impl CreateOptionList {
                 Some(CommitMode::SingleFlush) => false,
                 None => defaults.two_flush,
             },
+            log_data: self.log_data.unwrap_or(defaults.log_data),
         }))
     }
 }
@@ -358,7 +374,8 @@ mod tests {
             parse("journal=on").unwrap().journal_config().unwrap(),
             Some(JournalConfig {
                 size_bytes: 16 << 20,
-                two_flush: false
+                two_flush: false,
+                log_data: false
             })
         );
         assert_eq!(
@@ -368,8 +385,17 @@ mod tests {
                 .unwrap(),
             Some(JournalConfig {
                 size_bytes: 1 << 20,
-                two_flush: true
+                two_flush: true,
+                log_data: false
             })
+        );
+        assert_eq!(
+            parse("journal=on,log_data=on")
+                .unwrap()
+                .journal_config()
+                .unwrap()
+                .map(|j| j.log_data),
+            Some(true)
         );
         assert_eq!(
             parse("commit=draft,journal=on,commit=single-flush")
@@ -378,7 +404,8 @@ mod tests {
                 .unwrap(),
             Some(JournalConfig {
                 size_bytes: 16 << 20,
-                two_flush: false
+                two_flush: false,
+                log_data: false
             })
         );
     }
@@ -389,6 +416,7 @@ mod tests {
             "journal_size=1M",
             "commit=draft",
             "journal=off,commit=draft",
+            "log_data=on",
         ] {
             let e = parse(list)
                 .unwrap()

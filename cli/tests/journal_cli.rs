@@ -516,3 +516,101 @@ fn a_journal_damaged_in_the_middle_is_refused_and_reported_by_check() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn logged_data_is_a_property_of_the_image_and_survives_a_crash() {
+    let dir = tmp();
+    let d = dir.path();
+    let created = ok(qj(
+        d,
+        &[
+            "create",
+            "-o",
+            "journal=on,journal_size=1M,log_data=on",
+            "l.qcow2",
+            "4M",
+        ],
+    ));
+    assert!(created.contains("log_data=on"), "{created}");
+    let info = info_json(d, "l.qcow2");
+    assert_eq!(info["qj"]["journal"]["log-data"], true, "{info}");
+    assert!(ok(qj(d, &["info", "l.qcow2"])).contains("logged data: on"));
+    let length_before = std::fs::metadata(d.join("l.qcow2")).unwrap().len();
+
+    // Synced 4 KiB writes into fresh clusters, then a crash: the bytes
+    // exist only in the journal (the file did not grow), and replay puts
+    // them in place.
+    ok(qj(
+        d,
+        &[
+            "io",
+            "-c",
+            "write -P 0x5a 0 4k",
+            "-c",
+            "flush",
+            "-c",
+            "write -P 0x6b 64k 4k",
+            "-c",
+            "flush",
+            "-c",
+            "abort",
+            "l.qcow2",
+        ],
+    ));
+    assert_eq!(
+        std::fs::metadata(d.join("l.qcow2")).unwrap().len(),
+        length_before,
+        "logged data reaches the file only at checkpoint"
+    );
+    assert!(!qemu_img(d, &["info", "l.qcow2"]).status.success());
+    ok(qj(
+        d,
+        &[
+            "io",
+            "-c",
+            "read -P 0x5a 0 4k",
+            "-c",
+            "read -P 0x6b 64k 4k",
+            "-c",
+            "read -P 0 4k 60k",
+            "l.qcow2",
+        ],
+    ));
+    let out = qemu_io(
+        d,
+        &[
+            "-r",
+            "-c",
+            "read -P 0x5a 0 4k",
+            "-c",
+            "read -P 0x6b 64k 4k",
+            "l.qcow2",
+        ],
+    );
+    assert!(
+        out.status.success() && !text(&out.stdout).contains("verification failed"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A plain journal says off.
+    ok(qj(
+        d,
+        &[
+            "create",
+            "-o",
+            "journal=on,journal_size=1M",
+            "p.qcow2",
+            "4M",
+        ],
+    ));
+    assert_eq!(info_json(d, "p.qcow2")["qj"]["journal"]["log-data"], false);
+    // log_data needs journal=on, and takes on or off only.
+    for (list, want) in [
+        ("log_data=on", "needs journal=on"),
+        ("journal=on,log_data=yes", "on, off"),
+    ] {
+        let line = one_line_error(&qj(d, &["create", "-o", list, "x.qcow2", "4M"]), 2);
+        assert!(line.contains(want), "{list}: {line}");
+    }
+    assert!(!d.join("x.qcow2").exists());
+}

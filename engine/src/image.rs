@@ -143,6 +143,9 @@ pub struct JournalInfo {
     /// Transactions the last open replayed (in place, or in memory for a
     /// read-only open).
     pub replayed_transactions: u64,
+    /// Whether small writes into fresh clusters travel in the journal
+    /// (logged data) on this open.
+    pub log_data: bool,
 }
 
 /// An open qcow2 image. `Send + Sync`: share it with `Arc` and call any
@@ -300,7 +303,7 @@ impl Image {
             header.has_incompatible(features::INCOMPAT_JOURNAL_DIRTY_BIT),
             opts.journal_mutation,
             opts.delayed_cow,
-            opts.log_fresh_data,
+            opts.log_fresh_data || ext.flags & JournalExtension::FLAG_LOG_DATA != 0,
         )?;
         Self::open_with_backend(storage, opts, Box::new(backend))
     }
@@ -367,6 +370,10 @@ impl Image {
                 size,
                 flags: if config.two_flush {
                     JournalExtension::FLAG_TWO_FLUSH_COMMIT
+                } else {
+                    0
+                } | if config.log_data {
+                    JournalExtension::FLAG_LOG_DATA
                 } else {
                     0
                 },
@@ -438,6 +445,7 @@ impl Image {
         let config = JournalConfig {
             size_bytes: old.size,
             two_flush: old.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0,
+            log_data: old.flags & JournalExtension::FLAG_LOG_DATA != 0,
         };
         Self::enable_journal(storage.clone(), &config)?;
         Self::open(storage, opts)

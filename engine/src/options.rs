@@ -60,6 +60,11 @@ pub struct JournalConfig {
     pub size_bytes: u64,
     /// Commit with the draft's two-flush protocol instead of single-flush.
     pub two_flush: bool,
+    /// Carry small writes into fresh clusters in the transaction (logged
+    /// data): recorded in the journal extension, so every read-write open
+    /// of the image does it (`OpenOptions::log_fresh_data` turns it on for
+    /// one open of any journalled image).
+    pub log_data: bool,
 }
 
 impl Default for JournalConfig {
@@ -67,6 +72,7 @@ impl Default for JournalConfig {
         Self {
             size_bytes: 16 << 20,
             two_flush: false,
+            log_data: false,
         }
     }
 }
@@ -123,7 +129,8 @@ pub struct OpenOptions {
     /// written in place first (logged data, `backend/logged_data.rs`): a
     /// synced allocating write then flushes overwrites of the journal ring
     /// only, and the file grows at checkpoint. Off by default: the data is
-    /// written twice. No effect with flush ordering.
+    /// written twice. No effect with flush ordering. An image whose journal
+    /// was created with `JournalConfig::log_data` logs whatever this says.
     pub log_fresh_data: bool,
 }
 

@@ -38,6 +38,7 @@ fn image_with_snapshot(dir: &tempfile::TempDir, two_flush: bool) -> (PathBuf, Ve
         journal: Some(JournalConfig {
             size_bytes: JOURNAL_BYTES,
             two_flush,
+            log_data: false,
         }),
         ..CreateOptions::default()
     };

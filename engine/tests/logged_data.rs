@@ -22,6 +22,7 @@ fn create(storage: &Arc<dyn Storage>, two_flush: bool) {
             journal: Some(JournalConfig {
                 size_bytes: 16 << 20,
                 two_flush,
+                log_data: false,
             }),
             ..CreateOptions::default()
         },
@@ -204,6 +205,7 @@ fn qemu_reads_a_closed_image_written_with_logged_data() {
             journal: Some(JournalConfig {
                 size_bytes: 4 << 20,
                 two_flush: false,
+                log_data: false,
             }),
             ..CreateOptions::default()
         },

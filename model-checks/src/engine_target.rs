@@ -154,6 +154,7 @@ impl EngineTarget {
             let config = JournalConfig {
                 size_bytes: CRASH_JOURNAL_BYTES,
                 two_flush: self.backend == EngineBackend::JournalDraft,
+                log_data: false,
             };
             Image::enable_journal(storage.clone(), &config).map_err(engine_err)?;
         }
@@ -247,6 +248,7 @@ impl CrashTarget for EngineTarget {
             journal: self.is_journal().then(|| JournalConfig {
                 size_bytes: CRASH_JOURNAL_BYTES,
                 two_flush: self.backend == EngineBackend::JournalDraft,
+                log_data: false,
             }),
         };
         Image::create_shared(dev.clone(), &opts).map_err(engine_err)?;

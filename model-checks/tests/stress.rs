@@ -122,6 +122,7 @@ impl Backend {
         Some(JournalConfig {
             size_bytes: JOURNAL_BYTES,
             two_flush,
+            log_data: false,
         })
     }
 

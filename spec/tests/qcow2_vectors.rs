@@ -217,7 +217,12 @@ fn journal_extension_without_flags_word_decodes_with_flags_zero() {
             flags: 0
         })
     );
-    data.extend_from_slice(&2u64.to_be_bytes());
+    // Bits 0 and 1 are known; bit 2 is reserved and refused.
+    data.extend_from_slice(&3u64.to_be_bytes());
+    let ext = HeaderExtension::decode(0x716a_726e, &data, 200).unwrap();
+    assert!(matches!(ext, HeaderExtension::Journal(j) if j.flags == 3));
+    data.truncate(16);
+    data.extend_from_slice(&4u64.to_be_bytes());
     let err = HeaderExtension::decode(0x716a_726e, &data, 200).unwrap_err();
     assert!(err.to_string().contains("flags"), "{err}");
 }

@@ -57,6 +57,7 @@ impl Backend {
             Some(JournalConfig {
                 size_bytes: JOURNAL_BYTES,
                 two_flush,
+                log_data: false,
             })
         };
         CreateOptions {

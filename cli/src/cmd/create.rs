@@ -160,6 +160,9 @@ pub fn formatting_line(file: &Path, opts: &CreateOptions, size: u64) -> String {
             j.size_bytes,
             if j.two_flush { "draft" } else { "single-flush" }
         ));
+        if j.log_data {
+            line.push_str(" log_data=on");
+        }
     }
     line
 }

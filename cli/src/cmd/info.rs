@@ -117,6 +117,9 @@ pub struct JournalDetails {
     pub size: u64,
     /// `single-flush` or `two-flush` (the draft's).
     pub commit_protocol: String,
+    /// Whether read-write opens carry small writes into fresh clusters in
+    /// the journal (logged data; the extension's flag).
+    pub log_data: bool,
     /// Autoclear "journal valid" bit: clear when a program that does not
     /// know the journal wrote the image; the next read-write open then
     /// replaces the journal.
@@ -236,6 +239,10 @@ fn journal_details(
         offset: ext.offset,
         size: ext.size,
         commit_protocol,
+        // `info` opens read-only, where nothing is logged: the flag says
+        // what read-write opens do.
+        log_data: ext.flags & JournalExtension::FLAG_LOG_DATA != 0
+            || live.is_some_and(|j| j.log_data),
         valid: header.has_autoclear(AUTOCLEAR_JOURNAL_VALID_BIT),
         dirty_bit,
         replayed_in_memory: dirty_bit && live.is_some(),
@@ -401,6 +408,10 @@ pub fn journal_lines(j: &JournalDetails) -> String {
         j.offset
     );
     s.push_str(&format!("        commit protocol: {}\n", j.commit_protocol));
+    s.push_str(&format!(
+        "        logged data: {}\n",
+        if j.log_data { "on" } else { "off" }
+    ));
     if let Some(p) = j.used_percent {
         s.push_str(&format!("        fill: {p}%\n"));
     }

@@ -786,6 +786,7 @@ impl MetadataBackend for JournalBackend {
             unsynced: self.journal.has_unsynced(),
             dirty_bit: self.dirty_bit_on_disk.load(Ordering::SeqCst),
             replayed_transactions: self.replayed,
+            log_data: self.log_fresh_data,
         })
     }
 

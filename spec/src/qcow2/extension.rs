@@ -55,7 +55,8 @@ pub struct JournalExtension {
     /// Size of the journal in bytes (a multiple of the cluster size).
     pub size: u64,
     /// Flags; bit 0: commit with the draft's two-flush protocol instead of
-    /// the single-flush one. Other bits are reserved (zero).
+    /// the single-flush one; bit 1: log small writes into fresh clusters in
+    /// the transaction (logged data). Other bits are reserved (zero).
     pub flags: u64,
 }
 
@@ -67,8 +68,11 @@ impl JournalExtension {
     pub const ENCODED_LEN_NO_FLAGS: usize = 16;
     /// Flag bit 0: the two-flush (draft) commit protocol.
     pub const FLAG_TWO_FLUSH_COMMIT: u64 = 1;
+    /// Flag bit 1: writers carry small writes into fresh clusters in the
+    /// transaction (logged data, spec 8.2). Replay does not depend on it.
+    pub const FLAG_LOG_DATA: u64 = 2;
     /// Flags this version knows.
-    pub const FLAGS_KNOWN: u64 = Self::FLAG_TWO_FLUSH_COMMIT;
+    pub const FLAGS_KNOWN: u64 = Self::FLAG_TWO_FLUSH_COMMIT | Self::FLAG_LOG_DATA;
 }
 
 /// One header extension, in file order.
