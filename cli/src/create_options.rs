@@ -52,6 +52,15 @@ pub struct CreateOptionList {
     pub log_data: Option<bool>,
 }
 
+/// An `on`/`off` value.
+fn on_off(v: &str) -> Result<bool, String> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{v}' is not valid; valid values are: on, off")),
+    }
+}
+
 /// One `-o` key: its name, its help line, and how it sets the list.
 struct Key {
     name: &'static str,
@@ -142,11 +151,7 @@ const KEYS: &[Key] = &[
         name: "journal",
         help: "metadata journal instead of flush ordering: on or off (default off)",
         apply: |o, v| {
-            o.journal = Some(match v {
-                "on" => true,
-                "off" => false,
-                _ => return Err(format!("'{v}' is not valid; valid values are: on, off")),
-            });
+            o.journal = Some(on_off(v)?);
             Ok(())
         },
     },
@@ -184,11 +189,7 @@ const KEYS: &[Key] = &[
         name: "log_data",
         help: "carry small writes into fresh clusters in the journal transaction (logged data): on or off (default off; needs journal=on)",
         apply: |o, v| {
-            o.log_data = Some(match v {
-                "on" => true,
-                "off" => false,
-                _ => return Err(format!("'{v}' is not valid; valid values are: on, off")),
-            });
+            o.log_data = Some(on_off(v)?);
             Ok(())
         },
     },

@@ -288,11 +288,7 @@ impl Image {
                 ),
             ));
         }
-        let protocol = if ext.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0 {
-            CommitProtocol::TwoFlush
-        } else {
-            CommitProtocol::SingleFlush
-        };
+        let protocol = crate::backend::journal::commit_protocol(&ext);
         let (backend, _replay) = JournalBackend::open(
             storage.clone(),
             HostOffset(ext.offset),

@@ -63,6 +63,15 @@ impl Overlay {
         self.extents.insert(offset, bytes.to_vec());
     }
 
+    /// One past the last byte an extent covers; 0 when empty. (Extents do
+    /// not overlap, so the last one by offset ends last.)
+    #[must_use]
+    pub fn end(&self) -> u64 {
+        self.extents
+            .last_key_value()
+            .map_or(0, |(start, data)| start + data.len() as u64)
+    }
+
     /// Whether an extent covers byte `offset`.
     #[must_use]
     pub fn covers(&self, offset: u64) -> bool {

@@ -66,6 +66,7 @@ use qj_journal::{
     Overlay, ReplayMode, ReplayReport, Storage, Transaction,
 };
 use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_MASK;
+use qj_spec::qcow2::JournalExtension;
 use qj_spec::units::{HostCluster, HostOffset};
 
 use super::delayed_cow::{CopyState, PendingCopies};
@@ -77,7 +78,16 @@ use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Highest host offset a journalled write may target: the largest offset an
 /// L2 entry can hold (bits 9-55).
-const DEVICE_LIMIT_BYTES: u64 = 1 << 56;
+pub(crate) const DEVICE_LIMIT_BYTES: u64 = 1 << 56;
+
+/// The commit protocol the image's journal extension names.
+pub(crate) fn commit_protocol(ext: &JournalExtension) -> CommitProtocol {
+    if ext.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0 {
+        CommitProtocol::TwoFlush
+    } else {
+        CommitProtocol::SingleFlush
+    }
+}
 
 /// Zero-fill unit of a new journal region.
 const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
@@ -717,13 +727,7 @@ impl MetadataBackend for JournalBackend {
             // the image allocates past the end.
             return 0;
         }
-        self.pending
-            .lock()
-            .overlay
-            .extents()
-            .map(|(offset, bytes)| offset + bytes.len() as u64)
-            .max()
-            .unwrap_or(0)
+        self.pending.lock().overlay.end()
     }
 
     fn holds_data(&self, offset: HostOffset) -> bool {

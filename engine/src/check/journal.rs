@@ -8,13 +8,11 @@
 
 use std::io;
 
-use qj_journal::{CommitProtocol, Journal, JournalOptions, NoDedup, Overlay, ReplayMode, Storage};
+use qj_journal::{Journal, JournalOptions, NoDedup, Overlay, ReplayMode, Storage};
 use qj_spec::qcow2::features::{AUTOCLEAR_JOURNAL_VALID_BIT, INCOMPAT_JOURNAL_DIRTY_BIT};
-use qj_spec::qcow2::{Header, JournalExtension};
+use qj_spec::qcow2::Header;
 
-/// Every range a journal descriptor names lies below this (as for the
-/// engine's journal backend).
-const DEVICE_LIMIT_BYTES: u64 = 1 << 56;
+use crate::backend::journal::{commit_protocol, DEVICE_LIMIT_BYTES};
 
 /// What the check does with the image's journal.
 pub(crate) enum JournalState {
@@ -45,11 +43,7 @@ pub(crate) fn replay_dirty_journal(storage: &dyn Storage, header: &Header) -> Jo
         return JournalState::InPlace;
     }
     let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
-    options.commit_protocol = if ext.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0 {
-        CommitProtocol::TwoFlush
-    } else {
-        CommitProtocol::SingleFlush
-    };
+    options.commit_protocol = commit_protocol(&ext);
     options.replay_mode = ReplayMode::InMemory;
     match Journal::open(storage, ext.offset, ext.size, options, &mut NoDedup) {
         Ok((journal, report)) => JournalState::Replayed {
@@ -101,13 +95,7 @@ impl Storage for ReplayedStorage<'_> {
     fn len(&self) -> io::Result<u64> {
         // Replay may write tables past the end of the file (an L2 table
         // allocated at the end whose in-place write never happened).
-        let replayed_end = self
-            .overlay
-            .extents()
-            .map(|(offset, bytes)| offset + bytes.len() as u64)
-            .max()
-            .unwrap_or(0);
-        Ok(self.inner.len()?.max(replayed_end))
+        Ok(self.inner.len()?.max(self.overlay.end()))
     }
 
     fn set_len(&self, _: u64) -> io::Result<()> {
