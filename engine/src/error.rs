@@ -57,6 +57,19 @@ pub enum Error {
     /// the image refuses further writes until reopened.
     #[error("image is unusable after an earlier failure: {0}")]
     Poisoned(String),
+    /// A guest write, an allocation or a release would have touched
+    /// metadata (a corrupt table entry or refcount). Nothing was written;
+    /// the image is marked corrupt (incompatible bit 1) and refuses writes
+    /// until `qj check -r all` repairs it. QEMU words it the same way.
+    #[error("Preventing invalid write on metadata (overlaps with {kind}) at host offset {offset:#x} ({what}); the image is marked corrupt: run `qj check -r all` to repair it")]
+    MetadataOverlap {
+        /// The structure that would have been overwritten.
+        kind: crate::metadata_map::MetadataKind,
+        /// Host offset of the first byte that overlaps.
+        offset: u64,
+        /// What the engine was doing.
+        what: String,
+    },
     /// The journal failed.
     #[error("journal: {0}")]
     Journal(String),

@@ -6,7 +6,6 @@
 //! [`backend`].
 
 pub mod backend;
-pub mod backing;
 pub mod cache;
 pub mod check;
 pub mod compressed;
@@ -14,6 +13,8 @@ pub mod create;
 pub mod error;
 pub mod free_index;
 pub mod image;
+pub mod metadata_map;
+pub mod mutation;
 pub mod options;
 pub mod refcount;
 pub mod stats;

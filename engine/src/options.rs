@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use qj_journal::Storage;
 
-use crate::backend::journal::JournalMutation;
-use crate::backend::ordered::OrderingMutation;
+use crate::mutation::{JournalMutation, OrderingMutation};
 
 /// Format of a backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,12 @@
 //!   in the range it covers), and a new refcount table is counted in blocks
 //!   reachable from it before a header write switches to it; both are
 //!   `fresh` and the backend writes them before the links to them.
+//!
+//! Guard owned here: no cluster that the [`MetadataMap`] names is ever
+//! handed out, as data or as a new refcount structure, and no data
+//! reference to one is dropped. A metadata cluster with refcount zero is a
+//! corrupt image; allocating it would put guest bytes or a new table over
+//! live metadata (QEMU's overlap check refuses the same).
 
 use std::collections::BTreeSet;
 
@@ -29,8 +35,14 @@ use crate::backend::{MetadataBackend, MetadataWrite};
 use crate::cache::{TableCache, WritebackPins};
 use crate::error::{Error, Result};
 use crate::free_index::FreeIndex;
+use crate::metadata_map::{MetadataKind, MetadataMap};
 use crate::stats::Counters;
 use crate::sync::Ordering;
+
+/// The image's metadata map, shared by the image and its refcounts. A plain
+/// (not loom-modelled) lock: it is a leaf, never held while another lock is
+/// taken or I/O is done, so it takes no part in any lock order.
+pub type SharedMetadataMap = std::sync::Arc<parking_lot::RwLock<MetadataMap>>;
 
 /// The refcount table, the block cache, and the free-cluster index.
 #[derive(Debug)]
@@ -63,6 +75,9 @@ pub struct RefcountState {
     /// Metadata clusters freed in this epoch (a journal revokes them).
     freed_metadata: Vec<HostCluster>,
     defer_decrements: bool,
+    /// Where metadata lives: the allocation guard's map, kept current here
+    /// for the refcount table and blocks.
+    metadata: SharedMetadataMap,
 }
 
 /// Frees of one epoch, applied once it is durable.
@@ -90,6 +105,25 @@ fn check_fresh_count(cluster: HostCluster, count: u64) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to hand out `[first, first + clusters)` when any of it holds
+/// metadata: its refcount says free, the metadata map says otherwise, and
+/// the map wins.
+fn guard_claim(
+    map: &MetadataMap,
+    geometry: Geometry,
+    first: HostCluster,
+    clusters: u64,
+) -> Result<()> {
+    match map.overlapping(first, clusters) {
+        None => Ok(()),
+        Some((cluster, kind)) => Err(Error::MetadataOverlap {
+            kind,
+            offset: geometry.host_offset(cluster).0,
+            what: "allocation of a cluster whose refcount is 0".into(),
+        }),
+    }
+}
+
 /// Bound on nested refcount-structure growth for one allocation: a new
 /// block may need a bigger table, whose clusters may need one more block.
 const GROWTH_DEPTH_MAX: u32 = 4;
@@ -106,6 +140,7 @@ impl RefcountState {
         table_clusters: u64,
         file_clusters: u64,
         cache_tables_max: usize,
+        metadata: SharedMetadataMap,
     ) -> Result<Self> {
         let cs = geometry.cluster_size();
         let mut raw = vec![0u8; (table_clusters * cs) as usize];
@@ -149,6 +184,16 @@ impl RefcountState {
                 )));
             }
             backend.read_metadata(storage, &mut block, HostOffset(offset))?;
+            if let Err(o) = metadata.write().insert(
+                geometry.host_cluster(HostOffset(offset)),
+                1,
+                MetadataKind::RefcountBlock,
+            ) {
+                return Err(Error::Corrupt(format!(
+                    "refcount table entry {ti} points at a block at {offset:#x} that overlaps the {}",
+                    o.existing
+                )));
+            }
             for i in 0..rpb {
                 if get_refcount(&block, i, geometry.refcount_order) == 0 {
                     add_hole(first + i, first + i + 1);
@@ -179,6 +224,7 @@ impl RefcountState {
             parked: Vec::new(),
             fresh_clusters: 0,
             defer_decrements: backend.defers_refcount_decrements(),
+            metadata,
         })
     }
 
@@ -296,6 +342,7 @@ impl RefcountState {
             }
             None => (self.free.take_one(), false),
         };
+        guard_claim(&self.metadata.read(), self.geometry, cluster, 1)?;
         let offset = self.geometry.host_offset(cluster);
         let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
         if self_describing {
@@ -307,6 +354,12 @@ impl RefcountState {
             );
         }
         self.blocks.insert_fresh(offset, bytes);
+        self.metadata
+            .write()
+            .insert(cluster, 1, MetadataKind::RefcountBlock)
+            .map_err(|o| {
+                Error::Corrupt(format!("new refcount block overlaps the {}", o.existing))
+            })?;
         self.fresh_clusters += 1;
         self.table[ti as usize] = offset.0;
         self.mark_table_entry_dirty(ti);
@@ -348,6 +401,7 @@ impl RefcountState {
             )));
         }
         let start = self.free.take_contiguous(new_clusters);
+        guard_claim(&self.metadata.read(), self.geometry, start, new_clusters)?;
         let old_offset = self.table_offset;
         let old_clusters = self.table_clusters;
         let was_fresh = self.table_fresh;
@@ -357,6 +411,14 @@ impl RefcountState {
         self.table_fresh = true;
         self.table_dirty_clusters.clear();
         self.fresh_clusters += new_clusters;
+        {
+            let mut map = self.metadata.write();
+            map.remove(self.geometry.host_cluster(old_offset));
+            map.insert(start, new_clusters, MetadataKind::RefcountTable)
+                .map_err(|o| {
+                    Error::Corrupt(format!("new refcount table overlaps the {}", o.existing))
+                })?;
+        }
         for i in 0..new_clusters {
             self.add(storage, backend, HostCluster(start.0 + i), 1, depth + 1)?;
         }
@@ -382,6 +444,7 @@ impl RefcountState {
         counters: &Counters,
     ) -> Result<HostCluster> {
         let cluster = self.free.take_one();
+        guard_claim(&self.metadata.read(), self.geometry, cluster, 1)?;
         let count = self.add(storage, backend, cluster, 1, 0)?;
         check_fresh_count(cluster, count)?;
         counters.clusters_allocated.fetch_add(1, Ordering::Relaxed);
@@ -398,6 +461,7 @@ impl RefcountState {
         count: u64,
     ) -> Result<HostCluster> {
         let start = self.free.take_contiguous(count);
+        guard_claim(&self.metadata.read(), self.geometry, start, count)?;
         for i in 0..count {
             let c = self.add(storage, backend, HostCluster(start.0 + i), 1, 0)?;
             check_fresh_count(HostCluster(start.0 + i), c)?;
@@ -420,12 +484,21 @@ impl RefcountState {
 
     /// Drops one reference to `cluster` (guest data). See the module rules
     /// for when the count actually drops and when the cluster is reusable.
+    /// A data reference to a metadata cluster is a corrupt entry: dropping
+    /// it would let the metadata be allocated over, so it is refused.
     pub fn free(
         &mut self,
         storage: &dyn Storage,
         backend: &dyn MetadataBackend,
         cluster: HostCluster,
     ) -> Result<()> {
+        if let Some(kind) = self.metadata.read().kind_of(cluster) {
+            return Err(Error::MetadataOverlap {
+                kind,
+                offset: self.geometry.host_offset(cluster).0,
+                what: "release of a data reference".into(),
+            });
+        }
         if self.defer_decrements {
             self.deferred_decrements.push(cluster);
             return Ok(());

@@ -73,6 +73,7 @@ use super::delayed_cow::{CopyState, PendingCopies};
 use super::logged_data::LoggedData;
 use super::{BackendKind, DelayedCopy, Epoch, MetadataBackend};
 use crate::error::{Error, IoContext, Result};
+pub use crate::mutation::JournalMutation;
 use crate::stats::Counters;
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
@@ -94,31 +95,6 @@ const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
 
 /// Byte offset of the incompatible feature field in the qcow2 header.
 const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
-
-/// Deliberate bugs in the journalled backend, for the crash harness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum JournalMutation {
-    /// Correct behaviour.
-    #[default]
-    None,
-    /// Rule 2 broken: single-flush commits without data checksums.
-    SkipDataChecksums,
-    /// Rule 5 broken: freed metadata clusters are not revoked.
-    SkipRevokes,
-    /// Rule 1 broken: the journal-dirty bit is never set.
-    SkipDirtyBit,
-    /// Rule 6 broken: a write into the untouched bytes of a pending
-    /// delayed copy does not make the copy first (the copy, applied later,
-    /// overwrites the write).
-    SkipCopyBeforeWrite,
-    /// Rule 7 broken: a write into a logged cluster whose bytes are already
-    /// in a submitted transaction goes in place (the older logged bytes,
-    /// applied later, overwrite it).
-    WriteLoggedInPlace,
-    /// A rule of the journal itself broken (replay or checkpoint), passed
-    /// to it in [`JournalOptions::mutation`].
-    Journal(qj_journal::Mutation),
-}
 
 /// How a data cluster is protected by a data checksum (rule 3).
 #[derive(Debug, Clone, Copy)]
@@ -775,9 +751,9 @@ impl MetadataBackend for JournalBackend {
         Some(fill.ring_blocks * self.journal.geometry().block_size() / 4)
     }
 
-    fn journal_info(&self) -> Option<crate::image::JournalInfo> {
+    fn journal_info(&self) -> Option<super::JournalInfo> {
         let fill = self.journal.fill();
-        Some(crate::image::JournalInfo {
+        Some(super::JournalInfo {
             offset: self.journal.base_offset(),
             size: self.journal.geometry().size_bytes(),
             commit_protocol: match self.protocol {

@@ -113,6 +113,34 @@ impl Epoch {
     }
 }
 
+/// A journal's state, as a backend that has one reports it (the journal
+/// part of [`ImageInfo`](crate::image::ImageInfo)).
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct JournalInfo {
+    /// Host offset of the journal region.
+    pub offset: u64,
+    /// Size of the region in bytes.
+    pub size: u64,
+    /// `single-flush` or `two-flush` (the draft's).
+    pub commit_protocol: String,
+    /// Ring fill in percent.
+    pub used_percent: u64,
+    /// Last committed sequence number.
+    pub committed_seq: u64,
+    /// Last synced (checkpointed) sequence number.
+    pub synced_seq: u64,
+    /// Whether committed transactions wait for a checkpoint.
+    pub unsynced: bool,
+    /// The qcow2 "journal dirty" bit as it is in the header in place.
+    pub dirty_bit: bool,
+    /// Transactions the last open replayed (in place, or in memory for a
+    /// read-only open).
+    pub replayed_transactions: u64,
+    /// Whether small writes into fresh clusters travel in the journal
+    /// (logged data) on this open.
+    pub log_data: bool,
+}
+
 /// Which backend an image runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum BackendKind {
@@ -256,7 +284,7 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
     }
 
     /// The journal's state, for backends that have one.
-    fn journal_info(&self) -> Option<crate::image::JournalInfo> {
+    fn journal_info(&self) -> Option<JournalInfo> {
         None
     }
 

@@ -33,22 +33,8 @@ use qj_spec::units::HostOffset;
 
 use super::{BackendKind, Epoch, MetadataBackend, MetadataWrite};
 use crate::error::{IoContext, Result};
+pub use crate::mutation::OrderingMutation;
 use crate::stats::Counters;
-
-/// Ordering bugs the crash harness must catch: off unless a test or
-/// `qj crash --mutate` asks for one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OrderingMutation {
-    /// Correct behaviour.
-    #[default]
-    None,
-    /// Rule 2 broken: L2/L1 entries written without first flushing the
-    /// refcount increase.
-    SkipRefcountFlush,
-    /// Rule 3 broken: L2 entries made durable before the guest data: the
-    /// tables are written before the flush that covers the data.
-    TablesBeforeData,
-}
 
 /// The flush-ordering backend.
 #[derive(Debug, Default)]

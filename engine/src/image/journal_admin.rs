@@ -1,0 +1,206 @@
+//! Turning the journal on and off, and re-creating it after a program
+//! that does not know it wrote the image.
+
+use std::sync::Arc;
+
+use qj_journal::{CommitProtocol, Storage};
+use qj_spec::qcow2::{features, Header, HeaderExtension, JournalExtension};
+use qj_spec::units::{HostCluster, HostOffset};
+
+use super::Image;
+use crate::backend::journal::JournalBackend;
+use crate::backend::ordered::FlushOrdering;
+use crate::error::{Error, IoContext, Result};
+use crate::metadata_map::MetadataKind;
+use crate::options::{BackingSource, JournalConfig, OpenOptions};
+
+impl Image {
+    /// Gives an image without a journal a fresh one: clusters allocated and
+    /// counted, the region formatted, then one header write that links it.
+    /// Each step is durable before the next, so a crash in between leaves
+    /// at worst leaked clusters.
+    pub fn enable_journal(storage: Arc<dyn Storage>, config: &JournalConfig) -> Result<()> {
+        let image = Self::open_for_metadata_change(storage.clone())?;
+        if image.header.lock().mem.journal().is_some() {
+            return Err(Error::InvalidArgument(
+                "the image already has a journal".into(),
+            ));
+        }
+        let g = image.geometry;
+        let cs = g.cluster_size();
+        let size = config.size_bytes.next_multiple_of(cs);
+        // Metadata is written back in 512-byte sectors: journal blocks of
+        // the same size carry them without padding (4 KiB blocks made each
+        // synced allocating write log 16 KiB instead of 2 KiB).
+        let block_size = 512u32;
+        // One operation's epoch may hold two fresh tables (an L2 table and
+        // a refcount block) besides its sectors, and epochs are kept to a
+        // quarter of the ring (`epoch_bytes_max`): 8 clusters and 64 KiB
+        // of room cover that with margin.
+        let size_min = 8 * cs + (64 << 10);
+        if size < size_min || size > 1 << 32 {
+            return Err(Error::InvalidArgument(format!(
+                "journal_size {size} must be at least {size_min} bytes (8 clusters + 64 KiB) and at most 4 GiB"
+            )));
+        }
+
+        let start = image.refcounts.lock().allocate_contiguous(
+            &*image.storage,
+            &*image.backend,
+            &image.counters,
+            size / cs,
+        )?;
+        image
+            .metadata
+            .write()
+            .insert(start, size / cs, MetadataKind::Journal)
+            .map_err(|o| Error::Corrupt(format!("new journal overlaps the {}", o.existing)))?;
+        // The journal's counts are durable before it is formatted and linked.
+        image.persist_all()?;
+        let offset = g.host_offset(start);
+        // The region lies inside the file, so that every cluster the image
+        // counts exists (QEMU's check treats counted clusters past the end
+        // of the file as errors, and so does ours).
+        let end = offset.0 + size;
+        if storage.len().ctx(|| "reading the image length".into())? < end {
+            storage
+                .set_len(end)
+                .ctx(|| "extending the image over the journal".into())?;
+        }
+        let protocol = if config.two_flush {
+            CommitProtocol::TwoFlush
+        } else {
+            CommitProtocol::SingleFlush
+        };
+        JournalBackend::format(storage.clone(), offset, size, block_size, protocol)?;
+        // The formatted region is durable before the header points to it.
+        storage.flush().ctx(|| "flushing the new journal".into())?;
+        {
+            let mut h = image.header.lock();
+            h.mem.set_journal(Some(JournalExtension {
+                offset: offset.0,
+                size,
+                flags: if config.two_flush {
+                    JournalExtension::FLAG_TWO_FLUSH_COMMIT
+                } else {
+                    0
+                } | if config.log_data {
+                    JournalExtension::FLAG_LOG_DATA
+                } else {
+                    0
+                },
+            }));
+            h.mem.autoclear_features |= features::AUTOCLEAR_JOURNAL_VALID_MASK;
+            name_journal_features(&mut h.mem);
+            h.dirty = true;
+        }
+        image.close()
+    }
+
+    /// Opens read-write on flush ordering without the backing file, to
+    /// change the image's own structure (journal on, off, re-created).
+    fn open_for_metadata_change(storage: Arc<dyn Storage>) -> Result<Image> {
+        let opts = OpenOptions {
+            backing: BackingSource::Ignore,
+            ..OpenOptions::read_write()
+        };
+        Self::open_with_backend(storage, &opts, Box::new(FlushOrdering::new()))
+    }
+
+    /// Removes the journal: replays and checkpoints it, unlinks it from
+    /// the header, then frees its clusters (after the unlinking is durable,
+    /// by the usual free rules).
+    pub fn disable_journal(storage: Arc<dyn Storage>) -> Result<()> {
+        let opts = OpenOptions {
+            backing: BackingSource::Ignore,
+            ..OpenOptions::read_write()
+        };
+        Self::open(storage.clone(), &opts)?.close()?;
+        let image = Self::open_for_metadata_change(storage)?;
+        let Some(ext) = image.header.lock().mem.journal() else {
+            return image.close();
+        };
+        {
+            let mut h = image.header.lock();
+            h.mem.set_journal(None);
+            h.mem.autoclear_features &= !features::AUTOCLEAR_JOURNAL_VALID_MASK;
+            h.dirty = true;
+        }
+        {
+            let g = image.geometry;
+            image
+                .metadata
+                .write()
+                .remove(g.host_cluster(HostOffset(ext.offset)));
+            let mut rc = image.refcounts.lock();
+            for i in 0..ext.size / g.cluster_size() {
+                let cluster = HostCluster(g.host_cluster(HostOffset(ext.offset)).0 + i);
+                rc.free(&*image.storage, &*image.backend, cluster)?;
+            }
+        }
+        image.close()
+    }
+
+    /// After a program that does not know the journal wrote the image: drop
+    /// the stale journal, free exactly its clusters that are now leaked
+    /// (those the other program did not reuse), and create a fresh one.
+    pub(super) fn recreate_journal(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        old: JournalExtension,
+    ) -> Result<Image> {
+        let image = Self::open_for_metadata_change(storage.clone())?;
+        {
+            let mut h = image.header.lock();
+            h.mem.set_journal(None);
+            h.dirty = true;
+        }
+        image.close()?;
+        crate::check::check(&*storage, crate::check::RepairMode::Leaks, &[])
+            .map_err(|e| Error::Journal(format!("freeing the stale journal's clusters: {e}")))?;
+        let config = JournalConfig {
+            size_bytes: old.size,
+            two_flush: old.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0,
+            log_data: old.flags & JournalExtension::FLAG_LOG_DATA != 0,
+        };
+        Self::enable_journal(storage.clone(), &config)?;
+        Self::open(storage, opts)
+    }
+}
+
+/// Puts the names of our feature bits into the header's feature name table,
+/// so that a program refusing the image names them ("journal dirty"). QEMU
+/// writes its own table whenever it rewrites the header and drops names it
+/// does not know (`shared/notes/qemu-behaviour.md`), so a journal re-created
+/// after QEMU wrote the image needs them back. Entries already there are
+/// kept. Like at creation, the table is left out when it does not fit in
+/// the header cluster: it is informational only.
+fn name_journal_features(header: &mut Header) {
+    let ours = qj_spec::qcow2::features::qjournal_feature_names();
+    let at = header
+        .extensions
+        .iter()
+        .position(|e| matches!(e, HeaderExtension::FeatureNameTable(_)));
+    match at {
+        Some(i) => {
+            if let HeaderExtension::FeatureNameTable(names) = &mut header.extensions[i] {
+                for name in ours {
+                    if !names
+                        .iter()
+                        .any(|n| n.kind == name.kind && n.bit == name.bit)
+                    {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        None => header
+            .extensions
+            .push(HeaderExtension::FeatureNameTable(ours)),
+    }
+    if header.encode().is_err() {
+        header
+            .extensions
+            .retain(|e| !matches!(e, HeaderExtension::FeatureNameTable(_)));
+    }
+}

@@ -1,0 +1,369 @@
+//! Creating and opening an image: the header, the L1 table and the
+//! refcount structures are read and validated before anything is written.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use qj_journal::{FileStorage, Storage};
+use qj_spec::qcow2::{features, read_table_entry, Header, JournalExtension, L1Entry};
+use qj_spec::units::{Geometry, HostOffset};
+
+use super::{HeaderState, Image, L1State};
+use crate::backend::journal::JournalBackend;
+use crate::backend::ordered::FlushOrdering;
+use crate::backend::{BackendKind, MetadataBackend};
+use crate::cache::TableCache;
+use crate::error::{Error, IoContext, Result};
+use crate::metadata_map::MetadataMap;
+use crate::options::{CreateOptions, OpenOptions};
+use crate::refcount::{RefcountState, SharedMetadataMap};
+use crate::stats::Counters;
+use crate::sync::{AtomicBool, AtomicU64, Mutex, RwLock};
+
+/// The header cluster is read in two steps: the fixed part names the
+/// cluster size, then the whole cluster (extensions, backing name) is read.
+const HEADER_PROBE_BYTES: usize = 512;
+
+impl Image {
+    /// Creates an empty image on `storage`. An image with a journal needs
+    /// a shared device: use [`Image::create_shared`].
+    pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+        if opts.journal.is_some() {
+            return Err(Error::InvalidArgument(
+                "creating a journalled image needs a shared device (Image::create_shared)".into(),
+            ));
+        }
+        crate::create::create(storage, opts)
+    }
+
+    /// Creates an empty image on `storage`, with a journal if asked.
+    pub fn create_shared(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<()> {
+        crate::create::create(&*storage, opts)?;
+        if let Some(journal) = &opts.journal {
+            Self::enable_journal(storage, journal)?;
+        }
+        Ok(())
+    }
+
+    /// Creates an empty image file at `path` (replacing any file there).
+    pub fn create_path(path: &Path, opts: &CreateOptions) -> Result<()> {
+        let storage = FileStorage::create(path).ctx(|| format!("creating {}", path.display()))?;
+        Self::create_shared(Arc::new(storage), opts)
+    }
+
+    /// Opens the image file at `path`.
+    pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        let storage =
+            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?;
+        let mut opts = opts.clone();
+        if opts.base_dir.is_none() {
+            opts.base_dir = path.parent().map(Path::to_path_buf);
+        }
+        Self::open(Arc::new(storage), &opts)
+    }
+
+    /// Opens an image on `storage`: with the journalled backend when the
+    /// header locates a valid qjournal (replaying it first), else with the
+    /// flush-ordering backend.
+    pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        let header = Self::read_header(&*storage)?;
+        // The corrupt bit is written in place only (`guard.rs`): a journal
+        // replayed now would bring back a header without it, so a writable
+        // open is refused here, before replay writes anything.
+        if opts.writable && header.is_corrupt() {
+            return Err(qj_spec::error::FormatError::MarkedCorrupt.into());
+        }
+        let ordered = || Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
+        let Some(ext) = header.journal() else {
+            return Self::open_with_backend(storage, opts, ordered());
+        };
+        if !header.has_autoclear(features::AUTOCLEAR_JOURNAL_VALID_BIT) {
+            // A program that does not know the journal opened the image
+            // read-write since (QEMU clears unknown autoclear bits), which
+            // it could do only while the journal was clean: the metadata in
+            // place is authoritative and the journal's clusters may have
+            // been freed and reused. Reading needs nothing from the journal;
+            // writing gets a fresh one.
+            if !opts.writable {
+                return Self::open_with_backend(storage, opts, ordered());
+            }
+            return Self::recreate_journal(storage, opts, ext);
+        }
+        let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        let cs = header.geometry().cluster_size();
+        let field = |name: &'static str, reason: String| {
+            Error::Format(qj_spec::error::FormatError::Field {
+                structure: "journal extension",
+                field: name,
+                offset: 0,
+                reason,
+            })
+        };
+        if ext.offset == 0 || ext.offset % cs != 0 {
+            return Err(field(
+                "offset",
+                format!(
+                    "{:#x} is not a cluster-aligned offset past the header",
+                    ext.offset
+                ),
+            ));
+        }
+        if ext.size == 0
+            || ext.size % cs != 0
+            || ext
+                .offset
+                .checked_add(ext.size)
+                .is_none_or(|end| end > file_len)
+        {
+            return Err(field(
+                "size",
+                format!(
+                    "{:#x} at {:#x} is not whole clusters inside the file ({file_len:#x} bytes)",
+                    ext.size, ext.offset
+                ),
+            ));
+        }
+        let protocol = crate::backend::journal::commit_protocol(&ext);
+        let (backend, _replay) = JournalBackend::open(
+            storage.clone(),
+            HostOffset(ext.offset),
+            ext.size,
+            cs,
+            protocol,
+            opts.writable,
+            header.has_incompatible(features::INCOMPAT_JOURNAL_DIRTY_BIT),
+            opts.journal_mutation,
+            opts.delayed_cow,
+            opts.log_fresh_data || ext.flags & JournalExtension::FLAG_LOG_DATA != 0,
+        )?;
+        Self::open_with_backend(storage, opts, Box::new(backend))
+    }
+
+    /// Reads and validates the header of the image on `storage`, without
+    /// opening it. Nothing is written.
+    pub fn read_header(storage: &dyn Storage) -> Result<Header> {
+        let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        Self::read_header_with(file_len, &mut |buf, offset| {
+            storage
+                .read_at(buf, offset)
+                .ctx(|| "reading the header".into())
+        })
+    }
+
+    /// Reads the header with `read` from a file of `file_len` bytes.
+    fn read_header_with(
+        file_len: u64,
+        read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<Header> {
+        let mut probe = vec![0u8; HEADER_PROBE_BYTES.min(file_len as usize)];
+        read(&mut probe, 0)?;
+        if probe.len() < 24 {
+            return Ok(Header::decode(&probe)?);
+        }
+        let cluster_bits = u32::from_be_bytes([probe[20], probe[21], probe[22], probe[23]]);
+        let want =
+            if (Geometry::CLUSTER_BITS_MIN..=Geometry::CLUSTER_BITS_MAX).contains(&cluster_bits) {
+                (1usize << cluster_bits).min(file_len as usize)
+            } else {
+                probe.len()
+            };
+        let mut bytes = vec![0u8; want];
+        read(&mut bytes, 0)?;
+        Ok(Header::decode(&bytes)?)
+    }
+
+    /// Opens an image on `storage` with the given backend.
+    pub fn open_with_backend(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        backend: Box<dyn MetadataBackend>,
+    ) -> Result<Image> {
+        // A journal replayed in memory may hold tables past the end of the
+        // file (the write that extended the file for them was lost, or they
+        // were only ever in the journal): the image, as replay leaves it,
+        // reaches that far.
+        let file_len = storage
+            .len()
+            .ctx(|| "reading the image length".into())?
+            .max(backend.held_end());
+        // Through the backend: a journal replayed in memory may hold a newer
+        // header than the one in place.
+        let mut header = Self::read_header_with(file_len, &mut |buf, offset| {
+            backend.read_metadata(&*storage, buf, HostOffset(offset))
+        })?;
+        if backend.kind() == BackendKind::Journal {
+            // Every header this image journals says the journal may be dirty
+            // (the in-place bit is the backend's to set and clear).
+            header.incompatible_features |= features::INCOMPAT_JOURNAL_DIRTY_MASK;
+            // The corrupt bit lives in place only (`guard.rs`).
+            if Self::read_header(&*storage)?.is_corrupt() {
+                header.incompatible_features |= features::INCOMPAT_CORRUPT_MASK;
+            }
+        }
+        match header.unsupported_features() {
+            // Like QEMU, an image marked corrupt may still be read.
+            Err(qj_spec::error::FormatError::MarkedCorrupt) if !opts.writable => {}
+            other => other?,
+        }
+        if header.has_incompatible(features::INCOMPAT_JOURNAL_DIRTY_BIT)
+            && backend.kind() != BackendKind::Journal
+        {
+            return Err(Error::Unsupported(
+                "the image's qjournal is dirty (journal dirty bit); open it with the journal backend to replay it".into(),
+            ));
+        }
+        header.validate_layout(file_len)?;
+        let geometry = header.geometry();
+        let cs = geometry.cluster_size();
+        if opts.writable && header.is_dirty() {
+            return Err(Error::Unsupported(
+                "the image has the dirty bit set (lazy refcounts); run `qj check -r all` before writing".into(),
+            ));
+        }
+
+        let l1_entries = header.l1_size as usize;
+        let mut raw = vec![0u8; l1_entries * 8];
+        backend.read_metadata(&*storage, &mut raw, HostOffset(header.l1_table_offset))?;
+        let entries: Vec<u64> = (0..l1_entries).map(|i| read_table_entry(&raw, i)).collect();
+        validate_l1_entries(&entries, geometry, header.l1_table_offset, file_len)?;
+
+        // The guard's map: a writable image must have metadata that does
+        // not overlap; a read-only one needs no guard (and stays readable
+        // however its tables overlap, as in QEMU).
+        let metadata = if opts.writable {
+            super::guard::load_metadata_map(&*storage, &*backend, &header, &entries)?
+        } else {
+            MetadataMap::new()
+        };
+        let metadata: SharedMetadataMap = Arc::new(parking_lot::RwLock::new(metadata));
+        let tables_max = (opts.cache_bytes_max / cs).max(4) as usize;
+        let refcounts = RefcountState::open(
+            &*storage,
+            &*backend,
+            geometry,
+            HostOffset(header.refcount_table_offset),
+            u64::from(header.refcount_table_clusters),
+            geometry.clusters_for(file_len),
+            tables_max,
+            metadata.clone(),
+        )?;
+        if opts.writable && backend.kind() == BackendKind::Journal {
+            // A single-flush commit can be durable while the write that
+            // extended the file for its data is not; its data checksum still
+            // matches when that data was all zeros (bytes past the end read
+            // as zeros). Replay then leaves counted clusters past the end of
+            // the file: extend the file over them, which is exactly their
+            // verified content. (Found by the crash harness.)
+            let end = refcounts.free_index().end() * cs;
+            if end > file_len {
+                storage
+                    .set_len(end)
+                    .ctx(|| "extending the image over replayed clusters".into())?;
+                storage.flush().ctx(|| "flushing the image length".into())?;
+            }
+        }
+
+        let backing = Self::open_backing(&header, opts)?;
+        let image = Image {
+            storage,
+            geometry,
+            writable: opts.writable,
+            backend,
+            counters: Arc::new(Counters::default()),
+            virtual_size: AtomicU64::new(header.size),
+            file_len_seen: AtomicU64::new(file_len),
+            l1: RwLock::new(L1State {
+                entries,
+                offset: HostOffset(header.l1_table_offset),
+                dirty_clusters: BTreeSet::new(),
+                fresh: false,
+            }),
+            header: Mutex::new(HeaderState {
+                mem: header.clone(),
+                disk: header,
+                dirty: false,
+            }),
+            l2_cache: TableCache::new("L2 tables", cs as usize, tables_max),
+            refcounts: Mutex::new(refcounts),
+            metadata,
+            gate: RwLock::new(()),
+            backing,
+            new_data: Mutex::new(Vec::new()),
+            poison: Mutex::new(None),
+            finished: AtomicBool::new(false),
+            submit_order: Mutex::new(()),
+            fresh_tables: AtomicU64::new(0),
+            entries_changed: AtomicU64::new(0),
+            op_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
+        };
+        if opts.writable {
+            image.clear_autoclear_bits()?;
+        }
+        Ok(image)
+    }
+
+    /// A writer that does not maintain a feature must clear its autoclear
+    /// bit before its first write (qcow2 spec), so that the feature's owner
+    /// later knows its data may be stale: the bitmaps extension stays, and
+    /// QEMU discards the bitmaps as inconsistent. Durable before any write.
+    fn clear_autoclear_bits(&self) -> Result<()> {
+        let mut h = self.header.lock();
+        // The journal's "journal valid" bit is ours to keep while we
+        // maintain the journal.
+        let kept = if self.backend.kind() == BackendKind::Journal {
+            features::AUTOCLEAR_JOURNAL_VALID_MASK
+        } else {
+            0
+        };
+        if h.mem.autoclear_features & !kept == 0 {
+            return Ok(());
+        }
+        h.mem.autoclear_features &= kept;
+        let bytes = h.mem.encode()?;
+        self.storage
+            .write_at(&bytes, 0)
+            .ctx(|| "clearing autoclear feature bits".into())?;
+        self.counters.metadata_write(bytes.len());
+        self.counters.flush();
+        self.storage.flush().ctx(|| "flushing the header".into())?;
+        h.disk = h.mem.clone();
+        Ok(())
+    }
+}
+
+/// Every L2 table the L1 table names must be a cluster inside the file. A
+/// misaligned table would be read across two clusters, and one past the end
+/// would read as an empty table, so that writes would allocate over whatever
+/// it was meant to map. Checked at open, before anything is written, so an
+/// image that fails stays untouched.
+fn validate_l1_entries(
+    entries: &[u64],
+    geometry: Geometry,
+    l1_table_offset: u64,
+    file_len: u64,
+) -> Result<()> {
+    for (index, &raw) in entries.iter().enumerate() {
+        let Some(l2) = L1Entry(raw).l2_offset() else {
+            continue;
+        };
+        let problem = if !geometry.is_aligned(l2.0) {
+            "is not cluster aligned".to_string()
+        } else if l2.0 >= file_len {
+            format!("is past the end of the file ({file_len} bytes)")
+        } else {
+            continue;
+        };
+        // The L1 table was checked to lie inside the file, so this is in range.
+        let entry_offset = l1_table_offset + index as u64 * 8;
+        return Err(qj_spec::error::FormatError::field(
+            "L1 table",
+            "l2_table_offset",
+            entry_offset,
+            format!("entry {index} points to an L2 table at {l2} that {problem}"),
+        )
+        .into());
+    }
+    Ok(())
+}
