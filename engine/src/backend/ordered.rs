@@ -2,7 +2,7 @@
 //! order, with a device flush between dependent groups. This is how QEMU
 //! keeps qcow2 consistent today (seeds 000 and 001).
 //!
-//! The ordering rules, all enforced in [`FlushOrdering::persist`]:
+//! The ordering rules, all enforced in `FlushOrdering::persist`:
 //!
 //! 1. A fresh refcount block or refcount table is durable before anything
 //!    points to it (flush after `fresh_refcount`), and the pointer to it is
