@@ -9,14 +9,15 @@
 
 use std::path::{Path, PathBuf};
 
-use qj_engine::{BackingSource, FileStorage, Image, OpenOptions, Storage};
+use qj_engine::lock::ImageLock;
+use qj_engine::{BackingSource, FileStorage, Image, LockMode, OpenOptions, Storage};
 use qj_spec::qcow2::{try_read_table_entry, Header, L1Entry, L2Entry, QCOW2_MAGIC};
 use qj_spec::units::{Geometry, GuestCluster};
 
 use crate::error::{engine, io, quoted, CliError, CliResult};
 
-/// Longest backing chain followed; a longer one is almost surely a loop.
-pub const CHAIN_DEPTH_MAX: usize = 64;
+/// Longest backing chain followed: the engine's bound, in every command.
+pub const CHAIN_DEPTH_MAX: usize = qj_engine::image::BACKING_CHAIN_DEPTH_MAX;
 
 /// One extent in `qemu-img map`'s terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +68,8 @@ pub enum LayerKind {
     Raw {
         /// Its length, which is its virtual size.
         size: u64,
+        /// Held while the chain is open.
+        _lock: Option<ImageLock>,
     },
 }
 
@@ -124,10 +127,72 @@ pub fn probe_is_qcow2(storage: &dyn Storage) -> std::io::Result<bool> {
     Ok(u32::from_be_bytes(magic) == QCOW2_MAGIC)
 }
 
+/// A file's device and inode, which name it whatever path leads to it.
+pub fn file_id(path: &Path) -> CliResult<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(io(format!("opening {}", quoted(path))))?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// The files of a backing chain as its headers name them, and what is
+/// wrong with it, if anything.
+#[derive(Debug)]
+pub struct ChainFiles {
+    /// Top first: each path with its device and inode.
+    pub files: Vec<(PathBuf, (u64, u64))>,
+    /// A loop, or a chain deeper than [`CHAIN_DEPTH_MAX`]: what QEMU (and
+    /// every `qj` command that opens the chain) refuses.
+    pub problem: Option<String>,
+}
+
+/// Walks the backing chain of the qcow2 image at `path` by its headers
+/// only (a missing or unreadable backing file ends the walk quietly: the
+/// commands that need it say so when they open it). Bounded by
+/// [`CHAIN_DEPTH_MAX`]; a loop ends the walk where it closes.
+pub fn chain_files(path: &Path) -> CliResult<ChainFiles> {
+    let mut files = vec![(path.to_path_buf(), file_id(path)?)];
+    loop {
+        let (above, _) = files.last().expect("the top is always there");
+        let Ok(storage) = FileStorage::open(above, false) else {
+            break;
+        };
+        if !probe_is_qcow2(&storage).unwrap_or(false) {
+            break;
+        }
+        let Ok(Some(name)) = Image::read_header(&storage).map(|h| h.backing_file) else {
+            break;
+        };
+        let below = backing_path(above, &name);
+        let Ok(id) = file_id(&below) else {
+            break;
+        };
+        if files.iter().any(|(_, seen)| *seen == id) {
+            let problem = format!("backing file {} creates an infinite loop", quoted(&below));
+            return Ok(ChainFiles {
+                files,
+                problem: Some(problem),
+            });
+        }
+        if files.len() >= CHAIN_DEPTH_MAX {
+            let problem = format!("the backing chain is deeper than {CHAIN_DEPTH_MAX} layers");
+            return Ok(ChainFiles {
+                files,
+                problem: Some(problem),
+            });
+        }
+        files.push((below, id));
+    }
+    Ok(ChainFiles {
+        files,
+        problem: None,
+    })
+}
+
 /// Opens a qcow2 file read-only without its backing file.
-pub fn open_layer(path: &Path) -> CliResult<(Image, Header)> {
+pub fn open_layer(path: &Path, lock: LockMode) -> CliResult<(Image, Header)> {
     let opts = OpenOptions {
         backing: BackingSource::Ignore,
+        lock,
         ..OpenOptions::read_only()
     };
     let image =
@@ -139,8 +204,8 @@ pub fn open_layer(path: &Path) -> CliResult<(Image, Header)> {
 
 impl Chain {
     /// Opens the qcow2 image at `path` and every backing file below it.
-    pub fn open(path: &Path) -> CliResult<Chain> {
-        let (image, header) = open_layer(path)?;
+    pub fn open(path: &Path, lock: LockMode) -> CliResult<Chain> {
+        let (image, header) = open_layer(path, lock)?;
         let mut layers = vec![Layer {
             path: path.to_path_buf(),
             kind: LayerKind::Qcow2 {
@@ -148,6 +213,9 @@ impl Chain {
                 header: Box::new(header),
             },
         }];
+        // Each file by device and inode: a file met twice is a loop
+        // (through symlinks and hard links too).
+        let mut seen = vec![file_id(path)?];
         // Bounded: one layer per round, at most CHAIN_DEPTH_MAX rounds.
         while let Some(Layer {
             path: above_path,
@@ -160,17 +228,25 @@ impl Chain {
             if layers.len() >= CHAIN_DEPTH_MAX {
                 return Err(CliError::failed(
                     format!("opening the backing chain of {}", quoted(path)),
-                    format!("more than {CHAIN_DEPTH_MAX} layers (a loop?)"),
+                    format!("the backing chain is deeper than {CHAIN_DEPTH_MAX} layers"),
                 ));
             }
             let below = backing_path(above_path, &name);
+            let id = file_id(&below)?;
+            if seen.contains(&id) {
+                return Err(CliError::failed(
+                    format!("opening the backing chain of {}", quoted(path)),
+                    format!("backing file {} creates an infinite loop", quoted(&below)),
+                ));
+            }
+            seen.push(id);
             let format = header.backing_format().map(str::to_string);
-            layers.push(Self::open_backing(&below, format.as_deref())?);
+            layers.push(Self::open_backing(&below, format.as_deref(), lock)?);
         }
         Ok(Chain { layers })
     }
 
-    fn open_backing(path: &Path, format: Option<&str>) -> CliResult<Layer> {
+    fn open_backing(path: &Path, format: Option<&str>, lock: LockMode) -> CliResult<Layer> {
         let what = || format!("opening backing file {}", quoted(path));
         let is_qcow2 = match format {
             Some("qcow2") => true,
@@ -187,7 +263,7 @@ impl Chain {
             }
         };
         let kind = if is_qcow2 {
-            let (image, header) = open_layer(path)?;
+            let (image, header) = open_layer(path, lock)?;
             LayerKind::Qcow2 {
                 image: Box::new(image),
                 header: Box::new(header),
@@ -195,7 +271,8 @@ impl Chain {
         } else {
             let storage = FileStorage::open(path, false).map_err(io(what()))?;
             let size = storage.len().map_err(io(what()))?;
-            LayerKind::Raw { size }
+            let lock = ImageLock::acquire(path, false, lock).map_err(engine(what()))?;
+            LayerKind::Raw { size, _lock: lock }
         };
         Ok(Layer {
             path: path.to_path_buf(),
@@ -313,7 +390,7 @@ fn push_merged(out: &mut Vec<MapEntry>, next: MapEntry) {
 /// What `layer` alone holds over its whole guest range, in order.
 fn layer_extents(layer: &Layer) -> CliResult<Vec<(u64, u64, Held)>> {
     match &layer.kind {
-        LayerKind::Raw { size } => Ok(vec![(
+        LayerKind::Raw { size, .. } => Ok(vec![(
             0,
             *size,
             Held::Data {

@@ -14,7 +14,7 @@ use qj_spec::qcow2::{
 use qj_spec::units::Geometry;
 
 use crate::error::{Error, IoContext, Result};
-use crate::options::CreateOptions;
+use crate::options::{CreateOptions, JournalConfig};
 
 /// QEMU's limit on the L1 table (QCOW_MAX_L1_SIZE): 32 MiB.
 pub const L1_BYTES_MAX: u64 = 32 << 20;
@@ -39,8 +39,31 @@ pub fn geometry_for(opts: &CreateOptions) -> Result<Geometry> {
     })
 }
 
-/// Writes a new, empty image to `storage` (whose previous content is discarded).
-pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+/// The size of a journal region for `config` on an image with clusters of
+/// `cluster_size` bytes, or why it cannot be.
+pub fn journal_bytes(config: &JournalConfig, cluster_size: u64) -> Result<u64> {
+    let size = config.size_bytes.next_multiple_of(cluster_size);
+    // One operation's epoch may hold two fresh tables (an L2 table and a
+    // refcount block) besides its sectors, and epochs are kept to a
+    // quarter of the ring (`epoch_bytes_max`): 8 clusters and 64 KiB of
+    // room cover that with margin.
+    let size_min = 8 * cluster_size + (64 << 10);
+    if size < size_min || size > JOURNAL_BYTES_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "journal_size {} must be at least {size_min} bytes (8 clusters of {cluster_size} bytes + 64 KiB) and at most 4 GiB",
+            config.size_bytes
+        )));
+    }
+    Ok(size)
+}
+
+/// The largest journal region.
+pub const JOURNAL_BYTES_MAX: u64 = 1 << 32;
+
+/// Checks every option of `opts` that can be checked without a device:
+/// the geometry, the size, the journal. Callers run it before they touch
+/// a file, so that bad options never cost an existing file its content.
+pub fn validate(opts: &CreateOptions) -> Result<Geometry> {
     let g = geometry_for(opts)?;
     let virtual_size = opts.virtual_size.next_multiple_of(512);
     let l1_entries = g.l1_entries_for(virtual_size);
@@ -50,6 +73,22 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
             l1_entries * 8
         )));
     }
+    if let Some(journal) = &opts.journal {
+        journal_bytes(journal, g.cluster_size())?;
+    }
+    if opts.backing_file.as_deref().is_some_and(|b| b.len() > 1023) {
+        return Err(Error::InvalidArgument(
+            "the backing file name is longer than 1023 bytes".into(),
+        ));
+    }
+    Ok(g)
+}
+
+/// Writes a new, empty image to `storage` (whose previous content is discarded).
+pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+    let g = validate(opts)?;
+    let virtual_size = opts.virtual_size.next_multiple_of(512);
+    let l1_entries = g.l1_entries_for(virtual_size);
     let cs = g.cluster_size();
     let l1_clusters = g.clusters_for(l1_entries * 8).max(1);
     let rpb = g.refcounts_per_block();

@@ -70,6 +70,15 @@ pub enum Error {
         /// What the engine was doing.
         what: String,
     },
+    /// Another process holds the image in a way that excludes this open
+    /// (QEMU's lock bytes, `lock.rs`).
+    #[error("Failed to get {lock}: {path} is in use by another process (is QEMU or another qj using it?)")]
+    Locked {
+        /// The image file.
+        path: String,
+        /// The lock that could not be had, as QEMU names it.
+        lock: String,
+    },
     /// The journal failed.
     #[error("journal: {0}")]
     Journal(String),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use qj_journal::Storage;
 
+use crate::lock::LockMode;
 use crate::mutation::{JournalMutation, OrderingMutation};
 
 /// Format of a backing file.
@@ -131,6 +132,10 @@ pub struct OpenOptions {
     /// written twice. No effect with flush ordering. An image whose journal
     /// was created with `JournalConfig::log_data` logs whatever this says.
     pub log_fresh_data: bool,
+    /// How [`Image::open_path`](crate::Image::open_path) locks the file and
+    /// its backing files (`lock.rs`): as QEMU does, or not at all for a
+    /// read-only look at an image in use (`-U`).
+    pub lock: LockMode,
 }
 
 impl Default for OpenOptions {
@@ -144,6 +149,7 @@ impl Default for OpenOptions {
             journal_mutation: JournalMutation::None,
             delayed_cow: true,
             log_fresh_data: false,
+            lock: LockMode::Qemu,
         }
     }
 }

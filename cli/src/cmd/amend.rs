@@ -44,6 +44,7 @@ pub fn run(args: AmendArgs) -> CliResult<u8> {
     }
     let path = &args.file;
     let what = format!("amending {}", quoted(path));
+    let _lock = crate::cmd::lock_file(path, true, false)?;
     let storage = FileStorage::open(path, true).map_err(io(what.clone()))?;
     let header = Image::read_header(&storage).map_err(engine(what.clone()))?;
     let storage = Arc::new(storage);

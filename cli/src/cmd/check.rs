@@ -33,6 +33,10 @@ pub struct CheckArgs {
     /// Image format (only qcow2; accepted for qemu-img compatibility).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
+    /// Open without taking or honouring image locks (read-only; what is
+    /// read may be inconsistent while another process writes), like qemu-img.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image.
     file: PathBuf,
 }
@@ -180,10 +184,19 @@ pub fn run(args: CheckArgs) -> CliResult<u8> {
         Some(RepairArg::All) => RepairMode::All,
     };
     let path = &args.file;
+    if args.force_share && mode != RepairMode::None {
+        return Err(CliError::Usage(
+            "check: -U (force-share) is for read-only checks; a repair needs the write lock".into(),
+        ));
+    }
+    // Locked as QEMU's check locks: a repair excludes every other user, a
+    // plain check excludes writers.
+    let _lock = crate::cmd::lock_file(path, mode != RepairMode::None, args.force_share)?;
     // Opened for writing only to repair: a plain check never changes a byte.
     let storage = FileStorage::open(path, mode != RepairMode::None)
         .map_err(io(format!("opening {}", quoted(path))))?;
     refuse_unsupported(&storage, path)?;
+    crate::cmd::info::warn_about_chain(path)?;
     let report = check(&storage, mode, &[]).map_err(|source| CliError::Check {
         what: format!("checking {}", quoted(path)),
         source,

@@ -1,12 +1,12 @@
 //! `qj convert [-f qcow2] -O raw SRC DST`: the guest-visible content of an
 //! image (backing chain included) as a raw file, written sparse.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use qj_engine::{Image, OpenOptions};
 
+use crate::chain::{chain_files, file_id};
 use crate::error::{engine, io, quoted, CliError, CliResult};
 
 /// Bytes copied per request: bounds memory whatever the image size.
@@ -21,6 +21,10 @@ pub struct ConvertArgs {
     /// Output format: raw.
     #[arg(short = 'O', value_name = "FMT")]
     output_format: String,
+    /// Open the source without taking or honouring image locks (what is
+    /// read may be inconsistent while another process writes), like qemu-img.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The source image.
     source: PathBuf,
     /// The raw file to write (replaced if it exists).
@@ -37,12 +41,43 @@ pub fn run(args: ConvertArgs) -> CliResult<u8> {
         )));
     }
     let src = &args.source;
-    let image = Image::open_path(src, &OpenOptions::read_only())
-        .map_err(engine(format!("opening {}", quoted(src))))?;
+    let opts = OpenOptions {
+        lock: crate::cmd::lock_mode(args.force_share),
+        ..OpenOptions::read_only()
+    };
+    let image = Image::open_path(src, &opts).map_err(engine(format!("opening {}", quoted(src))))?;
     let dst = &args.target;
     let out_what = || format!("writing {}", quoted(dst));
-    let out = File::create(dst).map_err(io(out_what()))?;
+    // Never the input: not the image, not a file of its backing chain,
+    // whatever path (symlink, hard link) names it. Checked before the
+    // output is touched.
+    if dst.exists() {
+        let target = file_id(dst)?;
+        if let Some(layer) = chain_files(src)?
+            .files
+            .into_iter()
+            .find(|(_, id)| *id == target)
+        {
+            return Err(CliError::failed(
+                out_what(),
+                format!(
+                    "the output is the same file as {}, the input or a file of its backing chain; refusing to overwrite it",
+                    quoted(&layer.0)
+                ),
+            ));
+        }
+    }
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dst)
+        .map_err(io(out_what()))?;
+    // The output is written like an image opened for writing: no other
+    // user may have it (QEMU locks its output the same way).
+    let _lock = crate::cmd::lock_file(dst, true, false)?;
     let size = image.virtual_size();
+    out.set_len(0).map_err(io(out_what()))?;
     out.set_len(size).map_err(io(out_what()))?;
     let extents = image
         .map()

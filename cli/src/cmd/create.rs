@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use qj_engine::{BackingFormat, CreateOptions, FileStorage, Image, OpenOptions, Storage};
 
-use crate::chain::backing_path;
+use crate::chain::{backing_path, chain_files, file_id};
 use crate::create_options::{apply_list, help_text, wants_help, CreateOptionList, ListFor};
 use crate::error::{engine, io, quoted, CliError, CliResult};
 use crate::size::parse_size;
@@ -99,8 +99,11 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
     };
     // Checked before the file is created, so that bad options leave any
     // existing file alone.
-    qj_engine::create::geometry_for(&opts)
+    qj_engine::create::validate(&opts)
         .map_err(engine(format!("creating {}", quoted(&args.file))))?;
+    if let Some(name) = &backing_file {
+        refuse_self_backing(&args.file, name)?;
+    }
     if !args.quiet {
         println!(
             "{}",
@@ -115,6 +118,31 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
 /// The size qemu-img prints: the one asked for, or the backing file's.
 fn size_shown(asked: Option<u64>, opts: &CreateOptions) -> u64 {
     asked.unwrap_or(opts.virtual_size)
+}
+
+/// Refuses a backing file that is the image being created, or whose own
+/// chain holds it (by device and inode, through symlinks and hard links):
+/// creating would destroy the backing data and leave an image that is its
+/// own backing file.
+fn refuse_self_backing(image: &Path, name: &str) -> CliResult<()> {
+    let Ok(target) = file_id(image) else {
+        return Ok(()); // A new file cannot be anyone's backing file yet.
+    };
+    let below = backing_path(image, name);
+    if !below.exists() {
+        return Ok(()); // `-u` with a missing backing file: nothing to protect.
+    }
+    let chain = chain_files(&below)?;
+    if let Some((path, _)) = chain.files.iter().find(|(_, id)| *id == target) {
+        return Err(CliError::failed(
+            format!("creating {}", quoted(image)),
+            format!(
+                "the backing file {} is the image being created, or its chain contains it: that would create an infinite loop and destroy the backing data",
+                quoted(path)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Opens the backing file as QEMU would (relative to the new image's

@@ -33,6 +33,10 @@ pub struct InfoArgs {
     /// Image format (only qcow2; accepted for qemu-img compatibility).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
+    /// Open without taking or honouring image locks (read-only; what is
+    /// read may be inconsistent while another process writes), like qemu-img.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image.
     file: PathBuf,
 }
@@ -444,12 +448,15 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
     let path = &args.file;
     let what = format!("opening {}", quoted(path));
     let storage = FileStorage::open(path, false).map_err(io(what.clone()))?;
+    let _lock = crate::cmd::lock_file(path, false, args.force_share)?;
     let meta = std::fs::metadata(path).map_err(io(what.clone()))?;
     let header = Image::read_header(&storage).map_err(engine(what.clone()))?;
+    warn_about_chain(path)?;
     // Opened read-only and without the backing file, as qemu-img info does:
     // looking must change nothing, and a missing backing file does not
     // stop the description.
-    let opened = open_layer(path)
+    // Locked above (a second read lock of ours is no conflict).
+    let opened = open_layer(path, crate::cmd::lock_mode(args.force_share))
         .and_then(|(image, _)| {
             let info = image
                 .info()
@@ -475,4 +482,20 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
             Ok(EXIT_FAILED)
         }
     }
+}
+
+/// Reports a backing chain that every command opening it refuses (a loop,
+/// or deeper than the limit): describing the top image still works, but
+/// the user must learn why reading it will not.
+pub fn warn_about_chain(path: &std::path::Path) -> CliResult<()> {
+    if let Some(problem) = crate::chain::chain_files(path)?.problem {
+        eprintln!(
+            "{}",
+            crate::error::one_line(&format!(
+                "qj: warning: {}: {problem}; commands that read through the backing chain refuse it",
+                quoted(path)
+            ))
+        );
+    }
+    Ok(())
 }

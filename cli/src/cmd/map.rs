@@ -16,6 +16,10 @@ pub struct MapArgs {
     /// Image format (only qcow2; accepted for qemu-img compatibility).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
+    /// Open without taking or honouring image locks (read-only; what is
+    /// read may be inconsistent while another process writes), like qemu-img.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image.
     file: PathBuf,
 }
@@ -80,7 +84,7 @@ pub fn human_text(chain: &Chain, entries: &[MapEntry]) -> (String, bool) {
 /// Runs `qj map`.
 pub fn run(args: MapArgs) -> CliResult<u8> {
     crate::cmd::require_qcow2(args.format.as_deref(), "map")?;
-    let chain = Chain::open(&args.file)?;
+    let chain = Chain::open(&args.file, crate::cmd::lock_mode(args.force_share))?;
     let entries = chain.map()?;
     match args.output {
         OutputFormat::Human => {

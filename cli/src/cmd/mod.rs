@@ -13,7 +13,30 @@ pub mod io;
 pub mod journal;
 pub mod map;
 
-use crate::error::{CliError, CliResult};
+use std::path::Path;
+
+use qj_engine::lock::ImageLock;
+use qj_engine::LockMode;
+
+use crate::error::{engine, quoted, CliError, CliResult};
+
+/// `-U` / `--force-share` as qemu-img has it: a read-only command takes no
+/// lock and ignores other users' (what it reads may be inconsistent).
+pub fn lock_mode(force_share: bool) -> LockMode {
+    if force_share {
+        LockMode::ForceShare
+    } else {
+        LockMode::Qemu
+    }
+}
+
+/// Locks the image file at `path` as QEMU would for a reader or a writer,
+/// for a command that works on the file itself rather than through an
+/// opened image. Hold the result until the command is done.
+pub fn lock_file(path: &Path, writable: bool, force_share: bool) -> CliResult<Option<ImageLock>> {
+    ImageLock::acquire(path, writable, lock_mode(force_share))
+        .map_err(engine(format!("opening {}", quoted(path))))
+}
 
 /// The subcommands.
 #[derive(Debug, clap::Subcommand)]

@@ -10,6 +10,7 @@ use qj_spec::qcow2::{Header, HeaderExtension};
 
 use super::Image;
 use crate::error::{Error, IoContext, Result};
+use crate::lock::ImageLock;
 use crate::options::{BackingFormat, BackingSource, OpenOptions};
 
 /// An opened backing file, read-only.
@@ -21,6 +22,8 @@ pub enum Backing {
         storage: Arc<dyn Storage>,
         /// Its length in bytes: reads past it return zeros.
         size: u64,
+        /// Held while the overlay is open.
+        _lock: Option<ImageLock>,
     },
     /// A qcow2 image (which may have a backing file of its own).
     Qcow2(Box<Image>),
@@ -54,8 +57,56 @@ impl Backing {
     }
 }
 
+/// The longest backing chain any command opens (the image itself and its
+/// backing files). Each layer is one nested open, so the bound is also what
+/// keeps a deep chain from exhausting the stack.
+pub const BACKING_CHAIN_DEPTH_MAX: usize = 64;
+
+/// The files of a backing chain being opened, top first, by device and
+/// inode (so symlinks and hard links are the same file): a file met twice
+/// is a loop, which QEMU refuses as "creates an infinite loop".
+#[derive(Debug, Default)]
+pub(super) struct ChainWalk {
+    files: Vec<(u64, u64)>,
+}
+
+impl ChainWalk {
+    /// Records the file at `path` as the next layer, named `name`.
+    pub(super) fn enter(&mut self, path: &Path, name: &str) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|e| Error::Backing {
+            name: name.into(),
+            reason: format!("cannot open {}: {e}", path.display()),
+        })?;
+        let id = (meta.dev(), meta.ino());
+        if self.files.contains(&id) {
+            return Err(Error::Backing {
+                name: name.into(),
+                reason: format!(
+                    "{} creates an infinite loop (it is already in the backing chain)",
+                    path.display()
+                ),
+            });
+        }
+        if self.files.len() >= BACKING_CHAIN_DEPTH_MAX {
+            return Err(Error::Backing {
+                name: name.into(),
+                reason: format!(
+                    "the backing chain is deeper than {BACKING_CHAIN_DEPTH_MAX} layers"
+                ),
+            });
+        }
+        self.files.push(id);
+        Ok(())
+    }
+}
+
 impl Image {
-    pub(super) fn open_backing(header: &Header, opts: &OpenOptions) -> Result<Option<Backing>> {
+    pub(super) fn open_backing(
+        header: &Header,
+        opts: &OpenOptions,
+        chain: &mut ChainWalk,
+    ) -> Result<Option<Backing>> {
         let Some(name) = header.backing_file.clone() else {
             return Ok(None);
         };
@@ -67,6 +118,7 @@ impl Image {
             name: name.clone(),
             reason,
         };
+        let mut lock = None;
         let (storage, format): (Arc<dyn Storage>, Option<BackingFormat>) = match &opts.backing {
             BackingSource::Ignore => return Ok(None),
             BackingSource::Given(s, f) => (s.clone(), Some(*f)),
@@ -77,6 +129,10 @@ impl Image {
                         path = dir.join(path);
                     }
                 }
+                chain.enter(&path, &name)?;
+                // Locked like a read-only open: a backing file must not
+                // change under the overlay (QEMU does the same).
+                lock = ImageLock::acquire(&path, false, opts.lock)?;
                 let file = FileStorage::open(&path, false)
                     .map_err(|e| backing_err(format!("cannot open {}: {e}", path.display())))?;
                 let format = match named_format.as_deref() {
@@ -108,11 +164,16 @@ impl Image {
                 let size = storage
                     .len()
                     .ctx(|| "reading the backing file length".into())?;
-                Backing::Raw { storage, size }
+                Backing::Raw {
+                    storage,
+                    size,
+                    _lock: lock,
+                }
             }
             BackingFormat::Qcow2 => {
                 let mut bopts = OpenOptions::read_only();
                 bopts.cache_bytes_max = opts.cache_bytes_max;
+                bopts.lock = opts.lock;
                 if let BackingSource::FromHeader = opts.backing {
                     let mut path = std::path::PathBuf::from(&name);
                     if path.is_relative() {
@@ -122,7 +183,13 @@ impl Image {
                     }
                     bopts.base_dir = path.parent().map(Path::to_path_buf);
                 }
-                let image = Image::open(storage, &bopts).map_err(|e| backing_err(e.to_string()))?;
+                let mut image =
+                    Image::open_in_chain(storage, &bopts, chain).map_err(|e| match e {
+                        // The loop or depth is named by the layer that found it.
+                        e @ Error::Backing { .. } => e,
+                        e => backing_err(e.to_string()),
+                    })?;
+                image.lock = lock;
                 Backing::Qcow2(Box::new(image))
             }
         }))

@@ -28,21 +28,11 @@ impl Image {
         }
         let g = image.geometry;
         let cs = g.cluster_size();
-        let size = config.size_bytes.next_multiple_of(cs);
+        let size = crate::create::journal_bytes(config, cs)?;
         // Metadata is written back in 512-byte sectors: journal blocks of
         // the same size carry them without padding (4 KiB blocks made each
         // synced allocating write log 16 KiB instead of 2 KiB).
         let block_size = 512u32;
-        // One operation's epoch may hold two fresh tables (an L2 table and
-        // a refcount block) besides its sectors, and epochs are kept to a
-        // quarter of the ring (`epoch_bytes_max`): 8 clusters and 64 KiB
-        // of room cover that with margin.
-        let size_min = 8 * cs + (64 << 10);
-        if size < size_min || size > 1 << 32 {
-            return Err(Error::InvalidArgument(format!(
-                "journal_size {size} must be at least {size_min} bytes (8 clusters + 64 KiB) and at most 4 GiB"
-            )));
-        }
 
         let start = image.refcounts.lock().allocate_contiguous(
             &*image.storage,

@@ -46,12 +46,13 @@ use qj_journal::{MemStorage, Storage};
 use qj_spec::qcow2::Header;
 use qj_spec::units::{Geometry, HostOffset};
 
-pub use self::backing::Backing;
+pub use self::backing::{Backing, BACKING_CHAIN_DEPTH_MAX};
 pub use self::inspect::{ImageInfo, MapExtent};
 pub use crate::backend::JournalInfo;
 use crate::backend::{BackendKind, MetadataBackend};
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
+use crate::lock::ImageLock;
 use crate::options::{CreateOptions, OpenOptions};
 use crate::refcount::{RefcountState, SharedMetadataMap};
 use crate::stats::{Counters, Stats};
@@ -102,6 +103,9 @@ pub struct Image {
     /// The longest the file has been seen to be: a data cluster below it
     /// exists; one at or past it is checked against the device.
     file_len_seen: AtomicU64,
+    /// The file's locks (`lock.rs`), held while the image is open; `None`
+    /// for devices opened without a path.
+    lock: Option<ImageLock>,
     /// Set by `close` and `abandon`: Drop then does nothing.
     finished: AtomicBool,
     /// L2 and L1 table clusters allocated since the last epoch was

@@ -9,12 +9,14 @@ use qj_journal::{FileStorage, Storage};
 use qj_spec::qcow2::{features, read_table_entry, Header, JournalExtension, L1Entry};
 use qj_spec::units::{Geometry, HostOffset};
 
+use super::backing::ChainWalk;
 use super::{HeaderState, Image, L1State};
 use crate::backend::journal::JournalBackend;
 use crate::backend::ordered::FlushOrdering;
 use crate::backend::{BackendKind, MetadataBackend};
 use crate::cache::TableCache;
 use crate::error::{Error, IoContext, Result};
+use crate::lock::ImageLock;
 use crate::metadata_map::MetadataMap;
 use crate::options::{CreateOptions, OpenOptions};
 use crate::refcount::{RefcountState, SharedMetadataMap};
@@ -47,26 +49,86 @@ impl Image {
     }
 
     /// Creates an empty image file at `path` (replacing any file there).
+    ///
+    /// Nothing already stored is lost on failure: the options are checked
+    /// first, an existing file is locked as a writer would lock it (so an
+    /// image in use is refused), and the new image is built in a temporary
+    /// file beside it that replaces the old one only once complete and
+    /// durable. A failure leaves the old file byte for byte, and no partial
+    /// file. A symlink is followed: its target is replaced.
     pub fn create_path(path: &Path, opts: &CreateOptions) -> Result<()> {
-        let storage = FileStorage::create(path).ctx(|| format!("creating {}", path.display()))?;
-        Self::create_shared(Arc::new(storage), opts)
+        crate::create::validate(opts)?;
+        let ctx = |what: &str| format!("{what} {}", path.display());
+        let target = match std::fs::canonicalize(path) {
+            Ok(real) => real,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
+            Err(e) => return Err(e).ctx(|| ctx("resolving")),
+        };
+        let _lock = if target.exists() {
+            ImageLock::acquire(&target, true, crate::LockMode::Qemu)?
+        } else {
+            None
+        };
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = dir.join(format!(".{name}.qj-create-{}", std::process::id()));
+        let built = (|| {
+            let storage =
+                FileStorage::create(&temp).ctx(|| format!("creating {}", temp.display()))?;
+            Self::create_shared(Arc::new(storage), opts)?;
+            if let Ok(meta) = std::fs::metadata(&target) {
+                std::fs::set_permissions(&temp, meta.permissions())
+                    .ctx(|| ctx("keeping the permissions of"))?;
+            }
+            std::fs::rename(&temp, &target).ctx(|| ctx("replacing"))?;
+            // The rename is durable with the directory.
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .ctx(|| format!("flushing the directory {}", dir.display()))
+        })();
+        if built.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        built
     }
 
     /// Opens the image file at `path`.
+    /// The file is locked as QEMU locks it (`opts.lock`) before anything
+    /// is read or written, and stays locked until the image is dropped.
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let storage =
             FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?;
+        let mut chain = ChainWalk::default();
+        chain.enter(path, &path.display().to_string())?;
+        let lock = ImageLock::acquire(path, opts.writable, opts.lock)?;
         let mut opts = opts.clone();
         if opts.base_dir.is_none() {
             opts.base_dir = path.parent().map(Path::to_path_buf);
         }
-        Self::open(Arc::new(storage), &opts)
+        let mut image = Self::open_in_chain(Arc::new(storage), &opts, &mut chain)?;
+        image.lock = lock;
+        Ok(image)
     }
 
     /// Opens an image on `storage`: with the journalled backend when the
     /// header locates a valid qjournal (replaying it first), else with the
     /// flush-ordering backend.
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        Self::open_in_chain(storage, opts, &mut ChainWalk::default())
+    }
+
+    /// [`Image::open`] as one layer of a backing chain being opened.
+    pub(super) fn open_in_chain(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        chain: &mut ChainWalk,
+    ) -> Result<Image> {
         let header = Self::read_header(&*storage)?;
         // The corrupt bit is written in place only (`guard.rs`): a journal
         // replayed now would bring back a header without it, so a writable
@@ -76,7 +138,7 @@ impl Image {
         }
         let ordered = || Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
         let Some(ext) = header.journal() else {
-            return Self::open_with_backend(storage, opts, ordered());
+            return Self::open_with_backend_in(storage, opts, ordered(), chain);
         };
         if !header.has_autoclear(features::AUTOCLEAR_JOURNAL_VALID_BIT) {
             // A program that does not know the journal opened the image
@@ -86,7 +148,7 @@ impl Image {
             // been freed and reused. Reading needs nothing from the journal;
             // writing gets a fresh one.
             if !opts.writable {
-                return Self::open_with_backend(storage, opts, ordered());
+                return Self::open_with_backend_in(storage, opts, ordered(), chain);
             }
             return Self::recreate_journal(storage, opts, ext);
         }
@@ -137,7 +199,7 @@ impl Image {
             opts.delayed_cow,
             opts.log_fresh_data || ext.flags & JournalExtension::FLAG_LOG_DATA != 0,
         )?;
-        Self::open_with_backend(storage, opts, Box::new(backend))
+        Self::open_with_backend_in(storage, opts, Box::new(backend), chain)
     }
 
     /// Reads and validates the header of the image on `storage`, without
@@ -178,6 +240,16 @@ impl Image {
         storage: Arc<dyn Storage>,
         opts: &OpenOptions,
         backend: Box<dyn MetadataBackend>,
+    ) -> Result<Image> {
+        Self::open_with_backend_in(storage, opts, backend, &mut ChainWalk::default())
+    }
+
+    /// [`Image::open_with_backend`] as one layer of a backing chain.
+    fn open_with_backend_in(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        backend: Box<dyn MetadataBackend>,
+        chain: &mut ChainWalk,
     ) -> Result<Image> {
         // A journal replayed in memory may hold tables past the end of the
         // file (the write that extended the file for them was lost, or they
@@ -264,7 +336,7 @@ impl Image {
             }
         }
 
-        let backing = Self::open_backing(&header, opts)?;
+        let backing = Self::open_backing(&header, opts, chain)?;
         let image = Image {
             storage,
             geometry,
@@ -297,6 +369,7 @@ impl Image {
             entries_changed: AtomicU64::new(0),
             op_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
+            lock: None,
         };
         if opts.writable {
             image.clear_autoclear_bits()?;

@@ -1,6 +1,24 @@
 //! Runs parsed `qj io` commands against an open image and prints qemu-io's
 //! result lines.
 
+/// Prints a line to stdout, ignoring a reader that went away (`qj io ... |
+/// head -1`): like qemu-io, every command still runs, so that later
+/// writes and flushes are not lost with the pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// [`out!`] without the newline.
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::time::Instant;
 
 use qj_engine::Image;
@@ -39,13 +57,13 @@ fn dump(bytes: &[u8], offset: u64) {
                 '.'
             });
         }
-        println!("{s}");
+        out!("{s}");
     }
 }
 
 fn report(verb: &str, len: u64, offset: u64, started: Instant) {
-    println!("{verb} {len}/{len} bytes at offset {offset}");
-    println!("{}", timing_line(len, 1, started.elapsed().as_secs_f64()));
+    out!("{verb} {len}/{len} bytes at offset {offset}");
+    out!("{}", timing_line(len, 1, started.elapsed().as_secs_f64()));
 }
 
 fn fail(what: &str, why: impl std::fmt::Display) -> Outcome {
@@ -112,14 +130,14 @@ fn write_pattern(
 fn info(image: &Image) -> Result<(), qj_engine::Error> {
     let i = image.info()?;
     let g = image.geometry();
-    println!("format name: qcow2");
-    println!("cluster size: {}", size_to_str(i.cluster_size));
+    out!("format name: qcow2");
+    out!("cluster size: {}", size_to_str(i.cluster_size));
     // Where QEMU would put VM state: just past the guest clusters the L1
     // table must cover.
     let vm_state = g
         .l1_entries_for(i.virtual_size)
         .saturating_mul(g.l2_coverage());
-    println!("vm state offset: {}", size_to_str(vm_state));
+    out!("vm state offset: {}", size_to_str(vm_state));
     let data = crate::cmd::info::Qcow2Specific {
         compat: if i.version >= 3 { "1.1" } else { "0.10" },
         compression_type: "zlib".into(),
@@ -130,7 +148,7 @@ fn info(image: &Image) -> Result<(), qj_engine::Error> {
         corrupt: (i.version >= 3).then_some(i.corrupt),
         extended_l2: (i.version >= 3).then_some(false),
     };
-    print!("{}", crate::cmd::info::format_specific_lines(&data));
+    out_raw!("{}", crate::cmd::info::format_specific_lines(&data));
     Ok(())
 }
 
@@ -138,7 +156,7 @@ fn info(image: &Image) -> Result<(), qj_engine::Error> {
 /// consulted).
 fn map(image: &Image) -> Result<(), crate::error::CliError> {
     for (start, len, allocated) in top_allocation(image)? {
-        println!(
+        out!(
             "{:<6} (0x{len:x}) bytes {} allocated at offset {} (0x{start:x})",
             cvtstr(len as f64),
             if allocated { "   " } else { "not" },
@@ -173,7 +191,7 @@ pub fn execute(image: &Image, command: &IoCommand) -> Outcome {
             Ok(matched) => {
                 if !matched {
                     if let Some(v) = verify {
-                        println!(
+                        out!(
                             "Pattern verification failed at offset {}, {} bytes",
                             offset + v.offset,
                             v.len
@@ -229,7 +247,7 @@ pub fn execute(image: &Image, command: &IoCommand) -> Outcome {
             Ok(()) => Outcome::Done,
         },
         IoCommand::Length => {
-            println!("{}", size_to_str(image.virtual_size()));
+            out!("{}", size_to_str(image.virtual_size()));
             Outcome::Done
         }
         IoCommand::Info => match info(image) {

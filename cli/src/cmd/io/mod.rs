@@ -31,6 +31,10 @@ pub struct IoArgs {
     /// truncate, length, info, map.
     #[arg(short = 'c', long = "cmd", value_name = "COMMAND")]
     commands: Vec<String>,
+    /// Open without taking or honouring image locks (read-only; what is
+    /// read may be inconsistent while another process writes), like qemu-img.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image.
     file: PathBuf,
 }
@@ -48,11 +52,17 @@ pub fn run(args: IoArgs) -> CliResult<u8> {
             "io: more than {COMMANDS_MAX} commands"
         )));
     }
-    let opts = if args.read_only {
+    if args.force_share && !args.read_only {
+        return Err(CliError::Usage(
+            "io: -U (force-share) can only be used with -r (read-only)".into(),
+        ));
+    }
+    let mut opts = if args.read_only {
         OpenOptions::read_only()
     } else {
         OpenOptions::read_write()
     };
+    opts.lock = crate::cmd::lock_mode(args.force_share);
     let path = &args.file;
     let image =
         Image::open_path(path, &opts).map_err(engine(format!("opening {}", quoted(path))))?;
