@@ -3,69 +3,13 @@
 //! are missing: the oracle is part of what is being tested.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
-fn run(program: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"))
-}
+mod support;
 
-fn qj(dir: &Path, args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_qj"), args, dir)
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> Output {
-    run("qemu-img", args, dir)
-}
-
-fn qemu_io(dir: &Path, args: &[&str]) -> Output {
-    run("qemu-io", args, dir)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts success and returns stdout.
-#[track_caller]
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-/// Asserts the exit status, one `qj: ` line on stderr, and no panic.
-#[track_caller]
-fn assert_one_line_error(out: &Output, code: i32) {
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(!stderr.contains("RUST_BACKTRACE"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "want one line, got: {stderr}");
-    assert!(lines[0].starts_with("qj: "), "{stderr}");
-}
-
-fn be64(bytes: &[u8], at: u64) -> u64 {
-    let at = at as usize;
-    u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
-}
-
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
+use support::{assert_one_line_error, be64, ok, qemu_img, qemu_io, qj, text, tmp, OFFSET_MASK};
 
 #[test]
 fn qj_images_pass_qemu_check_and_read_back_in_qemu_io() {

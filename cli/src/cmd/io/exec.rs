@@ -258,5 +258,9 @@ pub fn execute(image: &Image, command: &IoCommand) -> Outcome {
             Err(e) => fail("map failed", e),
             Ok(()) => Outcome::Done,
         },
+        IoCommand::Sleep { ms } => {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Outcome::Done
+        }
     }
 }

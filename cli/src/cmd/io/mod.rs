@@ -28,7 +28,7 @@ pub struct IoArgs {
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
     /// A command to run (repeatable): read, write, discard, flush, abort,
-    /// truncate, length, info, map.
+    /// truncate, length, info, map, sleep.
     #[arg(short = 'c', long = "cmd", value_name = "COMMAND")]
     commands: Vec<String>,
     /// Open without taking or honouring image locks (read-only; what is

@@ -13,7 +13,7 @@ const WORDS_MAX: usize = 64;
 
 /// The command names, for the "unknown command" message.
 pub const COMMAND_NAMES: &str =
-    "read, write, discard (alias trim), flush, abort, truncate, length, info, map";
+    "read, write, discard (alias trim), flush, abort, truncate, length, info, map, sleep";
 
 /// `read -P`: the pattern and the sub-range it applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,15 @@ pub enum IoCommand {
     Info,
     /// `map`: print allocated and unallocated ranges of this image.
     Map,
+    /// `sleep MS`: wait, holding the image open (as qemu-io's `sleep`).
+    Sleep {
+        /// Milliseconds, at most [`SLEEP_MS_MAX`].
+        ms: u64,
+    },
 }
+
+/// The longest `sleep`: keeps a run bounded.
+pub const SLEEP_MS_MAX: u64 = 600_000;
 
 /// Flags and their values, in the order given, then the positionals.
 struct Words<'a> {
@@ -277,6 +285,15 @@ pub fn parse_command(line: &str) -> Result<IoCommand, String> {
         "length" | "l" => no_arguments(name, args, IoCommand::Length),
         "info" | "i" => no_arguments(name, args, IoCommand::Info),
         "map" => no_arguments(name, args, IoCommand::Map),
+        "sleep" => match args {
+            [ms] => match ms.parse::<u64>() {
+                Ok(ms) if ms <= SLEEP_MS_MAX => Ok(IoCommand::Sleep { ms }),
+                _ => Err(format!(
+                    "{name}: '{ms}' is not a number of milliseconds up to {SLEEP_MS_MAX}"
+                )),
+            },
+            _ => Err(format!("{name}: expected 1 argument (usage: sleep MS)")),
+        },
         other => Err(format!(
             "unknown command '{other}'; commands are: {COMMAND_NAMES}"
         )),
