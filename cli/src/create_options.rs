@@ -157,7 +157,7 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "journal_size",
-        help: "size of the journal, 8k to 4G (default 16M; needs journal=on)",
+        help: "size of the journal, at least 8 clusters + 64k (576k with 64k clusters) and at most 4G (default 16M; needs journal=on)",
         apply: |o, v| {
             let size = parse_size(v).map_err(|e| e.to_string())?;
             if !(JOURNAL_SIZE_MIN_BYTES..=JOURNAL_SIZE_MAX_BYTES).contains(&size) {

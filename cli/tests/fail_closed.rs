@@ -377,3 +377,50 @@ fn io_runs_every_command_when_its_reader_goes_away() {
         &["io", "-r", "img.qcow2", "-c", "read -P 64 252k 4k"],
     ));
 }
+
+#[test]
+fn messages_name_what_is_wrong() {
+    let d = tmp();
+    let dir = d.path();
+    ok(qj(dir, &["create", "-q", "img.qcow2", "1M"]));
+    std::fs::write(
+        dir.join("short.qcow2"),
+        &bytes(&dir.join("img.qcow2"))[..50],
+    )
+    .unwrap();
+    for args in [vec!["check", "short.qcow2"], vec!["info", "short.qcow2"]] {
+        let out = qj(dir, &args);
+        assert_one_line_error(&out, 1);
+        assert!(
+            text(&out.stderr).contains("truncated"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = qj(dir, &["create", "-o", "size=1M", "two.qcow2", "2M"]);
+    assert_one_line_error(&out, 2);
+    assert!(text(&out.stderr).contains("given twice"));
+    assert!(!dir.join("two.qcow2").exists());
+    // `-o help` needs no file, and states the real journal minimum.
+    for cmd in ["create", "amend"] {
+        let help = ok(qj(dir, &[cmd, "-o", "help"]));
+        assert!(help.contains("at least 8 clusters + 64k"), "{help}");
+    }
+    // A refused journal size names the minimum for the image's clusters.
+    let out = qj(
+        dir,
+        &[
+            "create",
+            "-o",
+            "journal=on,journal_size=100k",
+            "j.qcow2",
+            "64M",
+        ],
+    );
+    assert_one_line_error(&out, 1);
+    assert!(
+        text(&out.stderr).contains("589824"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -19,8 +19,8 @@ pub struct AmendArgs {
     /// Options as key=value,... (`-o help` lists them); may be repeated.
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
     options: Vec<String>,
-    /// The image to change in place.
-    file: PathBuf,
+    /// The image to change in place (optional with `-o help`).
+    file: Option<PathBuf>,
 }
 
 /// Runs `qj amend`.
@@ -42,7 +42,11 @@ pub fn run(args: AmendArgs) -> CliResult<u8> {
             "amend: nothing to change (give -o journal=on or -o journal=off)".into(),
         ));
     }
-    let path = &args.file;
+    let Some(path) = args.file.as_deref() else {
+        return Err(CliError::Usage(
+            "amend: the image FILE is required (only -o help works without one)".into(),
+        ));
+    };
     let what = format!("amending {}", quoted(path));
     let _lock = crate::cmd::lock_file(path, true, false)?;
     let storage = FileStorage::open(path, true).map_err(io(what.clone()))?;

@@ -31,8 +31,9 @@ pub struct CreateArgs {
     /// Do not print the "Formatting" line.
     #[arg(short = 'q')]
     quiet: bool,
-    /// The image file to create (replaced if it exists).
-    file: PathBuf,
+    /// The image file to create (replaced if it exists; optional with
+    /// `-o help`).
+    file: Option<PathBuf>,
     /// Virtual size (k, M, G, T suffixes); defaults to the backing file's.
     #[arg(value_parser = parse_size)]
     size: Option<u64>,
@@ -50,6 +51,11 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
         print!("{}", help_text(ListFor::Create));
         return Ok(0);
     }
+    let Some(file) = args.file.as_deref() else {
+        return Err(CliError::Usage(
+            "create: the image FILE is required (only -o help works without one)".into(),
+        ));
+    };
     let mut list = CreateOptionList::default();
     for o in &args.options {
         apply_list(o, &mut list, ListFor::Create)?;
@@ -66,6 +72,11 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
         backing_format: None,
         journal,
     };
+    if let (Some(_), Some(_)) = (args.size, list.size) {
+        return Err(CliError::Usage(
+            "create: the size is given twice (-o size= and SIZE); give one".into(),
+        ));
+    }
     let size = args.size.or(list.size);
     opts.virtual_size = match &backing_file {
         None => size.ok_or_else(|| {
@@ -91,7 +102,7 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
                     ))
                 }
                 (given, false) => {
-                    let backing_size = backing_virtual_size(&args.file, name, format)?;
+                    let backing_size = backing_virtual_size(file, name, format)?;
                     given.unwrap_or(backing_size)
                 }
             }
@@ -99,19 +110,14 @@ pub fn run(args: CreateArgs) -> CliResult<u8> {
     };
     // Checked before the file is created, so that bad options leave any
     // existing file alone.
-    qj_engine::create::validate(&opts)
-        .map_err(engine(format!("creating {}", quoted(&args.file))))?;
+    qj_engine::create::validate(&opts).map_err(engine(format!("creating {}", quoted(file))))?;
     if let Some(name) = &backing_file {
-        refuse_self_backing(&args.file, name)?;
+        refuse_self_backing(file, name)?;
     }
     if !args.quiet {
-        println!(
-            "{}",
-            formatting_line(&args.file, &opts, size_shown(size, &opts))
-        );
+        println!("{}", formatting_line(file, &opts, size_shown(size, &opts)));
     }
-    Image::create_path(&args.file, &opts)
-        .map_err(engine(format!("creating {}", quoted(&args.file))))?;
+    Image::create_path(file, &opts).map_err(engine(format!("creating {}", quoted(file))))?;
     Ok(0)
 }
 

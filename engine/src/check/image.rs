@@ -62,6 +62,18 @@ impl Image {
         let file_len = storage
             .len()
             .map_err(CheckError::io("reading the file length"))?;
+        // A file shorter than the fixed header is truncated, said as
+        // such (the same words as an open), not a field of zeros.
+        if file_len < u64::from(HEADER_V3_MIN_LEN) {
+            let have = usize::try_from(file_len).unwrap_or(usize::MAX);
+            Header::decode(&read_vec(storage, 0, file_len, "the header")?)?;
+            return Err(FormatError::Truncated {
+                structure: "qcow2 header",
+                need: u64::from(HEADER_V3_MIN_LEN),
+                have: have as u64,
+            }
+            .into());
+        }
         let fixed = read_vec(storage, 0, u64::from(HEADER_V3_MIN_LEN), "the header")?;
         let cluster_bits = u32::from_be_bytes(fixed[20..24].try_into().expect("4 bytes"));
         if !(Geometry::CLUSTER_BITS_MIN..=Geometry::CLUSTER_BITS_MAX).contains(&cluster_bits) {
