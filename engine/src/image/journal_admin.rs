@@ -45,26 +45,60 @@ impl Image {
             .write()
             .insert(start, size / cs, MetadataKind::Journal)
             .map_err(|o| Error::Corrupt(format!("new journal overlaps the {}", o.existing)))?;
-        // The journal's counts are durable before it is formatted and linked.
-        image.persist_all()?;
         let offset = g.host_offset(start);
-        // The region lies inside the file, so that every cluster the image
-        // counts exists (QEMU's check treats counted clusters past the end
-        // of the file as errors, and so does ours).
-        let end = offset.0 + size;
-        if storage.len().ctx(|| "reading the image length".into())? < end {
-            storage
-                .set_len(end)
-                .ctx(|| "extending the image over the journal".into())?;
-        }
+        let clusters = size / cs;
+        // Ordering: the region is written and durable before its counts
+        // are. Until the counts are durable its clusters are free on disk,
+        // so a crash, or a disk that fills up while the region is
+        // zero-filled, leaves nothing counted and nothing referenced: no
+        // leak (writing into clusters that are free on disk is harmless;
+        // nothing reads them). The region lies inside the file, so that
+        // every cluster the image counts exists (QEMU's check treats
+        // counted clusters past the end of the file as errors, and so does
+        // ours).
+        let old_len = storage.len().ctx(|| "reading the image length".into())?;
         let protocol = if config.two_flush {
             CommitProtocol::TwoFlush
         } else {
             CommitProtocol::SingleFlush
         };
-        JournalBackend::format(storage.clone(), offset, size, block_size, protocol)?;
-        // The formatted region is durable before the header points to it.
-        storage.flush().ctx(|| "flushing the new journal".into())?;
+        let region = (|| {
+            let end = offset.0 + size;
+            if old_len < end {
+                storage
+                    .set_len(end)
+                    .ctx(|| "extending the image over the journal".into())?;
+            }
+            JournalBackend::format(storage.clone(), offset, size, block_size, protocol)?;
+            storage.flush().ctx(|| "flushing the new journal".into())
+        })();
+        if let Err(e) = region {
+            // Nothing counts or references the region: drop the in-memory
+            // allocation and give the file its length back.
+            image.abandon();
+            if storage.len().is_ok_and(|len| len > old_len) {
+                let _ = storage.set_len(old_len);
+                let _ = storage.flush();
+            }
+            return Err(e);
+        }
+        // Counted, perhaps durably, but not linked: free exactly the
+        // region's clusters again, or say which ones stay leaked.
+        let unwind = |e: Error| {
+            match Self::free_unlinked(storage.clone(), start, clusters) {
+            Ok(()) => e,
+            Err(again) => Error::Journal(format!(
+                "{e}; freeing the journal's clusters {}..{} failed too ({again}): they are leaked until `qj check -r leaks`",
+                start.0,
+                start.0 + clusters
+            )),
+        }
+        };
+        // The journal's counts are durable before the header links it.
+        if let Err(e) = image.persist_all() {
+            image.abandon();
+            return Err(unwind(e));
+        }
         {
             let mut h = image.header.lock();
             h.mem.set_journal(Some(JournalExtension {
@@ -83,6 +117,32 @@ impl Image {
             h.mem.autoclear_features |= features::AUTOCLEAR_JOURNAL_VALID_MASK;
             name_journal_features(&mut h.mem);
             h.dirty = true;
+        }
+        image.close().map_err(unwind)
+    }
+
+    /// Frees the clusters `[start, start + clusters)` of a journal region
+    /// that no header links: each still counted drops to zero.
+    fn free_unlinked(storage: Arc<dyn Storage>, start: HostCluster, clusters: u64) -> Result<()> {
+        let image = Self::open_for_metadata_change(storage)?;
+        if image
+            .header
+            .lock()
+            .mem
+            .journal()
+            .is_some_and(|j| image.geometry.host_cluster(HostOffset(j.offset)) == start)
+        {
+            // The header did link it after all: it is the image's journal.
+            return image.close();
+        }
+        {
+            let mut rc = image.refcounts.lock();
+            for c in start.0..start.0 + clusters {
+                let cluster = HostCluster(c);
+                if rc.get(&*image.storage, &*image.backend, cluster)? > 0 {
+                    rc.free(&*image.storage, &*image.backend, cluster)?;
+                }
+            }
         }
         image.close()
     }
