@@ -146,11 +146,10 @@ fn turning_the_journal_on_with_a_disk_filling_up_leaks_nothing() {
     );
 }
 
-/// Writes until the disk (of `capacity` bytes) refuses, then reopens on
-/// an unlimited disk and does more: the image has no corruption, and a
-/// journal image no leak.
-fn fill_up(journal: bool, capacity: u64) -> u64 {
-    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+/// A new, empty 64 MiB image (with a 1 MiB journal if asked) on a
+/// failing disk without limits yet.
+fn new_disk(journal: bool) -> Arc<FailingDisk> {
+    let disk = FailingDisk::new(MemStorage::new());
     let opts = CreateOptions {
         virtual_size: 64 << 20,
         journal: journal.then(|| JournalConfig {
@@ -159,10 +158,15 @@ fn fill_up(journal: bool, capacity: u64) -> u64 {
         }),
         ..CreateOptions::default()
     };
-    Image::create_shared(storage.clone(), &opts).unwrap();
-    let mut bytes = vec![0u8; storage.len().unwrap() as usize];
-    storage.read_at(&mut bytes, 0).unwrap();
-    let disk = FailingDisk::new(MemStorage::from_bytes(bytes));
+    Image::create_shared(disk.clone(), &opts).unwrap();
+    disk
+}
+
+/// Writes until the disk (of `capacity` bytes) refuses, then reopens on
+/// an unlimited disk and does more: the image has no corruption, and a
+/// journal image no leak.
+fn fill_up(journal: bool, capacity: u64) -> u64 {
+    let disk = new_disk(journal);
     disk.capacity.store(capacity, Ordering::SeqCst);
     let image = Image::open(disk.clone(), &OpenOptions::read_write()).unwrap();
     // Bounded: 64 clusters at most, one flush each.
@@ -199,19 +203,7 @@ fn a_disk_that_fills_up_under_writes_corrupts_nothing() {
 fn a_failed_flush_loses_nothing_the_next_open_does_not_recover_cleanly() {
     for journal in [false, true] {
         for failing_flush in 0..4u32 {
-            let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
-            let opts = CreateOptions {
-                virtual_size: 64 << 20,
-                journal: journal.then(|| JournalConfig {
-                    size_bytes: 1 << 20,
-                    ..JournalConfig::default()
-                }),
-                ..CreateOptions::default()
-            };
-            Image::create_shared(storage.clone(), &opts).unwrap();
-            let mut bytes = vec![0u8; storage.len().unwrap() as usize];
-            storage.read_at(&mut bytes, 0).unwrap();
-            let disk = FailingDisk::new(MemStorage::from_bytes(bytes));
+            let disk = new_disk(journal);
             let image = Image::open(disk.clone(), &OpenOptions::read_write()).unwrap();
             image.write(&[1; 4096], 0).unwrap();
             image.flush().unwrap();

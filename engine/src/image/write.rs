@@ -270,29 +270,26 @@ impl Image {
     /// zero-flagged entries and release their storage; partial clusters are
     /// written with zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable()?;
-        self.check_range(offset, len)?;
-        self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
-        for (cluster, in_cluster, n, _) in self.pieces(offset, len) {
-            let _gate = self.gate.read();
-            self.op_gen.fetch_add(1, Ordering::SeqCst);
-            let r = self.zero_piece(cluster, in_cluster, n, false);
-            self.poisoned(r)?;
-        }
-        self.maybe_evict()
+        self.zero_range(offset, len, false)
     }
 
     /// Tells the image the guest no longer needs `[offset, offset + len)`.
     /// Whole clusters are released and read as zeros afterwards; partial
     /// clusters are left alone (discard is advisory).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, true)
+    }
+
+    /// Write zeroes (`discard` false) or discard over a guest range, one
+    /// cluster at a time, each under the gate.
+    fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
         for (cluster, in_cluster, n, _) in self.pieces(offset, len) {
             let _gate = self.gate.read();
             self.op_gen.fetch_add(1, Ordering::SeqCst);
-            let r = self.zero_piece(cluster, in_cluster, n, true);
+            let r = self.zero_piece(cluster, in_cluster, n, discard);
             self.poisoned(r)?;
         }
         self.maybe_evict()
