@@ -6,7 +6,6 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use qj_engine::check::{check, CheckReport, RepairMode};
 use qj_engine::FileStorage;
@@ -16,34 +15,12 @@ use qj_spec::qcow2::{get_refcount, set_refcount, Header, L1Entry, L2_COPIED, L2_
 use qj_spec::units::HostOffset;
 use serde_json::Value;
 
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program} (these tests need QEMU's tools on PATH): {e}")
-        })
-}
+mod common;
 
-fn qemu_img(args: &[&str]) {
-    let out = run("qemu-img", args);
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{qemu_img, run};
 
 fn qemu_io(path: &Path, command: &str) {
-    let out = run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", command, path.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "qemu-io {command}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::qemu_io(path, false, &[command.to_string()]);
 }
 
 /// qemu-img check's verdict: exit status and (when printed) its JSON.
