@@ -66,3 +66,6 @@ pub fn serve_connection(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

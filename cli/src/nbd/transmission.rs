@@ -149,7 +149,9 @@ fn validate(req: &Request, export: &Export, n: &Negotiated) -> Result<(), Failur
         ));
     }
     let block = u64::from(BLOCK_BYTES_MIN);
-    if n.aligned && (req.offset % block != 0 || u64::from(req.length) % block != 0) {
+    if n.aligned
+        && !(req.offset.is_multiple_of(block) && u64::from(req.length).is_multiple_of(block))
+    {
         return Err(fail(
             proto::EINVAL,
             format!(
