@@ -1,4 +1,5 @@
-//! `qj serve [-k SOCKET | -b ADDR [-p PORT]] [-x NAME] [-r] [-t] [-e N] IMAGE`:
+//! `qj serve [-k SOCKET | -b ADDR [-p PORT]] [-x NAME] [-r] [-t] [-e N]
+//! [--cache writeback|writethrough] IMAGE`:
 //! the image as an NBD export, shaped like qemu-nbd, so that fio, QEMU,
 //! the libnbd tools and guests can drive the engine.
 
@@ -46,11 +47,38 @@ pub struct ServeArgs {
     #[arg(short = 'e', long = "shared", value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=SHARED_MAX as i64))]
     shared: u16,
+    /// Cache mode, as QEMU names it: writeback (a write is durable after
+    /// the next FLUSH or with FUA) or writethrough (every write is durable
+    /// before its reply). none and directsync (O_DIRECT) are not supported.
+    #[arg(long = "cache", value_name = "MODE", default_value = "writeback", value_parser = parse_cache)]
+    cache: CacheMode,
     /// Image format (only qcow2; accepted for qemu-nbd compatibility).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// The image.
     image: PathBuf,
+}
+
+/// The cache modes `qj serve` implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Durable at FLUSH or FUA.
+    Writeback,
+    /// Durable before every write's reply.
+    Writethrough,
+}
+
+fn parse_cache(s: &str) -> Result<CacheMode, String> {
+    match s {
+        "writeback" => Ok(CacheMode::Writeback),
+        "writethrough" => Ok(CacheMode::Writethrough),
+        "none" | "directsync" => Err(format!(
+            "cache mode '{s}' needs O_DIRECT, which the engine does not open images with yet"
+        )),
+        other => Err(format!(
+            "unknown cache mode '{other}' (writeback or writethrough)"
+        )),
+    }
 }
 
 fn address(args: &ServeArgs) -> Address {
@@ -85,6 +113,7 @@ pub fn run(args: ServeArgs) -> CliResult<u8> {
         name: args.export_name.clone(),
         image: Arc::new(image),
         read_only: args.read_only,
+        writethrough: args.cache == CacheMode::Writethrough,
     };
     let config = Config {
         address: address(&args),

@@ -22,6 +22,9 @@ pub struct Export {
     pub image: Arc<Image>,
     /// Writes, trims and zeroing are refused with EPERM.
     pub read_only: bool,
+    /// Every write, trim and zeroing is durable before its reply (QEMU's
+    /// `cache=writethrough`), as if each carried FUA.
+    pub writethrough: bool,
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` when the stream ends

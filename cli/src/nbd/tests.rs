@@ -23,6 +23,7 @@ fn export(read_only: bool) -> Export {
         name: "vda".into(),
         image: Arc::new(image),
         read_only,
+        writethrough: false,
     }
 }
 
@@ -380,6 +381,33 @@ fn write_zeroes_with_and_without_no_hole() {
     let mut back = vec![1u8; 131072];
     e.image.read(&mut back, 0).unwrap();
     assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn writes_flush_before_the_reply_with_fua_or_writethrough() {
+    // (writethrough, FUA flag) -> whether the write must be flushed.
+    for (writethrough, flags, flushed) in [
+        (false, 0, false),
+        (false, proto::CMD_FLAG_FUA, true),
+        (true, 0, true),
+    ] {
+        let mut e = export(false);
+        e.writethrough = writethrough;
+        let before = e.image.stats().flushes;
+        let (_, out) = Script::default()
+            .plain()
+            .request(proto::CMD_WRITE, flags, 1, 0, 512)
+            .payload(&[1u8; 512])
+            .run(&e);
+        let mut r = Replies::new(&out);
+        r.options_until_final();
+        assert_eq!(r.simple(), (0, 1));
+        assert_eq!(
+            e.image.stats().flushes > before,
+            flushed,
+            "writethrough {writethrough}, flags {flags}"
+        );
+    }
 }
 
 #[test]

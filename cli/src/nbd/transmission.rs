@@ -178,8 +178,9 @@ fn reply_status(
     }
 }
 
+/// Flushes when the request carried FUA or the export is writethrough.
 fn flush_if(export: &Export, fua: bool) -> Result<(), Failure> {
-    if fua {
+    if fua || export.writethrough {
         export.image.flush().map_err(engine_failure)?;
     }
     Ok(())
