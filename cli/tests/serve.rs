@@ -4,6 +4,7 @@
 //! must check clean with `qj check` and `qemu-img check`. A missing tool
 //! fails the test: the clients are the oracle.
 
+mod nbd_client;
 mod serve_common;
 
 use std::path::Path;
@@ -325,5 +326,26 @@ fn bad_arguments_are_one_line_errors() {
             stderr.starts_with("qj: ") && stderr.contains(want),
             "{args:?}: {stderr}"
         );
+    }
+}
+
+#[test]
+fn sigterm_with_a_client_connected_ends_cleanly() {
+    for (backend, opts) in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let image = create(d, "a.qcow2", opts);
+        let server = Server::start(&image, &d.join("s.sock"), &["-t", "-e", "2"]);
+        let mut client = nbd_client::Client::connect(&server.socket).unwrap();
+        client.write(0, &[0x3c; 65536], 0).unwrap();
+        // SIGTERM while the client stays connected: its acknowledged write
+        // is flushed by the clean close, and the client sees the end.
+        server.stop();
+        assert!(
+            client.read(0, 512).is_err(),
+            "{backend}: the connection is closed"
+        );
+        assert_clean(d, &image);
+        ok(qj(d, &["io", "-r", "a.qcow2", "-c", "read -P 0x3c 0 64k"]));
     }
 }

@@ -208,14 +208,14 @@ fn spawn_client(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id, conn.try_clone()?);
-    let (export, stop, active, clients) = (
+    let (export, stop, thread_active, thread_clients) = (
         export.clone(),
         Arc::clone(stop),
         Arc::clone(active),
         Arc::clone(clients),
     );
     active.fetch_add(1, Ordering::SeqCst);
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name(format!("nbd-client-{id}"))
         .spawn(move || {
             let mut r = BufReader::with_capacity(STREAM_BUFFER_BYTES, reader);
@@ -239,12 +239,21 @@ fn spawn_client(
             }
             let _ = w.flush();
             let _ = w.get_ref().shutdown(Shutdown::Both);
-            clients
+            thread_clients
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
-            active.fetch_sub(1, Ordering::SeqCst);
-        })
+            thread_active.fetch_sub(1, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        // The thread never ran: undo what it would have undone.
+        clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        active.fetch_sub(1, Ordering::SeqCst);
+    }
+    spawned
 }
 
 /// Serves `export` until a signal, or until the last client left (without

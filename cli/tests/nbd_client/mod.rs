@@ -3,6 +3,8 @@
 //! independently of the server, so that a test knows exactly which writes
 //! the server acknowledged.
 
+#![allow(dead_code)] // each test file uses a part
+
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
