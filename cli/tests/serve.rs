@@ -293,12 +293,15 @@ fn without_persistent_the_server_exits_after_the_last_client() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let image = create(d, "a.qcow2", &["-o", "journal=on"]);
-    let server = Server::start(&image, &d.join("s.sock"), &[]);
-    let uri = server.uri();
+    // No -k and no -b: a Unix socket next to the image.
+    let (child, uri) = Server::spawn(&image, &[]);
+    let server = Server::adopt(child);
+    let socket = d.join("a.qcow2.sock");
+    assert_eq!(uri, format!("nbd+unix:///?socket={}", socket.display()));
     qemu_io(d, &uri, &["write -P 0x5e 0 64k"]);
     let out = server.wait();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(!d.join("s.sock").exists(), "the socket file is removed");
+    assert!(!socket.exists(), "the socket file is removed");
     assert_clean(d, &image);
     ok(qj(d, &["io", "-r", "a.qcow2", "-c", "read -P 0x5e 0 64k"]));
 }
@@ -348,4 +351,25 @@ fn sigterm_with_a_client_connected_ends_cleanly() {
         assert_clean(d, &image);
         ok(qj(d, &["io", "-r", "a.qcow2", "-c", "read -P 0x3c 0 64k"]));
     }
+}
+
+#[test]
+fn tcp_only_on_the_address_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = create(d, "a.qcow2", &[]);
+    // A port that was free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let (child, uri) = Server::spawn(&image, &["-t", "-b", "127.0.0.1", "-p", &port]);
+    let server = Server::adopt(child);
+    assert_eq!(uri, format!("nbd://127.0.0.1:{port}/"));
+    qemu_io(d, &uri, &["write -P 0x21 0 64k", "read -P 0x21 0 64k"]);
+    assert!(!d.join("a.qcow2.sock").exists(), "no Unix socket with -b");
+    server.stop();
+    assert_clean(d, &image);
 }

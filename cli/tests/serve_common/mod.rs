@@ -98,11 +98,21 @@ impl Server {
     /// Starts `qj serve -k SOCKET EXTRA... IMAGE` and waits until it
     /// accepts connections (it prints its URI then).
     pub fn start(image: &Path, socket: &Path, extra: &[&str]) -> Server {
+        let mut args = vec!["-k", socket.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (child, _) = Self::spawn(image, &args);
+        Server {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Starts `qj serve ARGS... IMAGE`; returns the process and the URI it
+    /// printed once listening.
+    pub fn spawn(image: &Path, args: &[&str]) -> (Child, String) {
         let mut child = Command::new(qj_bin())
             .arg("serve")
-            .arg("-k")
-            .arg(socket)
-            .args(extra)
+            .args(args)
             .arg(image)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -112,17 +122,23 @@ impl Server {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        if !line.starts_with("serving on nbd+unix://") {
+        let Some(uri) = line.trim().strip_prefix("serving on ") else {
             let out = child.wait_with_output().unwrap();
             panic!(
                 "qj serve did not start: {line}{}{}",
                 text(&out.stdout),
                 text(&out.stderr)
             );
-        }
+        };
+        let uri = uri.to_string();
+        (child, uri)
+    }
+
+    /// A server started with [`Server::spawn`] (on TCP, say).
+    pub fn adopt(child: Child) -> Server {
         Server {
             child: Some(child),
-            socket: socket.to_path_buf(),
+            socket: PathBuf::new(),
         }
     }
 
