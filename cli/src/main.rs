@@ -11,6 +11,7 @@ mod cmd;
 mod create_options;
 mod error;
 mod human;
+mod nbd;
 mod output;
 mod size;
 
@@ -21,7 +22,7 @@ use clap::Parser;
 use crate::error::{one_line, EXIT_USAGE};
 
 /// qcow2 images with crash-consistent metadata: create, inspect, check,
-/// map, do I/O, convert, explore power-loss crashes, benchmark.
+/// map, do I/O, convert, explore power-loss crashes, benchmark, serve over NBD.
 #[derive(Debug, clap::Parser)]
 #[command(name = "qj", version)]
 struct Cli {

@@ -12,6 +12,7 @@ pub mod info;
 pub mod io;
 pub mod journal;
 pub mod map;
+pub mod serve;
 
 use std::path::Path;
 
@@ -63,6 +64,8 @@ pub enum Command {
     Amend(amend::AmendArgs),
     /// Inspect a metadata journal.
     Journal(journal::JournalArgs),
+    /// Serve an image over NBD (like qemu-nbd).
+    Serve(serve::ServeArgs),
 }
 
 impl Command {
@@ -80,6 +83,7 @@ impl Command {
             Command::Bench(a) => bench::run(a),
             Command::Amend(a) => amend::run(a),
             Command::Journal(a) => journal::run(a),
+            Command::Serve(a) => serve::run(a),
         }
     }
 }
