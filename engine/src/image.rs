@@ -224,13 +224,20 @@ impl Image {
 
     /// Opens the image file at `path`.
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let storage =
-            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?;
+        let mut storage: Arc<dyn Storage> = Arc::new(
+            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?,
+        );
+        if let Some(log) = &opts.log_writes {
+            storage = Arc::new(
+                crate::log_writes::LogWritesStorage::create(storage, log)
+                    .ctx(|| format!("creating the write log {}", log.display()))?,
+            );
+        }
         let mut opts = opts.clone();
         if opts.base_dir.is_none() {
             opts.base_dir = path.parent().map(Path::to_path_buf);
         }
-        Self::open(Arc::new(storage), &opts)
+        Self::open(storage, &opts)
     }
 
     /// Opens an image on `storage`: with the journalled backend when the
@@ -1303,6 +1310,12 @@ impl Image {
         self.entries_changed.fetch_add(1, Ordering::Relaxed);
         t.set_entry(index, new_entry.encode(self.geometry.cluster_bits));
         self.release_entry(old)
+    }
+
+    /// Labels this point in the image file's write log, if it has one
+    /// (`OpenOptions::log_writes`): a replay tool can stop here.
+    pub fn mark(&self, label: &str) {
+        self.storage.mark(label);
     }
 
     /// Makes every write that completed before this call durable.

@@ -14,6 +14,7 @@ pub mod create;
 pub mod error;
 pub mod free_index;
 pub mod image;
+pub mod log_writes;
 pub mod options;
 pub mod refcount;
 pub mod stats;

@@ -132,6 +132,11 @@ pub struct OpenOptions {
     /// written twice. No effect with flush ordering. An image whose journal
     /// was created with `JournalConfig::log_data` logs whatever this says.
     pub log_fresh_data: bool,
+    /// Record every write, flush and length change reaching the image file
+    /// in a dm-log-writes log at this path (`log_writes.rs`; created or
+    /// truncated). Used by `Image::open_path`; for `Image::open`, wrap the
+    /// storage in a `LogWritesStorage` yourself.
+    pub log_writes: Option<PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -145,6 +150,7 @@ impl Default for OpenOptions {
             journal_mutation: JournalMutation::None,
             delayed_cow: true,
             log_fresh_data: false,
+            log_writes: None,
         }
     }
 }

@@ -44,6 +44,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Truncates or extends (with zeros) the device to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Labels this point in the device's write log, for a device that keeps
+    /// one (a dm-log-writes MARK: a replay tool can stop here); nothing
+    /// otherwise. It has no effect on the content. It returns nothing: a
+    /// log that fails to record a label fails every later write and flush,
+    /// so the failure still reaches a caller that can report it.
+    fn mark(&self, _label: &str) {}
 }
 
 impl<T: Storage + ?Sized> Storage for Arc<T> {
@@ -62,6 +69,9 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
+    fn mark(&self, label: &str) {
+        (**self).mark(label);
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for &T {
@@ -79,6 +89,9 @@ impl<T: Storage + ?Sized> Storage for &T {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn mark(&self, label: &str) {
+        (**self).mark(label);
     }
 }
 
