@@ -51,7 +51,7 @@ pub mod workload;
 pub use config::ExploreConfig;
 pub use crash_states::{CrashUnits, StateSpace, EXHAUSTIVE_UNITS_DEFAULT};
 pub use engine_target::{
-    all_mutations, crash_target, exposing_seed, mutations, EngineBackend, EngineTarget, BACKENDS,
+    all_mutations, crash_target, exposing_seed, mutations, open_mutation, EngineBackend, EngineTarget, BACKENDS,
     ENGINE_BACKENDS,
 };
 pub use error::{HarnessError, NameError, ParseError};
