@@ -169,7 +169,7 @@ impl Storage for LogWritesStorage {
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or_else(|| io::Error::other("write range overflows"))?;
-        if offset % SECTOR == 0 && end % SECTOR == 0 {
+        if offset.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR) {
             // The common case: log the caller's bytes, no read-back.
             return log.entry(
                 LogEntry::write(offset / SECTOR, buf.len() as u64 / SECTOR),
@@ -203,7 +203,7 @@ impl Storage for LogWritesStorage {
             }
             return Ok(());
         }
-        if len % SECTOR != 0 && len < old {
+        if !len.is_multiple_of(SECTOR) && len < old {
             // The bytes after the new end in its last sector now read as
             // zeros.
             self.log_sectors(&mut log, len / SECTOR, new_end)?;

@@ -21,7 +21,7 @@
 use std::fmt;
 
 /// `log_write_super.magic`.
-pub const MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const MAGIC: u64 = 0x006a_7366_7773_6872;
 /// `log_write_super.version`: the only version there is.
 pub const VERSION: u64 = 1;
 /// The flush flag: everything completed before this entry is durable.
