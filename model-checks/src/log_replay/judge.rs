@@ -66,9 +66,26 @@ pub fn judge_state(image: Vec<u8>, views: &GuestViews, flushed: u32, qemu: bool)
             return verdict;
         }
     }
+    let mut repaired_leaks = 0;
+    if header.is_dirty() {
+        // Lazy refcounts (QEMU's lazy_refcounts=on) let refcounts lag
+        // behind the tables while the dirty bit is set; the next read-write
+        // open repairs them (QEMU runs check -r all) before any use, so
+        // that repair is this image's recovery. What it frees was leaked.
+        match check(&*storage, RepairMode::All, &[]) {
+            Ok(report) => repaired_leaks = report.leaks_fixed,
+            Err(e) => {
+                verdict.findings.push((
+                    CheckKind::RecoveryFailed,
+                    format!("repairing the lazy refcounts (dirty bit): {e}"),
+                ));
+                return verdict;
+            }
+        }
+    }
     match check(&*storage, RepairMode::None, &[]) {
         Ok(report) => {
-            verdict.leaked_clusters = report.leaks;
+            verdict.leaked_clusters = report.leaks + repaired_leaks;
             if report.corruptions > 0 || report.check_errors > 0 {
                 let first = report.messages.first().cloned().unwrap_or_default();
                 verdict.findings.push((
