@@ -312,7 +312,7 @@ impl CrashTarget for EngineTarget {
 /// recovery: a journal with anything to replay is flagged dirty in the
 /// header, or a program that does not know the journal would read metadata
 /// without the committed updates. Reads only.
-fn check_dirty_bit(dev: &dyn Storage) -> Result<(), TargetError> {
+pub(crate) fn check_dirty_bit(dev: &dyn Storage) -> Result<(), TargetError> {
     let header = Image::read_header(dev).map_err(engine_err)?;
     let Some(ext) = header.journal() else {
         return Ok(());

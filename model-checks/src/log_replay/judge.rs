@@ -8,6 +8,7 @@ use qj_engine::check::{check, RepairMode};
 use qj_engine::{BackingSource, Image, MemStorage, OpenOptions, Storage};
 
 use super::views::{engine_guest, GuestViews, SectorJudgement};
+use crate::engine_target::check_dirty_bit;
 use crate::qemu::qemu_img_check;
 use crate::target::LeakExpectation;
 use crate::violation::CheckKind;
@@ -54,6 +55,13 @@ pub fn judge_state(image: Vec<u8>, views: &GuestViews, flushed: u32, qemu: bool)
         .journal()
         .map(|ext| ext.size.div_ceil(verdict.cluster_bytes));
     if journal_clusters.is_some() {
+        // Rule 1 of the journalled backend, before recovery: a journal
+        // with anything to replay is flagged dirty in the header.
+        if let Err(e) = check_dirty_bit(&*storage) {
+            verdict
+                .findings
+                .push((CheckKind::Corruption, e.to_string()));
+        }
         // Recovery: a read-write open replays the journal; closing writes
         // the replayed metadata in place, as the next user would see it.
         let mut opts = OpenOptions::read_write();

@@ -11,7 +11,9 @@
 //!   same [`StateSpace`] rule, as `qj crash`), seeded samples beyond;
 //! - torn writes: for a write of several sectors, the writes before it in
 //!   the epoch kept and a seeded part of its sectors (at least one kept and
-//!   one lost), for up to `torn_states_max` writes of the epoch.
+//!   one lost; alternately independent sectors and an in-order prefix),
+//!   `torn_states_max` per epoch, round-robin over its multi-sector writes
+//!   (fewer when a write cannot tear in that many ways).
 
 use std::io;
 use std::sync::Arc;
@@ -76,7 +78,7 @@ pub struct StateBudget {
     pub exhaustive_writes: u32,
     /// Samples per epoch beyond the bound.
     pub sampled_states: u64,
-    /// Torn writes per epoch.
+    /// Torn-write states per epoch.
     pub torn_states_max: u64,
     /// Seeds samples and torn sectors.
     pub seed: u64,
@@ -124,15 +126,30 @@ pub fn enumerate(epochs: &[Epoch], budget: &StateBudget) -> Vec<StateSpec> {
         let multi: Vec<usize> = (0..n)
             .filter(|&i| sectors_of(&epoch.writes[i].data) > 1)
             .collect();
-        let torn = multi
-            .len()
-            .min(usize::try_from(budget.torn_states_max).unwrap_or(usize::MAX));
-        for pick in 0..torn {
-            // Evenly spread over the epoch's multi-sector writes.
-            let write = multi[pick * multi.len() / torn];
+        if multi.is_empty() {
+            continue;
+        }
+        for variant in 0..budget.torn_states_max {
+            // Round-robin over the epoch's multi-sector writes.
+            let write = multi[(variant % multi.len() as u64) as usize];
+            let round = variant / multi.len() as u64;
             let count = sectors_of(&epoch.writes[write].data);
-            let mut rng = Rng::new(mix(budget.seed ^ 0x7e57, mix(index as u64, write as u64)));
-            let mut sectors: Vec<bool> = (0..count).map(|_| rng.chance(1, 2)).collect();
+            // A write of n sectors tears in 2^n - 2 ways; no more rounds.
+            let ways = 1u64
+                .checked_shl(u32::try_from(count).unwrap_or(u32::MAX))
+                .map_or(u64::MAX, |w| w - 2);
+            if round >= ways {
+                continue;
+            }
+            let mut rng = Rng::new(mix(budget.seed ^ 0x7e57, mix(index as u64, variant)));
+            // Alternate independent sectors with an in-order prefix (a disk
+            // that writes a request front to back).
+            let mut sectors: Vec<bool> = if round % 2 == 0 {
+                (0..count).map(|_| rng.chance(1, 2)).collect()
+            } else {
+                let cut = rng.range_inclusive(1, count as u64 - 1) as usize;
+                (0..count).map(|i| i < cut).collect()
+            };
             if sectors.iter().all(|&k| k) || sectors.iter().all(|&k| !k) {
                 sectors[0] = !sectors[0];
             }
@@ -248,9 +265,9 @@ mod tests {
     fn small_epochs_get_every_subset_and_torn_writes() {
         let epochs = [epoch(&[(0, 1, 1024), (0, 2, 512)])];
         let states = enumerate(&epochs, &budget());
-        // Prefix, 3 non-empty subsets, 1 torn (only the first write has
-        // several sectors).
-        assert_eq!(states.len(), 5);
+        // Prefix, 3 non-empty subsets, 2 torn (only the first write has
+        // several sectors, and two sectors tear in two ways).
+        assert_eq!(states.len(), 6);
         let images: Vec<(u8, u8)> = states
             .iter()
             .map(|s| {
@@ -259,8 +276,11 @@ mod tests {
             })
             .collect();
         assert_eq!(images[..4], [(0, 0), (1, 1), (2, 0), (2, 1)]);
-        let (first, second) = images[4];
-        assert!((first == 1) != (second == 1), "one sector torn: {images:?}");
+        for &(first, second) in &images[4..] {
+            assert!((first == 1) != (second == 1), "one sector torn: {images:?}");
+        }
+        // The in-order variant keeps the front sector.
+        assert_eq!(images[5], (1, 0));
         assert!(states[4].describe(&epochs).contains("entry 4 was torn"));
         assert!(states[2].describe(&epochs).contains("entries 5 persisted"));
     }
