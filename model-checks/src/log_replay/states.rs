@@ -113,7 +113,7 @@ pub fn enumerate(epochs: &[Epoch], budget: &StateBudget) -> Vec<StateSpec> {
                     let mut rng = Rng::new(mix(budget.seed, mix(index as u64, sample)));
                     // Alternate independent writes with in-order prefixes
                     // (an ordered write-back cache).
-                    let kept = if sample % 2 == 0 {
+                    let kept = if sample.is_multiple_of(2) {
                         (0..n).map(|_| rng.chance(1, 2)).collect()
                     } else {
                         let cut = rng.range_inclusive(1, n as u64) as usize;
@@ -144,7 +144,7 @@ pub fn enumerate(epochs: &[Epoch], budget: &StateBudget) -> Vec<StateSpec> {
             let mut rng = Rng::new(mix(budget.seed ^ 0x7e57, mix(index as u64, variant)));
             // Alternate independent sectors with an in-order prefix (a disk
             // that writes a request front to back).
-            let mut sectors: Vec<bool> = if round % 2 == 0 {
+            let mut sectors: Vec<bool> = if round.is_multiple_of(2) {
                 (0..count).map(|_| rng.chance(1, 2)).collect()
             } else {
                 let cut = rng.range_inclusive(1, count as u64 - 1) as usize;
