@@ -1315,7 +1315,7 @@ impl Image {
     /// Labels this point in the image file's write log, if it has one
     /// (`OpenOptions::log_writes`): a replay tool can stop here.
     pub fn mark(&self, label: &str) {
-        self.storage.mark(label);
+        self.storage.mark(format_args!("{label}"));
     }
 
     /// Makes every write that completed before this call durable.

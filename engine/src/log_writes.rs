@@ -214,7 +214,8 @@ impl Storage for LogWritesStorage {
         Ok(())
     }
 
-    fn mark(&self, label: &str) {
+    fn mark(&self, label: std::fmt::Arguments<'_>) {
+        let label = label.to_string();
         let mut cut = label.len().min(LABEL_BYTES_MAX);
         while !label.is_char_boundary(cut) {
             cut -= 1;
@@ -288,7 +289,7 @@ mod tests {
     fn writes_flushes_and_marks_are_logged_in_order() {
         let (log, device) = logged(|s| {
             s.write_at(&[1u8; 1024], 512).unwrap();
-            s.mark("op 1 write 0x200+1024");
+            s.mark(format_args!("op 1 write 0x200+1024"));
             s.flush().unwrap();
             s.write_at(&[2u8; 10], 700).unwrap();
         });
@@ -342,7 +343,7 @@ mod tests {
 
     #[test]
     fn long_labels_are_cut_to_fit_the_sector() {
-        let (log, _) = logged(|s| s.mark(&"é".repeat(400)));
+        let (log, _) = logged(|s| s.mark(format_args!("{}", "é".repeat(400))));
         let decoded = decode_log(&log).unwrap();
         assert_eq!(decoded.entries[0].label.len(), 480);
     }

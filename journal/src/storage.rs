@@ -50,7 +50,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// otherwise. It has no effect on the content. It returns nothing: a
     /// log that fails to record a label fails every later write and flush,
     /// so the failure still reaches a caller that can report it.
-    fn mark(&self, _label: &str) {}
+    ///
+    /// The label comes as format arguments, so that a device without a log
+    /// costs no allocation on the commit path.
+    fn mark(&self, _label: fmt::Arguments<'_>) {}
 }
 
 impl<T: Storage + ?Sized> Storage for Arc<T> {
@@ -69,7 +72,7 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
-    fn mark(&self, label: &str) {
+    fn mark(&self, label: fmt::Arguments<'_>) {
         (**self).mark(label);
     }
 }
@@ -90,7 +93,7 @@ impl<T: Storage + ?Sized> Storage for &T {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
-    fn mark(&self, label: &str) {
+    fn mark(&self, label: fmt::Arguments<'_>) {
         (**self).mark(label);
     }
 }
