@@ -8,6 +8,7 @@
 //! failed), 2 bad usage or a malformed log.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use qj_model_checks::log_replay::reader::{read_log, LogReadError, LOG_BYTES_MAX};
 use qj_model_checks::log_replay::states::StateBudget;
@@ -86,6 +87,7 @@ struct JsonReport {
     leaked_clusters_max: u64,
     leaked_bytes_max: u64,
     qemu_checked: u64,
+    seconds: f64,
     findings: Vec<JsonFinding>,
 }
 
@@ -113,7 +115,7 @@ fn read_base(path: &Path) -> CliResult<Vec<u8>> {
     std::fs::read(path).map_err(io)
 }
 
-fn print_human(args: &ReplayArgs, report: &ReplayReport) {
+fn print_human(args: &ReplayArgs, report: &ReplayReport, seconds: f64) {
     println!(
         "log {} (written by {}: {} entries, {} flushes, {} marks), base {}",
         quoted(&args.log),
@@ -124,8 +126,13 @@ fn print_human(args: &ReplayArgs, report: &ReplayReport) {
         quoted(&args.base)
     );
     println!(
-        "states: {} in {} flush intervals; {} guest views read by {}; {} checked by qemu-img",
-        report.states, report.epochs, report.views, report.view_reader, report.qemu_checked
+        "states: {} in {} flush intervals; {} guest views read by {}; {} checked by qemu-img; {seconds:.1} s ({:.0} states/s)",
+        report.states,
+        report.epochs,
+        report.views,
+        report.view_reader,
+        report.qemu_checked,
+        report.states as f64 / seconds.max(1e-9)
     );
     println!("corruptions: {} states", report.corrupt_states);
     println!(
@@ -171,6 +178,7 @@ pub fn run(args: ReplayArgs) -> CliResult<u8> {
     let failed = |e: qj_model_checks::log_replay::ReplayError| {
         CliError::failed("crash replay", e.to_string())
     };
+    let started = Instant::now();
     let prepared = prepare(&log, &base, &config.budget).map_err(failed)?;
     if let (Some(state), Some(path)) = (args.state, &args.write_image) {
         let image = state_image(&prepared, state).map_err(failed)?;
@@ -180,8 +188,9 @@ pub fn run(args: ReplayArgs) -> CliResult<u8> {
         })?;
     }
     let report = replay(&log, &prepared, &config, &mut |_, _| {}).map_err(failed)?;
+    let seconds = started.elapsed().as_secs_f64();
     match args.output {
-        OutputFormat::Human => print_human(&args, &report),
+        OutputFormat::Human => print_human(&args, &report, seconds),
         OutputFormat::Json => {
             let json = JsonReport {
                 log: args.log.display().to_string(),
@@ -199,6 +208,7 @@ pub fn run(args: ReplayArgs) -> CliResult<u8> {
                 leaked_clusters_max: report.leaked_clusters_max,
                 leaked_bytes_max: report.leaked_bytes_max,
                 qemu_checked: report.qemu_checked,
+                seconds,
                 findings: report
                     .findings
                     .iter()
