@@ -268,6 +268,22 @@ fn bad_logs_are_refused_with_the_entry_and_offset_and_the_base_is_untouched() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(&entry_named(last_write)), "{stderr}");
     assert!(stderr.contains("truncated"), "{stderr}");
+    // A state the log does not have is a usage error naming the range.
+    let out = qj(
+        d,
+        &[
+            "crash",
+            "replay",
+            "img.log",
+            "--base",
+            "base.qcow2",
+            "--state",
+            "100000",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("state 100000 does not exist"), "{stderr}");
     assert_eq!(std::fs::read(d.join("base.qcow2")).unwrap(), base_before);
 }
 

@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use qj_model_checks::log_replay::reader::{read_log, LogReadError, LOG_BYTES_MAX};
 use qj_model_checks::log_replay::states::StateBudget;
-use qj_model_checks::log_replay::{prepare, replay, state_image, ReplayConfig, ReplayReport};
+use qj_model_checks::log_replay::{
+    prepare, replay, state_image, ReplayConfig, ReplayError, ReplayReport,
+};
 use qj_model_checks::{qemu_img_available, EXHAUSTIVE_UNITS_DEFAULT};
 use serde::Serialize;
 
@@ -175,8 +177,9 @@ pub fn run(args: ReplayArgs) -> CliResult<u8> {
         only_state: args.state,
         ..ReplayConfig::default()
     };
-    let failed = |e: qj_model_checks::log_replay::ReplayError| {
-        CliError::failed("crash replay", e.to_string())
+    let failed = |e: ReplayError| match e {
+        ReplayError::NoSuchState { .. } => CliError::Usage(format!("crash replay: {e}")),
+        other => CliError::failed("crash replay", other.to_string()),
     };
     let started = Instant::now();
     let prepared = prepare(&log, &base, &config.budget).map_err(failed)?;
@@ -187,7 +190,7 @@ pub fn run(args: ReplayArgs) -> CliResult<u8> {
             source,
         })?;
     }
-    let report = replay(&log, &prepared, &config, &mut |_, _| {}).map_err(failed)?;
+    let report = replay(&log, &prepared, &config).map_err(failed)?;
     let seconds = started.elapsed().as_secs_f64();
     match args.output {
         OutputFormat::Human => print_human(&args, &report, seconds),

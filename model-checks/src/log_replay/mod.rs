@@ -255,13 +255,11 @@ fn state_spec(prepared: &Prepared, state: u64) -> Result<&StateSpec, ReplayError
         })
 }
 
-/// Judges the states of `prepared` (all, or `config.only_state`);
-/// `progress` hears (states done, states in all) after each.
+/// Judges the states of `prepared` (all, or `config.only_state`).
 pub fn replay(
     log: &ReplayLog,
     prepared: &Prepared,
     config: &ReplayConfig,
-    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ReplayReport, ReplayError> {
     let mut report = ReplayReport {
         writer: if log.has_marks() { "qj" } else { "qemu" },
@@ -284,8 +282,7 @@ pub fn replay(
         }
         None => (0..prepared.states.len() as u64).collect(),
     };
-    let total = numbers.len() as u64;
-    for (done, &number) in numbers.iter().enumerate() {
+    for &number in &numbers {
         let spec = &prepared.states[number as usize];
         let image = spec
             .image(&prepared.epochs)
@@ -321,7 +318,6 @@ pub fn replay(
                 });
             }
         }
-        progress(done as u64 + 1, total);
     }
     Ok(report)
 }
