@@ -14,6 +14,7 @@ pub mod error;
 pub mod free_index;
 pub mod image;
 pub mod lock;
+pub mod log_writes;
 pub mod metadata_map;
 pub mod mutation;
 pub mod options;

@@ -136,6 +136,11 @@ pub struct OpenOptions {
     /// its backing files (`lock.rs`): as QEMU does, or not at all for a
     /// read-only look at an image in use (`-U`).
     pub lock: LockMode,
+    /// Record every write, flush and length change reaching the image file
+    /// in a dm-log-writes log at this path (`log_writes.rs`; created or
+    /// truncated). Used by `Image::open_path`; for `Image::open`, wrap the
+    /// storage in a `LogWritesStorage` yourself.
+    pub log_writes: Option<PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -150,6 +155,7 @@ impl Default for OpenOptions {
             delayed_cow: true,
             log_fresh_data: false,
             lock: LockMode::Qemu,
+            log_writes: None,
         }
     }
 }

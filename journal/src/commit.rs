@@ -468,6 +468,11 @@ impl<S: Storage> Journal<S> {
             }
         }
         self.committed.notify_all();
+        // A write log gets one label per durable commit, so a replay tool
+        // can stop exactly at a commit point.
+        for p in planned.iter() {
+            self.storage.mark(format_args!("txn {} commit", p.seq));
+        }
         Counters::add(&self.counters.commits, planned.len() as u64);
         for p in planned.drain(..) {
             results[p.index] = Some(Ok(p.seq));

@@ -44,6 +44,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Truncates or extends (with zeros) the device to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Labels this point in the device's write log, for a device that keeps
+    /// one (a dm-log-writes MARK: a replay tool can stop here); nothing
+    /// otherwise. It has no effect on the content. It returns nothing: a
+    /// log that fails to record a label fails every later write and flush,
+    /// so the failure still reaches a caller that can report it.
+    ///
+    /// The label comes as format arguments, so that a device without a log
+    /// costs no allocation on the commit path.
+    fn mark(&self, _label: fmt::Arguments<'_>) {}
 }
 
 impl<T: Storage + ?Sized> Storage for Arc<T> {
@@ -62,6 +72,9 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
+    fn mark(&self, label: fmt::Arguments<'_>) {
+        (**self).mark(label);
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for &T {
@@ -79,6 +92,9 @@ impl<T: Storage + ?Sized> Storage for &T {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn mark(&self, label: fmt::Arguments<'_>) {
+        (**self).mark(label);
     }
 }
 

@@ -312,7 +312,7 @@ impl CrashTarget for EngineTarget {
 /// recovery: a journal with anything to replay is flagged dirty in the
 /// header, or a program that does not know the journal would read metadata
 /// without the committed updates. Reads only.
-fn check_dirty_bit(dev: &dyn Storage) -> Result<(), TargetError> {
+pub(crate) fn check_dirty_bit(dev: &dyn Storage) -> Result<(), TargetError> {
     let header = Image::read_header(dev).map_err(engine_err)?;
     let Some(ext) = header.journal() else {
         return Ok(());
@@ -454,6 +454,35 @@ pub fn all_mutations() -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
+/// The `OpenOptions` fields that inject the engine mutation `name` (one of
+/// [`all_mutations`] on an engine backend), for any program that opens an
+/// image itself (`qj io --mutate`, which records crash logs); `None` for
+/// names that are not engine mutations.
+#[must_use]
+pub fn open_mutation(name: &str) -> Option<(OrderingMutation, JournalMutation)> {
+    let ordering = |m| Some((m, JournalMutation::None));
+    let journal = |m| Some((OrderingMutation::None, m));
+    match name {
+        "l2-before-refcount-flush" => ordering(OrderingMutation::SkipRefcountFlush),
+        "l2-before-data" => ordering(OrderingMutation::TablesBeforeData),
+        "no-data-checksums" => journal(JournalMutation::SkipDataChecksums),
+        "no-revokes" => journal(JournalMutation::SkipRevokes),
+        "no-dirty-bit" => journal(JournalMutation::SkipDirtyBit),
+        "replay-skips-tx-checksum" => journal(JournalMutation::Journal(
+            qj_journal::Mutation::ReplaySkipsTxChecksum,
+        )),
+        "replay-ignores-revokes" => journal(JournalMutation::Journal(
+            qj_journal::Mutation::ReplayIgnoresRevokes,
+        )),
+        "checkpoint-before-flush" => journal(JournalMutation::Journal(
+            qj_journal::Mutation::CheckpointBeforeFlush,
+        )),
+        "no-copy-before-write" => journal(JournalMutation::SkipCopyBeforeWrite),
+        "logged-write-in-place" => journal(JournalMutation::WriteLoggedInPlace),
+        _ => None,
+    }
+}
+
 /// The target named `backend`, with `mutation` injected if given.
 pub fn crash_target(
     backend: &str,
@@ -472,43 +501,18 @@ pub fn crash_target(
     };
     let target = match mutation {
         None => base,
-        Some("l2-before-refcount-flush") if backend == "ordered" => {
-            base.with_ordering_mutation(OrderingMutation::SkipRefcountFlush)
-        }
-        Some("l2-before-data") if backend == "ordered" => {
-            base.with_ordering_mutation(OrderingMutation::TablesBeforeData)
-        }
-        Some("no-data-checksums") if backend == "journal" => {
-            base.with_journal_mutation(JournalMutation::SkipDataChecksums)
-        }
-        Some("no-revokes") if backend == "journal" => {
-            base.with_journal_mutation(JournalMutation::SkipRevokes)
-        }
-        Some("no-dirty-bit") if backend == "journal" => {
-            base.with_journal_mutation(JournalMutation::SkipDirtyBit)
-        }
-        Some("replay-skips-tx-checksum") if backend == "journal" => base.with_journal_mutation(
-            JournalMutation::Journal(qj_journal::Mutation::ReplaySkipsTxChecksum),
-        ),
-        Some("replay-ignores-revokes") if backend == "journal" => base.with_journal_mutation(
-            JournalMutation::Journal(qj_journal::Mutation::ReplayIgnoresRevokes),
-        ),
-        Some("checkpoint-before-flush") if backend == "journal" => base.with_journal_mutation(
-            JournalMutation::Journal(qj_journal::Mutation::CheckpointBeforeFlush),
-        ),
-        Some("no-copy-before-write") if backend == "journal-cow" => {
-            base.with_journal_mutation(JournalMutation::SkipCopyBeforeWrite)
-        }
-        Some("logged-write-in-place") if backend == "journal-logged" => {
-            base.with_journal_mutation(JournalMutation::WriteLoggedInPlace)
-        }
-        Some(other) => {
-            return Err(crate::error::NameError::new(
-                "mutation",
-                other,
-                mutations(backend),
-            ))
-        }
+        Some(name) => match open_mutation(name).filter(|_| mutations(backend).contains(&name)) {
+            Some((ordering, journal)) => base
+                .with_ordering_mutation(ordering)
+                .with_journal_mutation(journal),
+            None => {
+                return Err(crate::error::NameError::new(
+                    "mutation",
+                    name,
+                    mutations(backend),
+                ))
+            }
+        },
     };
     Ok(Arc::new(target))
 }

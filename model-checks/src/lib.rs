@@ -34,6 +34,7 @@ pub mod engine_target;
 pub mod error;
 pub mod explore;
 pub mod guest_model;
+pub mod log_replay;
 pub mod medium;
 mod plan;
 pub mod qemu;
@@ -51,8 +52,8 @@ pub mod workload;
 pub use config::ExploreConfig;
 pub use crash_states::{CrashUnits, StateSpace, EXHAUSTIVE_UNITS_DEFAULT};
 pub use engine_target::{
-    all_mutations, crash_target, exposing_seed, mutations, EngineBackend, EngineTarget, BACKENDS,
-    ENGINE_BACKENDS,
+    all_mutations, crash_target, exposing_seed, mutations, open_mutation, EngineBackend,
+    EngineTarget, BACKENDS, ENGINE_BACKENDS,
 };
 pub use error::{HarnessError, NameError, ParseError};
 pub use explore::{backing_device, explore, reproduce, run_to_crash_point, ProgressFn, Report};

@@ -73,6 +73,14 @@ pub enum QemuError {
         /// Its standard error.
         stderr: String,
     },
+    /// `qemu-img convert` failed.
+    #[error("qemu-img convert exited with {exit}: {stderr}")]
+    Convert {
+        /// Exit code.
+        exit: i32,
+        /// Its standard error.
+        stderr: String,
+    },
     /// `qemu-img` gave no usable JSON (it could not open the image).
     #[error("qemu-img {command} exited with {exit} and no JSON: {stderr}")]
     NoJson {
@@ -143,6 +151,26 @@ pub fn qemu_img_check(image: &[u8]) -> Result<QemuVerdict, QemuError> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
     })
+}
+
+/// The guest disk of the qcow2 `image` bytes as raw bytes, by
+/// `qemu-img convert -O raw` (backing file ignored: unallocated reads zero).
+pub fn qemu_img_convert_raw(image: &[u8]) -> Result<Vec<u8>, QemuError> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("image.qcow2");
+    let raw = dir.path().join("guest.raw");
+    std::fs::write(&path, image)?;
+    let output = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", &image_spec(&path)])
+        .arg(&raw)
+        .output()?;
+    if !output.status.success() {
+        return Err(QemuError::Convert {
+            exit: output.status.code().unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(std::fs::read(&raw)?)
 }
 
 /// Makes internal snapshot `name` of the qcow2 image at `path` with

@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod journal;
+pub mod log_writes;
 pub mod qcow2;
 pub mod units;
 

@@ -70,7 +70,11 @@ const JOB_COUNT_MAX: u64 = 10_000_000;
 
 /// Arguments of `qj crash`.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct CrashArgs {
+    /// Explore a recorded log instead of generated workloads.
+    #[command(subcommand)]
+    action: Option<CrashAction>,
     /// Backend to explore, or `all` for every engine backend.
     #[arg(long, value_name = "NAME|all")]
     backend: Option<String>,
@@ -775,8 +779,19 @@ fn print_results(
     Ok(())
 }
 
+/// What `qj crash` does besides exploring generated workloads.
+#[derive(Debug, clap::Subcommand)]
+pub enum CrashAction {
+    /// Explore the crash states of a dm-log-writes log of a qcow2 image
+    /// (from `qj io --log-writes` or QEMU's blklogwrites) and check each.
+    Replay(crate::cmd::crash_replay::ReplayArgs),
+}
+
 /// Runs `qj crash`.
 pub fn run(args: CrashArgs) -> CliResult<u8> {
+    if let Some(CrashAction::Replay(replay)) = args.action {
+        return crate::cmd::crash_replay::run(replay);
+    }
     if args.list_mutations {
         for name in mutation_names() {
             println!("{name}");

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod check;
 pub mod convert;
 pub mod crash;
+pub mod crash_replay;
 pub mod create;
 pub mod demo;
 pub mod info;

@@ -55,6 +55,12 @@ pub struct ServeArgs {
     /// Image format (only qcow2; accepted for qemu-nbd compatibility).
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
+    /// Record every write, flush and length change reaching the image file
+    /// in this dm-log-writes log (created or truncated), with a MARK entry
+    /// at each journal commit; replay it with `qj crash replay` on a copy
+    /// of the image as it was before serving.
+    #[arg(long = "log-writes", value_name = "LOG")]
+    log_writes: Option<PathBuf>,
     /// The image.
     image: PathBuf,
 }
@@ -102,11 +108,12 @@ pub fn run(args: ServeArgs) -> CliResult<u8> {
             crate::nbd::proto::STRING_BYTES_MAX
         )));
     }
-    let opts = if args.read_only {
+    let mut opts = if args.read_only {
         OpenOptions::read_only()
     } else {
         OpenOptions::read_write()
     };
+    opts.log_writes = args.log_writes.clone();
     let image = Image::open_path(&args.image, &opts)
         .map_err(engine(format!("opening {}", quoted(&args.image))))?;
     let export = Export {

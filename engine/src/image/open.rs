@@ -102,16 +102,23 @@ impl Image {
     /// The file is locked as QEMU locks it (`opts.lock`) before anything
     /// is read or written, and stays locked until the image is dropped.
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let storage =
-            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?;
+        let mut storage: Arc<dyn Storage> = Arc::new(
+            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?,
+        );
         let mut chain = ChainWalk::default();
         chain.enter(path, &path.display().to_string())?;
         let lock = ImageLock::acquire(path, opts.writable, opts.lock)?;
+        if let Some(log) = &opts.log_writes {
+            storage = Arc::new(
+                crate::log_writes::LogWritesStorage::create(storage, log)
+                    .ctx(|| format!("creating the write log {}", log.display()))?,
+            );
+        }
         let mut opts = opts.clone();
         if opts.base_dir.is_none() {
             opts.base_dir = path.parent().map(Path::to_path_buf);
         }
-        let mut image = Self::open_in_chain(Arc::new(storage), &opts, &mut chain)?;
+        let mut image = Self::open_in_chain(storage, &opts, &mut chain)?;
         image.lock = lock;
         Ok(image)
     }

@@ -11,6 +11,12 @@ use crate::error::{Error, Result};
 use crate::sync::Ordering;
 
 impl Image {
+    /// Labels this point in the image file's write log, if it has one
+    /// (`OpenOptions::log_writes`): a replay tool can stop here.
+    pub fn mark(&self, label: &str) {
+        self.storage.mark(format_args!("{label}"));
+    }
+
     /// Makes every write that completed before this call durable.
     ///
     /// Concurrent flushes share work: a flush whose operations were all

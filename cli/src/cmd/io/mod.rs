@@ -13,7 +13,7 @@ use qj_engine::{Image, OpenOptions};
 
 use crate::error::{engine, quoted, CliError, CliResult, EXIT_FAILED};
 use exec::{execute, Outcome};
-use parse::parse_command;
+use parse::{parse_command, IoCommand, WriteFill};
 
 /// Most `-c` commands in one run, so the run is bounded.
 const COMMANDS_MAX: usize = 100_000;
@@ -35,8 +35,44 @@ pub struct IoArgs {
     /// read may be inconsistent while another process writes), like qemu-img.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Record every write, flush and length change reaching the image file
+    /// in this dm-log-writes log (created or truncated), with a MARK entry
+    /// after each command (`op N write 0x10000+4096`) and each journal
+    /// commit (`txn N commit`). Replay it with `qj crash replay` on a copy
+    /// of the image as it was before this run.
+    #[arg(long = "log-writes", value_name = "LOG")]
+    log_writes: Option<PathBuf>,
+    /// Inject a deliberate engine bug (a mutation of `qj crash
+    /// --list-mutations`), to prove a crash checker catches it. Never for
+    /// real data.
+    #[arg(long = "mutate", value_name = "MUTATION")]
+    mutate: Option<String>,
     /// The image.
     file: PathBuf,
+}
+
+/// The write-log label of command number `number`, for commands that can
+/// change the image or make it durable (`op 17 write 0x10000+4096`).
+fn op_label(number: usize, command: &IoCommand) -> Option<String> {
+    let what = match *command {
+        IoCommand::Write {
+            offset,
+            len,
+            fill: WriteFill::Zeroes,
+            ..
+        } => format!("write-zeroes {offset:#x}+{len}"),
+        IoCommand::Write { offset, len, .. } => format!("write {offset:#x}+{len}"),
+        IoCommand::Discard { offset, len, .. } => format!("discard {offset:#x}+{len}"),
+        IoCommand::Flush => "flush".to_string(),
+        IoCommand::Truncate { size } => format!("truncate {size}"),
+        IoCommand::Read { .. }
+        | IoCommand::Abort
+        | IoCommand::Length
+        | IoCommand::Info
+        | IoCommand::Map
+        | IoCommand::Sleep { .. } => return None,
+    };
+    Some(format!("op {number} {what}"))
 }
 
 /// Runs `qj io`.
@@ -63,13 +99,35 @@ pub fn run(args: IoArgs) -> CliResult<u8> {
         OpenOptions::read_write()
     };
     opts.lock = crate::cmd::lock_mode(args.force_share);
+    opts.log_writes = args.log_writes.clone();
+    if let Some(name) = &args.mutate {
+        let (ordering, journal) = qj_model_checks::open_mutation(name).ok_or_else(|| {
+            let valid: Vec<&str> = qj_model_checks::all_mutations()
+                .into_iter()
+                .map(|(_, m)| m)
+                .filter(|m| qj_model_checks::open_mutation(m).is_some())
+                .collect();
+            CliError::Usage(format!(
+                "io: {}",
+                qj_model_checks::NameError::new("mutation", name, &valid)
+            ))
+        })?;
+        opts.ordering_mutation = ordering;
+        opts.journal_mutation = journal;
+    }
     let path = &args.file;
     let image =
         Image::open_path(path, &opts).map_err(engine(format!("opening {}", quoted(path))))?;
     let mut failed = false;
-    for text in &args.commands {
+    for (index, text) in args.commands.iter().enumerate() {
         let outcome = match parse_command(text) {
-            Ok(command) => execute(&image, &command),
+            Ok(command) => {
+                let outcome = execute(&image, &command);
+                if let Some(label) = op_label(index + 1, &command) {
+                    image.mark(&label);
+                }
+                outcome
+            }
             Err(why) => {
                 eprintln!("{}", crate::error::one_line(&format!("qj: io: {why}")));
                 Outcome::Failed
