@@ -31,6 +31,10 @@ struct DumpArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
+    /// Look without taking or honouring image locks (what is read may be
+    /// inconsistent while another process writes), like qemu-img's -U.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// A qcow2 image with a journal, or a raw journal region.
     file: PathBuf,
 }
@@ -99,6 +103,8 @@ fn dump(args: DumpArgs) -> CliResult<u8> {
     let path = &args.file;
     let storage =
         FileStorage::open(path, false).map_err(io(format!("opening {}", quoted(path))))?;
+    // A journal changes under a writer: read it as a consistent reader.
+    let _lock = crate::cmd::lock_file(path, false, args.force_share)?;
     let region = locate(path, &storage)?;
     let dumped =
         qj_journal::dump(&storage, region.base_offset, region.size_bytes).map_err(|e| {
