@@ -373,3 +373,51 @@ fn tcp_only_on_the_address_given() {
     server.stop();
     assert_clean(d, &image);
 }
+
+#[test]
+fn cache_none_and_directsync_serve_through_o_direct() {
+    for (backend, opts) in BACKENDS {
+        for cache in ["none", "directsync"] {
+            // On the project's disk: /tmp may be tmpfs, which has no O_DIRECT.
+            let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+            let d = dir.path();
+            let image = create(d, "a.qcow2", opts);
+            let server = Server::start(&image, &d.join("s.sock"), &["--cache", cache]);
+            let uri = server.uri();
+            qemu_io(
+                d,
+                &uri,
+                &[
+                    "write -P 0xa1 0 128k",
+                    "write -P 0xb2 1536 512",
+                    "write -f -P 0xc3 1M 4k",
+                    "flush",
+                    "read -P 0xa1 0 1536",
+                    "read -P 0xb2 1536 512",
+                    "read -P 0xc3 1M 4k",
+                ],
+            );
+            server.stop();
+            assert_clean(d, &image);
+            let out = qemu_img_io(d, &image, "read -P 0xb2 1536 512");
+            assert!(
+                out.status.success(),
+                "{backend} {cache}: {}",
+                text(&out.stderr)
+            );
+        }
+    }
+}
+
+/// `qemu-io` on the image file itself, once the server is gone.
+fn qemu_img_io(
+    dir: &std::path::Path,
+    image: &std::path::Path,
+    command: &str,
+) -> std::process::Output {
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", command, image.to_str().unwrap()],
+        dir,
+    )
+}

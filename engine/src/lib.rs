@@ -26,6 +26,8 @@ pub use backend::{BackendKind, MetadataBackend};
 pub use error::{Error, Result};
 pub use image::{create_in_memory, Image, ImageInfo, JournalInfo, MapExtent};
 pub use lock::LockMode;
-pub use options::{BackingFormat, BackingSource, CreateOptions, JournalConfig, OpenOptions};
+pub use options::{
+    BackingFormat, BackingSource, CacheMode, CreateOptions, JournalConfig, OpenOptions,
+};
 pub use qj_journal::{FileStorage, MemStorage, Storage};
 pub use stats::Stats;

@@ -104,6 +104,45 @@ pub enum BackingSource {
     Ignore,
 }
 
+/// How guest writes reach the disk, as QEMU names its cache modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Through the host page cache; durable at the next flush.
+    #[default]
+    Writeback,
+    /// Through the host page cache; every write, write zeroes, discard and
+    /// resize is durable before it returns.
+    Writethrough,
+    /// `O_DIRECT` (bypassing the host page cache); durable at the next
+    /// flush. What production guests run with.
+    None,
+    /// `O_DIRECT`, and every write durable before it returns.
+    Directsync,
+}
+
+impl CacheMode {
+    /// Parses QEMU's name of a mode.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "writeback" => Some(Self::Writeback),
+            "writethrough" => Some(Self::Writethrough),
+            "none" => Some(Self::None),
+            "directsync" => Some(Self::Directsync),
+            _ => None,
+        }
+    }
+
+    /// Whether the image file is opened with `O_DIRECT`.
+    pub fn direct(self) -> bool {
+        matches!(self, Self::None | Self::Directsync)
+    }
+
+    /// Whether every guest write is durable before it returns.
+    pub fn writethrough(self) -> bool {
+        matches!(self, Self::Writethrough | Self::Directsync)
+    }
+}
+
 /// How to open an image.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -141,6 +180,10 @@ pub struct OpenOptions {
     /// truncated). Used by `Image::open_path`; for `Image::open`, wrap the
     /// storage in a `LogWritesStorage` yourself.
     pub log_writes: Option<PathBuf>,
+    /// The cache mode (`Image::open_path` opens the file with `O_DIRECT`
+    /// for `none` and `directsync`; writethrough modes make every guest
+    /// write durable before it returns).
+    pub cache: CacheMode,
 }
 
 impl Default for OpenOptions {
@@ -156,6 +199,7 @@ impl Default for OpenOptions {
             log_fresh_data: false,
             lock: LockMode::Qemu,
             log_writes: None,
+            cache: CacheMode::Writeback,
         }
     }
 }

@@ -17,6 +17,7 @@ mod apply;
 mod checkpoint;
 mod commit;
 mod dedup;
+mod direct;
 mod dump;
 mod error;
 mod group_commit;
@@ -37,6 +38,7 @@ pub use apply::DataChecksumMismatch;
 pub use checkpoint::CheckpointReport;
 pub use commit::CommitTicket;
 pub use dedup::{DedupConsumer, DedupEvent, DedupOp, NoDedup};
+pub use direct::DirectFileStorage;
 pub use dump::{
     dump, CopyChunkDump, DataChecksumDump, DedupEntryDump, DescriptorDump, HeaderDump, JournalDump,
     RangeDump, SlotDump, TransactionDump, WriteChunkDump,

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qj_engine::{Image, OpenOptions};
+use qj_engine::{CacheMode, Image, OpenOptions};
 
 use crate::error::{engine, quoted, CliError, CliResult};
 use crate::nbd::server::{self, Address, Config, SHARED_MAX};
@@ -48,8 +48,9 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u16).range(1..=SHARED_MAX as i64))]
     shared: u16,
     /// Cache mode, as QEMU names it: writeback (a write is durable after
-    /// the next FLUSH or with FUA) or writethrough (every write is durable
-    /// before its reply). none and directsync (O_DIRECT) are not supported.
+    /// the next FLUSH or with FUA), writethrough (every write is durable
+    /// before its reply), none (O_DIRECT, durable at FLUSH or FUA) or
+    /// directsync (O_DIRECT and writethrough).
     #[arg(long = "cache", value_name = "MODE", default_value = "writeback", value_parser = parse_cache)]
     cache: CacheMode,
     /// Image format (only qcow2; accepted for qemu-nbd compatibility).
@@ -65,26 +66,11 @@ pub struct ServeArgs {
     image: PathBuf,
 }
 
-/// The cache modes `qj serve` implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheMode {
-    /// Durable at FLUSH or FUA.
-    Writeback,
-    /// Durable before every write's reply.
-    Writethrough,
-}
-
-fn parse_cache(s: &str) -> Result<CacheMode, String> {
-    match s {
-        "writeback" => Ok(CacheMode::Writeback),
-        "writethrough" => Ok(CacheMode::Writethrough),
-        "none" | "directsync" => Err(format!(
-            "cache mode '{s}' needs O_DIRECT, which the engine does not open images with yet"
-        )),
-        other => Err(format!(
-            "unknown cache mode '{other}' (writeback or writethrough)"
-        )),
-    }
+/// A cache mode by QEMU's name.
+pub fn parse_cache(s: &str) -> Result<CacheMode, String> {
+    CacheMode::parse(s).ok_or_else(|| {
+        format!("unknown cache mode '{s}' (writeback, writethrough, none or directsync)")
+    })
 }
 
 fn address(args: &ServeArgs) -> Address {
@@ -114,13 +100,14 @@ pub fn run(args: ServeArgs) -> CliResult<u8> {
         OpenOptions::read_write()
     };
     opts.log_writes = args.log_writes.clone();
+    opts.cache = args.cache;
     let image = Image::open_path(&args.image, &opts)
         .map_err(engine(format!("opening {}", quoted(&args.image))))?;
     let export = Export {
         name: args.export_name.clone(),
         image: Arc::new(image),
         read_only: args.read_only,
-        writethrough: args.cache == CacheMode::Writethrough,
+        writethrough: args.cache.writethrough(),
     };
     let config = Config {
         address: address(&args),

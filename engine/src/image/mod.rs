@@ -103,6 +103,9 @@ pub struct Image {
     /// The longest the file has been seen to be: a data cluster below it
     /// exists; one at or past it is checked against the device.
     file_len_seen: AtomicU64,
+    /// Every guest write, write zeroes, discard and resize is durable
+    /// before it returns (cache modes writethrough and directsync).
+    writethrough: bool,
     /// The file's locks (`lock.rs`), held while the image is open; `None`
     /// for devices opened without a path.
     lock: Option<ImageLock>,

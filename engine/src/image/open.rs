@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use qj_journal::{FileStorage, Storage};
+use qj_journal::{DirectFileStorage, FileStorage, Storage};
 use qj_spec::qcow2::{features, read_table_entry, Header, JournalExtension, L1Entry};
 use qj_spec::units::{Geometry, HostOffset};
 
@@ -102,9 +102,17 @@ impl Image {
     /// The file is locked as QEMU locks it (`opts.lock`) before anything
     /// is read or written, and stays locked until the image is dropped.
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let mut storage: Arc<dyn Storage> = Arc::new(
-            FileStorage::open(path, opts.writable).ctx(|| format!("opening {}", path.display()))?,
-        );
+        let opened = || format!("opening {}", path.display());
+        let mut storage: Arc<dyn Storage> = if opts.cache.direct() {
+            Arc::new(DirectFileStorage::open(path, opts.writable).ctx(|| {
+                format!(
+                    "{} with O_DIRECT (cache=none needs a file system that has it)",
+                    opened()
+                )
+            })?)
+        } else {
+            Arc::new(FileStorage::open(path, opts.writable).ctx(opened)?)
+        };
         let mut chain = ChainWalk::default();
         chain.enter(path, &path.display().to_string())?;
         let lock = ImageLock::acquire(path, opts.writable, opts.lock)?;
@@ -377,6 +385,7 @@ impl Image {
             op_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
             lock: None,
+            writethrough: opts.cache.writethrough(),
         };
         if opts.writable {
             image.clear_autoclear_bits()?;

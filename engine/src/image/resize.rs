@@ -20,7 +20,8 @@ impl Image {
         let r = self.resize_locked(new_size);
         self.poisoned(r)?;
         drop(_gate);
-        self.maybe_evict()
+        self.maybe_evict()?;
+        self.sync_if_writethrough()
     }
 
     fn resize_locked(&self, new_size: u64) -> Result<()> {

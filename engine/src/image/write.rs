@@ -14,6 +14,12 @@ use crate::sync::{Arc as SyncArc, Ordering};
 impl Image {
     /// Writes guest bytes at `offset`. Durable after the next [`Image::flush`].
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_unsynced(buf, offset)?;
+        self.sync_if_writethrough()
+    }
+
+    /// [`Image::write`] without the writethrough flush.
+    fn write_unsynced(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
@@ -283,6 +289,20 @@ impl Image {
     /// Write zeroes (`discard` false) or discard over a guest range, one
     /// cluster at a time, each under the gate.
     fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+        self.zero_range_unsynced(offset, len, discard)?;
+        self.sync_if_writethrough()
+    }
+
+    /// In writethrough cache modes, makes the operation that just completed
+    /// durable before it returns.
+    pub(super) fn sync_if_writethrough(&self) -> Result<()> {
+        if self.writethrough {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn zero_range_unsynced(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);

@@ -47,6 +47,11 @@ pub struct IoArgs {
     /// real data.
     #[arg(long = "mutate", value_name = "MUTATION")]
     mutate: Option<String>,
+    /// Cache mode, as qemu-io's -t: writeback, writethrough, none
+    /// (O_DIRECT) or directsync.
+    #[arg(short = 't', long = "cache", value_name = "MODE", default_value = "writeback",
+          value_parser = crate::cmd::serve::parse_cache)]
+    cache: qj_engine::CacheMode,
     /// The image.
     file: PathBuf,
 }
@@ -99,6 +104,7 @@ pub fn run(args: IoArgs) -> CliResult<u8> {
         OpenOptions::read_write()
     };
     opts.lock = crate::cmd::lock_mode(args.force_share);
+    opts.cache = args.cache;
     opts.log_writes = args.log_writes.clone();
     if let Some(name) = &args.mutate {
         let (ordering, journal) = qj_model_checks::open_mutation(name).ok_or_else(|| {
