@@ -757,9 +757,11 @@ fn bad_input_is_a_typed_error_naming_the_field() {
     storage.write_at(&slots, 0).unwrap();
     let err = Journal::open(&storage, 0, SIZE, options(), &mut NoDedup).unwrap_err();
     match &err {
-        JournalError::NoValidHeader { slot1, .. } => assert!(
+        JournalError::RefusedHeader {
+            slot: 1, source, ..
+        } => assert!(
             matches!(
-                **slot1,
+                source,
                 JournalFormatError::Field {
                     field: "block_size_order",
                     offset: 12,
@@ -1174,7 +1176,7 @@ fn group_commit_shares_flushes_between_threads() {
 }
 
 #[test]
-fn a_torn_header_update_falls_back_to_the_other_slot() {
+fn a_torn_header_slot_leaves_its_mirror_in_charge() {
     let storage = MemStorage::new();
     let journal = create(&storage);
     journal.commit(tx_write(AREA, b"first")).unwrap();
@@ -1182,8 +1184,9 @@ fn a_torn_header_update_falls_back_to_the_other_slot() {
     journal.commit(tx_write(AREA + 8, b"second")).unwrap();
     let header = dump(&storage, 0, SIZE).unwrap().header;
     drop(journal);
-    // Tear the newest slot: the older one says less is synced, so replay
-    // re-applies synced transactions, which is harmless.
+    // Tear the newest slot: its mirror, one generation older, describes
+    // the same journal (same id, same synced state), so nothing synced is
+    // re-applied and nothing committed is lost.
     storage
         .write_at(
             &[0xff; 16],
@@ -1193,13 +1196,19 @@ fn a_torn_header_update_falls_back_to_the_other_slot() {
     let dumped = dump(&storage, 0, SIZE).unwrap();
     assert!(dumped.slots[header.slot].error.is_some());
     assert_eq!(dumped.header.generation, header.generation - 1);
-    // Clobber the synced target: only a replay that re-applies the synced
-    // transactions (as the older slot demands) can bring "first" back.
+    assert_eq!(
+        (
+            &dumped.header.journal_id,
+            dumped.header.synced_seq,
+            dumped.header.tail_block
+        ),
+        (&header.journal_id, header.synced_seq, header.tail_block)
+    );
     storage.write_at(b"XXXXX", AREA).unwrap();
     let (_, report) = reopen(&storage);
-    assert_eq!(report.synced_seq_before, 0);
-    assert_eq!(report.transactions_replayed, 2);
-    assert_eq!(read(&storage, AREA, 5), b"first");
+    assert_eq!(report.synced_seq_before, 1);
+    assert_eq!(report.transactions_replayed, 1);
+    assert_eq!(read(&storage, AREA, 5), b"XXXXX", "synced, not re-applied");
     assert_eq!(read(&storage, AREA + 8, 6), b"second");
     let slots = read(&storage, 0, 1024);
     let headers: Vec<_> = slots
@@ -1207,6 +1216,49 @@ fn a_torn_header_update_falls_back_to_the_other_slot() {
         .filter_map(|s| JournalHeader::decode(s).ok())
         .collect();
     assert_eq!(headers.len(), 2, "the open rewrote the torn slot");
+    assert_eq!(headers[0].journal_id, headers[1].journal_id);
+}
+
+#[test]
+fn a_newer_slot_with_unknown_fields_refuses_instead_of_falling_back() {
+    let storage = MemStorage::new();
+    let journal = create(&storage);
+    journal.commit(tx_write(AREA, b"first")).unwrap();
+    let header = dump(&storage, 0, SIZE).unwrap().header;
+    drop(journal);
+    // The newest slot gains an unknown incompatible feature bit (sealed
+    // again, as a future writer would): the journal is refused, the older
+    // slot does not take over, and nothing is written.
+    let at = JournalGeometry::header_slot_offset(header.slot);
+    let mut slot = read(&storage, at, 512);
+    slot[55] |= 1;
+    let crc = checksum::crc32c(&slot[..508]);
+    slot[508..].copy_from_slice(&crc.to_be_bytes());
+    storage.write_at(&slot, at).unwrap();
+    let before = read(&storage, 0, SIZE as usize + 4096);
+    let err = Journal::open(&storage, 0, SIZE, options(), &mut NoDedup).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            JournalError::RefusedHeader {
+                source: JournalFormatError::Field {
+                    field: "incompatible_features",
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("slot {}", header.slot)),
+        "{err}"
+    );
+    assert!(matches!(
+        dump(&storage, 0, SIZE),
+        Err(JournalError::RefusedHeader { .. })
+    ));
+    assert_eq!(read(&storage, 0, SIZE as usize + 4096), before);
 }
 
 proptest::proptest! {
