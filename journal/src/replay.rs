@@ -180,6 +180,18 @@ pub(crate) fn replay(
         revokes = RevokeTable::new();
     }
 
+    // Pass 2c: the consumer must be able to take every dedup entry of the
+    // replayed log, asked before anything is written, so that a log it
+    // cannot take is refused with the device untouched.
+    for tx in replayed {
+        for event in dedup_events(tx.seq(), &tx.parsed.descriptors) {
+            dedup.admits(&event).map_err(|reason| JournalError::Dedup {
+                seq: event.seq,
+                reason,
+            })?;
+        }
+    }
+
     // Pass 3: apply in order.
     let mut ranges = Vec::new();
     for tx in replayed {
@@ -194,27 +206,33 @@ pub(crate) fn replay(
         report.bytes_written += applied.bytes_written;
         report.bytes_revoked += applied.bytes_revoked;
         ranges.extend(applied.ranges);
-        for descriptor in &tx.parsed.descriptors {
-            let (op, entries) = match descriptor {
-                Descriptor::DedupInsert(entries) => (DedupOp::Insert, entries),
-                Descriptor::DedupDelete(entries) => (DedupOp::Delete, entries),
-                _ => continue,
-            };
-            for entry in entries {
-                let event = DedupEvent {
-                    seq,
-                    op,
-                    entry: entry.clone(),
-                };
-                dedup
-                    .consume(&event)
-                    .map_err(|reason| JournalError::Dedup { seq, reason })?;
-                report.dedup_events += 1;
-            }
+        for event in dedup_events(seq, &tx.parsed.descriptors) {
+            dedup
+                .consume(&event)
+                .map_err(|reason| JournalError::Dedup { seq, reason })?;
+            report.dedup_events += 1;
         }
         report.transactions_replayed += 1;
         report.last_replayed_seq = seq;
     }
     report.ranges_written = merge_ranges(ranges);
     Ok(Replayed { report, next_head })
+}
+
+/// The dedup entries of transaction `seq`, in log order.
+fn dedup_events(seq: u64, descriptors: &[Descriptor]) -> impl Iterator<Item = DedupEvent> + '_ {
+    descriptors
+        .iter()
+        .filter_map(|descriptor| match descriptor {
+            Descriptor::DedupInsert(entries) => Some((DedupOp::Insert, entries)),
+            Descriptor::DedupDelete(entries) => Some((DedupOp::Delete, entries)),
+            _ => None,
+        })
+        .flat_map(move |(op, entries)| {
+            entries.iter().map(move |entry| DedupEvent {
+                seq,
+                op,
+                entry: entry.clone(),
+            })
+        })
 }

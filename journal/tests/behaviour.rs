@@ -199,15 +199,20 @@ fn replay_applies_every_descriptor_type_and_hands_dedup_in_order() {
 fn dedup_entries_without_a_consumer_refuse_the_open() {
     let storage = MemStorage::new();
     let journal = create(&storage);
+    // A plain write first: the refusal must come before it is replayed.
+    journal.commit(tx_write(AREA + 0x8000, b"earlier")).unwrap();
     journal.commit(everything(&storage)).unwrap();
     drop(journal);
+    let before = storage.to_bytes();
     let err = Journal::open(&storage, 0, SIZE, options(), &mut NoDedup).unwrap_err();
-    assert!(matches!(err, JournalError::Dedup { seq: 1, .. }), "{err}");
+    assert!(matches!(err, JournalError::Dedup { seq: 2, .. }), "{err}");
+    assert_eq!(storage.to_bytes(), before, "a refused open writes nothing");
     // The log is still there: an open with a consumer replays it.
     let mut events = Vec::new();
     let (_, report) = Journal::open(&storage, 0, SIZE, options(), &mut events).unwrap();
-    assert_eq!(report.transactions_replayed, 1);
+    assert_eq!(report.transactions_replayed, 2);
     assert_eq!(events.len(), 2);
+    assert_eq!(read(&storage, AREA + 0x8000, 7), b"earlier");
     check_everything_applied(&storage);
 }
 
@@ -450,6 +455,83 @@ fn dropped_tail_transactions_never_come_back() {
         vec![0; 4],
         "the dropped T2 never applies"
     );
+}
+
+/// Sets byte `at` of block `block` of the transaction at `tx_offset`
+/// (`blocks` long, commit block last) to `value`, and seals everything
+/// again with the journal's id (block checksums, transaction checksum), as
+/// a broken writer would have.
+fn poke_sealed(
+    storage: &MemStorage,
+    tx_offset: u64,
+    blocks: u64,
+    block: u64,
+    at: usize,
+    value: u8,
+) {
+    let id = dump(storage, 0, SIZE).unwrap().header.journal_id;
+    let id = u64::from_str_radix(id.trim_start_matches("0x"), 16).unwrap();
+    let bs = BLOCK as usize;
+    let mut tx = read(storage, tx_offset, blocks as usize * bs);
+    tx[block as usize * bs + at] = value;
+    let seq = u64::from_be_bytes(tx[8..16].try_into().unwrap());
+    let seal = |b: &mut [u8]| {
+        b[28..32].fill(0);
+        let crc = checksum::block_checksum(id, seq, b, 28);
+        b[28..32].copy_from_slice(&crc.to_be_bytes());
+    };
+    let commit_at = (blocks as usize - 1) * bs;
+    for b in tx[..commit_at].chunks_mut(bs) {
+        if b[..4] == *b"qjbk" {
+            seal(b);
+        }
+    }
+    let tx_crc = checksum::salted_append(checksum::salt(id, seq), &tx[..commit_at]);
+    tx[commit_at + 40..commit_at + 44].copy_from_slice(&tx_crc.to_be_bytes());
+    seal(&mut tx[commit_at..]);
+    storage.write_at(&tx, tx_offset).unwrap();
+}
+
+#[test]
+fn reserved_bytes_behind_a_good_checksum_refuse_the_log_in_every_block() {
+    // (which block of transaction 2, byte) : block 0's header reserved
+    // bytes, the bytes after its descriptors, the commit block's reserved
+    // word and its tail. Every one is invalid, never the end of the log.
+    for (block, at) in [(0u64, 6usize), (0, 25), (0, 400), (2, 44), (2, 300)] {
+        let storage = MemStorage::new();
+        let journal = create(&storage);
+        journal.commit(tx_write(AREA, b"first")).unwrap();
+        journal.commit(tx_write(AREA + 8, b"second")).unwrap();
+        drop(journal);
+        let t2 = dump(&storage, 0, SIZE).unwrap().transactions[1].clone();
+        assert_eq!((t2.descriptor_blocks, t2.data_blocks), (1, 1));
+        poke_sealed(&storage, t2.device_offset, 3, block, at, 1);
+        let before = storage.to_bytes();
+        let Err(err) = Journal::open(&storage, 0, SIZE, options(), &mut NoDedup) else {
+            panic!("block {block} byte {at}: opened");
+        };
+        match &err {
+            JournalError::InvalidTransaction { seq, source, .. } => {
+                assert_eq!(*seq, 2, "block {block} byte {at}: {err}");
+                assert!(
+                    matches!(
+                        source,
+                        JournalFormatError::Field {
+                            field: "reserved",
+                            ..
+                        }
+                    ),
+                    "block {block} byte {at}: {err}"
+                );
+            }
+            other => panic!("block {block} byte {at}: {other}"),
+        }
+        assert_eq!(storage.to_bytes(), before, "a refused open writes nothing");
+        assert_eq!(
+            dump(&storage, 0, SIZE).unwrap().log_end.kind,
+            LogEndKind::Invalid
+        );
+    }
 }
 
 #[test]
