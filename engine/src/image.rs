@@ -28,6 +28,7 @@ use qj_spec::units::{Geometry, GuestCluster, GuestOffset, HostCluster, HostOffse
 use serde::Serialize;
 
 use crate::backend::journal::JournalBackend;
+use crate::backend::journal_usable;
 use crate::backend::ordered::FlushOrdering;
 use crate::backend::{BackendKind, DelayedCopy, Epoch, MetadataBackend, MetadataWrite};
 use crate::backing::Backing;
@@ -146,6 +147,9 @@ pub struct JournalInfo {
     /// Whether small writes into fresh clusters travel in the journal
     /// (logged data) on this open.
     pub log_data: bool,
+    /// What the last open's replay found that the user must hear about (a
+    /// torn last transaction that may have been acknowledged).
+    pub replay_warning: Option<String>,
 }
 
 /// An open qcow2 image. `Send + Sync`: share it with `Arc` and call any
@@ -238,6 +242,12 @@ impl Image {
     /// flush-ordering backend.
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let header = Self::read_header(&*storage)?;
+        if let Some(why) = journal_usable::missing_dirty_journal(&header) {
+            return Err(Error::Journal(format!(
+                "{why}; {}",
+                journal_usable::SALVAGE_ADVICE
+            )));
+        }
         let ordered = || Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
         let Some(ext) = header.journal() else {
             return Self::open_with_backend(storage, opts, ordered());
@@ -255,6 +265,12 @@ impl Image {
             return Self::recreate_journal(storage, opts, ext);
         }
         let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        journal_usable::extension_inside_file(&ext, file_len).map_err(|why| {
+            Error::Journal(format!(
+                "{why}: the file was truncated or the extension is damaged; {}",
+                journal_usable::SALVAGE_ADVICE
+            ))
+        })?;
         let cs = header.geometry().cluster_size();
         let field = |name: &'static str, reason: String| {
             Error::Format(qj_spec::error::FormatError::Field {

@@ -65,6 +65,34 @@ pub struct ReplayReport {
     pub salvaged: bool,
 }
 
+impl ReplayReport {
+    /// What an opener must tell its user about the end of the log, if
+    /// anything: a last transaction that was begun (its first block has the
+    /// magic, the checksum and the expected sequence number) but fails its
+    /// checks is dropped as a torn tail. That is the normal trace of a
+    /// crash during its commit, but the same bytes result from damage to a
+    /// transaction whose commit had returned, and nothing later in the log
+    /// can tell the two apart; so it is reported, never passed over as a
+    /// clean end. A transaction dropped for a data checksum mismatch is
+    /// not reported: the mismatch proves its commit never returned (spec
+    /// 8.6).
+    #[must_use]
+    pub fn torn_tail_warning(&self) -> Option<String> {
+        if self.end.kind != LogEndKind::TornTail || self.data_checksum_mismatch.is_some() {
+            return None;
+        }
+        Some(format!(
+            "the journal's last transaction (sequence number {seq}, ring block {block}) was begun \
+             but fails its checks ({reason}); it was dropped as a torn tail. Nothing in the journal \
+             proves that its commit was acknowledged; if it was (a flush that covered it returned), \
+             the writes of transaction {seq} are lost",
+            seq = self.end.expected_seq,
+            block = self.end.failed_block,
+            reason = self.end.reason,
+        ))
+    }
+}
+
 /// Replay's result for the journal that opens.
 pub(crate) struct Replayed {
     pub report: ReplayReport,

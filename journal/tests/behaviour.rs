@@ -411,13 +411,19 @@ fn torn_tail_is_dropped() {
         report.end.reason
     );
     assert_eq!(report.end.expected_seq, 3);
+    // Begun but incomplete: reported, naming the transaction, because the
+    // same bytes are what damage to an acknowledged transaction leaves.
+    let warning = report.torn_tail_warning().expect("a torn tail is reported");
+    assert!(warning.contains("sequence number 3"), "{warning}");
+    assert!(warning.contains("acknowledged"), "{warning}");
     assert_eq!(read(&storage, AREA, 600), pattern(1, 600));
     assert_eq!(read(&storage, AREA + 0x1000, 600), pattern(2, 600));
     assert_eq!(read(&storage, AREA + 0x2000, 8), vec![0; 8]);
-    // Nothing of T3 at all: a clean end.
+    // Nothing of T3 at all: a clean end, nothing to report.
     let storage = torn_third_commit(&|_, _| false);
     let (journal, report) = reopen(&storage);
     assert_eq!(report.end.kind, LogEndKind::Clean);
+    assert_eq!(report.torn_tail_warning(), None);
     assert_eq!(report.transactions_replayed, 2);
     // The journal goes on after a torn tail, with new numbers for new commits.
     assert_eq!(journal.commit(tx_write(AREA + 0x3000, b"next")).unwrap(), 3);
@@ -674,6 +680,11 @@ fn data_checksum_mismatch_drops_the_unanchored_tail() {
         checksum::crc32c(&pattern(7, 4096))
     );
     assert_eq!(report.end.kind, LogEndKind::TornTail);
+    assert_eq!(
+        report.torn_tail_warning(),
+        None,
+        "a mismatch proves the commit never returned"
+    );
     assert_eq!(
         read(&storage, AREA + 0x100, 7),
         vec![0; 7],

@@ -18,6 +18,7 @@
 
 pub mod delayed_cow;
 pub mod journal;
+pub(crate) mod journal_usable;
 pub mod logged_data;
 pub mod ordered;
 

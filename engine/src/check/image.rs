@@ -56,12 +56,10 @@ pub(crate) struct Image {
 }
 
 impl Image {
-    /// Reads and validates the header as QEMU's open does, then loads the
-    /// refcount table and the active L1 table.
-    pub fn load(storage: &dyn Storage) -> Result<Image, CheckError> {
-        let file_len = storage
-            .len()
-            .map_err(CheckError::io("reading the file length"))?;
+    /// Reads and decodes the header, without validating it against the
+    /// file: a dirty journal may have to be replayed first (spec 3.2), and
+    /// the replay may change the header or reach past the end of the file.
+    pub fn read_header(storage: &dyn Storage) -> Result<Header, CheckError> {
         let fixed = read_vec(storage, 0, u64::from(HEADER_V3_MIN_LEN), "the header")?;
         let cluster_bits = u32::from_be_bytes(fixed[20..24].try_into().expect("4 bytes"));
         if !(Geometry::CLUSTER_BITS_MIN..=Geometry::CLUSTER_BITS_MAX).contains(&cluster_bits) {
@@ -76,7 +74,17 @@ impl Image {
         // Read the whole header cluster; Header::decode treats missing bytes
         // of a short file as zeros.
         let cluster = read_vec(storage, 0, 1u64 << cluster_bits, "the header cluster")?;
-        let header = Header::decode(&cluster)?;
+        Ok(Header::decode(&cluster)?)
+    }
+
+    /// Reads and validates the header as QEMU's open does, then loads the
+    /// refcount table and the active L1 table.
+    pub fn load(storage: &dyn Storage) -> Result<Image, CheckError> {
+        let file_len = storage
+            .len()
+            .map_err(CheckError::io("reading the file length"))?;
+        let header = Self::read_header(storage)?;
+        let cluster_bits = header.cluster_bits;
         // The snapshot table is validated by the check itself (QEMU's open
         // skips it in check mode so that `check -r all` can repair it).
         let mut layout = header.clone();

@@ -56,6 +56,7 @@ pub fn run(args: IoArgs) -> CliResult<u8> {
     let path = &args.file;
     let image =
         Image::open_path(path, &opts).map_err(engine(format!("opening {}", quoted(path))))?;
+    crate::cmd::warn_about_replay(&image, path);
     let mut failed = false;
     for text in &args.commands {
         let outcome = match parse_command(text) {
