@@ -52,7 +52,10 @@ fn a_header_in_place_naming_an_l1_only_in_the_journal_checks_clean() {
         new_header.l1_table_offset,
         crashed.len()
     );
-    assert!(new_header.has_incompatible(60), "a journalled header says dirty");
+    assert!(
+        new_header.has_incompatible(60),
+        "a journalled header says dirty"
+    );
 
     // The crash state: the new header reached the disk, its L1 did not.
     let mut state = crashed.clone();

@@ -53,11 +53,14 @@ fn abandoned_image_with_three_flushed_writes() -> (Vec<u8>, u64) {
 }
 
 fn reads_back_all_three(image: &Image) -> bool {
-    [0x11u8, 0x22, 0x33].into_iter().enumerate().all(|(i, seed)| {
-        let mut buf = vec![0u8; 8192];
-        image.read(&mut buf, i as u64 * 65536).unwrap();
-        buf == pattern(seed, 8192)
-    })
+    [0x11u8, 0x22, 0x33]
+        .into_iter()
+        .enumerate()
+        .all(|(i, seed)| {
+            let mut buf = vec![0u8; 8192];
+            image.read(&mut buf, i as u64 * 65536).unwrap();
+            buf == pattern(seed, 8192)
+        })
 }
 
 #[test]
