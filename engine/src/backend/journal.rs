@@ -238,7 +238,8 @@ impl JournalBackend {
         let (journal, report) =
             Journal::open(storage, offset.0, size_bytes, options, &mut NoDedup).map_err(|e| {
                 Error::Journal(format!(
-                    "{e}; the image's committed metadata could not be replayed (run `qj check` for details)"
+                    "{e}; the image's committed metadata could not be replayed ({})",
+                    crate::backend::journal_usable::SALVAGE_ADVICE
                 ))
             })?;
         let overlay = if writable {

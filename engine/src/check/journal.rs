@@ -11,8 +11,10 @@
 use std::io;
 
 use qj_journal::{Journal, JournalOptions, NoDedup, Overlay, ReplayMode, Storage};
-use qj_spec::qcow2::Header;
+use qj_spec::qcow2::{get_refcount, Header};
 
+use super::error::CheckError;
+use super::image::{Image, REFT_OFFSET_MASK};
 use crate::backend::journal::{commit_protocol, DEVICE_LIMIT_BYTES};
 use crate::backend::journal_usable::{extension_inside_file, missing_dirty_journal};
 
@@ -72,12 +74,28 @@ pub(crate) fn replay_dirty_journal(storage: &dyn Storage, header: &Header) -> Jo
 pub(crate) struct ReplayedStorage<'a> {
     inner: &'a dyn Storage,
     overlay: &'a Overlay,
+    /// The image reaches at least this far (see [`Self::reaching`]).
+    len_floor: u64,
 }
 
 impl<'a> ReplayedStorage<'a> {
     /// `overlay` laid over `inner`.
     pub(crate) fn new(inner: &'a dyn Storage, overlay: &'a Overlay) -> Self {
-        Self { inner, overlay }
+        Self {
+            inner,
+            overlay,
+            len_floor: 0,
+        }
+    }
+
+    /// The same view, reaching at least `len_floor` bytes: the read-write
+    /// open that replays extends the file over every cluster the replayed
+    /// refcounts count (a commit can be durable while the write that
+    /// extended the file for its all-zero data is not, and its data
+    /// checksum still matches the zeros read past the end), so the image
+    /// as replay leaves it reaches that far, reading zeros.
+    pub(crate) fn reaching(self, len_floor: u64) -> Self {
+        Self { len_floor, ..self }
     }
 
     fn refuse() -> io::Error {
@@ -104,10 +122,37 @@ impl Storage for ReplayedStorage<'_> {
     fn len(&self) -> io::Result<u64> {
         // Replay may write tables past the end of the file (an L2 table
         // allocated at the end whose in-place write never happened).
-        Ok(self.inner.len()?.max(self.overlay.end()))
+        Ok(self.inner.len()?.max(self.overlay.end()).max(self.len_floor))
     }
 
     fn set_len(&self, _: u64) -> io::Result<()> {
         Err(Self::refuse())
     }
+}
+
+/// One past the last cluster the refcounts of `image` (read through
+/// `storage`) count, in bytes: how far the read-write open that replays
+/// extends the file. Reads each refcount block once; bounded by the
+/// refcount table.
+pub(crate) fn counted_end(storage: &dyn Storage, image: &Image) -> Result<u64, CheckError> {
+    let g = image.geometry;
+    let per_block = g.refcounts_per_block();
+    let mut block = vec![0u8; g.cluster_size() as usize];
+    for (index, entry) in image.reftable.iter().enumerate().rev() {
+        let offset = entry & REFT_OFFSET_MASK;
+        if offset == 0 || !g.is_aligned(offset) {
+            // Misaligned blocks are the checker's to report.
+            continue;
+        }
+        storage
+            .read_at(&mut block, offset)
+            .map_err(CheckError::io(format!("reading the refcount block at {offset:#x}")))?;
+        if let Some(last) =
+            (0..per_block).rev().find(|i| get_refcount(&block, *i, g.refcount_order) != 0)
+        {
+            let cluster = index as u64 * per_block + last;
+            return Ok((cluster + 1).saturating_mul(g.cluster_size()));
+        }
+    }
+    Ok(0)
 }

@@ -157,6 +157,8 @@ fn check_pass(
             let replayed = ReplayedStorage::new(storage, &overlay);
             // Header fields are journalled too: load the image again.
             let image = Image::load(&replayed)?;
+            let counted_end = journal::counted_end(&replayed, &image)?;
+            let replayed = replayed.reaching(counted_end);
             let mut notes = vec![format!(
                 "The journal is dirty: {transactions} committed transaction(s) replayed in memory; checking the metadata as replayed"
             )];
