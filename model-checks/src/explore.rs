@@ -570,7 +570,10 @@ impl Inner {
     /// recovery, which may free what the crash left allocated. Returns
     /// whether the image passed (a violation was recorded if not).
     fn check_unrecovered(&self, image: &Medium, path: &CrashPath) -> bool {
-        let summary = match self.target.check_unrecovered(self.new_device(image.clone())) {
+        let summary = match self
+            .target
+            .check_unrecovered(self.new_device(image.clone()))
+        {
             Ok(None) => return true,
             Ok(Some(summary)) => summary,
             Err(error) => {

@@ -98,7 +98,10 @@ pub trait CrashTarget: Send + Sync {
     /// checker must make sense of a crashed image without writing: a dirty
     /// journal is replayed in memory). Must not write to `dev`. `None` for
     /// targets whose checker needs recovery first (the default).
-    fn check_unrecovered(&self, dev: Arc<dyn Storage>) -> Result<Option<CheckSummary>, TargetError> {
+    fn check_unrecovered(
+        &self,
+        dev: Arc<dyn Storage>,
+    ) -> Result<Option<CheckSummary>, TargetError> {
         let _ = dev;
         Ok(None)
     }

@@ -235,8 +235,8 @@ impl JournalBackend {
         } else {
             ReplayMode::InMemory
         };
-        let (journal, report) =
-            Journal::open(storage, offset.0, size_bytes, options, &mut NoDedup).map_err(|e| {
+        let (journal, report) = Journal::open(storage, offset.0, size_bytes, options, &mut NoDedup)
+            .map_err(|e| {
                 Error::Journal(format!(
                     "{e}; the image's committed metadata could not be replayed ({})",
                     crate::backend::journal_usable::SALVAGE_ADVICE

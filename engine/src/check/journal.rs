@@ -122,7 +122,11 @@ impl Storage for ReplayedStorage<'_> {
     fn len(&self) -> io::Result<u64> {
         // Replay may write tables past the end of the file (an L2 table
         // allocated at the end whose in-place write never happened).
-        Ok(self.inner.len()?.max(self.overlay.end()).max(self.len_floor))
+        Ok(self
+            .inner
+            .len()?
+            .max(self.overlay.end())
+            .max(self.len_floor))
     }
 
     fn set_len(&self, _: u64) -> io::Result<()> {
@@ -146,9 +150,12 @@ pub(crate) fn counted_end(storage: &dyn Storage, image: &Image) -> Result<u64, C
         }
         storage
             .read_at(&mut block, offset)
-            .map_err(CheckError::io(format!("reading the refcount block at {offset:#x}")))?;
-        if let Some(last) =
-            (0..per_block).rev().find(|i| get_refcount(&block, *i, g.refcount_order) != 0)
+            .map_err(CheckError::io(format!(
+                "reading the refcount block at {offset:#x}"
+            )))?;
+        if let Some(last) = (0..per_block)
+            .rev()
+            .find(|i| get_refcount(&block, *i, g.refcount_order) != 0)
         {
             let cluster = index as u64 * per_block + last;
             return Ok((cluster + 1).saturating_mul(g.cluster_size()));
