@@ -197,6 +197,7 @@ pub fn open_layer(path: &Path, lock: LockMode) -> CliResult<(Image, Header)> {
     };
     let image =
         Image::open_path(path, &opts).map_err(engine(format!("opening {}", quoted(path))))?;
+    crate::cmd::warn_about_replay(&image, path);
     let header = Image::read_header(&**image.storage())
         .map_err(engine(format!("reading the header of {}", quoted(path))))?;
     Ok((image, header))

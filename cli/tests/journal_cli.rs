@@ -490,7 +490,7 @@ fn a_journal_damaged_in_the_middle_is_refused_and_reported_by_check() {
     }
 
     // `qj check` names it as a corruption (exit 2), still writing nothing;
-    // a repair is refused while committed metadata sits in the journal.
+    // a repair short of `-r all` (which salvages) is refused.
     let out = qj(d, &["check", "torn.qcow2"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -503,8 +503,8 @@ fn a_journal_damaged_in_the_middle_is_refused_and_reported_by_check() {
         "{}",
         text(&out.stdout)
     );
-    let line = one_line_error(&qj(d, &["check", "-r", "all", "torn.qcow2"]), 1);
-    assert!(line.contains("journal is dirty"), "{line}");
+    let line = one_line_error(&qj(d, &["check", "-r", "leaks", "torn.qcow2"]), 1);
+    assert!(line.contains("cannot be replayed"), "{line}");
     assert_eq!(std::fs::read(d.join("torn.qcow2")).unwrap(), bytes);
 
     // QEMU refuses it by our bit's name.
@@ -613,4 +613,261 @@ fn logged_data_is_a_property_of_the_image_and_survives_a_crash() {
         assert!(line.contains(want), "{list}: {line}");
     }
     assert!(!d.join("x.qcow2").exists());
+}
+
+/// `qj journal dump --output json FILE`, parsed.
+#[track_caller]
+fn dump_json(dir: &Path, file: &str) -> Value {
+    serde_json::from_str(&ok(qj(dir, &["journal", "dump", "--output", "json", file]))).unwrap()
+}
+
+/// Device offset of the header slot in charge of the journal of `file`.
+fn active_slot_offset(dir: &Path, file: &str) -> usize {
+    let dump = dump_json(dir, file);
+    let base = dump["base_offset"].as_u64().unwrap();
+    let slot = dump["header"]["slot"].as_u64().unwrap();
+    (base + slot * 512) as usize
+}
+
+/// Reads the three writes of `dirty_journal_of_three_commits` back.
+fn reads_of_three_commits(file: &str, read_only: bool) -> Vec<&str> {
+    let mut args = vec!["io"];
+    if read_only {
+        args.push("-r");
+    }
+    args.extend([
+        file,
+        "-c",
+        "read -P 0x11 0 8k",
+        "-c",
+        "read -P 0x22 64k 8k",
+        "-c",
+        "read -P 0x33 128k 8k",
+    ]);
+    args
+}
+
+#[test]
+fn one_flipped_byte_in_the_active_header_slot_loses_no_flushed_write() {
+    let dir = tmp();
+    let d = dir.path();
+    dirty_journal_of_three_commits(d, "j.qcow2");
+    let at = active_slot_offset(d, "j.qcow2") + 20;
+    let mut bytes = std::fs::read(d.join("j.qcow2")).unwrap();
+    bytes[at] ^= 0xff;
+    std::fs::write(d.join("j.qcow2"), &bytes).unwrap();
+
+    // The other slot describes the same journal: check replays all three.
+    let out = qj(d, &["check", "j.qcow2"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("3 committed transaction(s) replayed in memory"),
+        "{stderr}"
+    );
+    ok(qj(d, &reads_of_three_commits("j.qcow2", true)));
+    assert_eq!(std::fs::read(d.join("j.qcow2")).unwrap(), bytes);
+    // A read-write open replays them for good.
+    ok(qj(d, &reads_of_three_commits("j.qcow2", false)));
+    ok(qj(d, &["check", "j.qcow2"]));
+    ok(qj(d, &reads_of_three_commits("j.qcow2", true)));
+}
+
+#[test]
+fn a_newer_header_slot_with_an_unknown_feature_is_refused_not_skipped() {
+    let dir = tmp();
+    let d = dir.path();
+    dirty_journal_of_three_commits(d, "j.qcow2");
+    let at = active_slot_offset(d, "j.qcow2");
+    let mut bytes = std::fs::read(d.join("j.qcow2")).unwrap();
+    // A future writer's incompatible journal feature, sealed correctly.
+    bytes[at + 55] |= 1;
+    let crc = qj_spec::journal::checksum::crc32c(&bytes[at..at + 508]);
+    bytes[at + 508..at + 512].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(d.join("j.qcow2"), &bytes).unwrap();
+    for args in [
+        &reads_of_three_commits("j.qcow2", false)[..],
+        &reads_of_three_commits("j.qcow2", true)[..],
+    ] {
+        let line = one_line_error(&qj(d, args), 1);
+        assert!(line.contains("incompatible_features"), "{line}");
+        assert!(line.contains("not used in its place"), "{line}");
+        assert_eq!(std::fs::read(d.join("j.qcow2")).unwrap(), bytes, "{args:?}");
+    }
+    let out = qj(d, &["check", "j.qcow2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(d.join("j.qcow2")).unwrap(), bytes);
+}
+
+#[test]
+fn a_damaged_last_transaction_is_reported_never_called_clean() {
+    let dir = tmp();
+    let d = dir.path();
+    dirty_journal_of_three_commits(d, "j.qcow2");
+    // A data block of the third (last) transaction: its first block still
+    // has the magic, the checksum and the sequence number.
+    let dump = dump_json(d, "j.qcow2");
+    let third = &dump["transactions"][2];
+    assert_eq!(third["seq"], 3, "{dump}");
+    let at = third["device_offset"].as_u64().unwrap()
+        + third["descriptor_blocks"].as_u64().unwrap() * 512
+        + 10;
+    let mut bytes = std::fs::read(d.join("j.qcow2")).unwrap();
+    bytes[at as usize] ^= 0x5a;
+    std::fs::write(d.join("j.qcow2"), &bytes).unwrap();
+
+    let out = qj(d, &["check", "j.qcow2"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("WARNING") && stderr.contains("sequence number 3"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("acknowledged"), "{stderr}");
+    assert_eq!(std::fs::read(d.join("j.qcow2")).unwrap(), bytes);
+
+    let out = qj(d, &reads_of_three_commits("j.qcow2", true));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("qj: warning:") && stderr.contains("sequence number 3"),
+        "{stderr}"
+    );
+    // The first two are there; the third's write is gone, and was said to be.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    ok(qj(
+        d,
+        &[
+            "io",
+            "-r",
+            "j.qcow2",
+            "-c",
+            "read -P 0x11 0 8k",
+            "-c",
+            "read -P 0x22 64k 8k",
+        ],
+    ));
+}
+
+#[test]
+fn a_journal_damaged_in_the_middle_is_salvaged_by_check_repair_all() {
+    let dir = tmp();
+    let d = dir.path();
+    dirty_journal_of_three_commits(d, "j.qcow2");
+    let dump = dump_json(d, "j.qcow2");
+    let second = &dump["transactions"][1];
+    let at = second["device_offset"].as_u64().unwrap()
+        + second["descriptor_blocks"].as_u64().unwrap() * 512
+        + 10;
+    let mut bytes = std::fs::read(d.join("j.qcow2")).unwrap();
+    bytes[at as usize] ^= 0x5a;
+    std::fs::write(d.join("j.qcow2"), &bytes).unwrap();
+
+    // `-r leaks` cannot salvage: refused, pointing at `-r all`, file intact.
+    let line = one_line_error(&qj(d, &["check", "-r", "leaks", "j.qcow2"]), 1);
+    assert!(line.contains("qj check -r all"), "{line}");
+    assert_eq!(std::fs::read(d.join("j.qcow2")).unwrap(), bytes);
+
+    let out = qj(d, &["check", "-r", "all", "j.qcow2"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("replayed transactions 1 to 1")
+            && stderr.contains("lost transaction 2 and every transaction after it")
+            && stderr.contains("transaction 3 proves"),
+        "{stderr}"
+    );
+    // Both checkers call the result clean; the valid prefix is there.
+    let out = qj(d, &["check", "j.qcow2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = qemu_img(d, &["check", "j.qcow2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    ok(qemu_io(d, &["-r", "-c", "read -P 0x11 0 8k", "j.qcow2"]));
+    ok(qj(d, &["io", "j.qcow2", "-c", "read -P 0x11 0 8k"]));
+    // The journal is gone; it can be given a new one.
+    ok(qj(d, &["amend", "-o", "journal=on", "j.qcow2"]));
+    ok(qj(
+        d,
+        &[
+            "io",
+            "j.qcow2",
+            "-c",
+            "write -P 0x44 64k 8k",
+            "-c",
+            "read -P 0x11 0 8k",
+        ],
+    ));
+}
+
+/// Byte offset of the qjournal extension's payload in an image's header.
+fn journal_extension_payload(bytes: &[u8]) -> usize {
+    let ext = bytes[..4096]
+        .windows(4)
+        .position(|w| w == [0x71, 0x6a, 0x72, 0x6e])
+        .expect("a qjrn header extension");
+    ext + 8
+}
+
+#[test]
+fn journal_messages_say_what_happened_and_what_to_do() {
+    let dir = tmp();
+    let d = dir.path();
+
+    // A dirty journal that replays: a repair says how to replay first.
+    dirty_journal_of_three_commits(d, "dirty.qcow2");
+    let before = std::fs::read(d.join("dirty.qcow2")).unwrap();
+    for mode in ["leaks", "all"] {
+        let line = one_line_error(&qj(d, &["check", "-r", mode, "dirty.qcow2"]), 1);
+        assert!(line.contains("journal is dirty"), "{line}");
+        assert!(line.contains("qj io -c flush"), "{line}");
+        assert_eq!(std::fs::read(d.join("dirty.qcow2")).unwrap(), before);
+    }
+
+    // The extension's offset past the end of the file is named.
+    let mut bytes = before.clone();
+    let payload = journal_extension_payload(&bytes);
+    bytes[payload..payload + 8].copy_from_slice(&0x4000_0000u64.to_be_bytes());
+    std::fs::write(d.join("far.qcow2"), &bytes).unwrap();
+    let line = one_line_error(&qj(d, &["io", "-r", "far.qcow2", "-c", "length"]), 1);
+    assert!(
+        line.contains("offset 0x40000000 is past the end of the file"),
+        "{line}"
+    );
+    assert_eq!(std::fs::read(d.join("far.qcow2")).unwrap(), bytes);
+
+    // Dirty, but the extension is gone (an unknown extension type now).
+    let mut bytes = before.clone();
+    let payload = journal_extension_payload(&bytes);
+    bytes[payload - 5] ^= 1;
+    std::fs::write(d.join("noext.qcow2"), &bytes).unwrap();
+    let line = one_line_error(&qj(d, &["io", "noext.qcow2", "-c", "length"]), 1);
+    assert!(line.contains("no qjournal extension"), "{line}");
+    assert!(line.contains("qj check -r all"), "{line}");
+    assert_eq!(std::fs::read(d.join("noext.qcow2")).unwrap(), bytes);
+    let out = qj(d, &["check", "noext.qcow2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+
+    // Dirty, but "journal valid" (autoclear bit 60, byte 88) cleared.
+    let mut bytes = before;
+    bytes[88] &= !0x10;
+    std::fs::write(d.join("invalid.qcow2"), &bytes).unwrap();
+    for args in [
+        &["io", "invalid.qcow2", "-c", "length"][..],
+        &["io", "-r", "invalid.qcow2", "-c", "length"][..],
+    ] {
+        let line = one_line_error(&qj(d, args), 1);
+        assert!(line.contains("\"journal valid\""), "{line}");
+        assert!(line.contains("qj check -r all"), "{line}");
+        assert_eq!(std::fs::read(d.join("invalid.qcow2")).unwrap(), bytes);
+    }
+    let out = qj(d, &["check", "-r", "all", "invalid.qcow2"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("Salvage"), "{stderr}");
+    let out = qemu_img(d, &["check", "invalid.qcow2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }

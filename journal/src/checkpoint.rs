@@ -102,12 +102,13 @@ impl<S: Storage> Journal<S> {
                 synced_seq: last_seq,
                 tail_block,
             };
-            region.write_header(&advanced).map_err(|e| self.poison(e))?;
-            // Ordering: the header must be durable before the ring space
-            // it frees is reused; otherwise a crash could leave the old
-            // header pointing at blocks already overwritten by newer
+            // Ordering (inside): the header is durable before the ring
+            // space it frees is reused; otherwise a crash could leave the
+            // old header pointing at blocks already overwritten by newer
             // transactions, and replay would stop there and lose them.
-            region.flush().map_err(|e| self.poison(e))?;
+            header.generation = region
+                .publish_header(&advanced)
+                .map_err(|e| self.poison(e))?;
         }
         {
             let mut state = self.state.lock();

@@ -386,12 +386,18 @@ impl<S: Storage> Journal<S> {
             tail_block: 0,
         };
         let region = self.region();
-        region.write_header(&rewound).map_err(|e| self.poison(e))?;
-        // Ordering: the header must say "the log starts at block 0" durably
-        // before a transaction is written there, or replay would look for
-        // it at the old head and miss it.
+        // Ordering: the previous header's mirror is durable before this
+        // update overwrites the slot beside it (publish_header's
+        // precondition); nothing else flushed since, if the log was
+        // emptied by a checkpoint.
         region.flush().map_err(|e| self.poison(e))?;
-        Counters::add(&self.counters.checkpoint_flushes, 1);
+        // Ordering (inside): the header says "the log starts at block 0"
+        // durably before a transaction is written there, or replay would
+        // look for it at the old head and miss it.
+        header.generation = region
+            .publish_header(&rewound)
+            .map_err(|e| self.poison(e))?;
+        Counters::add(&self.counters.checkpoint_flushes, 2);
         self.state.lock().ring.rewind();
         Ok(())
     }

@@ -29,6 +29,15 @@ pub struct DedupEvent {
 /// inserting a mapping that exists and deleting one that does not as
 /// no-ops.
 pub trait DedupConsumer {
+    /// Says, without taking it, whether the consumer can take `event`.
+    /// Replay asks this of every entry of the replayed log before it writes
+    /// anything, so that a log the consumer cannot take is refused with the
+    /// device untouched (spec 8.5).
+    fn admits(&self, event: &DedupEvent) -> Result<(), String> {
+        let _ = event;
+        Ok(())
+    }
+
     /// Takes one entry; an `Err` stops replay before anything more is
     /// applied.
     fn consume(&mut self, event: &DedupEvent) -> Result<(), String>;
@@ -48,10 +57,14 @@ impl DedupConsumer for Vec<DedupEvent> {
 pub struct NoDedup;
 
 impl DedupConsumer for NoDedup {
-    fn consume(&mut self, event: &DedupEvent) -> Result<(), String> {
+    fn admits(&self, event: &DedupEvent) -> Result<(), String> {
         Err(format!(
             "dedup {:?} of host offset {:#x} found, but no dedup consumer was registered",
             event.op, event.entry.host_offset
         ))
+    }
+
+    fn consume(&mut self, event: &DedupEvent) -> Result<(), String> {
+        self.admits(event)
     }
 }

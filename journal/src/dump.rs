@@ -289,7 +289,8 @@ pub fn dump(
 ) -> Result<JournalDump, JournalError> {
     let slots_read = Region::read_slots(storage, base_offset)?;
     let slots: Vec<SlotDump> = slots_read
-        .iter()
+        .chunks_exact(512)
+        .map(JournalHeader::decode)
         .enumerate()
         .map(|(slot, r)| SlotDump {
             slot,
@@ -297,15 +298,7 @@ pub fn dump(
             error: r.as_ref().err().map(ToString::to_string),
         })
         .collect();
-    let [slot0, slot1] = slots_read;
-    let header = JournalHeader::choose(slot0, slot1).map_err(|slots| {
-        let (slot0, slot1) = *slots;
-        JournalError::NoValidHeader {
-            device_offset: base_offset,
-            slot0: Box::new(slot0),
-            slot1: Box::new(slot1),
-        }
-    })?;
+    let header = Region::current_header(storage, base_offset)?;
     if header.geometry.size_bytes() != size_bytes {
         return Err(JournalError::format(
             base_offset + JournalGeometry::header_slot_offset(header.slot()),

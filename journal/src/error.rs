@@ -39,6 +39,22 @@ pub enum JournalError {
         /// Why slot 1 was refused.
         slot1: Box<JournalFormatError>,
     },
+    /// The newest sealed header slot (magic and checksum hold) has a field
+    /// this implementation cannot accept. The older slot is not used
+    /// instead: it may describe a log that no longer exists.
+    #[error(
+        "journal header slot {slot} at device offset {device_offset} is refused: {source}; \
+         the older slot is not used in its place (it may not describe the current log)"
+    )]
+    RefusedHeader {
+        /// The slot in charge (0 or 1).
+        slot: usize,
+        /// Device offset of the slot.
+        device_offset: u64,
+        /// What is wrong with it.
+        #[source]
+        source: JournalFormatError,
+    },
     /// A caller-given parameter is out of range.
     #[error("invalid journal parameter `{field}` = {value}: {reason}")]
     Parameter {

@@ -218,9 +218,9 @@ impl<S: Storage> Journal<S> {
         };
         // Both slots, so that no older journal's header in the other slot
         // (with a larger generation) can win over this one.
-        region.write_header(&header)?;
+        region.write_slot(&header)?;
         header.generation = 1;
-        region.write_header(&header)?;
+        region.write_slot(&header)?;
         region.flush()?;
         Ok(Self::assemble(
             storage,
@@ -256,15 +256,7 @@ impl<S: Storage> Journal<S> {
         options: JournalOptions,
         dedup: &mut dyn DedupConsumer,
     ) -> Result<(Self, ReplayReport), JournalError> {
-        let [slot0, slot1] = Region::read_slots(&storage, base_offset)?;
-        let header = JournalHeader::choose(slot0, slot1).map_err(|slots| {
-            let (slot0, slot1) = *slots;
-            JournalError::NoValidHeader {
-                device_offset: base_offset,
-                slot0: Box::new(slot0),
-                slot1: Box::new(slot1),
-            }
-        })?;
+        let header = Region::current_header(&storage, base_offset)?;
         let geometry = header.geometry;
         if geometry.size_bytes() != size_bytes {
             return Err(JournalError::format(
@@ -316,18 +308,19 @@ impl<S: Storage> Journal<S> {
                     synced_seq: last,
                     tail_block: replayed.next_head,
                 };
-                region.write_header(&retired)?;
-                // Ordering: the new header (new id) must be durable before a
-                // transaction salted with the new id is written, or a crash
-                // would leave the old header, whose replay cannot see it.
-                region.flush()?;
+                // Ordering (inside): the new header (new id) is durable
+                // before a transaction salted with the new id is written,
+                // or a crash would leave the old header, whose replay
+                // cannot see it. Its mirror makes both slots carry the new
+                // id, so one damaged slot cannot hand the log to the old id.
+                let generation = region.publish_header(&retired)?;
                 let journal = Self::assemble(
                     storage,
                     base_offset,
                     geometry,
                     options,
                     journal_id,
-                    retired.generation,
+                    generation,
                     replayed.next_head,
                     last,
                     false,

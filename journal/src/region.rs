@@ -2,7 +2,7 @@
 //! addressed by ring index, with every device error tagged by operation and
 //! offset.
 
-use qj_spec::journal::{JournalFormatError, JournalGeometry, JournalHeader};
+use qj_spec::journal::{JournalGeometry, JournalHeader};
 
 use crate::error::JournalError;
 use crate::Storage;
@@ -19,21 +19,37 @@ pub(crate) struct Region<'a> {
 }
 
 impl<'a> Region<'a> {
-    /// Reads and decodes both header slots of the region at `base`. Only a
-    /// device error is an `Err`; bad slots come back as their decode errors.
-    #[allow(clippy::type_complexity)]
-    pub fn read_slots(
-        storage: &dyn Storage,
-        base: u64,
-    ) -> Result<[Result<JournalHeader, JournalFormatError>; 2], JournalError> {
+    /// Reads both header slots of the region at `base`, as stored.
+    pub fn read_slots(storage: &dyn Storage, base: u64) -> Result<[u8; 1024], JournalError> {
         let mut slots = [0u8; 1024];
         storage
             .read_at(&mut slots, base)
             .map_err(|e| JournalError::io("read", base, e))?;
-        Ok([
-            JournalHeader::decode(&slots[..512]),
-            JournalHeader::decode(&slots[512..]),
-        ])
+        Ok(slots)
+    }
+
+    /// The header in charge of the region at `base`: the newest sealed
+    /// slot, decoded. A sealed slot whose fields fail (unknown version or
+    /// feature bits, reserved bytes, out of range) refuses the journal
+    /// instead of letting the older slot take over: the older slot may
+    /// describe a log that no longer exists (spec 4.2).
+    pub fn current_header(storage: &dyn Storage, base: u64) -> Result<JournalHeader, JournalError> {
+        let slots = Self::read_slots(storage, base)?;
+        let (slot0, slot1) = slots.split_at(512);
+        let slot = JournalHeader::newest_sealed(slot0, slot1).map_err(|errors| {
+            let (slot0, slot1) = *errors;
+            JournalError::NoValidHeader {
+                device_offset: base,
+                slot0: Box::new(slot0),
+                slot1: Box::new(slot1),
+            }
+        })?;
+        let bytes = if slot == 0 { slot0 } else { slot1 };
+        JournalHeader::decode(bytes).map_err(|source| JournalError::RefusedHeader {
+            slot,
+            device_offset: base + JournalGeometry::header_slot_offset(slot),
+            source,
+        })
     }
 
     /// Device offset of ring block `index`.
@@ -78,11 +94,35 @@ impl<'a> Region<'a> {
             .map_err(|e| JournalError::io("write", offset, e))
     }
 
-    /// Writes `header` to its slot (`generation % 2`). One 512-byte,
-    /// sector-aligned write: a crash keeps or loses it whole in our device
-    /// model, and even a torn slot only fails its CRC and leaves the other,
-    /// older slot in charge.
-    pub fn write_header(&self, header: &JournalHeader) -> Result<(), JournalError> {
+    /// Makes `header` the current header: writes it to its slot
+    /// (`generation % 2`), flushes, then writes its mirror (the same
+    /// content, next generation) to the other slot. Returns the mirror's
+    /// generation, the one the next update must follow.
+    ///
+    /// Each slot write is one 512-byte, sector-aligned write: a crash keeps
+    /// or loses it whole in our device model, and even a torn slot only
+    /// fails its CRC. Before the flush the previous header is in charge;
+    /// after it `header` is, whatever became of the mirror. The mirror
+    /// needs no flush of its own: the next flush of anything (the commit
+    /// that reuses ring space, or the flush every header update starts
+    /// with) makes it durable, so a transaction that depends on this header
+    /// is never acknowledged while the other slot still describes an older
+    /// state. Precondition: the device was flushed after the previous
+    /// mirror was written, so that slot is durable before it is
+    /// overwritten.
+    pub fn publish_header(&self, header: &JournalHeader) -> Result<u64, JournalError> {
+        self.write_slot(header)?;
+        // Ordering: the new header must be durable before anything relies
+        // on it (see each caller), and before its mirror overwrites the
+        // other slot, the previous header's only copy.
+        self.flush()?;
+        let mirror = header.mirror();
+        self.write_slot(&mirror)?;
+        Ok(mirror.generation)
+    }
+
+    /// Writes `header` to its slot (`generation % 2`).
+    pub fn write_slot(&self, header: &JournalHeader) -> Result<(), JournalError> {
         let offset = self.base + JournalGeometry::header_slot_offset(header.slot());
         self.storage
             .write_at(&header.encode(), offset)

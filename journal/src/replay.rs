@@ -65,6 +65,34 @@ pub struct ReplayReport {
     pub salvaged: bool,
 }
 
+impl ReplayReport {
+    /// What an opener must tell its user about the end of the log, if
+    /// anything: a last transaction that was begun (its first block has the
+    /// magic, the checksum and the expected sequence number) but fails its
+    /// checks is dropped as a torn tail. That is the normal trace of a
+    /// crash during its commit, but the same bytes result from damage to a
+    /// transaction whose commit had returned, and nothing later in the log
+    /// can tell the two apart; so it is reported, never passed over as a
+    /// clean end. A transaction dropped for a data checksum mismatch is
+    /// not reported: the mismatch proves its commit never returned (spec
+    /// 8.6).
+    #[must_use]
+    pub fn torn_tail_warning(&self) -> Option<String> {
+        if self.end.kind != LogEndKind::TornTail || self.data_checksum_mismatch.is_some() {
+            return None;
+        }
+        Some(format!(
+            "the journal's last transaction (sequence number {seq}, ring block {block}) was begun \
+             but fails its checks ({reason}); it was dropped as a torn tail. Nothing in the journal \
+             proves that its commit was acknowledged; if it was (a flush that covered it returned), \
+             the writes of transaction {seq} are lost",
+            seq = self.end.expected_seq,
+            block = self.end.failed_block,
+            reason = self.end.reason,
+        ))
+    }
+}
+
 /// Replay's result for the journal that opens.
 pub(crate) struct Replayed {
     pub report: ReplayReport,
@@ -180,6 +208,18 @@ pub(crate) fn replay(
         revokes = RevokeTable::new();
     }
 
+    // Pass 2c: the consumer must be able to take every dedup entry of the
+    // replayed log, asked before anything is written, so that a log it
+    // cannot take is refused with the device untouched.
+    for tx in replayed {
+        for event in dedup_events(tx.seq(), &tx.parsed.descriptors) {
+            dedup.admits(&event).map_err(|reason| JournalError::Dedup {
+                seq: event.seq,
+                reason,
+            })?;
+        }
+    }
+
     // Pass 3: apply in order.
     let mut ranges = Vec::new();
     for tx in replayed {
@@ -194,27 +234,33 @@ pub(crate) fn replay(
         report.bytes_written += applied.bytes_written;
         report.bytes_revoked += applied.bytes_revoked;
         ranges.extend(applied.ranges);
-        for descriptor in &tx.parsed.descriptors {
-            let (op, entries) = match descriptor {
-                Descriptor::DedupInsert(entries) => (DedupOp::Insert, entries),
-                Descriptor::DedupDelete(entries) => (DedupOp::Delete, entries),
-                _ => continue,
-            };
-            for entry in entries {
-                let event = DedupEvent {
-                    seq,
-                    op,
-                    entry: entry.clone(),
-                };
-                dedup
-                    .consume(&event)
-                    .map_err(|reason| JournalError::Dedup { seq, reason })?;
-                report.dedup_events += 1;
-            }
+        for event in dedup_events(seq, &tx.parsed.descriptors) {
+            dedup
+                .consume(&event)
+                .map_err(|reason| JournalError::Dedup { seq, reason })?;
+            report.dedup_events += 1;
         }
         report.transactions_replayed += 1;
         report.last_replayed_seq = seq;
     }
     report.ranges_written = merge_ranges(ranges);
     Ok(Replayed { report, next_head })
+}
+
+/// The dedup entries of transaction `seq`, in log order.
+fn dedup_events(seq: u64, descriptors: &[Descriptor]) -> impl Iterator<Item = DedupEvent> + '_ {
+    descriptors
+        .iter()
+        .filter_map(|descriptor| match descriptor {
+            Descriptor::DedupInsert(entries) => Some((DedupOp::Insert, entries)),
+            Descriptor::DedupDelete(entries) => Some((DedupOp::Delete, entries)),
+            _ => None,
+        })
+        .flat_map(move |(op, entries)| {
+            entries.iter().map(move |entry| DedupEvent {
+                seq,
+                op,
+                entry: entry.clone(),
+            })
+        })
 }

@@ -130,6 +130,11 @@ pub(crate) fn scan(
         }
         region.read_blocks(pos, &mut block0)?;
         let block = match BlockHeader::decode(&block0, id) {
+            // Behind a checksum salted with this journal's id, a field the
+            // format forbids (non-zero reserved bytes, an unknown type) is
+            // a broken writer, never the end of the log: ending the log
+            // here would silently retire whatever this block starts.
+            Err(e) if !e.is_integrity() => break Failure::Invalid(e),
             Err(e) => break Failure::Missing(format!("ring block {pos}: {e}")),
             Ok(block) => block,
         };

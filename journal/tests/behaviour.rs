@@ -199,15 +199,20 @@ fn replay_applies_every_descriptor_type_and_hands_dedup_in_order() {
 fn dedup_entries_without_a_consumer_refuse_the_open() {
     let storage = MemStorage::new();
     let journal = create(&storage);
+    // A plain write first: the refusal must come before it is replayed.
+    journal.commit(tx_write(AREA + 0x8000, b"earlier")).unwrap();
     journal.commit(everything(&storage)).unwrap();
     drop(journal);
+    let before = storage.to_bytes();
     let err = Journal::open(&storage, 0, SIZE, options(), &mut NoDedup).unwrap_err();
-    assert!(matches!(err, JournalError::Dedup { seq: 1, .. }), "{err}");
+    assert!(matches!(err, JournalError::Dedup { seq: 2, .. }), "{err}");
+    assert_eq!(storage.to_bytes(), before, "a refused open writes nothing");
     // The log is still there: an open with a consumer replays it.
     let mut events = Vec::new();
     let (_, report) = Journal::open(&storage, 0, SIZE, options(), &mut events).unwrap();
-    assert_eq!(report.transactions_replayed, 1);
+    assert_eq!(report.transactions_replayed, 2);
     assert_eq!(events.len(), 2);
+    assert_eq!(read(&storage, AREA + 0x8000, 7), b"earlier");
     check_everything_applied(&storage);
 }
 
@@ -406,13 +411,19 @@ fn torn_tail_is_dropped() {
         report.end.reason
     );
     assert_eq!(report.end.expected_seq, 3);
+    // Begun but incomplete: reported, naming the transaction, because the
+    // same bytes are what damage to an acknowledged transaction leaves.
+    let warning = report.torn_tail_warning().expect("a torn tail is reported");
+    assert!(warning.contains("sequence number 3"), "{warning}");
+    assert!(warning.contains("acknowledged"), "{warning}");
     assert_eq!(read(&storage, AREA, 600), pattern(1, 600));
     assert_eq!(read(&storage, AREA + 0x1000, 600), pattern(2, 600));
     assert_eq!(read(&storage, AREA + 0x2000, 8), vec![0; 8]);
-    // Nothing of T3 at all: a clean end.
+    // Nothing of T3 at all: a clean end, nothing to report.
     let storage = torn_third_commit(&|_, _| false);
     let (journal, report) = reopen(&storage);
     assert_eq!(report.end.kind, LogEndKind::Clean);
+    assert_eq!(report.torn_tail_warning(), None);
     assert_eq!(report.transactions_replayed, 2);
     // The journal goes on after a torn tail, with new numbers for new commits.
     assert_eq!(journal.commit(tx_write(AREA + 0x3000, b"next")).unwrap(), 3);
@@ -450,6 +461,83 @@ fn dropped_tail_transactions_never_come_back() {
         vec![0; 4],
         "the dropped T2 never applies"
     );
+}
+
+/// Sets byte `at` of block `block` of the transaction at `tx_offset`
+/// (`blocks` long, commit block last) to `value`, and seals everything
+/// again with the journal's id (block checksums, transaction checksum), as
+/// a broken writer would have.
+fn poke_sealed(
+    storage: &MemStorage,
+    tx_offset: u64,
+    blocks: u64,
+    block: u64,
+    at: usize,
+    value: u8,
+) {
+    let id = dump(storage, 0, SIZE).unwrap().header.journal_id;
+    let id = u64::from_str_radix(id.trim_start_matches("0x"), 16).unwrap();
+    let bs = BLOCK as usize;
+    let mut tx = read(storage, tx_offset, blocks as usize * bs);
+    tx[block as usize * bs + at] = value;
+    let seq = u64::from_be_bytes(tx[8..16].try_into().unwrap());
+    let seal = |b: &mut [u8]| {
+        b[28..32].fill(0);
+        let crc = checksum::block_checksum(id, seq, b, 28);
+        b[28..32].copy_from_slice(&crc.to_be_bytes());
+    };
+    let commit_at = (blocks as usize - 1) * bs;
+    for b in tx[..commit_at].chunks_mut(bs) {
+        if b[..4] == *b"qjbk" {
+            seal(b);
+        }
+    }
+    let tx_crc = checksum::salted_append(checksum::salt(id, seq), &tx[..commit_at]);
+    tx[commit_at + 40..commit_at + 44].copy_from_slice(&tx_crc.to_be_bytes());
+    seal(&mut tx[commit_at..]);
+    storage.write_at(&tx, tx_offset).unwrap();
+}
+
+#[test]
+fn reserved_bytes_behind_a_good_checksum_refuse_the_log_in_every_block() {
+    // (which block of transaction 2, byte) : block 0's header reserved
+    // bytes, the bytes after its descriptors, the commit block's reserved
+    // word and its tail. Every one is invalid, never the end of the log.
+    for (block, at) in [(0u64, 6usize), (0, 25), (0, 400), (2, 44), (2, 300)] {
+        let storage = MemStorage::new();
+        let journal = create(&storage);
+        journal.commit(tx_write(AREA, b"first")).unwrap();
+        journal.commit(tx_write(AREA + 8, b"second")).unwrap();
+        drop(journal);
+        let t2 = dump(&storage, 0, SIZE).unwrap().transactions[1].clone();
+        assert_eq!((t2.descriptor_blocks, t2.data_blocks), (1, 1));
+        poke_sealed(&storage, t2.device_offset, 3, block, at, 1);
+        let before = storage.to_bytes();
+        let Err(err) = Journal::open(&storage, 0, SIZE, options(), &mut NoDedup) else {
+            panic!("block {block} byte {at}: opened");
+        };
+        match &err {
+            JournalError::InvalidTransaction { seq, source, .. } => {
+                assert_eq!(*seq, 2, "block {block} byte {at}: {err}");
+                assert!(
+                    matches!(
+                        source,
+                        JournalFormatError::Field {
+                            field: "reserved",
+                            ..
+                        }
+                    ),
+                    "block {block} byte {at}: {err}"
+                );
+            }
+            other => panic!("block {block} byte {at}: {other}"),
+        }
+        assert_eq!(storage.to_bytes(), before, "a refused open writes nothing");
+        assert_eq!(
+            dump(&storage, 0, SIZE).unwrap().log_end.kind,
+            LogEndKind::Invalid
+        );
+    }
 }
 
 #[test]
@@ -592,6 +680,11 @@ fn data_checksum_mismatch_drops_the_unanchored_tail() {
         checksum::crc32c(&pattern(7, 4096))
     );
     assert_eq!(report.end.kind, LogEndKind::TornTail);
+    assert_eq!(
+        report.torn_tail_warning(),
+        None,
+        "a mismatch proves the commit never returned"
+    );
     assert_eq!(
         read(&storage, AREA + 0x100, 7),
         vec![0; 7],
@@ -757,9 +850,11 @@ fn bad_input_is_a_typed_error_naming_the_field() {
     storage.write_at(&slots, 0).unwrap();
     let err = Journal::open(&storage, 0, SIZE, options(), &mut NoDedup).unwrap_err();
     match &err {
-        JournalError::NoValidHeader { slot1, .. } => assert!(
+        JournalError::RefusedHeader {
+            slot: 1, source, ..
+        } => assert!(
             matches!(
-                **slot1,
+                source,
                 JournalFormatError::Field {
                     field: "block_size_order",
                     offset: 12,
@@ -1174,7 +1269,7 @@ fn group_commit_shares_flushes_between_threads() {
 }
 
 #[test]
-fn a_torn_header_update_falls_back_to_the_other_slot() {
+fn a_torn_header_slot_leaves_its_mirror_in_charge() {
     let storage = MemStorage::new();
     let journal = create(&storage);
     journal.commit(tx_write(AREA, b"first")).unwrap();
@@ -1182,8 +1277,9 @@ fn a_torn_header_update_falls_back_to_the_other_slot() {
     journal.commit(tx_write(AREA + 8, b"second")).unwrap();
     let header = dump(&storage, 0, SIZE).unwrap().header;
     drop(journal);
-    // Tear the newest slot: the older one says less is synced, so replay
-    // re-applies synced transactions, which is harmless.
+    // Tear the newest slot: its mirror, one generation older, describes
+    // the same journal (same id, same synced state), so nothing synced is
+    // re-applied and nothing committed is lost.
     storage
         .write_at(
             &[0xff; 16],
@@ -1193,13 +1289,19 @@ fn a_torn_header_update_falls_back_to_the_other_slot() {
     let dumped = dump(&storage, 0, SIZE).unwrap();
     assert!(dumped.slots[header.slot].error.is_some());
     assert_eq!(dumped.header.generation, header.generation - 1);
-    // Clobber the synced target: only a replay that re-applies the synced
-    // transactions (as the older slot demands) can bring "first" back.
+    assert_eq!(
+        (
+            &dumped.header.journal_id,
+            dumped.header.synced_seq,
+            dumped.header.tail_block
+        ),
+        (&header.journal_id, header.synced_seq, header.tail_block)
+    );
     storage.write_at(b"XXXXX", AREA).unwrap();
     let (_, report) = reopen(&storage);
-    assert_eq!(report.synced_seq_before, 0);
-    assert_eq!(report.transactions_replayed, 2);
-    assert_eq!(read(&storage, AREA, 5), b"first");
+    assert_eq!(report.synced_seq_before, 1);
+    assert_eq!(report.transactions_replayed, 1);
+    assert_eq!(read(&storage, AREA, 5), b"XXXXX", "synced, not re-applied");
     assert_eq!(read(&storage, AREA + 8, 6), b"second");
     let slots = read(&storage, 0, 1024);
     let headers: Vec<_> = slots
@@ -1207,6 +1309,49 @@ fn a_torn_header_update_falls_back_to_the_other_slot() {
         .filter_map(|s| JournalHeader::decode(s).ok())
         .collect();
     assert_eq!(headers.len(), 2, "the open rewrote the torn slot");
+    assert_eq!(headers[0].journal_id, headers[1].journal_id);
+}
+
+#[test]
+fn a_newer_slot_with_unknown_fields_refuses_instead_of_falling_back() {
+    let storage = MemStorage::new();
+    let journal = create(&storage);
+    journal.commit(tx_write(AREA, b"first")).unwrap();
+    let header = dump(&storage, 0, SIZE).unwrap().header;
+    drop(journal);
+    // The newest slot gains an unknown incompatible feature bit (sealed
+    // again, as a future writer would): the journal is refused, the older
+    // slot does not take over, and nothing is written.
+    let at = JournalGeometry::header_slot_offset(header.slot);
+    let mut slot = read(&storage, at, 512);
+    slot[55] |= 1;
+    let crc = checksum::crc32c(&slot[..508]);
+    slot[508..].copy_from_slice(&crc.to_be_bytes());
+    storage.write_at(&slot, at).unwrap();
+    let before = read(&storage, 0, SIZE as usize + 4096);
+    let err = Journal::open(&storage, 0, SIZE, options(), &mut NoDedup).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            JournalError::RefusedHeader {
+                source: JournalFormatError::Field {
+                    field: "incompatible_features",
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("slot {}", header.slot)),
+        "{err}"
+    );
+    assert!(matches!(
+        dump(&storage, 0, SIZE),
+        Err(JournalError::RefusedHeader { .. })
+    ));
+    assert_eq!(read(&storage, 0, SIZE as usize + 4096), before);
 }
 
 proptest::proptest! {

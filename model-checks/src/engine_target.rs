@@ -281,6 +281,15 @@ impl CrashTarget for EngineTarget {
         check_device(&*dev)
     }
 
+    fn check_unrecovered(
+        &self,
+        dev: Arc<dyn Storage>,
+    ) -> Result<Option<CheckSummary>, TargetError> {
+        // Read-only: `check` replays a dirty journal in memory before it
+        // judges the header against the file (spec 3.2).
+        check_device(&*dev).map(Some)
+    }
+
     fn leaks_allowed(&self) -> bool {
         self.backend == EngineBackend::Ordered
     }

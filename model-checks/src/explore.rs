@@ -487,6 +487,9 @@ impl Inner {
         model: &GuestModel,
         path: &CrashPath,
     ) -> Result<Option<(Observed, u64)>, HarnessError> {
+        if !self.check_unrecovered(image, path) {
+            return Ok(None);
+        }
         let dev = self.new_device(image.clone());
         let disk = match self.target.open(dev.clone(), self.backing.clone()) {
             Ok(disk) => disk,
@@ -558,6 +561,43 @@ impl Inner {
             self.qemu_check(recovered, path)?;
         }
         Ok(Some((observed, recovery_ops)))
+    }
+
+    /// Checks `image` as the crash left it, read-only, before recovery:
+    /// a crashed image must make sense to the checker without being opened
+    /// read-write first (a `qj check` run right after the power cut). Only
+    /// failures and corruptions count here; leaks are judged after
+    /// recovery, which may free what the crash left allocated. Returns
+    /// whether the image passed (a violation was recorded if not).
+    fn check_unrecovered(&self, image: &Medium, path: &CrashPath) -> bool {
+        let summary = match self
+            .target
+            .check_unrecovered(self.new_device(image.clone()))
+        {
+            Ok(None) => return true,
+            Ok(Some(summary)) => summary,
+            Err(error) => {
+                self.violation(
+                    CheckKind::CheckFailed,
+                    format!("check of the unrecovered image failed: {error}"),
+                    path.clone(),
+                );
+                return false;
+            }
+        };
+        self.stats.lock().unrecovered_checks += 1;
+        if summary.corruptions > 0 {
+            self.violation(
+                CheckKind::Corruption,
+                format!(
+                    "check of the unrecovered image found {} corruptions ({} leaks)",
+                    summary.corruptions, summary.leaks
+                ),
+                path.clone(),
+            );
+            return false;
+        }
+        true
     }
 
     fn qemu_check(&self, recovered: Medium, path: &CrashPath) -> Result<(), HarnessError> {

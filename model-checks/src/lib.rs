@@ -9,7 +9,9 @@
 //! model ([`GuestModel`]):
 //!
 //! - (a) the target's own check finds no corruption, and no leak where the
-//!   target allows none (leaks are counted);
+//!   target allows none (leaks are counted); for targets that can, the
+//!   check also runs read-only on the image as the crash left it, before
+//!   recovery, and finds no corruption there either;
 //! - (b) every guest sector holds a content it may hold;
 //! - (c) nothing a completed flush made durable is lost;
 //! - (d) crashing during recovery and recovering again gives the same

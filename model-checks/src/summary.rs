@@ -46,6 +46,9 @@ pub struct TargetSummary {
     pub leaked_clusters_max: u64,
     /// Images also checked by `qemu-img`.
     pub qemu_checks: u64,
+    /// Crash images also checked as the crash left them, before recovery
+    /// (read-only).
+    pub unrecovered_checks: u64,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -82,7 +85,7 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:<36} {:>9} {:>7} {:>10} {:>8} {:>8} {:>10} {:>11} {:>9} {:>6} {:>10}",
+            "{:<36} {:>9} {:>7} {:>10} {:>8} {:>8} {:>10} {:>11} {:>9} {:>6} {:>10} {:>10}",
             "target",
             "workloads",
             "points",
@@ -93,12 +96,13 @@ impl fmt::Display for Summary {
             "leaky st.",
             "leaks max",
             "qemu",
+            "unrecov.",
             "states/s"
         )?;
         for r in &self.rows {
             writeln!(
                 f,
-                "{:<36} {:>9} {:>7} {:>10} {:>8} {:>8} {:>10} {:>11} {:>9} {:>6} {:>10.0}",
+                "{:<36} {:>9} {:>7} {:>10} {:>8} {:>8} {:>10} {:>11} {:>9} {:>6} {:>10} {:>10.0}",
                 r.target,
                 r.workloads,
                 r.crash_points,
@@ -109,6 +113,7 @@ impl fmt::Display for Summary {
                 r.states_with_leaks,
                 r.leaked_clusters_max,
                 r.qemu_checks,
+                r.unrecovered_checks,
                 r.states_per_second()
             )?;
         }

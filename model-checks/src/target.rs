@@ -94,6 +94,18 @@ pub trait CrashTarget: Send + Sync {
     /// Checks the image's metadata consistency. Must not write to `dev`.
     fn check(&self, dev: Arc<dyn Storage>) -> Result<CheckSummary, TargetError>;
 
+    /// Checks the image as the crash left it, before any recovery (a
+    /// checker must make sense of a crashed image without writing: a dirty
+    /// journal is replayed in memory). Must not write to `dev`. `None` for
+    /// targets whose checker needs recovery first (the default).
+    fn check_unrecovered(
+        &self,
+        dev: Arc<dyn Storage>,
+    ) -> Result<Option<CheckSummary>, TargetError> {
+        let _ = dev;
+        Ok(None)
+    }
+
     /// Whether leaks are acceptable after a crash (flush ordering may leak
     /// clusters; a journal must not).
     fn leaks_allowed(&self) -> bool;

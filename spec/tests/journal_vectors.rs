@@ -181,6 +181,68 @@ fn header_slot_vector() {
 }
 
 #[test]
+fn header_area_vector() {
+    // A header update: the header goes to slot generation % 2 (slot 1),
+    // then its mirror, one generation later, to the other slot.
+    let header = header();
+    let mirror = header.mirror();
+    let mut area = vec![0u8; 1024];
+    area[header.slot() * 512..][..512].copy_from_slice(&header.encode());
+    area[mirror.slot() * 512..][..512].copy_from_slice(&mirror.encode());
+    assert_vector("header-area", &area);
+    let documented = vector("header-area");
+    let (slot0, slot1) = documented.split_at(512);
+    assert_eq!(JournalHeader::newest_sealed(slot0, slot1), Ok(0));
+    assert_eq!(JournalHeader::decode(slot0), Ok(mirror));
+    assert_eq!(JournalHeader::decode(slot1), Ok(header));
+    // The two slots differ in the generation and the checksum only.
+    let differing: Vec<usize> = (0..512).filter(|i| slot0[*i] != slot1[*i]).collect();
+    assert!(
+        differing.iter().all(|i| (32..40).contains(i) || *i >= 508),
+        "{differing:?}"
+    );
+    for slot in [slot0, slot1] {
+        let crc = u32::from_be_bytes(slot[508..512].try_into().unwrap());
+        assert_eq!(crc, crc32c_bitwise(0, &slot[..508]));
+    }
+}
+
+#[test]
+fn reserved_byte_vector() {
+    // A padding block with a non-zero reserved byte, sealed: it passes its
+    // checksum and is refused as a field error, never taken as the end of
+    // the log.
+    let mut bytes = encode_padding(512, JOURNAL_ID, 43);
+    bytes[7] = 1;
+    bytes[BLOCK_CRC_OFFSET..BLOCK_CRC_OFFSET + 4].fill(0);
+    let crc = qj_spec::journal::checksum::block_checksum(JOURNAL_ID, 43, &bytes, BLOCK_CRC_OFFSET);
+    bytes[BLOCK_CRC_OFFSET..BLOCK_CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+    assert_vector("reserved-byte", &bytes);
+    let documented = vector("reserved-byte");
+    let mut salted = JOURNAL_ID.to_be_bytes().to_vec();
+    salted.extend_from_slice(&43u64.to_be_bytes());
+    let mut zeroed = documented.clone();
+    zeroed[BLOCK_CRC_OFFSET..BLOCK_CRC_OFFSET + 4].fill(0);
+    salted.extend_from_slice(&zeroed);
+    let crc = u32::from_be_bytes(documented[28..32].try_into().unwrap());
+    assert_eq!(crc, crc32c_bitwise(0, &salted), "the checksum holds");
+    let err = BlockHeader::decode(&documented, JOURNAL_ID).unwrap_err();
+    assert!(!err.is_integrity(), "{err}");
+    assert!(
+        matches!(
+            err,
+            qj_spec::journal::JournalFormatError::Field {
+                field: "reserved",
+                offset: 6,
+                value: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn padding_block_vector() {
     let bytes = encode_padding(512, JOURNAL_ID, 43);
     assert_vector("padding-block", &bytes);
@@ -235,5 +297,14 @@ fn transaction_vector() {
 #[test]
 fn every_vector_in_the_document_is_checked() {
     let names: Vec<String> = vectors().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, ["header-slot", "padding-block", "transaction"]);
+    assert_eq!(
+        names,
+        [
+            "header-slot",
+            "header-area",
+            "padding-block",
+            "reserved-byte",
+            "transaction"
+        ]
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use qj_engine::check::{check, CheckReport, RepairMode};
+use qj_engine::check::{check, salvage_journal, CheckReport, RepairMode};
 use qj_engine::{FileStorage, Image};
 use qj_spec::FormatError;
 use serde::Serialize;
@@ -197,10 +197,21 @@ pub fn run(args: CheckArgs) -> CliResult<u8> {
         .map_err(io(format!("opening {}", quoted(path))))?;
     refuse_unsupported(&storage, path)?;
     crate::cmd::info::warn_about_chain(path)?;
-    let report = check(&storage, mode, &[]).map_err(|source| CliError::Check {
+    let check_error = |source| CliError::Check {
         what: format!("checking {}", quoted(path)),
         source,
-    })?;
+    };
+    if mode == RepairMode::All {
+        // A dirty journal that cannot be replayed is salvaged first: the
+        // repair below then works on the metadata the salvage left.
+        for line in salvage_journal(&storage)
+            .map_err(check_error)?
+            .unwrap_or_default()
+        {
+            eprintln!("{line}");
+        }
+    }
+    let report = check(&storage, mode, &[]).map_err(check_error)?;
     for message in report.messages.iter().filter(|m| *m != DOUBLE_CHECK) {
         eprintln!("{message}");
     }

@@ -643,6 +643,7 @@ fn merge_into(into: &mut TargetSummary, row: &TargetSummary) {
     into.leaked_clusters += row.leaked_clusters;
     into.leaked_clusters_max = into.leaked_clusters_max.max(row.leaked_clusters_max);
     into.qemu_checks += row.qemu_checks;
+    into.unrecovered_checks += row.unrecovered_checks;
     into.elapsed += row.elapsed;
 }
 
@@ -699,6 +700,7 @@ struct JsonTarget {
     leaked_clusters: u64,
     leaked_clusters_max: u64,
     qemu_checks: u64,
+    unrecovered_checks: u64,
     states_per_s: f64,
 }
 
@@ -738,6 +740,7 @@ impl JsonTarget {
             leaked_clusters: row.leaked_clusters,
             leaked_clusters_max: row.leaked_clusters_max,
             qemu_checks: row.qemu_checks,
+            unrecovered_checks: row.unrecovered_checks,
             states_per_s: row.states_per_second(),
         }
     }

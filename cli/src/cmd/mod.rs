@@ -18,7 +18,7 @@ pub mod serve;
 use std::path::Path;
 
 use qj_engine::lock::ImageLock;
-use qj_engine::LockMode;
+use qj_engine::{Image, LockMode};
 
 use crate::error::{engine, quoted, CliError, CliResult};
 
@@ -96,5 +96,22 @@ pub fn require_qcow2(format: Option<&str>, command: &str) -> CliResult<()> {
         Some(other) => Err(CliError::Usage(format!(
             "{command}: format '{other}' is not supported (qcow2 only)"
         ))),
+    }
+}
+
+/// Tells the user on stderr what opening `image` (at `path`) found in its
+/// journal that they must hear about: a dropped last transaction that may
+/// have been acknowledged is never passed over in silence.
+pub fn warn_about_replay(image: &Image, path: &Path) {
+    let warning = image
+        .info()
+        .ok()
+        .and_then(|info| info.journal)
+        .and_then(|journal| journal.replay_warning);
+    if let Some(warning) = warning {
+        eprintln!(
+            "{}",
+            crate::error::one_line(&format!("qj: warning: {}: {warning}", quoted(path)))
+        );
     }
 }

@@ -132,6 +132,8 @@ pub struct JournalBackend {
     checkpoint_bytes: AtomicU64,
     /// Transactions replayed when the journal was opened.
     replayed: u64,
+    /// What that replay found that the user must hear about.
+    replay_warning: Option<String>,
     /// Whether partial writes into shared clusters delay their copy.
     delayed_cow: bool,
     /// Delayed copies not yet synced (rule 6).
@@ -209,10 +211,11 @@ impl JournalBackend {
         } else {
             ReplayMode::InMemory
         };
-        let (journal, report) =
-            Journal::open(storage, offset.0, size_bytes, options, &mut NoDedup).map_err(|e| {
+        let (journal, report) = Journal::open(storage, offset.0, size_bytes, options, &mut NoDedup)
+            .map_err(|e| {
                 Error::Journal(format!(
-                    "{e}; the image's committed metadata could not be replayed (run `qj check` for details)"
+                    "{e}; the image's committed metadata could not be replayed ({})",
+                    crate::backend::journal_usable::SALVAGE_ADVICE
                 ))
             })?;
         let overlay = if writable {
@@ -237,6 +240,7 @@ impl JournalBackend {
             folded: Mutex::new(JournalStats::default()),
             checkpoint_bytes: AtomicU64::new(0),
             replayed: report.transactions_replayed,
+            replay_warning: report.torn_tail_warning(),
             delayed_cow,
             copies: Mutex::new(PendingCopies::default()),
             copy_count: AtomicUsize::new(0),
@@ -767,6 +771,7 @@ impl MetadataBackend for JournalBackend {
             dirty_bit: self.dirty_bit_on_disk.load(Ordering::SeqCst),
             replayed_transactions: self.replayed,
             log_data: self.log_fresh_data,
+            replay_warning: self.replay_warning.clone(),
         })
     }
 

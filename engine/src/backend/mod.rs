@@ -18,6 +18,7 @@
 
 pub mod delayed_cow;
 pub mod journal;
+pub(crate) mod journal_usable;
 pub mod logged_data;
 pub mod ordered;
 
@@ -139,6 +140,9 @@ pub struct JournalInfo {
     /// Whether small writes into fresh clusters travel in the journal
     /// (logged data) on this open.
     pub log_data: bool,
+    /// What the last open's replay found that the user must hear about (a
+    /// torn last transaction that may have been acknowledged).
+    pub replay_warning: Option<String>,
 }
 
 /// Which backend an image runs on.

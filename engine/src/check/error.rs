@@ -26,8 +26,19 @@ pub enum CheckError {
     /// The journal holds committed transactions not yet written to the
     /// metadata: the metadata on disk is stale, and a repair made from it
     /// would be overwritten (or worse, contradicted) by the replay.
-    #[error("the journal is dirty (incompatible bit 60): replay it before repairing")]
+    #[error(
+        "the journal is dirty (incompatible bit 60): it holds committed metadata that is not in \
+         place yet, and a repair made without it would be undone by its replay; replay it first \
+         by opening the image read-write (for example `qj io -c flush FILE`), then repair"
+    )]
     JournalDirty,
+    /// The journal is dirty but cannot be replayed (damaged, or not to be
+    /// found): only `qj check -r all`, which salvages it first, may repair.
+    #[error(
+        "the journal is dirty and cannot be replayed: {0}; only `qj check -r all` repairs it: it \
+         applies what can be replayed, drops the rest and repairs the image"
+    )]
+    JournalUnreplayable(String),
     /// The image has more clusters than the checker will hold in memory.
     #[error("image too large to check: {clusters} clusters")]
     TooLarge {

@@ -56,21 +56,21 @@ pub(crate) struct Image {
 }
 
 impl Image {
-    /// Reads and validates the header as QEMU's open does, then loads the
-    /// refcount table and the active L1 table.
-    pub fn load(storage: &dyn Storage) -> Result<Image, CheckError> {
+    /// Reads and decodes the header, without validating it against the
+    /// file: a dirty journal may have to be replayed first (spec 3.2), and
+    /// the replay may change the header or reach past the end of the file.
+    pub fn read_header(storage: &dyn Storage) -> Result<Header, CheckError> {
         let file_len = storage
             .len()
             .map_err(CheckError::io("reading the file length"))?;
         // A file shorter than the fixed header is truncated, said as
         // such (the same words as an open), not a field of zeros.
         if file_len < u64::from(HEADER_V3_MIN_LEN) {
-            let have = usize::try_from(file_len).unwrap_or(usize::MAX);
             Header::decode(&read_vec(storage, 0, file_len, "the header")?)?;
             return Err(FormatError::Truncated {
                 structure: "qcow2 header",
                 need: u64::from(HEADER_V3_MIN_LEN),
-                have: have as u64,
+                have: file_len,
             }
             .into());
         }
@@ -88,7 +88,17 @@ impl Image {
         // Read the whole header cluster; Header::decode treats missing bytes
         // of a short file as zeros.
         let cluster = read_vec(storage, 0, 1u64 << cluster_bits, "the header cluster")?;
-        let header = Header::decode(&cluster)?;
+        Ok(Header::decode(&cluster)?)
+    }
+
+    /// Reads and validates the header as QEMU's open does, then loads the
+    /// refcount table and the active L1 table.
+    pub fn load(storage: &dyn Storage) -> Result<Image, CheckError> {
+        let file_len = storage
+            .len()
+            .map_err(CheckError::io("reading the file length"))?;
+        let header = Self::read_header(storage)?;
+        let cluster_bits = header.cluster_bits;
         // The snapshot table is validated by the check itself (QEMU's open
         // skips it in check mode so that `check -r all` can repair it).
         let mut layout = header.clone();

@@ -1,24 +1,25 @@
 //! A check of an image whose journal is dirty: the metadata in place is
 //! stale until the journal's committed transactions are applied, so the
-//! check replays them in memory first and checks the metadata as replay
-//! leaves it, writing nothing. A journal that cannot be replayed (damaged in
-//! the middle of its log: a committed transaction is lost) is itself a
+//! check replays them in memory first (before it validates the header
+//! against the file: replay may write the header and tables past the end of
+//! the file, spec 3.2) and checks the metadata as replay leaves it, writing
+//! nothing. A journal that cannot be replayed (damaged in the middle of its
+//! log: a committed transaction is lost) or cannot be found is itself a
 //! corruption, reported with what the journal found, and the metadata in
 //! place is checked as it stands.
 
 use std::io;
 
 use qj_journal::{Journal, JournalOptions, NoDedup, Overlay, ReplayMode, Storage};
-use qj_spec::qcow2::features::{AUTOCLEAR_JOURNAL_VALID_BIT, INCOMPAT_JOURNAL_DIRTY_BIT};
-use qj_spec::qcow2::Header;
+use qj_spec::qcow2::{get_refcount, Header};
 
+use super::error::CheckError;
+use super::image::{Image, REFT_OFFSET_MASK};
 use crate::backend::journal::{commit_protocol, DEVICE_LIMIT_BYTES};
+use crate::backend::journal_usable::{extension_inside_file, missing_dirty_journal};
 
-/// What the check does with the image's journal.
+/// What the check found in the dirty journal of an image.
 pub(crate) enum JournalState {
-    /// No journal, a clean one, or one a program that does not know it
-    /// invalidated: the metadata in place is the image's.
-    InPlace,
     /// A dirty journal replayed in memory: `overlay` holds the metadata
     /// writes of `transactions` committed transactions.
     Replayed {
@@ -26,21 +27,30 @@ pub(crate) enum JournalState {
         overlay: Overlay,
         /// How many transactions they came from.
         transactions: u64,
+        /// What replay found that the user must hear about (a torn last
+        /// transaction that may have been acknowledged).
+        warning: Option<String>,
     },
-    /// A dirty journal whose replay failed: why.
+    /// A dirty journal whose log is damaged (in the middle, an invalid
+    /// transaction, a refused header): why. `qj check -r all` salvages.
     Unreplayable(String),
+    /// The dirty bit is set but there is no journal to replay (the
+    /// extension is missing, or "journal valid" is clear): what happened.
+    Missing(String),
 }
 
-/// Replays the dirty journal of the image on `storage` in memory, if it has
-/// one that counts (valid, autoclear bit 60).
+/// Replays the dirty journal of the image on `storage` in memory.
+/// `header` has the journal-dirty bit set.
 pub(crate) fn replay_dirty_journal(storage: &dyn Storage, header: &Header) -> JournalState {
+    if let Some(why) = missing_dirty_journal(header) {
+        return JournalState::Missing(why);
+    }
     let Some(ext) = header.journal() else {
-        return JournalState::InPlace;
+        return JournalState::Missing("the image has no qjournal extension".into());
     };
-    if !header.has_incompatible(INCOMPAT_JOURNAL_DIRTY_BIT)
-        || !header.has_autoclear(AUTOCLEAR_JOURNAL_VALID_BIT)
-    {
-        return JournalState::InPlace;
+    let file_len = storage.len().unwrap_or(0);
+    if let Err(why) = extension_inside_file(&ext, file_len) {
+        return JournalState::Unreplayable(why);
     }
     let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
     options.commit_protocol = commit_protocol(&ext);
@@ -49,6 +59,7 @@ pub(crate) fn replay_dirty_journal(storage: &dyn Storage, header: &Header) -> Jo
         Ok((journal, report)) => JournalState::Replayed {
             overlay: journal.overlay().clone(),
             transactions: report.transactions_replayed,
+            warning: report.torn_tail_warning(),
         },
         Err(e) => JournalState::Unreplayable(format!(
             "journal at {:#x} ({} bytes): {e}",
@@ -63,12 +74,28 @@ pub(crate) fn replay_dirty_journal(storage: &dyn Storage, header: &Header) -> Jo
 pub(crate) struct ReplayedStorage<'a> {
     inner: &'a dyn Storage,
     overlay: &'a Overlay,
+    /// The image reaches at least this far (see [`Self::reaching`]).
+    len_floor: u64,
 }
 
 impl<'a> ReplayedStorage<'a> {
     /// `overlay` laid over `inner`.
     pub(crate) fn new(inner: &'a dyn Storage, overlay: &'a Overlay) -> Self {
-        Self { inner, overlay }
+        Self {
+            inner,
+            overlay,
+            len_floor: 0,
+        }
+    }
+
+    /// The same view, reaching at least `len_floor` bytes: the read-write
+    /// open that replays extends the file over every cluster the replayed
+    /// refcounts count (a commit can be durable while the write that
+    /// extended the file for its all-zero data is not, and its data
+    /// checksum still matches the zeros read past the end), so the image
+    /// as replay leaves it reaches that far, reading zeros.
+    pub(crate) fn reaching(self, len_floor: u64) -> Self {
+        Self { len_floor, ..self }
     }
 
     fn refuse() -> io::Error {
@@ -95,10 +122,44 @@ impl Storage for ReplayedStorage<'_> {
     fn len(&self) -> io::Result<u64> {
         // Replay may write tables past the end of the file (an L2 table
         // allocated at the end whose in-place write never happened).
-        Ok(self.inner.len()?.max(self.overlay.end()))
+        Ok(self
+            .inner
+            .len()?
+            .max(self.overlay.end())
+            .max(self.len_floor))
     }
 
     fn set_len(&self, _: u64) -> io::Result<()> {
         Err(Self::refuse())
     }
+}
+
+/// One past the last cluster the refcounts of `image` (read through
+/// `storage`) count, in bytes: how far the read-write open that replays
+/// extends the file. Reads each refcount block once; bounded by the
+/// refcount table.
+pub(crate) fn counted_end(storage: &dyn Storage, image: &Image) -> Result<u64, CheckError> {
+    let g = image.geometry;
+    let per_block = g.refcounts_per_block();
+    let mut block = vec![0u8; g.cluster_size() as usize];
+    for (index, entry) in image.reftable.iter().enumerate().rev() {
+        let offset = entry & REFT_OFFSET_MASK;
+        if offset == 0 || !g.is_aligned(offset) {
+            // Misaligned blocks are the checker's to report.
+            continue;
+        }
+        storage
+            .read_at(&mut block, offset)
+            .map_err(CheckError::io(format!(
+                "reading the refcount block at {offset:#x}"
+            )))?;
+        if let Some(last) = (0..per_block)
+            .rev()
+            .find(|i| get_refcount(&block, *i, g.refcount_order) != 0)
+        {
+            let cluster = index as u64 * per_block + last;
+            return Ok((cluster + 1).saturating_mul(g.cluster_size()));
+        }
+    }
+    Ok(0)
 }

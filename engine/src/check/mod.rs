@@ -33,6 +33,7 @@ mod journal;
 mod rebuild;
 mod refcounts;
 mod report;
+mod salvage;
 mod snapshot_rewrite;
 mod snapshots;
 mod walk;
@@ -43,12 +44,14 @@ use qj_spec::qcow2::features::{
 };
 use qj_spec::units::HostOffset;
 
+use crate::backend::journal_usable::SALVAGE_ADVICE;
 use checker::Checker;
 pub use error::CheckError;
 use image::Image;
 use journal::{JournalState, ReplayedStorage};
 use report::Tally;
 pub use report::{CheckReport, MESSAGES_MAX};
+pub use salvage::salvage_journal;
 
 /// What `check` may change.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -123,41 +126,56 @@ fn check_pass(
     mode: RepairMode,
     extra_refs: &[(HostOffset, u64)],
 ) -> Result<Pass, CheckError> {
-    let image = Image::load(storage)?;
-    if !image.header.has_incompatible(INCOMPAT_JOURNAL_DIRTY_BIT) {
+    // Decoded only: the header is validated against the file after a
+    // dirty journal's replay, which may change it or write the tables it
+    // names past the end of the file (spec 3.2; a crash during a
+    // checkpoint leaves exactly that).
+    let header = Image::read_header(storage)?;
+    if !header.has_incompatible(INCOMPAT_JOURNAL_DIRTY_BIT) {
+        let image = Image::load(storage)?;
         return check_image(storage, mode, extra_refs, image, &[], 0);
     }
+    let state = journal::replay_dirty_journal(storage, &header);
     // A dirty journal holds committed metadata not yet in place: a repair
     // made from the stale metadata would be contradicted by the replay, so
-    // only the read-write open that replays it may come first.
+    // only the read-write open that replays it may come first (or, if it
+    // cannot be replayed, the salvage of `qj check -r all`).
     if mode != RepairMode::None {
-        return Err(CheckError::JournalDirty);
+        return Err(match state {
+            JournalState::Replayed { .. } => CheckError::JournalDirty,
+            JournalState::Unreplayable(why) | JournalState::Missing(why) => {
+                CheckError::JournalUnreplayable(why)
+            }
+        });
     }
-    match journal::replay_dirty_journal(storage, &image.header) {
+    match state {
         JournalState::Replayed {
             overlay,
             transactions,
+            warning,
         } => {
             let replayed = ReplayedStorage::new(storage, &overlay);
             // Header fields are journalled too: load the image again.
             let image = Image::load(&replayed)?;
-            let note = format!(
+            let counted_end = journal::counted_end(&replayed, &image)?;
+            let replayed = replayed.reaching(counted_end);
+            let mut notes = vec![format!(
                 "The journal is dirty: {transactions} committed transaction(s) replayed in memory; checking the metadata as replayed"
-            );
-            check_image(&replayed, mode, extra_refs, image, &[note], 0)
+            )];
+            notes.extend(warning.map(|w| format!("WARNING {w}")));
+            check_image(&replayed, mode, extra_refs, image, &notes, 0)
         }
-        JournalState::Unreplayable(why) => {
+        JournalState::Unreplayable(why) | JournalState::Missing(why) => {
             // Committed metadata the image cannot get back: a corruption,
             // never a silent loss.
+            let image = Image::load(storage)?;
             let notes = [
                 format!("ERROR {why}"),
-                "WARNING the journal's committed transactions cannot be replayed: this is the metadata as it was before them".to_string(),
+                format!(
+                    "WARNING the journal's committed transactions cannot be replayed: this is the metadata as it was before them; {SALVAGE_ADVICE}"
+                ),
             ];
             check_image(storage, mode, extra_refs, image, &notes, 1)
-        }
-        JournalState::InPlace => {
-            let note = "WARNING the journal is dirty: this is the metadata as it was before the journal's replay".to_string();
-            check_image(storage, mode, extra_refs, image, &[note], 0)
         }
     }
 }

@@ -298,17 +298,32 @@ fn repair_clears_the_dirty_bit_and_refuses_a_dirty_journal() {
     check(&img.storage, RepairMode::Leaks, &[]).unwrap();
     assert!(!img.header().is_dirty());
 
+    // The journal dirty bit without a journal: its committed transactions
+    // cannot be found. A corruption, with what to do; a repair is refused
+    // until the salvage has dropped the bit.
     let mut h = img.header();
     h.incompatible_features |= INCOMPAT_JOURNAL_DIRTY_MASK;
     img.set_header(&h);
-    assert!(matches!(
-        check(&img.storage, RepairMode::All, &[]),
-        Err(CheckError::JournalDirty)
-    ));
+    let err = check(&img.storage, RepairMode::All, &[]).unwrap_err();
+    assert!(matches!(err, CheckError::JournalUnreplayable(_)), "{err}");
+    assert!(err.to_string().contains("qj check -r all"), "{err}");
+    let report = check(&img.storage, RepairMode::None, &[]).unwrap();
+    assert_eq!(report.corruptions, 1, "{report:?}");
     assert!(
-        check(&img.storage, RepairMode::None, &[]).unwrap().messages[0]
-            .contains("journal is dirty")
+        report.messages[0].contains("no qjournal extension"),
+        "{report:?}"
     );
+    let salvaged = crate::check::salvage_journal(&img.storage)
+        .unwrap()
+        .expect("salvaged");
+    assert!(
+        salvaged.iter().any(|l| l.contains("transactions are lost")),
+        "{salvaged:?}"
+    );
+    assert!(!img.header().has_incompatible(60));
+    assert!(check(&img.storage, RepairMode::All, &[])
+        .unwrap()
+        .is_clean());
 }
 
 #[test]

@@ -12,6 +12,7 @@ use qj_spec::units::{Geometry, HostOffset};
 use super::backing::ChainWalk;
 use super::{HeaderState, Image, L1State};
 use crate::backend::journal::JournalBackend;
+use crate::backend::journal_usable;
 use crate::backend::ordered::FlushOrdering;
 use crate::backend::{BackendKind, MetadataBackend};
 use crate::cache::TableCache;
@@ -145,6 +146,12 @@ impl Image {
         chain: &mut ChainWalk,
     ) -> Result<Image> {
         let header = Self::read_header(&*storage)?;
+        if let Some(why) = journal_usable::missing_dirty_journal(&header) {
+            return Err(Error::Journal(format!(
+                "{why}; {}",
+                journal_usable::SALVAGE_ADVICE
+            )));
+        }
         // The corrupt bit is written in place only (`guard.rs`): a journal
         // replayed now would bring back a header without it, so a writable
         // open is refused here, before replay writes anything.
@@ -168,6 +175,12 @@ impl Image {
             return Self::recreate_journal(storage, opts, ext);
         }
         let file_len = storage.len().ctx(|| "reading the image length".into())?;
+        journal_usable::extension_inside_file(&ext, file_len).map_err(|why| {
+            Error::Journal(format!(
+                "{why}: the file was truncated or the extension is damaged; {}",
+                journal_usable::SALVAGE_ADVICE
+            ))
+        })?;
         let cs = header.geometry().cluster_size();
         let field = |name: &'static str, reason: String| {
             Error::Format(qj_spec::error::FormatError::Field {

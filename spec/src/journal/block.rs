@@ -13,7 +13,7 @@
 //! | 24-27 | reserved (zero)                                         |
 //! | 28-31 | CRC32C salted with (journal_id, sequence), field as 0   |
 
-use super::bytes::{be_u16, be_u32, be_u64, put_u16, put_u32, put_u64, slice};
+use super::bytes::{be_u16, be_u32, be_u64, put_u16, put_u32, put_u64, reserved_zero, slice};
 use super::checksum::block_checksum;
 use super::error::JournalFormatError;
 
@@ -159,6 +159,10 @@ impl BlockHeader {
                 "must be zero outside descriptor blocks",
             ));
         }
+        if block_type == BlockType::Padding {
+            // A padding block is nothing but its header.
+            reserved_zero(block, BLOCK_HEADER_BYTES, 0, STRUCTURE)?;
+        }
         Ok(header)
     }
 }
@@ -220,6 +224,37 @@ mod tests {
             Err(JournalFormatError::BadMagic { .. })
         ));
         assert!(BlockHeader::decode(&block[..10], 77).is_err());
+    }
+
+    #[test]
+    fn non_zero_reserved_bytes_behind_a_good_checksum_are_structural() {
+        // (flipped byte, offset of the field the error names)
+        for (at, field_at) in [
+            (6, 6),
+            (7, 6),
+            (24, 24),
+            (27, 24),
+            (32, 32),
+            (300, 300),
+            (511, 511),
+        ] {
+            let mut block = encode_padding(512, 5, 1);
+            block[at] = 1;
+            seal_block(&mut block, 5);
+            let err = BlockHeader::decode(&block, 5).unwrap_err();
+            assert!(!err.is_integrity(), "byte {at}: {err}");
+            assert_eq!(err.offset(), Some(field_at), "byte {at}: {err}");
+            assert!(
+                matches!(
+                    err,
+                    JournalFormatError::Field {
+                        field: "reserved",
+                        ..
+                    }
+                ),
+                "byte {at}: {err}"
+            );
+        }
     }
 
     #[test]

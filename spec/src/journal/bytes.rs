@@ -74,3 +74,27 @@ pub(crate) fn put_u32(buf: &mut [u8], offset: usize, value: u32) {
 pub(crate) fn put_u64(buf: &mut [u8], offset: usize, value: u64) {
     buf[offset..offset + 8].copy_from_slice(&value.to_be_bytes());
 }
+
+/// Checks that the reserved bytes `bytes[from..]` are zero, the one rule
+/// for every reserved byte of a checksummed structure (spec 1): writers
+/// write zeros, readers refuse anything else as a field error, so that a
+/// block that passes its checksum is never mistaken for the end of a log.
+/// `base` is the offset of `bytes` in the caller's structure.
+pub(crate) fn reserved_zero(
+    bytes: &[u8],
+    from: usize,
+    base: u64,
+    structure: &'static str,
+) -> Result<(), JournalFormatError> {
+    let tail = bytes.get(from..).unwrap_or(&[]);
+    match tail.iter().position(|b| *b != 0) {
+        None => Ok(()),
+        Some(at) => Err(JournalFormatError::field(
+            structure,
+            "reserved",
+            base + (from + at) as u64,
+            u64::from(tail[at]),
+            "reserved bytes must be zero",
+        )),
+    }
+}

@@ -12,7 +12,7 @@
 //! followed by `count` entries of the type's layout, zero-padded to the
 //! size. A descriptor never spans two blocks.
 
-use super::bytes::{be_u16, be_u32, be_u64, put_u16, put_u32, put_u64, slice};
+use super::bytes::{be_u16, be_u32, be_u64, put_u16, put_u32, put_u64, reserved_zero, slice};
 use super::error::JournalFormatError;
 
 /// Bytes of the common descriptor header.
@@ -395,7 +395,8 @@ impl Descriptor {
                     "does not match the entry count",
                 ));
             }
-            Ok(())
+            // The padding to a multiple of 8 after the entries.
+            reserved_zero(body, count_usize * entry_bytes, base + 8, STRUCTURE)
         };
         let field_u64 = |at: usize| be_u64(body, at, STRUCTURE).map_err(|e| e.shifted(base + 8));
         let field_u32 = |at: usize| be_u32(body, at, STRUCTURE).map_err(|e| e.shifted(base + 8));
@@ -409,6 +410,7 @@ impl Descriptor {
                         "a no-op descriptor has no entries",
                     ));
                 }
+                reserved_zero(body, 0, base + 8, STRUCTURE)?;
                 Descriptor::NoOp {
                     size_bytes: size as u16,
                 }
@@ -529,6 +531,16 @@ impl Descriptor {
                             "hash overruns the descriptor",
                         )
                     })?;
+                    let padded =
+                        slice(body, at + 16, round_up_8(hash_len), STRUCTURE).map_err(|_| {
+                            err(
+                                "hash_length",
+                                8 + at + 9,
+                                hash_len as u64,
+                                "hash padding overruns the descriptor",
+                            )
+                        })?;
+                    reserved_zero(padded, hash_len, base + 8 + (at + 16) as u64, STRUCTURE)?;
                     entries.push(DedupEntry {
                         host_offset,
                         hash_algorithm: algorithm,
@@ -695,6 +707,36 @@ mod tests {
             let (back, size) = Descriptor::decode(&buf, 0).unwrap();
             assert_eq!(back, d);
             assert_eq!(size, buf.len());
+        }
+    }
+
+    #[test]
+    fn padding_and_no_op_bodies_must_be_zero() {
+        let no_op = Descriptor::NoOp { size_bytes: 16 };
+        let escape = Descriptor::Escape(vec![5]);
+        let dedup = Descriptor::DedupInsert(vec![DedupEntry {
+            host_offset: 0x10000,
+            hash_algorithm: 1,
+            hash: vec![0xaa; 3],
+        }]);
+        // (descriptor, a padding byte inside it)
+        for (d, pad_at) in [(no_op, 12usize), (escape, 13), (dedup, 8 + 16 + 5)] {
+            let mut buf = Vec::new();
+            d.encode_into(&mut buf).unwrap();
+            assert_eq!(Descriptor::decode(&buf, 0).unwrap().0, d);
+            buf[pad_at] = 0x5a;
+            let err = Descriptor::decode(&buf, 100).unwrap_err();
+            assert_eq!(
+                err,
+                JournalFormatError::field(
+                    STRUCTURE,
+                    "reserved",
+                    100 + pad_at as u64,
+                    0x5a,
+                    "reserved bytes must be zero"
+                ),
+                "{d:?}"
+            );
         }
     }
 

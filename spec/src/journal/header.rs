@@ -17,7 +17,16 @@
 //! | 508-511 | CRC32C of bytes 0-507  |
 //!
 //! A header update writes the slot `generation % 2`, which never holds the
-//! newest valid header: a torn update leaves the previous one intact.
+//! newest sealed header, flushes, then writes the same content with the
+//! next generation to the other slot (the mirror): a torn update leaves
+//! the previous header in charge, and once the mirror is written both
+//! slots describe the same journal, so one damaged slot loses nothing.
+//!
+//! A reader takes the newest *sealed* slot (magic and checksum hold) and
+//! then validates its fields; a sealed slot with an unknown version,
+//! unknown feature bits or non-zero reserved bytes refuses the journal.
+//! It never falls back to the older slot for that: the newer slot may
+//! describe a log the older one cannot find.
 
 use super::bytes::{be_u32, be_u64, put_u32, put_u64, slice};
 use super::checksum::crc32c;
@@ -30,6 +39,8 @@ pub const HEADER_MAGIC: u64 = u64::from_be_bytes(*b"qjournal");
 pub const HEADER_VERSION: u32 = 1;
 /// Byte offset of the slot checksum.
 pub const HEADER_CRC_OFFSET: usize = 508;
+/// Byte offset of the first reserved byte (reserved up to the checksum).
+pub const HEADER_RESERVED_OFFSET: usize = 56;
 
 const STRUCTURE: &str = "journal header";
 
@@ -77,8 +88,9 @@ impl JournalHeader {
         slot
     }
 
-    /// Decodes and validates one slot.
-    pub fn decode(bytes: &[u8]) -> Result<Self, JournalFormatError> {
+    /// Checks that one slot is sealed (its magic and checksum hold) and
+    /// returns its generation; says nothing about its other fields.
+    pub fn unseal(bytes: &[u8]) -> Result<u64, JournalFormatError> {
         let slot = slice(bytes, 0, HEADER_SLOT_BYTES as usize, STRUCTURE)?;
         let magic = be_u64(slot, 0, STRUCTURE)?;
         if magic != HEADER_MAGIC {
@@ -99,6 +111,14 @@ impl JournalHeader {
                 computed,
             });
         }
+        be_u64(slot, 32, STRUCTURE)
+    }
+
+    /// Decodes and validates one slot: sealed (see [`JournalHeader::unseal`])
+    /// and every field known and in range, reserved bytes zero.
+    pub fn decode(bytes: &[u8]) -> Result<Self, JournalFormatError> {
+        let generation = Self::unseal(bytes)?;
+        let slot = slice(bytes, 0, HEADER_SLOT_BYTES as usize, STRUCTURE)?;
         let version = be_u32(slot, 8, STRUCTURE)?;
         if version != HEADER_VERSION {
             return Err(JournalFormatError::field(
@@ -117,6 +137,15 @@ impl JournalHeader {
                 52,
                 u64::from(incompatible),
                 "unknown incompatible journal features",
+            ));
+        }
+        if let Some(at) = (HEADER_RESERVED_OFFSET..HEADER_CRC_OFFSET).find(|at| slot[*at] != 0) {
+            return Err(JournalFormatError::field(
+                STRUCTURE,
+                "reserved",
+                at as u64,
+                u64::from(slot[at]),
+                "reserved bytes must be zero",
             ));
         }
         let geometry = JournalGeometry::checked(
@@ -148,24 +177,38 @@ impl JournalHeader {
         Ok(Self {
             geometry,
             journal_id,
-            generation: be_u64(slot, 32, STRUCTURE)?,
+            generation,
             synced_seq: be_u64(slot, 40, STRUCTURE)?,
             tail_block,
         })
     }
 
-    /// Picks the current header from the two slots: the valid one with the
-    /// larger generation. Fails only if neither slot is valid, returning
-    /// both errors (boxed: they are large and this is the rare path).
-    pub fn choose(
-        slot0: Result<Self, JournalFormatError>,
-        slot1: Result<Self, JournalFormatError>,
-    ) -> Result<Self, Box<(JournalFormatError, JournalFormatError)>> {
-        match (slot0, slot1) {
-            (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
-            (Ok(a), Err(_)) => Ok(a),
-            (Err(_), Ok(b)) => Ok(b),
+    /// Picks the slot in charge: the sealed one (see
+    /// [`JournalHeader::unseal`]) with the larger generation, slot 0 on a
+    /// tie. Its fields are not looked at: the caller decodes it with
+    /// [`JournalHeader::decode`] and refuses the journal if that fails,
+    /// rather than falling back to the older slot. Fails only if neither
+    /// slot is sealed, returning both errors (boxed: they are large and
+    /// this is the rare path).
+    pub fn newest_sealed(
+        slot0: &[u8],
+        slot1: &[u8],
+    ) -> Result<usize, Box<(JournalFormatError, JournalFormatError)>> {
+        match (Self::unseal(slot0), Self::unseal(slot1)) {
+            (Ok(a), Ok(b)) => Ok(usize::from(b > a)),
+            (Ok(_), Err(_)) => Ok(0),
+            (Err(_), Ok(_)) => Ok(1),
             (Err(a), Err(b)) => Err(Box::new((a, b))),
+        }
+    }
+
+    /// The same header as the mirror written after it: the next
+    /// generation, so the other slot.
+    #[must_use]
+    pub const fn mirror(&self) -> Self {
+        Self {
+            generation: self.generation + 1,
+            ..*self
         }
     }
 }
@@ -261,22 +304,53 @@ mod tests {
     }
 
     #[test]
-    fn choose_prefers_the_newer_valid_slot() {
+    fn newest_sealed_slot_is_in_charge_even_with_unknown_fields() {
+        let reseal = |mut b: [u8; 512]| {
+            let crc = crc32c(&b[..HEADER_CRC_OFFSET]);
+            b[HEADER_CRC_OFFSET..].copy_from_slice(&crc.to_be_bytes());
+            b
+        };
         let old = sample();
-        let new = JournalHeader {
-            generation: 6,
-            ..old
-        };
-        let bad = || {
-            Err(JournalFormatError::Truncated {
-                structure: "x",
-                need_bytes: 1,
-                have_bytes: 0,
+        let new = old.mirror();
+        assert_eq!(new.generation, 6);
+        assert_eq!(new.slot(), 1 - old.slot());
+        let (old_bytes, new_bytes) = (old.encode(), new.encode());
+        assert_eq!(JournalHeader::newest_sealed(&old_bytes, &new_bytes), Ok(1));
+        assert_eq!(JournalHeader::newest_sealed(&new_bytes, &old_bytes), Ok(0));
+        let mut torn = new_bytes;
+        torn[100] ^= 1;
+        assert_eq!(JournalHeader::newest_sealed(&torn, &old_bytes), Ok(1));
+        assert!(JournalHeader::newest_sealed(&torn, &torn).is_err());
+        // A newer slot with an unknown feature bit stays in charge, and
+        // decoding it refuses the journal.
+        let mut future = new_bytes;
+        future[55] = 1;
+        let future = reseal(future);
+        assert_eq!(JournalHeader::newest_sealed(&old_bytes, &future), Ok(1));
+        assert!(matches!(
+            JournalHeader::decode(&future),
+            Err(JournalFormatError::Field {
+                field: "incompatible_features",
+                ..
             })
-        };
-        assert_eq!(JournalHeader::choose(Ok(old), Ok(new)), Ok(new));
-        assert_eq!(JournalHeader::choose(Ok(new), Ok(old)), Ok(new));
-        assert_eq!(JournalHeader::choose(bad(), Ok(old)), Ok(old));
-        assert!(JournalHeader::choose(bad(), bad()).is_err());
+        ));
+    }
+
+    #[test]
+    fn non_zero_reserved_bytes_behind_a_good_checksum_are_refused() {
+        let mut b = sample().encode();
+        b[300] = 7;
+        let crc = crc32c(&b[..HEADER_CRC_OFFSET]);
+        b[HEADER_CRC_OFFSET..].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(JournalHeader::unseal(&b), Ok(5));
+        assert!(matches!(
+            JournalHeader::decode(&b),
+            Err(JournalFormatError::Field {
+                field: "reserved",
+                offset: 300,
+                value: 7,
+                ..
+            })
+        ));
     }
 }

@@ -27,13 +27,15 @@ use super::block::{
     seal_block, starts_with_magic, BlockHeader, BlockType, BLOCK_HEADER_BYTES, BLOCK_MAGIC,
 };
 use super::bounds::TargetBounds;
-use super::bytes::{be_u32, be_u64, put_u32, put_u64, slice};
+use super::bytes::{be_u32, be_u64, put_u32, put_u64, reserved_zero, slice};
 use super::checksum::{salt, salted_append};
 use super::descriptor::{decode_descriptor_area, Descriptor};
 use super::error::JournalFormatError;
 
 /// Byte offset of the first descriptor in block 0.
 pub const FIRST_BLOCK_DESCRIPTORS_OFFSET: usize = 48;
+/// Byte offset of the commit block's reserved bytes (zero to its end).
+pub const COMMIT_RESERVED_OFFSET: usize = 44;
 /// Byte offset of the first descriptor in continuation blocks.
 pub const NEXT_BLOCK_DESCRIPTORS_OFFSET: usize = BLOCK_HEADER_BYTES;
 
@@ -450,16 +452,7 @@ pub fn verify_transaction(
             computed,
         });
     }
-    let reserved = be_u32(commit, 44, STRUCTURE)?;
-    if reserved != 0 {
-        return Err(JournalFormatError::field(
-            STRUCTURE,
-            "reserved",
-            (commit_at + 44) as u64,
-            u64::from(reserved),
-            "must be zero",
-        ));
-    }
+    reserved_zero(commit, COMMIT_RESERVED_OFFSET, commit_at as u64, STRUCTURE)?;
     Ok(header)
 }
 
@@ -513,6 +506,8 @@ pub fn parse_transaction(
         }
         let area_base = (at + start) as u64;
         let area = &block[start..start + used];
+        // After the descriptors: reserved to the end of the block.
+        reserved_zero(block, start + used, at as u64, STRUCTURE)?;
         let mut within = 0u64;
         for descriptor in decode_descriptor_area(area, area_base)? {
             descriptor_offsets.push(area_base + within);

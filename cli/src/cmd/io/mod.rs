@@ -124,6 +124,7 @@ pub fn run(args: IoArgs) -> CliResult<u8> {
     let path = &args.file;
     let image =
         Image::open_path(path, &opts).map_err(engine(format!("opening {}", quoted(path))))?;
+    crate::cmd::warn_about_replay(&image, path);
     let mut failed = false;
     for (index, text) in args.commands.iter().enumerate() {
         let outcome = match parse_command(text) {
