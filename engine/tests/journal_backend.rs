@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{pattern, read};
+
 use std::process::Command;
 use std::sync::Arc;
 
@@ -31,18 +33,6 @@ fn mem_image(opts: &CreateOptions) -> (Arc<dyn Storage>, Image) {
     Image::create_shared(storage.clone(), opts).unwrap();
     let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
     (storage, image)
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| seed.wrapping_add((i / 512) as u8))
-        .collect()
-}
-
-fn read(image: &Image, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    image.read(&mut buf, offset).unwrap();
-    buf
 }
 
 #[test]

@@ -4,6 +4,10 @@
 //! the log. Every flip must open with every flushed write replayed, or be
 //! refused with an error naming the problem and the file untouched.
 
+mod common;
+
+use common::storage_bytes;
+
 use std::sync::Arc;
 
 use qj_engine::check::{check, RepairMode};
@@ -15,12 +19,6 @@ const HEADER_AREA_BYTES: u64 = 1024;
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
-}
-
-fn bytes_of(storage: &dyn Storage) -> Vec<u8> {
-    let mut bytes = vec![0u8; storage.len().unwrap() as usize];
-    storage.read_at(&mut bytes, 0).unwrap();
-    bytes
 }
 
 /// Three writes, each flushed, then the process dies: the writes are only
@@ -69,7 +67,7 @@ fn abandoned_image_with_three_flushed_writes(checkpointed: bool) -> (Vec<u8>, u6
         .journal()
         .expect("a journal")
         .offset;
-    (bytes_of(&*storage), offset)
+    (storage_bytes(&*storage), offset)
 }
 
 fn reads_back_all_three(image: &Image) -> bool {
@@ -128,7 +126,7 @@ fn flip_every_header_byte(checkpointed: bool) {
                 let message = e.to_string();
                 assert!(message.contains("journal"), "flip at {at:#x}: {message}");
                 assert!(
-                    bytes_of(&*storage) == bytes,
+                    storage_bytes(&*storage) == bytes,
                     "flip at {at:#x}: refused, but the file changed"
                 );
             }

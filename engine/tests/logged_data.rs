@@ -5,6 +5,10 @@
 //! reads, later writes, discards and reuse see the logged bytes; a crash
 //! (abandon) replays them, newest last; QEMU reads the closed image.
 
+mod common;
+
+use common::{pattern, read};
+
 use std::process::Command;
 use std::sync::Arc;
 
@@ -36,18 +40,6 @@ fn open(storage: &Arc<dyn Storage>) -> Image {
         ..OpenOptions::read_write()
     };
     Image::open(storage.clone(), &opts).unwrap()
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| seed.wrapping_add((i / 512) as u8))
-        .collect()
-}
-
-fn read(image: &Image, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    image.read(&mut buf, offset).unwrap();
-    buf
 }
 
 /// The host offset guest byte `guest` maps to, if allocated.

@@ -262,3 +262,25 @@ impl Rng {
         self.next_u64() % bound
     }
 }
+
+/// `len` bytes whose every 512-byte sector holds `seed` plus its index:
+/// a misplaced sector reads back as a different value.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 512) as u8))
+        .collect()
+}
+
+/// `len` guest bytes at `offset`.
+pub fn read(image: &Image, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    image.read(&mut buf, offset).unwrap();
+    buf
+}
+
+/// Every byte of a device.
+pub fn storage_bytes(storage: &dyn qj_engine::Storage) -> Vec<u8> {
+    let mut bytes = vec![0u8; storage.len().unwrap() as usize];
+    storage.read_at(&mut bytes, 0).unwrap();
+    bytes
+}
