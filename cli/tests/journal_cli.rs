@@ -4,46 +4,13 @@
 //! They fail (not skip) when the QEMU tools are missing.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
-fn run(program: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"))
-}
+mod support;
 
-fn qj(dir: &Path, args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_qj"), args, dir)
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> Output {
-    run("qemu-img", args, dir)
-}
-
-fn qemu_io(dir: &Path, args: &[&str]) -> Output {
-    run("qemu-io", args, dir)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts success and returns stdout.
-#[track_caller]
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
+use support::{ok, qemu_img, qemu_io, qj, text};
 
 /// Asserts the exit status, one `qj: ` line on stderr, no panic, and
 /// returns that line.

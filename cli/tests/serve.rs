@@ -6,6 +6,7 @@
 
 mod nbd_client;
 mod serve_common;
+mod support;
 
 use std::path::Path;
 

@@ -10,6 +10,7 @@
 
 mod nbd_client;
 mod serve_common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

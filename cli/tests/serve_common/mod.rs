@@ -12,41 +12,11 @@ use std::process::{Child, Command, Output, Stdio};
 pub const BACKENDS: [(&str, &[&str]); 2] =
     [("flush-ordering", &[]), ("journal", &["-o", "journal=on"])];
 
-/// Runs a program; a missing program fails the test with its name.
-pub fn run(program: &str, args: &[&str], dir: &Path) -> Output {
-    Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"))
-}
+pub use crate::support::{ok, qj, run, text};
 
 /// The `qj` binary under test.
 pub fn qj_bin() -> &'static str {
     env!("CARGO_BIN_EXE_qj")
-}
-
-/// Runs `qj`.
-pub fn qj(dir: &Path, args: &[&str]) -> Output {
-    run(qj_bin(), args, dir)
-}
-
-/// Text of captured bytes.
-pub fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts success and returns stdout.
-#[track_caller]
-pub fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// Creates a 64 MiB image with the backend's options.
