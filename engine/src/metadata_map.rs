@@ -157,8 +157,12 @@ impl MetadataMap {
         (cluster.0 < start + run.clusters).then_some(run.kind)
     }
 
-    /// The first metadata cluster in `[first, first + clusters)`, with its
-    /// kind.
+    /// A metadata cluster in `[first, first + clusters)`, with its kind:
+    /// the first one when a single run overlaps (the usual case), else one
+    /// of them. One ordered-map search: runs never overlap, so the last run
+    /// that starts before the end of the range is the only one that can
+    /// reach into it from the left, and any run starting inside the range
+    /// is found by the same search.
     pub fn overlapping(
         &self,
         first: HostCluster,
@@ -167,14 +171,12 @@ impl MetadataMap {
         if clusters == 0 {
             return None;
         }
-        if let Some(kind) = self.kind_of(first) {
-            return Some((first, kind));
-        }
         let end = first.0.saturating_add(clusters);
-        self.runs
-            .range(first.0..end)
-            .next()
-            .map(|(&start, run)| (HostCluster(start), run.kind))
+        let (&start, run) = self.runs.range(..end).next_back()?;
+        if start + run.clusters <= first.0 {
+            return None;
+        }
+        Some((HostCluster(start.max(first.0)), run.kind))
     }
 
     /// Number of runs (for statistics and tests).
