@@ -7,12 +7,14 @@ use std::fmt::Write;
 use crate::report::BenchRow;
 
 /// Colours per target, in `TargetKind::ALL` order.
-const COLOURS: [(&str, &str); 6] = [
+const COLOURS: [(&str, &str); 8] = [
     ("journal", "#1b9e77"),
     ("journal-draft", "#66a61e"),
     ("journal-logged", "#e6ab02"),
     ("ordered", "#d95f02"),
     ("qemu", "#7570b3"),
+    ("qemu-lazy", "#a6a0d8"),
+    ("qemu-prealloc", "#4b4491"),
     ("raw", "#999999"),
 ];
 

@@ -68,11 +68,17 @@ pub fn prepare(
     ops: u64,
     cluster_size: u64,
     virtual_size: u64,
+    create_options: &str,
 ) -> Result<(), String> {
     let _ = std::fs::remove_file(path);
+    let mut options = format!("cluster_size={cluster_size}");
+    if !create_options.is_empty() {
+        options.push(',');
+        options.push_str(create_options);
+    }
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-o"])
-        .arg(format!("cluster_size={cluster_size}"))
+        .arg(options)
         .arg(path)
         .arg(virtual_size.to_string()))?;
     if !workload.allocates() {

@@ -124,8 +124,10 @@ pub fn run_bench(
                 target.name()
             ));
             match target {
-                TargetKind::Qemu if !qemu_ok => cell.note = Some("qemu-img not found".into()),
-                TargetKind::Qemu => {
+                TargetKind::Qemu | TargetKind::QemuLazy | TargetKind::QemuPrealloc if !qemu_ok => {
+                    cell.note = Some("qemu-img not found".into())
+                }
+                TargetKind::Qemu | TargetKind::QemuLazy | TargetKind::QemuPrealloc => {
                     let r = run_qemu(
                         &path,
                         w,
@@ -133,6 +135,7 @@ pub fn run_bench(
                         threads,
                         opts.cluster_size,
                         round == 0 && strace_ok,
+                        target.qemu_create_options().unwrap_or(""),
                     );
                     match r {
                         Ok((sample, counts)) => {
@@ -183,15 +186,16 @@ fn run_qemu(
     threads: usize,
     cs: u64,
     trace: bool,
+    create_options: &str,
 ) -> Result<(qemu::QemuSample, Option<qemu::QemuCounts>), String> {
     let vsize = virtual_size(ops, cs);
-    qemu::prepare(path, w, ops, cs, vsize)?;
+    qemu::prepare(path, w, ops, cs, vsize, create_options)?;
     let sample = qemu::bench(path, w, ops, cs, threads)?;
     let counts = if trace {
         // A short traced run on a fresh image: strace slows QEMU, so it is
         // never the timed run.
         let traced_ops = ops.min(200);
-        qemu::prepare(path, w, traced_ops, cs, vsize)?;
+        qemu::prepare(path, w, traced_ops, cs, vsize, create_options)?;
         Some(qemu::traced_counts(path, w, traced_ops, cs, threads)?)
     } else {
         None

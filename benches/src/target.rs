@@ -26,18 +26,26 @@ pub enum TargetKind {
     Ordered,
     /// QEMU's qcow2 through `qemu-img bench`.
     Qemu,
+    /// QEMU's qcow2 with `lazy_refcounts=on`: one flush per allocating
+    /// write (a dirty open repairs the refcounts).
+    QemuLazy,
+    /// QEMU's qcow2 with `preallocation=metadata`: nothing left to
+    /// allocate, QEMU's ceiling.
+    QemuPrealloc,
     /// A raw file: the physical limit.
     Raw,
 }
 
 impl TargetKind {
     /// Every target, in report order.
-    pub const ALL: [TargetKind; 6] = [
+    pub const ALL: [TargetKind; 8] = [
         TargetKind::Journal,
         TargetKind::JournalDraft,
         TargetKind::JournalLogged,
         TargetKind::Ordered,
         TargetKind::Qemu,
+        TargetKind::QemuLazy,
+        TargetKind::QemuPrealloc,
         TargetKind::Raw,
     ];
 
@@ -49,6 +57,8 @@ impl TargetKind {
             TargetKind::JournalLogged => "journal-logged",
             TargetKind::Ordered => "ordered",
             TargetKind::Qemu => "qemu",
+            TargetKind::QemuLazy => "qemu-lazy",
+            TargetKind::QemuPrealloc => "qemu-prealloc",
             TargetKind::Raw => "raw",
         }
     }
@@ -63,6 +73,18 @@ impl TargetKind {
                 let valid: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
                 format!("unknown target {name:?}; valid: {}", valid.join(", "))
             })
+    }
+}
+
+impl TargetKind {
+    /// The `qemu-img create -o` options of a QEMU target; `None` for ours.
+    pub fn qemu_create_options(&self) -> Option<&'static str> {
+        match self {
+            TargetKind::Qemu => Some(""),
+            TargetKind::QemuLazy => Some("lazy_refcounts=on"),
+            TargetKind::QemuPrealloc => Some("preallocation=metadata"),
+            _ => None,
+        }
     }
 }
 

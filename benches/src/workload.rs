@@ -13,6 +13,9 @@ pub enum Workload {
     AllocBatch,
     /// 4 KiB writes to already allocated clusters, one flush at the end.
     Overwrite,
+    /// 4 KiB writes to already allocated clusters, each followed by a
+    /// flush: nothing to allocate, so a preallocated raw file is the limit.
+    OverwriteSync,
     /// 4 KiB reads of allocated clusters.
     Read,
     /// Synced 4 KiB allocating writes from several threads (one row per
@@ -22,11 +25,12 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::AllocSync4k,
         Workload::AllocSyncCluster,
         Workload::AllocBatch,
         Workload::Overwrite,
+        Workload::OverwriteSync,
         Workload::Read,
         Workload::ThreadsSync,
     ];
@@ -38,6 +42,7 @@ impl Workload {
             Workload::AllocSyncCluster => "alloc-sync-cluster",
             Workload::AllocBatch => "alloc-batch",
             Workload::Overwrite => "overwrite",
+            Workload::OverwriteSync => "overwrite-sync",
             Workload::Read => "read",
             Workload::ThreadsSync => "threads-sync",
         }
@@ -59,13 +64,19 @@ impl Workload {
     pub fn synced(&self) -> bool {
         matches!(
             self,
-            Workload::AllocSync4k | Workload::AllocSyncCluster | Workload::ThreadsSync
+            Workload::AllocSync4k
+                | Workload::AllocSyncCluster
+                | Workload::OverwriteSync
+                | Workload::ThreadsSync
         )
     }
 
     /// Whether the workload writes clusters that are not yet allocated.
     pub fn allocates(&self) -> bool {
-        !matches!(self, Workload::Overwrite | Workload::Read)
+        !matches!(
+            self,
+            Workload::Overwrite | Workload::OverwriteSync | Workload::Read
+        )
     }
 }
 
