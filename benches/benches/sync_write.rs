@@ -58,7 +58,12 @@ fn alloc_sync_sample(
 /// per cluster-sized stride as on the images (the file grows with each).
 fn raw_sync_sample(scratch: &Scratch, iters: u64) -> Duration {
     let path = scratch.fresh_path("raw");
-    let disk = RawDisk::create(&path, iters.max(1) * CLUSTER_BYTES).expect("creating the raw file");
+    let disk = RawDisk::create(
+        &path,
+        iters.max(1) * CLUSTER_BYTES,
+        qj_engine::CacheMode::Writeback,
+    )
+    .expect("creating the raw file");
     let block = pattern_block(4);
     let started = Instant::now();
     for cluster in 0..iters {

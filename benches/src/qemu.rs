@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use qj_engine::CacheMode;
+
 use crate::workload::Workload;
 
 /// What one `qemu-img bench` run measured.
@@ -90,17 +92,32 @@ pub fn prepare(
     Ok(())
 }
 
-fn bench_args(workload: Workload, ops: u64, cluster_size: u64, threads: usize) -> Vec<String> {
+/// QEMU's cache mode for a workload run in `cache`: a synced workload
+/// flushes after every request, which `qemu-img bench` spells as a
+/// writethrough mode (directsync with O_DIRECT).
+fn qemu_cache(workload: Workload, cache: CacheMode) -> &'static str {
+    match (workload.synced(), cache) {
+        (true, CacheMode::Writeback | CacheMode::Writethrough) => "writethrough",
+        (true, CacheMode::None | CacheMode::Directsync) => "directsync",
+        (false, CacheMode::Writeback) => "writeback",
+        (false, CacheMode::Writethrough) => "writethrough",
+        (false, CacheMode::None) => "none",
+        (false, CacheMode::Directsync) => "directsync",
+    }
+}
+
+fn bench_args(
+    workload: Workload,
+    ops: u64,
+    cluster_size: u64,
+    threads: usize,
+    cache: CacheMode,
+) -> Vec<String> {
     let mut a: Vec<String> = vec!["bench".into(), "-f".into(), "qcow2".into()];
     if workload != Workload::Read {
         a.push("-w".into());
     }
-    // writethrough: QEMU flushes after every request, as our synced workloads do.
-    let cache = if workload.synced() {
-        "writethrough"
-    } else {
-        "writeback"
-    };
+    let cache = qemu_cache(workload, cache);
     let size = if workload == Workload::AllocSyncCluster {
         cluster_size
     } else {
@@ -128,9 +145,10 @@ pub fn bench(
     ops: u64,
     cluster_size: u64,
     threads: usize,
+    cache: CacheMode,
 ) -> Result<QemuSample, String> {
     let out = run(Command::new("qemu-img")
-        .args(bench_args(workload, ops, cluster_size, threads))
+        .args(bench_args(workload, ops, cluster_size, threads, cache))
         .arg(path))?;
     let secs = out
         .lines()
@@ -153,6 +171,7 @@ pub fn traced_counts(
     ops: u64,
     cluster_size: u64,
     threads: usize,
+    cache: CacheMode,
 ) -> Result<QemuCounts, String> {
     let trace = path.with_extension("strace");
     run(Command::new("strace")
@@ -167,7 +186,7 @@ pub fn traced_counts(
         ])
         .arg(&trace)
         .arg("qemu-img")
-        .args(bench_args(workload, ops, cluster_size, threads))
+        .args(bench_args(workload, ops, cluster_size, threads, cache))
         .arg(path))?;
     let text =
         std::fs::read_to_string(&trace).map_err(|e| format!("reading {}: {e}", trace.display()))?;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qj_engine::CacheMode;
+
 use crate::latency::Latencies;
 use crate::qemu;
 use crate::report::{build_rows, BenchRow, Cell};
@@ -31,6 +33,8 @@ pub struct BenchOptions {
     pub rounds: u32,
     /// Cluster size of every image.
     pub cluster_size: u64,
+    /// Cache mode of every target, as QEMU names it (`-t`).
+    pub cache: CacheMode,
 }
 
 impl Default for BenchOptions {
@@ -44,6 +48,7 @@ impl Default for BenchOptions {
             batch_ops: 2000,
             rounds: 2,
             cluster_size: 65536,
+            cache: CacheMode::Writeback,
         }
     }
 }
@@ -136,6 +141,7 @@ pub fn run_bench(
                         opts.cluster_size,
                         round == 0 && strace_ok,
                         target.qemu_create_options().unwrap_or(""),
+                        opts.cache,
                     );
                     match r {
                         Ok((sample, counts)) => {
@@ -155,7 +161,15 @@ pub fn run_bench(
                         Err(e) => cell.note = Some(e),
                     }
                 }
-                _ => match run_in_process(target, &path, w, ops, threads, opts.cluster_size) {
+                _ => match run_in_process(
+                    target,
+                    &path,
+                    w,
+                    ops,
+                    threads,
+                    opts.cluster_size,
+                    opts.cache,
+                ) {
                     Ok(m) => {
                         cell.ops += m.ops;
                         cell.counted_ops += m.ops;
@@ -187,16 +201,19 @@ fn run_qemu(
     cs: u64,
     trace: bool,
     create_options: &str,
+    cache: CacheMode,
 ) -> Result<(qemu::QemuSample, Option<qemu::QemuCounts>), String> {
     let vsize = virtual_size(ops, cs);
     qemu::prepare(path, w, ops, cs, vsize, create_options)?;
-    let sample = qemu::bench(path, w, ops, cs, threads)?;
+    let sample = qemu::bench(path, w, ops, cs, threads, cache)?;
     let counts = if trace {
         // A short traced run on a fresh image: strace slows QEMU, so it is
         // never the timed run.
         let traced_ops = ops.min(200);
         qemu::prepare(path, w, traced_ops, cs, vsize, create_options)?;
-        Some(qemu::traced_counts(path, w, traced_ops, cs, threads)?)
+        Some(qemu::traced_counts(
+            path, w, traced_ops, cs, threads, cache,
+        )?)
     } else {
         None
     };
@@ -223,15 +240,18 @@ fn run_in_process(
     ops: u64,
     threads: usize,
     cs: u64,
+    cache: CacheMode,
 ) -> Result<Measured, String> {
     let vsize = virtual_size(ops, cs);
     let (disk, engine): (Arc<dyn BenchDisk>, bool) = match target {
         TargetKind::Raw => (
-            Arc::new(RawDisk::create(path, vsize).map_err(|e| e.to_string())?),
+            Arc::new(RawDisk::create(path, vsize, cache).map_err(|e| e.to_string())?),
             false,
         ),
         _ => (
-            Arc::new(EngineDisk::create(target, path, vsize, cs).map_err(|e| e.to_string())?),
+            Arc::new(
+                EngineDisk::create(target, path, vsize, cs, cache).map_err(|e| e.to_string())?,
+            ),
             true,
         ),
     };

@@ -1,13 +1,12 @@
 //! The targets a workload runs on: our two backends, QEMU, and a raw file.
 
 use std::fmt;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use qj_engine::{CreateOptions, Image, JournalConfig, OpenOptions};
+use qj_engine::{CacheMode, CreateOptions, Image, JournalConfig, OpenOptions};
+use qj_journal::{DirectFileStorage, FileStorage, Storage};
 
 /// Journal size of the journalled targets (the engine's default).
 pub const JOURNAL_BYTES: u64 = 16 << 20;
@@ -122,6 +121,7 @@ impl EngineDisk {
         path: &Path,
         virtual_size: u64,
         cluster_size: u64,
+        cache: CacheMode,
     ) -> io::Result<Self> {
         let journal = |two_flush| {
             Some(JournalConfig {
@@ -152,6 +152,7 @@ impl EngineDisk {
         Image::create_path(path, &opts).map_err(io_err)?;
         let opts = OpenOptions {
             log_fresh_data: kind == TargetKind::JournalLogged,
+            cache,
             ..OpenOptions::read_write()
         };
         let image = Image::open_path(path, &opts).map_err(io_err)?;
@@ -180,16 +181,18 @@ impl BenchDisk for EngineDisk {
     }
 }
 
-/// A raw file: guest offset = file offset, flush = fdatasync.
+/// A raw file: guest offset = file offset, flush = fdatasync; with
+/// O_DIRECT for the cache modes that bypass the host page cache.
 pub struct RawDisk {
-    file: File,
+    file: Box<dyn Storage>,
+    writethrough: bool,
     flushes: AtomicU64,
     bytes: AtomicU64,
 }
 
 impl RawDisk {
     /// Creates an empty (sparse) raw file of `virtual_size` bytes.
-    pub fn create(path: &Path, virtual_size: u64) -> io::Result<Self> {
+    pub fn create(path: &Path, virtual_size: u64, cache: CacheMode) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -197,8 +200,15 @@ impl RawDisk {
             .truncate(true)
             .open(path)?;
         file.set_len(virtual_size)?;
+        let file: Box<dyn Storage> = if cache.direct() {
+            drop(file);
+            Box::new(DirectFileStorage::open(path, true)?)
+        } else {
+            Box::new(FileStorage::from_file(file, true))
+        };
         Ok(Self {
             file,
+            writethrough: cache.writethrough(),
             flushes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         })
@@ -207,16 +217,19 @@ impl RawDisk {
 
 impl BenchDisk for RawDisk {
     fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)?;
+        self.file.write_at(buf, offset)?;
         self.bytes.fetch_add(buf.len() as u64, Relaxed);
+        if self.writethrough {
+            self.flush()?;
+        }
         Ok(())
     }
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.file.read_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
         self.flushes.fetch_add(1, Relaxed);
-        self.file.sync_data()
+        self.file.flush()
     }
     fn device_counts(&self) -> (u64, u64) {
         (self.flushes.load(Relaxed), self.bytes.load(Relaxed))

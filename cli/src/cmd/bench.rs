@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// Cluster size of every image (a power of two from 4k to 2M).
     #[arg(long, value_name = "SIZE", value_parser = parse_cluster_size)]
     cluster_size: Option<u64>,
+    /// Cache mode of every target, as QEMU names it: writeback, writethrough,
+    /// none (O_DIRECT, what production guests run with) or directsync.
+    #[arg(short = 't', long = "cache", value_name = "MODE", default_value = "writeback",
+          value_parser = crate::cmd::serve::parse_cache)]
+    cache: qj_engine::CacheMode,
     /// Directory for the images (default: a temporary directory, removed
     /// afterwards).
     #[arg(long, value_name = "DIR")]
@@ -113,6 +118,7 @@ fn options(args: &BenchArgs, dir: PathBuf) -> CliResult<BenchOptions> {
         batch_ops: args.batch_ops.unwrap_or(defaults.batch_ops),
         rounds: args.rounds.unwrap_or(defaults.rounds),
         cluster_size: args.cluster_size.unwrap_or(defaults.cluster_size),
+        cache: args.cache,
     })
 }
 
