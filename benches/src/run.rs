@@ -135,13 +135,12 @@ pub fn run_bench(
                 TargetKind::Qemu | TargetKind::QemuLazy | TargetKind::QemuPrealloc => {
                     let r = run_qemu(
                         &path,
+                        target,
                         w,
                         ops,
                         threads,
-                        opts.cluster_size,
+                        opts,
                         round == 0 && strace_ok,
-                        target.qemu_create_options().unwrap_or(""),
-                        opts.cache,
                     );
                     match r {
                         Ok((sample, counts)) => {
@@ -193,16 +192,19 @@ pub fn run_bench(
     Ok(build_rows(cells.into_values().collect()))
 }
 
+/// One run of a QEMU target; `trace` adds a short strace run that counts
+/// flushes and bytes.
 fn run_qemu(
     path: &std::path::Path,
+    target: TargetKind,
     w: Workload,
     ops: u64,
     threads: usize,
-    cs: u64,
+    opts: &BenchOptions,
     trace: bool,
-    create_options: &str,
-    cache: CacheMode,
 ) -> Result<(qemu::QemuSample, Option<qemu::QemuCounts>), String> {
+    let (cs, cache) = (opts.cluster_size, opts.cache);
+    let create_options = target.qemu_create_options().unwrap_or("");
     let vsize = virtual_size(ops, cs);
     qemu::prepare(path, w, ops, cs, vsize, create_options)?;
     let sample = qemu::bench(path, w, ops, cs, threads, cache)?;
