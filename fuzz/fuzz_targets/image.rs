@@ -1,0 +1,192 @@
+//! A whole image: the input is written into a `MemStorage` as a small
+//! qcow2 file, then checked, opened read-only and read-write, read,
+//! written, and repaired with `check -r all`. Asserted beyond "no panic":
+//!
+//! - `check` without repair and a read-only open never change a byte;
+//! - a refused read-write open leaves the bytes identical;
+//! - guest writes read back, and never land on a cluster that held
+//!   metadata when the image was opened;
+//! - an image `check` calls clean stays consistent through the engine's
+//!   writes (no corruption; leaks only from persistent bitmaps, which the
+//!   engine drops as QEMU requires of a program without bitmap support);
+//! - when `check -r all` reports a clean image, `check` calls it clean,
+//!   and it stays consistent through the engine's writes.
+
+#![no_main]
+
+use std::sync::Arc;
+
+use libfuzzer_sys::fuzz_target;
+use qj_engine::check::{check, CheckReport, RepairMode};
+use qj_engine::{BackingSource, Image, MemStorage, OpenOptions};
+use qj_fuzz::metadata::metadata_clusters;
+use qj_spec::qcow2::Header;
+
+/// Guest bytes the target writes: a pattern that no metadata structure
+/// contains, so that a cluster holding it afterwards received guest data.
+const MARKER: &[u8; 32] = b"qj-fuzz guest data, never tables";
+/// Most guest bytes read back from a read-only open.
+const READ_BYTES_MAX: u64 = 256 << 10;
+
+fn opts(writable: bool) -> OpenOptions {
+    let mut opts = if writable {
+        OpenOptions::read_write()
+    } else {
+        OpenOptions::read_only()
+    };
+    // A name in the input must never make the target open a host file.
+    opts.backing = BackingSource::Ignore;
+    opts
+}
+
+fn guest_data(len: usize) -> Vec<u8> {
+    MARKER.iter().copied().cycle().take(len).collect()
+}
+
+fn holds_marker(bytes: &[u8]) -> bool {
+    bytes.windows(MARKER.len()).any(|w| w == MARKER)
+}
+
+/// What `check` (no repair) says of the image; asserts it wrote nothing.
+fn check_read_only(storage: &MemStorage) -> Option<CheckReport> {
+    let before = storage.to_bytes();
+    let report = check(storage, RepairMode::None, &[]);
+    assert!(
+        storage.to_bytes() == before,
+        "check without repair changed the image"
+    );
+    report.ok()
+}
+
+/// Whether `check` calls the image clean.
+fn checks_clean(storage: &MemStorage) -> bool {
+    check_read_only(storage).is_some_and(|r| r.is_clean())
+}
+
+/// Whether the image has persistent bitmaps: the engine does not maintain
+/// them, so its first write clears autoclear bit 0 as QEMU requires, and
+/// their clusters become leaks (QEMU's check reports the same leaks).
+fn has_bitmaps(image: &[u8]) -> bool {
+    Header::decode(image).is_ok_and(|h| h.bitmaps().is_some())
+}
+
+/// Asserts that the engine's writes left the image consistent: no
+/// corruption, nothing check could not read, and leaks only from dropped
+/// bitmaps.
+fn assert_still_consistent(storage: &MemStorage, bitmaps: bool, what: &str) {
+    let report = check_read_only(storage)
+        .unwrap_or_else(|| panic!("the engine's writes made {what} impossible to check"));
+    assert!(
+        report.corruptions == 0 && report.check_errors == 0 && (report.leaks == 0 || bitmaps),
+        "the engine's writes broke {what}: {report:?}"
+    );
+}
+
+/// Writes guest data through the engine and reads it back; asserts that
+/// no guest byte lands on a cluster that held metadata once the image was
+/// open. Returns `None` when the open is refused (asserting that it left
+/// the bytes identical), else whether every operation succeeded (the image
+/// stays consistent only then).
+fn exercise_writable(storage: &Arc<MemStorage>) -> Option<bool> {
+    let before = storage.to_bytes();
+    let Ok(image) = Image::open(storage.clone(), &opts(true)) else {
+        assert!(
+            storage.to_bytes() == before,
+            "a refused read-write open changed the image"
+        );
+        return None;
+    };
+    // The open may replay a journal: the metadata is the one it left.
+    let opened = storage.to_bytes();
+    let size = image.virtual_size();
+    let mut ok = true;
+    let mut writes = Vec::new();
+    if size >= 8192 {
+        writes.push((100u64, 3000usize));
+        writes.push((size - 1500, 1500));
+    } else if size > 0 {
+        writes.push((0, size.min(100) as usize));
+    }
+    for &(offset, len) in &writes {
+        let data = guest_data(len);
+        if image.write(&data, offset).is_err() {
+            ok = false;
+            continue;
+        }
+        let mut back = vec![0u8; len];
+        if image.read(&mut back, offset).is_ok() {
+            assert!(back == data, "guest data at {offset} did not read back");
+        }
+    }
+    if size >= 8192 {
+        ok &= image.write_zeroes(512, 1024).is_ok();
+        let mut back = vec![0xffu8; 1024];
+        if image.read(&mut back, 512).is_ok() {
+            assert!(
+                back.iter().all(|&b| b == 0),
+                "zeroed range does not read zeros"
+            );
+        }
+        ok &= image.discard(size / 2 / 4096 * 4096, 4096).is_ok();
+    }
+    ok &= image.flush().is_ok();
+    ok &= image.close().is_ok();
+
+    let after = storage.to_bytes();
+    if let Some((cluster_bits, metadata)) = metadata_clusters(&opened) {
+        let cluster = |bytes: &'_ [u8], index: u64| -> Vec<u8> {
+            let start = (index << cluster_bits) as usize;
+            let end = ((index + 1) << cluster_bits) as usize;
+            bytes[start.min(bytes.len())..end.min(bytes.len())].to_vec()
+        };
+        for (&index, what) in &metadata {
+            let was = cluster(&opened, index);
+            let now = cluster(&after, index);
+            assert!(
+                holds_marker(&was) || !holds_marker(&now),
+                "a guest write landed on host cluster {index}, which held the {what}"
+            );
+        }
+    }
+    Some(ok)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let original = data.to_vec();
+
+    let storage = MemStorage::from_bytes(original.clone());
+    let clean = checks_clean(&storage);
+
+    let storage = Arc::new(MemStorage::from_bytes(original.clone()));
+    if let Ok(image) = Image::open(storage.clone(), &opts(false)) {
+        let mut buf = vec![0u8; image.virtual_size().min(READ_BYTES_MAX) as usize];
+        let _ = image.read(&mut buf, 0);
+        let _ = image.map();
+        let _ = image.info();
+        let _ = image.close();
+    }
+    assert!(
+        storage.to_bytes() == original,
+        "a read-only open changed the image"
+    );
+
+    let bitmaps = has_bitmaps(&original);
+    let storage = Arc::new(MemStorage::from_bytes(original.clone()));
+    if exercise_writable(&storage) == Some(true) && clean {
+        assert_still_consistent(&storage, bitmaps, "an image check called clean");
+    }
+
+    let storage = Arc::new(MemStorage::from_bytes(original));
+    if let Ok(report) = check(&*storage, RepairMode::All, &[]) {
+        if report.is_clean() {
+            assert!(
+                checks_clean(&storage),
+                "check -r all reported a clean image that check does not call clean"
+            );
+            let bitmaps = has_bitmaps(&storage.to_bytes());
+            if exercise_writable(&storage) == Some(true) {
+                assert_still_consistent(&storage, bitmaps, "an image check -r all repaired");
+            }
+        }
+    }
+});
