@@ -3,4 +3,6 @@
 
 #![warn(missing_docs)]
 
+pub mod bounded;
 pub mod metadata;
+pub mod refcounts;
