@@ -236,7 +236,25 @@ impl Image {
     /// Opens an image on `storage`: with the journalled backend when the
     /// header locates a valid qjournal (replaying it first), else with the
     /// flush-ordering backend.
+    ///
+    /// A read-write open writes before it is done (the journal's replay in
+    /// place, a re-created journal, cleared autoclear bits), so it first
+    /// opens the image read-only, with the journal replayed in memory:
+    /// whatever would refuse the image refuses it before any byte changes.
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        if opts.writable {
+            let mut read_only = opts.clone();
+            read_only.writable = false;
+            let probe = Self::open_unchecked(storage.clone(), &read_only)?;
+            let header = probe.header.lock().mem.clone();
+            probe.close()?;
+            refuse_writing(&header)?;
+        }
+        Self::open_unchecked(storage, opts)
+    }
+
+    /// [`Image::open`] without the read-only probe of a read-write open.
+    fn open_unchecked(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let header = Self::read_header(&*storage)?;
         let ordered = || Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
         let Some(ext) = header.journal() else {
@@ -519,10 +537,8 @@ impl Image {
         header.validate_layout(file_len)?;
         let geometry = header.geometry();
         let cs = geometry.cluster_size();
-        if opts.writable && header.is_dirty() {
-            return Err(Error::Unsupported(
-                "the image has the dirty bit set (lazy refcounts); run `qj check -r all` before writing".into(),
-            ));
+        if opts.writable {
+            refuse_writing(&header)?;
         }
 
         let l1_entries = header.l1_size as usize;
@@ -1751,6 +1767,21 @@ impl Image {
     pub fn abandon(self) {
         self.finished.store(true, Ordering::Release);
     }
+}
+
+/// The header bits that refuse a read-write open (a read-only one may
+/// still read the image, as QEMU's may): marked corrupt, or dirty (lazy
+/// refcounts not yet repaired).
+fn refuse_writing(header: &Header) -> Result<()> {
+    if header.is_corrupt() {
+        return Err(qj_spec::error::FormatError::MarkedCorrupt.into());
+    }
+    if header.is_dirty() {
+        return Err(Error::Unsupported(
+            "the image has the dirty bit set (lazy refcounts); run `qj check -r all` before writing".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for Image {
