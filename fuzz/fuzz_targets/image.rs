@@ -89,7 +89,9 @@ fn assert_still_consistent(storage: &BoundedStorage, leaks_expected: bool, what:
     let report = check_read_only(storage)
         .unwrap_or_else(|| panic!("the engine's writes made {what} impossible to check"));
     assert!(
-        report.corruptions == 0 && report.check_errors == 0 && (report.leaks == 0 || leaks_expected),
+        report.corruptions == 0
+            && report.check_errors == 0
+            && (report.leaks == 0 || leaks_expected),
         "the engine's writes broke {what}: {report:?}"
     );
 }
@@ -193,7 +195,11 @@ fuzz_target!(|data: &[u8]| {
     let leaks_expected_original = leaks_expected(&original);
     let storage = Arc::new(BoundedStorage::from_bytes(original.clone()));
     if exercise_writable(&storage, guarded) == Some(true) && clean {
-        assert_still_consistent(&storage, leaks_expected_original, "an image check called clean");
+        assert_still_consistent(
+            &storage,
+            leaks_expected_original,
+            "an image check called clean",
+        );
     }
 
     let storage = Arc::new(BoundedStorage::from_bytes(original));

@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(header) = BlockHeader::decode(bytes, JOURNAL_ID) else {
             continue;
         };
-        assert_eq!(BlockType::from_code(header.block_type.code()), Some(header.block_type));
+        assert_eq!(
+            BlockType::from_code(header.block_type.code()),
+            Some(header.block_type)
+        );
         if header.block_type != BlockType::Descriptor {
             assert_eq!(header.used_bytes, 0);
         }

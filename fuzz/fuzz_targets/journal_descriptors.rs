@@ -51,7 +51,9 @@ fuzz_target!(|data: &[u8]| {
         );
         // Splitting to fit a smaller block keeps the type and the entries.
         let parts = descriptor.clone().split_to_fit(size / 2);
-        assert!(parts.iter().all(|p| p.type_code() == descriptor.type_code()));
+        assert!(parts
+            .iter()
+            .all(|p| p.type_code() == descriptor.type_code()));
         assert_eq!(
             parts.iter().map(Descriptor::count).sum::<usize>(),
             descriptor.count()
@@ -60,7 +62,10 @@ fuzz_target!(|data: &[u8]| {
     }
     if at >= data.len() {
         let all = decode_descriptor_area(data, 0).expect("every descriptor decoded one by one");
-        assert_eq!(all.iter().map(Descriptor::encoded_len).sum::<usize>(), data.len());
+        assert_eq!(
+            all.iter().map(Descriptor::encoded_len).sum::<usize>(),
+            data.len()
+        );
     } else {
         assert!(decode_descriptor_area(data, 0).is_err());
     }

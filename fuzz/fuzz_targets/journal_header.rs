@@ -41,7 +41,11 @@ fn round_trip(bytes: &[u8; SLOT_BYTES]) -> Option<JournalHeader> {
         "a decoded journal header slot does not re-encode its fields"
     );
     if bytes[FIELDS_END..HEADER_CRC_OFFSET].iter().all(|&b| b == 0) {
-        assert_eq!(encoded[..], bytes[..], "a canonical slot does not re-encode");
+        assert_eq!(
+            encoded[..],
+            bytes[..],
+            "a canonical slot does not re-encode"
+        );
     }
     assert_eq!(JournalHeader::decode(&encoded), Ok(header));
     assert!(header.tail_block < header.geometry.ring_blocks());
@@ -61,10 +65,7 @@ fuzz_target!(|data: &[u8]| {
             slots
         };
         let decoded = [round_trip(&a), round_trip(&b)];
-        let chosen = JournalHeader::choose(
-            JournalHeader::decode(&a),
-            JournalHeader::decode(&b),
-        );
+        let chosen = JournalHeader::choose(JournalHeader::decode(&a), JournalHeader::decode(&b));
         match (decoded, chosen) {
             ([None, None], Err(_)) => {}
             ([Some(x), None], Ok(c)) | ([None, Some(x)], Ok(c)) => assert_eq!(c, x),

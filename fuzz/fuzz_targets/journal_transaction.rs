@@ -16,8 +16,7 @@ use qj_spec::journal::block::seal_block;
 use qj_spec::journal::checksum::{salt, salted_append};
 use qj_spec::journal::{
     encode_transaction, parse_transaction, verify_transaction, CopyChunk, DataChecksumChunk,
-    DedupEntry, Descriptor, RevokeRange, TargetBounds, TransactionParams, WriteChunk,
-    BLOCK_MAGIC,
+    DedupEntry, Descriptor, RevokeRange, TargetBounds, TransactionParams, WriteChunk, BLOCK_MAGIC,
 };
 
 /// The journal id every transaction of this target is sealed with.
@@ -86,8 +85,7 @@ fn sealed(mut blocks: Vec<u8>, block_size: usize) -> Vec<u8> {
             seal_block(block, JOURNAL_ID);
         }
     }
-    let total =
-        u64::from(be_u32(&blocks, 32)) + u64::from(be_u32(&blocks, 36)) + 1;
+    let total = u64::from(be_u32(&blocks, 32)) + u64::from(be_u32(&blocks, 36)) + 1;
     let Some(len) = usize::try_from(total)
         .ok()
         .and_then(|t| t.checked_mul(block_size))
@@ -119,7 +117,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert_eq!(header.seq, seq);
-    assert_eq!(header.total_blocks() * block_size as u64, blocks.len() as u64);
+    assert_eq!(
+        header.total_blocks() * block_size as u64,
+        blocks.len() as u64
+    );
     let bounds = TargetBounds::outside_journal(JOURNAL_START, JOURNAL_END);
     let Ok(parsed) = parse_transaction(&blocks, &header, block_size, &bounds) else {
         return;

@@ -8,8 +8,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use qj_spec::qcow2::{
-    decode_bitmap_directory, decode_snapshot_table, encode_bitmap_directory,
-    encode_snapshot_table, snapshot_table_len,
+    decode_bitmap_directory, decode_snapshot_table, encode_bitmap_directory, encode_snapshot_table,
+    snapshot_table_len,
 };
 
 /// Rounds up to the 8-byte boundary each entry starts on.

@@ -8,8 +8,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use qj_spec::qcow2::{
-    get_refcount, read_table_entry, set_refcount, try_read_table_entry, write_table_entry,
-    L1Entry, L2Entry, L2_COMPRESSED, L2_COPIED,
+    get_refcount, read_table_entry, set_refcount, try_read_table_entry, write_table_entry, L1Entry,
+    L2Entry, L2_COMPRESSED, L2_COPIED,
 };
 use qj_spec::units::Geometry;
 
@@ -22,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let cluster_bits = Geometry::CLUSTER_BITS_MIN
-        + u32::from(selector & 0x0f) % (Geometry::CLUSTER_BITS_MAX - Geometry::CLUSTER_BITS_MIN + 1);
+        + u32::from(selector & 0x0f)
+            % (Geometry::CLUSTER_BITS_MAX - Geometry::CLUSTER_BITS_MIN + 1);
     let refcount_order = u32::from(selector >> 4) % (Geometry::REFCOUNT_ORDER_MAX + 1);
 
     let entries = (table.len() / 8).min(ENTRIES_MAX);
@@ -62,7 +63,10 @@ fuzz_target!(|data: &[u8]| {
 
         write_table_entry(&mut rewritten, index, raw);
     }
-    assert_eq!(rewritten, table, "writing back what was read changed the table");
+    assert_eq!(
+        rewritten, table,
+        "writing back what was read changed the table"
+    );
     assert_eq!(try_read_table_entry(table, table.len() / 8), None);
 
     refcounts(table, refcount_order);
@@ -72,7 +76,11 @@ fuzz_target!(|data: &[u8]| {
 /// back unchanged, and a changed store touches only its entry.
 fn refcounts(block: &[u8], refcount_order: u32) {
     let bits = 1u64 << refcount_order;
-    let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let max = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     let count = (block.len() as u64 * 8 / bits).min(ENTRIES_MAX as u64);
     let mut copy = block.to_vec();
     for index in 0..count {

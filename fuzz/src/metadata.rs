@@ -36,10 +36,19 @@ pub fn metadata_clusters(image: &[u8]) -> Option<(u32, MetadataClusters)> {
     let reftable_len = u64::from(header.refcount_table_clusters) << header.cluster_bits;
     walk.range(header.refcount_table_offset, reftable_len, "refcount table");
     for raw in walk.entries(header.refcount_table_offset, reftable_len) {
-        walk.range(raw & REFCOUNT_TABLE_OFFSET_MASK, cluster_size, "refcount block");
+        walk.range(
+            raw & REFCOUNT_TABLE_OFFSET_MASK,
+            cluster_size,
+            "refcount block",
+        );
     }
 
-    walk.l1(header.l1_table_offset, header.l1_size, "L1 table", "L2 table");
+    walk.l1(
+        header.l1_table_offset,
+        header.l1_size,
+        "L1 table",
+        "L2 table",
+    );
 
     if header.nb_snapshots > 0 {
         if let Some(table) = image.get(usize::try_from(header.snapshots_offset).ok()?..) {
@@ -47,14 +56,23 @@ pub fn metadata_clusters(image: &[u8]) -> Option<(u32, MetadataClusters)> {
                 let len = snapshots.iter().map(|s| s.encoded_len() as u64 + 8).sum();
                 walk.range(header.snapshots_offset, len, "snapshot table");
                 for s in &snapshots {
-                    walk.l1(s.l1_table_offset, s.l1_size, "snapshot L1 table", "snapshot L2 table");
+                    walk.l1(
+                        s.l1_table_offset,
+                        s.l1_size,
+                        "snapshot L1 table",
+                        "snapshot L2 table",
+                    );
                 }
             }
         }
     }
 
     if let Some(ext) = header.bitmaps() {
-        walk.range(ext.bitmap_directory_offset, ext.bitmap_directory_size, "bitmap directory");
+        walk.range(
+            ext.bitmap_directory_offset,
+            ext.bitmap_directory_size,
+            "bitmap directory",
+        );
         let directory = usize::try_from(ext.bitmap_directory_offset)
             .ok()
             .and_then(|at| image.get(at..));
@@ -63,7 +81,11 @@ pub fn metadata_clusters(image: &[u8]) -> Option<(u32, MetadataClusters)> {
                 let len = u64::from(b.bitmap_table_size) * 8;
                 walk.range(b.bitmap_table_offset, len, "bitmap table");
                 for raw in walk.entries(b.bitmap_table_offset, len) {
-                    walk.range(raw & BITMAP_TABLE_ENTRY_OFFSET_MASK, cluster_size, "bitmap data");
+                    walk.range(
+                        raw & BITMAP_TABLE_ENTRY_OFFSET_MASK,
+                        cluster_size,
+                        "bitmap data",
+                    );
                 }
             }
         }
@@ -93,9 +115,7 @@ impl Walk<'_> {
         if offset == 0 && what != "header" {
             return;
         }
-        let end = offset
-            .saturating_add(len)
-            .min(self.image.len() as u64);
+        let end = offset.saturating_add(len).min(self.image.len() as u64);
         let mut cluster = offset >> self.cluster_bits;
         while cluster << self.cluster_bits < end {
             self.clusters.entry(cluster).or_insert(what);
@@ -112,7 +132,9 @@ impl Walk<'_> {
         let Some(table) = self.image.get(start..) else {
             return Vec::new();
         };
-        let count = usize::try_from(len / 8).unwrap_or(usize::MAX).min(table.len() / 8);
+        let count = usize::try_from(len / 8)
+            .unwrap_or(usize::MAX)
+            .min(table.len() / 8);
         (0..count)
             .map(|i| read_table_entry(table, i))
             .filter(|&raw| raw != 0)
