@@ -445,8 +445,9 @@ fn refused_read_write_open_of_a_dirty_journal_writes_nothing() {
         .unwrap();
     let bytes_before = storage_bytes(&*storage);
 
-    let refused = Image::open(storage.clone(), &OpenOptions::read_write());
-    let err = refused.err().expect("the refcount table is corrupt");
+    let Err(err) = Image::open(storage.clone(), &OpenOptions::read_write()) else {
+        panic!("opened an image whose refcount table is corrupt");
+    };
     assert!(
         err.to_string().contains("refcount table entry 12"),
         "the error names the entry: {err}"
