@@ -1,13 +1,15 @@
 //! Which clusters of an image hold metadata, found by walking the header,
 //! the refcount table, the L1 and L2 tables, the snapshot table, the bitmap
 //! directory and the journal extension with the `spec` decoders alone, so
-//! that the whole-image target can tell when a guest write lands on one.
-//! The walk never trusts a count: it reads only bytes inside the file.
+//! that the whole-image target can tell when a guest write lands on one,
+//! and which clusters hold guest data, so that it can tell an image whose
+//! metadata doubles as guest data. The walk never trusts a count: it reads
+//! only bytes inside the file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use qj_spec::qcow2::{
-    decode_bitmap_directory, decode_snapshot_table, read_table_entry, Header, L1Entry,
+    decode_bitmap_directory, decode_snapshot_table, read_table_entry, Header, L1Entry, L2Entry,
     BITMAP_TABLE_ENTRY_OFFSET_MASK,
 };
 
@@ -20,15 +22,38 @@ const JOURNAL_HEADER_SLOTS_BYTES: u64 = 1024;
 /// Metadata clusters by cluster index, each with what it holds.
 pub type MetadataClusters = BTreeMap<u64, &'static str>;
 
-/// The metadata clusters of `image`, or `None` when its header does not
-/// decode (then nothing in it is metadata the engine would use).
+/// Where an image keeps its metadata and its guest data.
+#[derive(Debug)]
+pub struct Layout {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// The metadata clusters.
+    pub metadata: MetadataClusters,
+    /// The clusters L2 entries (active or of a snapshot) map guest data to.
+    pub data: BTreeSet<u64>,
+}
+
+impl Layout {
+    /// Whether some cluster is both metadata and guest data: `check`
+    /// counts that as two references and, with a refcount of 2, calls the
+    /// image clean (so does qemu-img check), yet a table that is also data
+    /// cannot be kept consistent by writes to either.
+    #[must_use]
+    pub fn metadata_is_data(&self) -> bool {
+        self.data.iter().any(|c| self.metadata.contains_key(c))
+    }
+}
+
+/// The layout of `image`, or `None` when its header does not decode (then
+/// nothing in it is metadata the engine would use).
 #[must_use]
-pub fn metadata_clusters(image: &[u8]) -> Option<(u32, MetadataClusters)> {
+pub fn layout(image: &[u8]) -> Option<Layout> {
     let header = Header::decode(image).ok()?;
     let mut walk = Walk {
         image,
         cluster_bits: header.cluster_bits,
         clusters: MetadataClusters::new(),
+        data: BTreeSet::new(),
     };
     let cluster_size = 1u64 << header.cluster_bits;
     walk.range(0, cluster_size, "header");
@@ -100,13 +125,18 @@ pub fn metadata_clusters(image: &[u8]) -> Option<(u32, MetadataClusters)> {
             "journal header slots",
         );
     }
-    Some((header.cluster_bits, walk.clusters))
+    Some(Layout {
+        cluster_bits: header.cluster_bits,
+        metadata: walk.clusters,
+        data: walk.data,
+    })
 }
 
 struct Walk<'a> {
     image: &'a [u8],
     cluster_bits: u32,
     clusters: MetadataClusters,
+    data: BTreeSet<u64>,
 }
 
 impl Walk<'_> {
@@ -141,13 +171,23 @@ impl Walk<'_> {
             .collect()
     }
 
-    /// An L1 table of `size` entries and the L2 tables it points at.
+    /// An L1 table of `size` entries, the L2 tables it points at and the
+    /// data clusters they map.
     fn l1(&mut self, offset: u64, size: u32, l1: &'static str, l2: &'static str) {
         let len = u64::from(size) * 8;
         self.range(offset, len, l1);
         for raw in self.entries(offset, len) {
             if let Some(l2_offset) = L1Entry(raw).l2_offset() {
                 self.range(l2_offset.0, 1 << self.cluster_bits, l2);
+                for entry in self.entries(l2_offset.0, 1 << self.cluster_bits) {
+                    let host = match L2Entry::decode(entry, self.cluster_bits) {
+                        L2Entry::Compressed { host_offset, .. } => Some(host_offset),
+                        other => other.allocated_offset().map(|o| o.0),
+                    };
+                    if let Some(host) = host {
+                        self.data.insert(host >> self.cluster_bits);
+                    }
+                }
             }
         }
     }
