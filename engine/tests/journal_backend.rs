@@ -412,3 +412,38 @@ fn a_journal_too_small_for_the_cluster_size_is_refused_at_creation() {
     let err = Image::create_shared(storage, &opts).unwrap_err();
     assert!(err.to_string().contains("journal_size"), "{err}");
 }
+
+/// Found by the whole-image fuzz target: a read-write open of an image
+/// whose journal is dirty replayed the journal in place, then refused the
+/// image for a refcount table entry past the end of the file, leaving it
+/// changed. A refused open must leave every byte as it was: the read-write
+/// open first opens the image read-only, with the journal replayed in
+/// memory, and refuses before it writes.
+#[test]
+fn refused_read_write_open_of_a_dirty_journal_writes_nothing() {
+    let (storage, image) = mem_image(&journal_opts(1 << 20, 4096, false));
+    image.write(&pattern(7, 8192), 0).unwrap();
+    image.flush().unwrap();
+    image.abandon();
+    let header = Image::read_header(&*storage).unwrap();
+    assert!(header.has_incompatible(60), "the journal is dirty");
+    // Refcount table entry 12 points far past the end of the file, where
+    // the journal's transactions do not reach.
+    let entry_at = header.refcount_table_offset + 12 * 8;
+    storage
+        .write_at(&(1u64 << 54).to_be_bytes(), entry_at)
+        .unwrap();
+    let bytes_before = storage_bytes(&*storage);
+
+    let Err(err) = Image::open(storage.clone(), &OpenOptions::read_write()) else {
+        panic!("opened an image whose refcount table is corrupt");
+    };
+    assert!(
+        err.to_string().contains("refcount table entry 12"),
+        "the error names the entry: {err}"
+    );
+    assert!(
+        storage_bytes(&*storage) == bytes_before,
+        "the refused open replayed the journal in place"
+    );
+}

@@ -47,6 +47,16 @@ impl Imrt {
         clusters.checked_mul(self.geometry.cluster_size())
     }
 
+    /// Whether [`Imrt::grow`] to `clusters` entries would stay within the
+    /// memory bound.
+    #[must_use]
+    pub fn can_grow(&self, clusters: u64) -> bool {
+        clusters <= self.clusters
+            || self
+                .byte_len_for(clusters)
+                .is_some_and(|len| len <= IMRT_BYTES_MAX)
+    }
+
     /// Grows to at least `clusters` entries (never shrinks); `None` past the
     /// memory bound.
     #[must_use]
@@ -54,10 +64,10 @@ impl Imrt {
         if clusters <= self.clusters {
             return Some(());
         }
-        let len = self.byte_len_for(clusters)?;
-        if len > IMRT_BYTES_MAX {
+        if !self.can_grow(clusters) {
             return None;
         }
+        let len = self.byte_len_for(clusters)?;
         self.bytes.resize(usize::try_from(len).ok()?, 0);
         self.clusters = clusters;
         Some(())

@@ -339,3 +339,84 @@ fn undecodable_header_is_an_error_not_a_panic() {
         Err(CheckError::Format(_))
     ));
 }
+
+/// A device that cannot grow past 1 MiB, as a full disk.
+#[derive(Debug)]
+struct CannotGrow(MemStorage);
+
+impl CannotGrow {
+    const BYTES_MAX: u64 = 1 << 20;
+
+    fn refuse_past(end: u64) -> std::io::Result<()> {
+        if end > Self::BYTES_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "device full",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for CannotGrow {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        Self::refuse_past(offset + buf.len() as u64)?;
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        Self::refuse_past(len)?;
+        self.0.set_len(len)
+    }
+}
+
+/// Found by the whole-image fuzz target (a timeout): a refcount table
+/// entry pointing 4 GiB past the end of the file, on a device that cannot
+/// grow that far. The failed resize used to widen the check to the
+/// unreachable block anyway: 8 million clusters compared, among them
+/// clusters past the end of the file whose refcounts QEMU never looks at
+/// (here a stray refcount for cluster 512, in a block inside the file,
+/// reported and "repaired" as a leak). As in QEMU, only a file that did
+/// grow widens the check.
+#[test]
+fn failed_resize_for_a_refcount_block_past_the_device_does_not_widen_the_check() {
+    let img = Built::new(4);
+    let unreachable = 4u64 << 30;
+    img.storage
+        .write_at(&unreachable.to_be_bytes(), REFTABLE + 8)
+        .unwrap();
+    // Refcount block 2 (clusters 512..767) lives in cluster 7, inside the
+    // file, and claims cluster 512, far past the end of the file.
+    let block2 = 7 * CLUSTER;
+    img.storage
+        .write_at(&block2.to_be_bytes(), REFTABLE + 16)
+        .unwrap();
+    let mut block = vec![0u8; CLUSTER as usize];
+    set_refcount(&mut block, 0, 4, 1);
+    img.storage.write_at(&block, block2).unwrap();
+    img.set_refcount(7, 1);
+    let device = CannotGrow(MemStorage::from_bytes(img.storage.to_bytes()));
+
+    let r = check(&device, RepairMode::All, &[]).unwrap();
+    assert!(
+        r.messages
+            .contains(&"Repairing refcount block 1 is outside image".to_string()),
+        "{:?}",
+        r.messages
+    );
+    assert!(
+        !r.messages.iter().any(|m| m.contains("cluster 512")),
+        "a refcount past the end of the file was compared: {:?}",
+        r.messages
+    );
+    let again = check(&device, RepairMode::None, &[]).unwrap();
+    assert!(again.is_clean(), "{again:?}");
+}

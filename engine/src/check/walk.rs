@@ -390,11 +390,18 @@ impl Checker<'_> {
             .filter(|&l| l <= i64::MAX as u64)
             .ok_or("Invalid argument")?;
         let clusters = self.image.geometry.clusters_for(new_len);
-        imrt.grow(clusters)
-            .ok_or("image would be too large to check")?;
+        if !imrt.can_grow(clusters) {
+            return Err("image would be too large to check".into());
+        }
         self.storage.set_len(new_len).map_err(|e| e.to_string())?;
         // Ordering: the extension is durable before anything relies on it.
         self.storage.flush().map_err(|e| e.to_string())?;
+        // Only a file that did grow widens the check (QEMU reallocates its
+        // refcount array after the truncate succeeded): after a failed
+        // resize, the rebuild sizes the new refcount structure for the
+        // clusters the file really has, not up to the unreachable block.
+        imrt.grow(clusters)
+            .ok_or("image would be too large to check")?;
         self.file_len = new_len;
         Ok(())
     }

@@ -19,7 +19,7 @@ use crate::cache::TableCache;
 use crate::error::{Error, IoContext, Result};
 use crate::lock::ImageLock;
 use crate::metadata_map::MetadataMap;
-use crate::options::{CreateOptions, OpenOptions};
+use crate::options::{BackingSource, CreateOptions, OpenOptions};
 use crate::refcount::{RefcountState, SharedMetadataMap};
 use crate::stats::Counters;
 use crate::sync::{AtomicBool, AtomicU64, Mutex, RwLock};
@@ -155,13 +155,32 @@ impl Image {
         // The corrupt bit is written in place only (`guard.rs`): a journal
         // replayed now would bring back a header without it, so a writable
         // open is refused here, before replay writes anything.
-        if opts.writable && header.is_corrupt() {
-            return Err(qj_spec::error::FormatError::MarkedCorrupt.into());
+        if opts.writable {
+            refuse_writing(&header)?;
         }
         let ordered = || Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
         let Some(ext) = header.journal() else {
             return Self::open_with_backend_in(storage, opts, ordered(), chain);
         };
+        if opts.writable {
+            // A writable open of a journal image writes before it is done
+            // (the replay in place, a re-created journal), so it first opens
+            // the image read-only, with the journal replayed in memory:
+            // whatever would refuse the image refuses it before any byte
+            // changes (found by the whole-image fuzz target). Images
+            // without a journal write nothing before their checks pass.
+            let probe_opts = OpenOptions {
+                writable: false,
+                backing: BackingSource::Ignore,
+                log_writes: None,
+                ..opts.clone()
+            };
+            let probe =
+                Self::open_in_chain(storage.clone(), &probe_opts, &mut ChainWalk::default())?;
+            let replayed = probe.header.lock().mem.clone();
+            probe.close()?;
+            refuse_writing(&replayed)?;
+        }
         if !header.has_autoclear(features::AUTOCLEAR_JOURNAL_VALID_BIT) {
             // A program that does not know the journal opened the image
             // read-write since (QEMU clears unknown autoclear bits), which
@@ -316,10 +335,8 @@ impl Image {
         header.validate_layout(file_len)?;
         let geometry = header.geometry();
         let cs = geometry.cluster_size();
-        if opts.writable && header.is_dirty() {
-            return Err(Error::Unsupported(
-                "the image has the dirty bit set (lazy refcounts); run `qj check -r all` before writing".into(),
-            ));
+        if opts.writable {
+            refuse_writing(&header)?;
         }
 
         let l1_entries = header.l1_size as usize;
@@ -466,6 +483,24 @@ fn validate_l1_entries(
             format!("entry {index} points to an L2 table at {l2} that {problem}"),
         )
         .into());
+    }
+    Ok(())
+}
+
+/// The header bits that refuse a read-write open (a read-only one may still
+/// read the image, as QEMU's may): marked corrupt, or dirty (lazy refcounts
+/// not yet repaired). The corrupt bit is written in place only
+/// (`guard.rs`): a journal replayed now would bring back a header without
+/// it, so the header in place is asked before any replay, and the replayed
+/// one after.
+fn refuse_writing(header: &Header) -> Result<()> {
+    if header.is_corrupt() {
+        return Err(qj_spec::error::FormatError::MarkedCorrupt.into());
+    }
+    if header.is_dirty() {
+        return Err(Error::Unsupported(
+            "the image has the dirty bit set (lazy refcounts); run `qj check -r all` before writing".into(),
+        ));
     }
     Ok(())
 }
