@@ -529,11 +529,14 @@ pub fn crash_target(
 /// The first workload seed known to expose `mutation` under the default
 /// budget (`model-checks/MUTATIONS.md`): the revoke bugs only show when a
 /// metadata cluster that an unsynced transaction wrote is freed and reused,
-/// which seed 1 of no preset does.
+/// which seed 1 of no preset does. With the journal's mirrored header
+/// slots, seed 1 exposes replay-skips-tx-checksum only in a workload whose
+/// shrinking takes minutes; seed 2 exposes it at once (measured: 3 s
+/// against 132 s, release build).
 #[must_use]
 pub fn exposing_seed(mutation: &str) -> u64 {
     match mutation {
-        "no-revokes" | "replay-ignores-revokes" => 2,
+        "no-revokes" | "replay-ignores-revokes" | "replay-skips-tx-checksum" => 2,
         _ => 1,
     }
 }
