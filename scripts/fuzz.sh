@@ -18,6 +18,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 export RUSTC_BOOTSTRAP=1
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz: cargo-fuzz is required: cargo install cargo-fuzz --locked" >&2
+    exit 1
+fi
 
 TARGETS=(qcow2_header qcow2_tables qcow2_snapshots_bitmaps journal_header journal_block
     journal_descriptors journal_transaction image)

@@ -447,3 +447,41 @@ fn refused_read_write_open_of_a_dirty_journal_writes_nothing() {
         "the refused open replayed the journal in place"
     );
 }
+
+/// Found by the whole-image fuzz target: an image whose journal a program
+/// without journal support invalidated (autoclear bit 60 clear) and whose
+/// refcounts are too low (here the header cluster's is 0). The read-write
+/// open re-created the journal in clusters the refcounts called free, the
+/// header's among them, and zero-filled it over the tables. It now refuses
+/// such an image, naming the corruption, before it writes anything.
+#[test]
+fn journal_is_not_re_created_over_clusters_in_use() {
+    let (storage, image) = mem_image(&journal_opts(1 << 20, 4096, false));
+    image.write(&pattern(3, 4096), 0).unwrap();
+    image.close().unwrap();
+    let mut header = Image::read_header(&*storage).unwrap();
+    header.autoclear_features &= !(1 << 60);
+    storage.write_at(&header.encode().unwrap(), 0).unwrap();
+    let mut entry = [0u8; 8];
+    storage
+        .read_at(&mut entry, header.refcount_table_offset)
+        .unwrap();
+    let block_offset = u64::from_be_bytes(entry) & !0x1ff;
+    let mut block = vec![0u8; 4096];
+    storage.read_at(&mut block, block_offset).unwrap();
+    qj_spec::qcow2::set_refcount(&mut block, 0, header.refcount_order, 0);
+    storage.write_at(&block, block_offset).unwrap();
+    let bytes_before = storage_bytes(&*storage);
+
+    let Err(err) = Image::open(storage.clone(), &OpenOptions::read_write()) else {
+        panic!("re-created a journal on an image with a refcount too low");
+    };
+    assert!(
+        err.to_string().contains("corruption"),
+        "the error names the corruption: {err}"
+    );
+    assert!(
+        storage_bytes(&*storage) == bytes_before,
+        "the refused open changed the image"
+    );
+}

@@ -199,6 +199,24 @@ impl Image {
         opts: &OpenOptions,
         old: JournalExtension,
     ) -> Result<Image> {
+        // The new journal's clusters come from the refcounts: refcounts
+        // that are too low would hand out clusters in use (the overlap
+        // guard stops the ones it knows; a data cluster it cannot). Decided
+        // before anything is written, so that the refusal changes nothing;
+        // the stale journal's own clusters are only leaks (found by the
+        // whole-image fuzz target).
+        let report =
+            crate::check::check(&*storage, crate::check::RepairMode::None, &[]).map_err(|e| {
+                Error::Journal(format!(
+                    "checking the image before re-creating its journal: {e}"
+                ))
+            })?;
+        if report.corruptions > 0 || report.check_errors > 0 {
+            return Err(Error::Corrupt(format!(
+                "{} corruption(s) and {} check error(s) found before re-creating the journal",
+                report.corruptions, report.check_errors
+            )));
+        }
         let image = Self::open_for_metadata_change(storage.clone())?;
         {
             let mut h = image.header.lock();
