@@ -18,7 +18,27 @@ impl Checker<'_> {
     /// references it and no corrupt entry points at it past the old end of
     /// the file (that entry would then map guest data onto our metadata).
     fn is_free(&self, imrt: &Imrt, cluster: u64) -> bool {
-        imrt.get(cluster) == 0 && !self.beyond_eof.contains(&cluster)
+        imrt.get(cluster) == 0
+            && !self.beyond_eof.contains(&cluster)
+            && !self.holds_live_metadata(cluster)
+    }
+
+    /// Whether `cluster` holds the header or the active L1 table: a damaged
+    /// image may leave them uncounted (a walk that stopped early), and a
+    /// rebuild that wrote its new refcount structure there would destroy
+    /// what it is repairing (found by the whole-image fuzz target; QEMU's
+    /// repair stops at its overlap check in the same case). The old
+    /// refcount structure is not protected: the rebuild replaces it.
+    fn holds_live_metadata(&self, cluster: u64) -> bool {
+        let header = &self.image.header;
+        let g = self.image.geometry;
+        let cs = g.cluster_size();
+        let within = |offset: u64, bytes: u64| {
+            let first = offset / cs;
+            let end = offset.saturating_add(bytes.max(1)).div_ceil(cs);
+            (first..end).contains(&cluster)
+        };
+        cluster == 0 || within(header.l1_table_offset, u64::from(header.l1_size) * 8)
     }
 
     /// Finds `count` contiguous free clusters at or after `*first_free`,
