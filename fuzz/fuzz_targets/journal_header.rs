@@ -65,15 +65,24 @@ fuzz_target!(|data: &[u8]| {
             slots
         };
         let decoded = [round_trip(&a), round_trip(&b)];
-        let chosen = JournalHeader::choose(JournalHeader::decode(&a), JournalHeader::decode(&b));
-        match (decoded, chosen) {
-            ([None, None], Err(_)) => {}
-            ([Some(x), None], Ok(c)) | ([None, Some(x)], Ok(c)) => assert_eq!(c, x),
-            ([Some(x), Some(y)], Ok(c)) => {
-                assert!(c == x || c == y);
-                assert_eq!(c.generation, x.generation.max(y.generation));
+        // The slot rule (spec 4.2): the newest sealed slot is in charge and
+        // is then decoded; an older slot is never fallen back to.
+        match JournalHeader::newest_sealed(&a, &b) {
+            Err(_) => {
+                assert!(JournalHeader::unseal(&a).is_err() && JournalHeader::unseal(&b).is_err());
+                assert_eq!(decoded, [None, None], "a decodable slot must be sealed");
             }
-            (decoded, chosen) => panic!("choose disagrees with decode: {decoded:?} -> {chosen:?}"),
+            Ok(i) => {
+                let (chosen, other) = if i == 0 { (&a, &b) } else { (&b, &a) };
+                let generation = JournalHeader::unseal(chosen).expect("the chosen slot is sealed");
+                if let Ok(g) = JournalHeader::unseal(other) {
+                    assert!(generation >= g, "an older slot was chosen");
+                }
+                match JournalHeader::decode(chosen) {
+                    Ok(h) => assert_eq!(Some(h), decoded[i]),
+                    Err(_) => assert_eq!(decoded[i], None),
+                }
+            }
         }
     }
 });
