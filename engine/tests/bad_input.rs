@@ -594,3 +594,42 @@ proptest! {
         prop_assert!(outcome.is_ok(), "failed on flips (offset, new byte) {:?}", flips);
     }
 }
+
+/// Found by the whole-image fuzz target: an L1 entry names the L1 table
+/// itself as an L2 table (and the snapshot table sits on the header). The
+/// repair of a misaligned preallocated "L2 entry" then wrote into the L1
+/// table, and the refcount rebuild's debug assertion fired. Now the repair
+/// stops at the same overlap check as QEMU's (`qemu-img check -r all`
+/// fails with "ERROR: Overlap check failed", exit 1): no panic, a check
+/// error, and neither the header's fields nor the L1 entries' offsets are
+/// rewritten as L2 entries.
+#[test]
+fn a_repair_never_writes_an_l2_entry_into_the_header_or_the_l1_table() {
+    let bytes = include_bytes!("data/l1-entry-naming-its-own-table.qcow2.bin").to_vec();
+    let storage = MemStorage::from_bytes(bytes.clone());
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        qj_engine::check::check(&storage, qj_engine::check::RepairMode::All, &[])
+    }));
+    let report = outcome
+        .expect("the repair must not panic")
+        .expect("the check completes");
+    assert!(report.check_errors > 0, "{:?}", report.messages);
+    assert!(
+        report
+            .messages
+            .iter()
+            .any(|m| m == "ERROR: Overlap check failed"),
+        "{:?}",
+        report.messages
+    );
+    let after = storage.to_bytes();
+    // The L1 table (1 KiB clusters, at 0xc00, 2 entries): only the COPIED
+    // flag (bit 63) of an entry may change, as QEMU's repair of OFLAG_COPIED
+    // does; the offsets stay.
+    for i in 0..2 {
+        let at = 0xc00 + i * 8;
+        let old = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+        let new = u64::from_be_bytes(after[at..at + 8].try_into().unwrap());
+        assert_eq!(old & !(1 << 63), new & !(1 << 63), "L1 entry {i} rewritten");
+    }
+}

@@ -292,6 +292,16 @@ impl Checker<'_> {
     ) -> Result<bool, CheckError> {
         let _ = active; // QEMU only uses it to pick an overlap-check mask.
         let entry_offset = l2_offset + index as u64 * 8;
+        // QEMU's overlap check before the write (qcow2_pre_write_overlap_check):
+        // a table that is really the header, the active L1 table or the
+        // refcount table (a corrupt L1 entry names it as an L2 table) must
+        // not be "repaired" as one (found by the whole-image fuzz target:
+        // an L1 entry pointing at its own table had its first entry zeroed).
+        if self.overlaps_core_metadata(entry_offset, 8) {
+            self.msg("ERROR: Overlap check failed".into());
+            tally.check_errors += 1;
+            return Ok(false);
+        }
         if entry_offset
             .checked_add(8)
             .is_none_or(|end| end > self.file_len)
@@ -320,6 +330,21 @@ impl Checker<'_> {
         self.flush("an L2 entry repair")?;
         tally.corruption_fixed();
         Ok(true)
+    }
+
+    /// Whether `[offset, offset + len)` touches the header cluster, the
+    /// active L1 table or the refcount table.
+    fn overlaps_core_metadata(&self, offset: u64, len: u64) -> bool {
+        let header = &self.image.header;
+        let cs = self.image.geometry.cluster_size();
+        let end = offset.saturating_add(len);
+        let touches = |start: u64, bytes: u64| offset < start.saturating_add(bytes) && start < end;
+        touches(0, cs)
+            || touches(header.l1_table_offset, u64::from(header.l1_size) * 8)
+            || touches(
+                header.refcount_table_offset,
+                u64::from(header.refcount_table_clusters) * cs,
+            )
     }
 
     /// Counts the refcount blocks and checks the refcount table entries.
