@@ -4,10 +4,12 @@
 //! it names, past the old end of the file, is only in the journal: legal,
 //! since replay puts it there. The check must not call that corrupt.
 
+mod common;
+
 use std::sync::Arc;
 
 use qj_engine::check::{check, RepairMode};
-use qj_engine::{CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage};
+use qj_engine::{Image, MemStorage, OpenOptions, Storage};
 
 fn bytes_of(storage: &dyn Storage) -> Vec<u8> {
     let mut bytes = vec![0u8; storage.len().unwrap() as usize];
@@ -17,19 +19,7 @@ fn bytes_of(storage: &dyn Storage) -> Vec<u8> {
 
 #[test]
 fn a_header_in_place_naming_an_l1_only_in_the_journal_checks_clean() {
-    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
-    let opts = CreateOptions {
-        virtual_size: 1 << 20,
-        cluster_size: 4096,
-        journal: Some(JournalConfig {
-            size_bytes: 1 << 20,
-            two_flush: false,
-            log_data: false,
-        }),
-        ..CreateOptions::default()
-    };
-    Image::create_shared(storage.clone(), &opts).unwrap();
-    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let (storage, image) = common::journal_image_in_memory(1 << 20);
     image.write(&[0x5a; 4096], 0).unwrap();
     // Growing the disk moves the L1 table to a new cluster at the end.
     image.resize(64 << 30).unwrap();

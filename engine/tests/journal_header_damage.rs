@@ -11,7 +11,7 @@ use common::storage_bytes;
 use std::sync::Arc;
 
 use qj_engine::check::{check, RepairMode};
-use qj_engine::{CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage};
+use qj_engine::{Image, MemStorage, OpenOptions, Storage};
 
 /// Bytes of the header area: two 512-byte slots (journal blocks of 512
 /// bytes, so no padding after them).
@@ -26,19 +26,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 /// to make the journal checkpoint (header updates by a running session,
 /// not only by the open). Returns the image bytes and the journal's offset.
 fn abandoned_image_with_three_flushed_writes(checkpointed: bool) -> (Vec<u8>, u64) {
-    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
-    let opts = CreateOptions {
-        virtual_size: 4 << 20,
-        cluster_size: 4096,
-        journal: Some(JournalConfig {
-            size_bytes: 1 << 20,
-            two_flush: false,
-            log_data: false,
-        }),
-        ..CreateOptions::default()
-    };
-    Image::create_shared(storage.clone(), &opts).unwrap();
-    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let (storage, image) = common::journal_image_in_memory(4 << 20);
     if checkpointed {
         // Bounded: a checkpoint comes once the ring is half full.
         for round in 0..256u64 {

@@ -284,3 +284,25 @@ pub fn storage_bytes(storage: &dyn qj_engine::Storage) -> Vec<u8> {
     storage.read_at(&mut bytes, 0).unwrap();
     bytes
 }
+
+/// A new journal image (4 KiB clusters, a 1 MiB journal) of
+/// `virtual_size` bytes on an in-memory device, opened read-write.
+pub fn journal_image_in_memory(
+    virtual_size: u64,
+) -> (std::sync::Arc<dyn qj_engine::Storage>, Image) {
+    let storage: std::sync::Arc<dyn qj_engine::Storage> =
+        std::sync::Arc::new(qj_engine::MemStorage::new());
+    let opts = qj_engine::CreateOptions {
+        virtual_size,
+        cluster_size: 4096,
+        journal: Some(qj_engine::JournalConfig {
+            size_bytes: 1 << 20,
+            two_flush: false,
+            log_data: false,
+        }),
+        ..qj_engine::CreateOptions::default()
+    };
+    Image::create_shared(storage.clone(), &opts).unwrap();
+    let image = Image::open(storage.clone(), &qj_engine::OpenOptions::read_write()).unwrap();
+    (storage, image)
+}
