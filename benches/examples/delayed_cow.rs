@@ -70,6 +70,7 @@ fn prepare(mode: Mode, path: &Path) {
             size_bytes: 16 << 20,
             two_flush,
             log_data: false,
+            dedup: false,
         }),
         ..CreateOptions::default()
     };

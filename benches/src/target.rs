@@ -128,6 +128,7 @@ impl EngineDisk {
                 size_bytes: JOURNAL_BYTES,
                 two_flush,
                 log_data: false,
+                dedup: false,
             })
         };
         let journal = match kind {

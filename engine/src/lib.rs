@@ -10,6 +10,7 @@ pub mod cache;
 pub mod check;
 pub mod compressed;
 pub mod create;
+pub mod dedup;
 pub mod error;
 pub mod free_index;
 pub mod image;

@@ -39,6 +39,14 @@ pub enum JournalMutation {
     /// in a submitted transaction goes in place (the older logged bytes,
     /// applied later, overwrite it).
     WriteLoggedInPlace,
+    /// Dedup broken: a write that finds its content in the index maps the
+    /// existing cluster without raising its refcount (the cluster is freed
+    /// while still mapped).
+    DedupSkipIncrement,
+    /// Dedup broken: a cluster whose refcount reaches zero leaves the index
+    /// without a deletion in the journal (a replayed index names a free,
+    /// later reused, cluster).
+    DedupSkipDeletion,
     /// A rule of the journal itself broken (replay or checkpoint), passed
     /// to it in [`qj_journal::JournalOptions::mutation`].
     Journal(qj_journal::Mutation),

@@ -65,6 +65,10 @@ pub struct JournalConfig {
     /// of the image does it (`OpenOptions::log_fresh_data` turns it on for
     /// one open of any journalled image).
     pub log_data: bool,
+    /// Deduplicate whole-cluster writes (`engine/src/dedup/`): recorded in
+    /// the journal extension (flag bit 2). Only a journalled image can
+    /// have it: nothing else keeps the index and L2 together.
+    pub dedup: bool,
 }
 
 impl Default for JournalConfig {
@@ -73,6 +77,7 @@ impl Default for JournalConfig {
             size_bytes: 16 << 20,
             two_flush: false,
             log_data: false,
+            dedup: false,
         }
     }
 }
@@ -184,6 +189,13 @@ pub struct OpenOptions {
     /// for `none` and `directsync`; writethrough modes make every guest
     /// write durable before it returns).
     pub cache: CacheMode,
+    /// On an image with dedup: map a whole-cluster write to an indexed
+    /// cluster whose SHA-256 matches without comparing the bytes (saves a
+    /// cluster read per hit; a collision would then map the wrong data).
+    pub dedup_trust_hash: bool,
+    /// On an image with dedup: memory the index may hold; clusters written
+    /// once it is full are not indexed.
+    pub dedup_memory_bytes_max: u64,
 }
 
 impl Default for OpenOptions {
@@ -200,6 +212,8 @@ impl Default for OpenOptions {
             lock: LockMode::Qemu,
             log_writes: None,
             cache: CacheMode::Writeback,
+            dedup_trust_hash: false,
+            dedup_memory_bytes_max: 64 << 20,
         }
     }
 }

@@ -39,6 +39,7 @@ fn image_with_snapshot(dir: &tempfile::TempDir, two_flush: bool) -> (PathBuf, Ve
             size_bytes: JOURNAL_BYTES,
             two_flush,
             log_data: false,
+            dedup: false,
         }),
         ..CreateOptions::default()
     };

@@ -23,6 +23,7 @@ fn journal_opts(virtual_size: u64, cluster_size: u64, two_flush: bool) -> Create
             size_bytes: 1 << 20,
             two_flush,
             log_data: false,
+            dedup: false,
         }),
         ..CreateOptions::default()
     }
@@ -77,6 +78,7 @@ fn single_flush_commits_cost_one_flush_and_overwrites_no_journal_traffic() {
             size_bytes: 16 << 20,
             two_flush,
             log_data: false,
+            dedup: false,
         });
         let (_storage, image) = mem_image(&opts);
         // The first commit also sets the journal-dirty bit (one more flush).
@@ -408,6 +410,7 @@ fn a_journal_too_small_for_the_cluster_size_is_refused_at_creation() {
         size_bytes: 64 << 10,
         two_flush: false,
         log_data: false,
+        dedup: false,
     });
     let err = Image::create_shared(storage, &opts).unwrap_err();
     assert!(err.to_string().contains("journal_size"), "{err}");

@@ -27,6 +27,7 @@ fn create(storage: &Arc<dyn Storage>, two_flush: bool) {
                 size_bytes: 16 << 20,
                 two_flush,
                 log_data: false,
+                dedup: false,
             }),
             ..CreateOptions::default()
         },
@@ -198,6 +199,7 @@ fn qemu_reads_a_closed_image_written_with_logged_data() {
                 size_bytes: 4 << 20,
                 two_flush: false,
                 log_data: false,
+                dedup: false,
             }),
             ..CreateOptions::default()
         },

@@ -155,6 +155,7 @@ impl EngineTarget {
                 size_bytes: CRASH_JOURNAL_BYTES,
                 two_flush: self.backend == EngineBackend::JournalDraft,
                 log_data: false,
+                dedup: false,
             };
             Image::enable_journal(storage.clone(), &config).map_err(engine_err)?;
         }
@@ -249,6 +250,7 @@ impl CrashTarget for EngineTarget {
                 size_bytes: CRASH_JOURNAL_BYTES,
                 two_flush: self.backend == EngineBackend::JournalDraft,
                 log_data: false,
+                dedup: false,
             }),
         };
         Image::create_shared(dev.clone(), &opts).map_err(engine_err)?;

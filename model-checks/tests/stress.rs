@@ -123,6 +123,7 @@ impl Backend {
             size_bytes: JOURNAL_BYTES,
             two_flush,
             log_data: false,
+            dedup: false,
         })
     }
 

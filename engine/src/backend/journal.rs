@@ -62,9 +62,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use qj_journal::{
-    CommitProtocol, CommitTicket, Journal, JournalError, JournalOptions, JournalStats, NoDedup,
-    Overlay, ReplayMode, ReplayReport, Storage, Transaction,
+    CommitProtocol, CommitTicket, DedupConsumer, DedupEvent, DedupOp, Journal, JournalError,
+    JournalOptions, JournalStats, NoDedup, Overlay, ReplayMode, ReplayReport, Storage,
+    Transaction,
 };
+use qj_spec::journal::DedupEntry;
 use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_MASK;
 use qj_spec::qcow2::JournalExtension;
 use qj_spec::units::{HostCluster, HostOffset};
@@ -148,6 +150,8 @@ pub struct JournalBackend {
     /// Logged data not yet synced (rule 7).
     logged: Mutex<LoggedData>,
     logged_count: AtomicUsize,
+    /// Dedup entries replay found, until the image takes them.
+    replayed_dedup: Mutex<Vec<DedupEvent>>,
 }
 
 fn journal_err(e: JournalError) -> Error {
@@ -200,6 +204,7 @@ impl JournalBackend {
         mutation: JournalMutation,
         delayed_cow: bool,
         log_fresh_data: bool,
+        dedup: bool,
     ) -> Result<(Self, ReplayReport)> {
         let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
         options.commit_protocol = protocol;
@@ -211,7 +216,12 @@ impl JournalBackend {
         } else {
             ReplayMode::InMemory
         };
-        let (journal, report) = Journal::open(storage, offset.0, size_bytes, options, &mut NoDedup)
+        // An image with dedup hands the index's entries to the image (which
+        // checks them against the metadata); any other refuses a log that
+        // holds some rather than drop a committed update (spec §8.5).
+        let mut events = Vec::new();
+        let consumer: &mut dyn DedupConsumer = if dedup { &mut events } else { &mut NoDedup };
+        let (journal, report) = Journal::open(storage, offset.0, size_bytes, options, consumer)
             .map_err(|e| {
                 Error::Journal(format!(
                     "{e}; the image's committed metadata could not be replayed ({})",
@@ -257,6 +267,7 @@ impl JournalBackend {
                 size_bytes / 8,
             )),
             logged_count: AtomicUsize::new(0),
+            replayed_dedup: Mutex::new(events),
         };
         Ok((backend, report))
     }
@@ -487,6 +498,19 @@ impl MetadataBackend for JournalBackend {
             for (offset, bytes) in self.logged.lock().take_dirty(ticket) {
                 tx.write(offset, &bytes).map_err(journal_err)?;
             }
+        }
+        // Dedup index changes ride with the entries and counts they describe.
+        for change in &epoch.dedup {
+            let entry = DedupEntry {
+                host_offset: change.host_offset,
+                hash_algorithm: crate::dedup::HASH_ALGORITHM_SHA256,
+                hash: change.hash.to_vec(),
+            };
+            match change.op {
+                DedupOp::Insert => tx.dedup_insert(entry),
+                DedupOp::Delete => tx.dedup_delete(entry),
+            }
+            .map_err(journal_err)?;
         }
         // Rule 5.
         if self.mutation != JournalMutation::SkipRevokes {
@@ -753,6 +777,10 @@ impl MetadataBackend for JournalBackend {
         // so a checkpoint can make room while others are still unsynced.
         let fill = self.journal.fill();
         Some(fill.ring_blocks * self.journal.geometry().block_size() / 4)
+    }
+
+    fn take_replayed_dedup(&self) -> Vec<DedupEvent> {
+        std::mem::take(&mut *self.replayed_dedup.lock())
     }
 
     fn journal_info(&self) -> Option<super::JournalInfo> {

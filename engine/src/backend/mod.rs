@@ -91,6 +91,10 @@ pub struct Epoch {
     pub new_data: Vec<(HostOffset, u64)>,
     /// Freed metadata clusters.
     pub freed_metadata: Vec<HostCluster>,
+    /// Dedup index changes (`dedup/`): insertions for clusters this epoch
+    /// links, deletions for clusters it frees. Only a journal carries them,
+    /// in the transaction that carries the entries and counts.
+    pub dedup: Vec<crate::dedup::DedupChange>,
 }
 
 impl Epoch {
@@ -101,6 +105,7 @@ impl Epoch {
             && self.refcount_blocks.is_empty()
             && self.fresh_tables.is_empty()
             && self.tables.is_empty()
+            && self.dedup.is_empty()
     }
 
     /// Every metadata write of the epoch, in dependency order.
@@ -285,6 +290,13 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
     /// persists early when an epoch grows towards it. `None`: no limit.
     fn epoch_bytes_max(&self) -> Option<u64> {
         None
+    }
+
+    /// Takes the dedup entries the journal's replay found at open, in log
+    /// order (spec §8.5); empty for backends without a journal and for
+    /// images without dedup.
+    fn take_replayed_dedup(&self) -> Vec<qj_journal::DedupEvent> {
+        Vec::new()
     }
 
     /// The journal's state, for backends that have one.

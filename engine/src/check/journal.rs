@@ -10,7 +10,7 @@
 
 use std::io;
 
-use qj_journal::{Journal, JournalOptions, NoDedup, Overlay, ReplayMode, Storage};
+use qj_journal::{Journal, JournalOptions, DedupConsumer, NoDedup, Overlay, ReplayMode, Storage};
 use qj_spec::qcow2::{get_refcount, Header};
 
 use super::error::CheckError;
@@ -55,7 +55,16 @@ pub(crate) fn replay_dirty_journal(storage: &dyn Storage, header: &Header) -> Jo
     let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
     options.commit_protocol = commit_protocol(&ext);
     options.replay_mode = ReplayMode::InMemory;
-    match Journal::open(storage, ext.offset, ext.size, options, &mut NoDedup) {
+    // Check reads the metadata only: a dedup image's index entries are
+    // taken (and left to the engine's open), anything else refuses them.
+    let mut dedup_entries = Vec::new();
+    let consumer: &mut dyn DedupConsumer =
+        if ext.flags & qj_spec::qcow2::JournalExtension::FLAG_DEDUP != 0 {
+            &mut dedup_entries
+        } else {
+            &mut NoDedup
+        };
+    match Journal::open(storage, ext.offset, ext.size, options, consumer) {
         Ok((journal, report)) => JournalState::Replayed {
             overlay: journal.overlay().clone(),
             transactions: report.transactions_replayed,

@@ -13,7 +13,7 @@
 //! idempotent); after it, the journal's clusters are leaks, which the
 //! repair frees.
 
-use qj_journal::{Journal, JournalError, JournalOptions, NoDedup, ReplayMode, Storage};
+use qj_journal::{Journal, JournalError, JournalOptions, DedupConsumer, NoDedup, ReplayMode, Storage};
 use qj_spec::qcow2::features::{
     AUTOCLEAR_JOURNAL_VALID_MASK, INCOMPAT_JOURNAL_DIRTY_BIT, INCOMPAT_JOURNAL_DIRTY_MASK,
 };
@@ -83,7 +83,16 @@ fn replay_valid_prefix(
     options.commit_protocol = commit_protocol(&ext);
     options.replay_mode = ReplayMode::Apply;
     options.salvage = true;
-    match Journal::open(storage, ext.offset, ext.size, options, &mut NoDedup) {
+    // Check reads the metadata only: a dedup image's index entries are
+    // taken (and left to the engine's open), anything else refuses them.
+    let mut dedup_entries = Vec::new();
+    let consumer: &mut dyn DedupConsumer =
+        if ext.flags & qj_spec::qcow2::JournalExtension::FLAG_DEDUP != 0 {
+            &mut dedup_entries
+        } else {
+            &mut NoDedup
+        };
+    match Journal::open(storage, ext.offset, ext.size, options, consumer) {
         Ok((_, report)) => {
             let first = report.synced_seq_before + 1;
             let replayed = if report.transactions_replayed == 0 {

@@ -112,6 +112,10 @@ impl Image {
                     JournalExtension::FLAG_LOG_DATA
                 } else {
                     0
+                } | if config.dedup {
+                    JournalExtension::FLAG_DEDUP
+                } else {
+                    0
                 },
             }));
             h.mem.autoclear_features |= features::AUTOCLEAR_JOURNAL_VALID_MASK;
@@ -191,6 +195,52 @@ impl Image {
         image.close()
     }
 
+    /// Turns deduplication on or off (journal extension flag bit 2). Only a
+    /// journalled image can have it: there is no flush order that keeps an
+    /// index and the L2 tables together without one (spec §3.5). The
+    /// journal is first replayed and checkpointed by a normal open and
+    /// close, so that no dedup descriptor is left for an opener without
+    /// the index to refuse. Asking for the setting the image has changes
+    /// nothing.
+    pub fn set_dedup(storage: Arc<dyn Storage>, on: bool) -> Result<()> {
+        let header = Self::read_header(&*storage)?;
+        let Some(ext) = header.journal() else {
+            return Err(Error::InvalidArgument(
+                "dedup needs a journal: this image has none (give it one with journal=on first)"
+                    .into(),
+            ));
+        };
+        if (ext.flags & JournalExtension::FLAG_DEDUP != 0) == on {
+            return Ok(());
+        }
+        let opts = OpenOptions {
+            backing: BackingSource::Ignore,
+            ..OpenOptions::read_write()
+        };
+        Self::open(storage.clone(), &opts)?.close()?;
+        let image = Self::open_for_metadata_change(storage)?;
+        {
+            let mut h = image.header.lock();
+            let Some(mut ext) = h.mem.journal() else {
+                return Err(Error::Journal(
+                    "the journal disappeared while dedup was being changed".into(),
+                ));
+            };
+            if on {
+                ext.flags |= JournalExtension::FLAG_DEDUP;
+            } else {
+                ext.flags &= !JournalExtension::FLAG_DEDUP;
+            }
+            h.mem.set_journal(Some(ext));
+            // This open (flush ordering) cleared "journal valid" as any
+            // writer that does not keep the journal must; the journal was
+            // left clean just before and nothing but the header changes.
+            h.mem.autoclear_features |= features::AUTOCLEAR_JOURNAL_VALID_MASK;
+            h.dirty = true;
+        }
+        image.close()
+    }
+
     /// After a program that does not know the journal wrote the image: drop
     /// the stale journal, free exactly its clusters that are now leaked
     /// (those the other program did not reuse), and create a fresh one.
@@ -230,6 +280,7 @@ impl Image {
             size_bytes: old.size,
             two_flush: old.flags & JournalExtension::FLAG_TWO_FLUSH_COMMIT != 0,
             log_data: old.flags & JournalExtension::FLAG_LOG_DATA != 0,
+            dedup: old.flags & JournalExtension::FLAG_DEDUP != 0,
         };
         Self::enable_journal(storage.clone(), &config)?;
         Self::open(storage, opts)

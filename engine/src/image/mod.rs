@@ -29,6 +29,7 @@
 //! - `inspect.rs`: `info` and `map`.
 
 mod backing;
+mod dedup;
 mod guard;
 mod inspect;
 mod journal_admin;
@@ -47,6 +48,7 @@ use qj_spec::qcow2::Header;
 use qj_spec::units::{Geometry, HostOffset};
 
 pub use self::backing::{Backing, BACKING_CHAIN_DEPTH_MAX};
+pub use self::dedup::{DedupCost, DEDUP_BYTES_PER_ENTRY};
 pub use self::inspect::{ImageInfo, MapExtent};
 pub use crate::backend::JournalInfo;
 use crate::backend::{BackendKind, MetadataBackend};
@@ -121,6 +123,9 @@ pub struct Image {
     /// Serialises submits in gather order; held without the gate during an
     /// ordered persist's I/O. Lock order: gate, then this.
     submit_order: Mutex<()>,
+    /// The dedup index (`dedup.rs`), on a journalled image with dedup on
+    /// opened for writing.
+    dedup: Option<dedup::ImageDedup>,
     /// Bumped by every guest operation that changed data or metadata, while
     /// it holds the gate.
     op_gen: AtomicU64,

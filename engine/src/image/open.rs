@@ -245,6 +245,7 @@ impl Image {
             opts.journal_mutation,
             opts.delayed_cow,
             opts.log_fresh_data || ext.flags & JournalExtension::FLAG_LOG_DATA != 0,
+            ext.flags & JournalExtension::FLAG_DEDUP != 0,
         )?;
         Self::open_with_backend_in(storage, opts, Box::new(backend), chain)
     }
@@ -382,7 +383,13 @@ impl Image {
         }
 
         let backing = Self::open_backing(&header, opts, chain)?;
-        let image = Image {
+        let dedup_on = header
+            .journal()
+            .is_some_and(|j| j.flags & JournalExtension::FLAG_DEDUP != 0)
+            && backend.kind() == BackendKind::Journal
+            && opts.writable;
+        let dedup_events = backend.take_replayed_dedup();
+        let mut image = Image {
             storage,
             geometry,
             writable: opts.writable,
@@ -416,7 +423,16 @@ impl Image {
             flushed_gen: AtomicU64::new(0),
             lock: None,
             writethrough: opts.cache.writethrough(),
+            dedup: None,
         };
+        if dedup_on {
+            image.dedup = Some(image.dedup_start(
+                dedup_events,
+                opts.dedup_memory_bytes_max,
+                opts.dedup_trust_hash,
+                opts.journal_mutation,
+            )?);
+        }
         if opts.writable {
             image.clear_autoclear_bits()?;
         }

@@ -177,6 +177,7 @@ impl Image {
         }
         drop(h);
         epoch.new_data = std::mem::take(&mut *self.new_data.lock());
+        epoch.dedup = self.take_dedup_changes();
         Ok((epoch, pins))
     }
 

@@ -92,10 +92,11 @@ impl Image {
                 out.fill(0);
                 Ok(())
             }
-            L2Entry::Normal { offset, .. } => self
-                .storage
-                .read_at(out, offset.0)
-                .ctx(|| format!("reading cluster {offset} to copy")),
+            // Through the backend: a deduplicated or logged cluster's
+            // newest bytes may still be in the journal (logged data).
+            L2Entry::Normal { offset, .. } => {
+                self.backend.read_data(&*self.storage, out, offset)
+            }
             L2Entry::Compressed {
                 host_offset,
                 compressed_size_max,

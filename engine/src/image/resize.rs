@@ -56,6 +56,7 @@ impl Image {
                     t.set_entry(g.l2_index(cluster) as usize, 0);
                     drop(t);
                     self.release_entry(old)?;
+                    self.dedup_after_release(old, cluster)?;
                 }
             }
         } else if needed as usize > self.l1.read().entries.len() {

@@ -34,7 +34,7 @@ impl Image {
 
     /// The L2 table mapping `cluster`, created (or copied, when shared with
     /// a snapshot) so that this image owns it. Caller holds the gate.
-    fn owned_l2(&self, cluster: GuestCluster) -> Result<SyncArc<CachedTable>> {
+    pub(super) fn owned_l2(&self, cluster: GuestCluster) -> Result<SyncArc<CachedTable>> {
         let entry = self.l1_entry(cluster)?;
         if let (Some(o), true) = (entry.l2_offset(), entry.is_copied()) {
             return self.load_l2(o);
@@ -97,18 +97,34 @@ impl Image {
         in_cluster: usize,
         data: &[u8],
     ) -> Result<()> {
+        let cs = self.geometry.cluster_size() as usize;
+        let whole = in_cluster == 0 && data.len() == cs;
+        // Deduplication (`dedup.rs`): a whole cluster may map to an indexed
+        // cluster with the same bytes; else it is written, and indexed
+        // under `index_as`.
+        let index_as = match whole && self.dedups() {
+            true => match self.dedup_write(cluster, data)? {
+                super::dedup::DedupWrite::Done => return Ok(()),
+                super::dedup::DedupWrite::Write(hash) => hash,
+            },
+            false => None,
+        };
         let table = self.owned_l2(cluster)?;
         let index = self.geometry.l2_index(cluster) as usize;
-        {
+        if index_as.is_none() {
             // Fast path: an allocated cluster this image owns is overwritten
-            // in place; no metadata changes.
+            // in place; no metadata changes. Not for a cluster to index:
+            // that is decided under the table's write lock, so that no
+            // concurrent write changes the bytes the hash describes.
             let t = table.data.read();
             if let L2Entry::Normal {
                 offset,
                 copied: true,
             } = self.l2_entry(&t.bytes, cluster)?
             {
-                return self.write_data(data, offset.0 + in_cluster as u64);
+                if !self.dedup_indexed(offset) {
+                    return self.write_data(data, offset.0 + in_cluster as u64);
+                }
             }
         }
         let mut t = table.data.write();
@@ -118,16 +134,22 @@ impl Image {
             copied: true,
         } = old
         {
-            return self.write_data(data, offset.0 + in_cluster as u64);
+            // An indexed cluster keeps the bytes its hash describes: it is
+            // copied on write like a shared one, and freed with its deletion.
+            if !self.dedup_indexed(offset) {
+                self.write_data(data, offset.0 + in_cluster as u64)?;
+                if let Some(hash) = index_as {
+                    self.dedup_insert(offset, hash, cluster);
+                }
+                return Ok(());
+            }
         }
         self.guard_release(old)?;
-        let cs = self.geometry.cluster_size() as usize;
         let new = self
             .refcounts
             .lock()
             .allocate(&*self.storage, &*self.backend, &self.counters)?;
         let host = self.geometry.host_offset(new);
-        let whole = in_cluster == 0 && data.len() == cs;
         let old_reads_zero = match old {
             L2Entry::Zero { .. } => true,
             L2Entry::Unallocated => self.backing.is_none(),
@@ -202,7 +224,13 @@ impl Image {
             .encode(self.geometry.cluster_bits),
         );
         self.new_data.lock().push(written);
-        self.release_entry(old)
+        if let Some(hash) = index_as {
+            self.dedup_insert(host, hash, cluster);
+        }
+        let released = self.release_entry(old);
+        drop(t);
+        released?;
+        self.dedup_after_release(old, cluster)
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
@@ -263,11 +291,17 @@ impl Image {
         }
     }
 
-    /// Drops this image's reference to whatever `old` pointed to.
+    /// Drops this image's reference to whatever `old` pointed to. A data
+    /// cluster whose count reaches zero leaves the dedup index, in the
+    /// same epoch.
     pub(super) fn release_entry(&self, old: L2Entry) -> Result<()> {
         let mut rc = self.refcounts.lock();
         for c in self.referenced_clusters(old) {
             rc.free(&*self.storage, &*self.backend, HostCluster(c))?;
+            if self.dedups() {
+                let count = rc.get(&*self.storage, &*self.backend, HostCluster(c))?;
+                self.dedup_freed(HostCluster(c), count);
+            }
         }
         Ok(())
     }
@@ -368,6 +402,9 @@ impl Image {
         let index = self.geometry.l2_index(cluster) as usize;
         self.entries_changed.fetch_add(1, Ordering::Relaxed);
         t.set_entry(index, new_entry.encode(self.geometry.cluster_bits));
-        self.release_entry(old)
+        let released = self.release_entry(old);
+        drop(t);
+        released?;
+        self.dedup_after_release(old, cluster)
     }
 }

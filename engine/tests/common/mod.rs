@@ -299,6 +299,7 @@ pub fn journal_image_in_memory(
             size_bytes: 1 << 20,
             two_flush: false,
             log_data: false,
+            dedup: false,
         }),
         ..qj_engine::CreateOptions::default()
     };

@@ -56,7 +56,8 @@ pub struct JournalExtension {
     pub size: u64,
     /// Flags; bit 0: commit with the draft's two-flush protocol instead of
     /// the single-flush one; bit 1: log small writes into fresh clusters in
-    /// the transaction (logged data). Other bits are reserved (zero).
+    /// the transaction (logged data); bit 2: deduplication. Other bits are
+    /// reserved (zero).
     pub flags: u64,
 }
 
@@ -71,8 +72,12 @@ impl JournalExtension {
     /// Flag bit 1: writers carry small writes into fresh clusters in the
     /// transaction (logged data, spec 8.2). Replay does not depend on it.
     pub const FLAG_LOG_DATA: u64 = 2;
+    /// Flag bit 2: whole-cluster writes are deduplicated; the journal
+    /// carries the dedup index's insertions and deletions (spec 3.1, 8.5).
+    pub const FLAG_DEDUP: u64 = 4;
     /// Flags this version knows.
-    pub const FLAGS_KNOWN: u64 = Self::FLAG_TWO_FLUSH_COMMIT | Self::FLAG_LOG_DATA;
+    pub const FLAGS_KNOWN: u64 =
+        Self::FLAG_TWO_FLUSH_COMMIT | Self::FLAG_LOG_DATA | Self::FLAG_DEDUP;
 }
 
 /// One header extension, in file order.

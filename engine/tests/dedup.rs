@@ -1,0 +1,301 @@
+//! Deduplication of whole clusters on journalled images: the write path,
+//! the index kept in step through the journal (replay after a crash), the
+//! COPIED flags of shared clusters, and QEMU reading and writing a
+//! deduplicated image.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{
+    assert_qemu_io_sees, in_dir, pattern, qemu_check_json, qemu_io, read, temp_dir,
+};
+use qj_engine::check::{check, RepairMode};
+use qj_engine::{CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage};
+
+const CLUSTER: usize = 4096;
+
+fn dedup_create_options(virtual_size: u64) -> CreateOptions {
+    CreateOptions {
+        virtual_size,
+        cluster_size: CLUSTER as u64,
+        journal: Some(JournalConfig {
+            size_bytes: 1 << 20,
+            two_flush: false,
+            log_data: false,
+            dedup: true,
+        }),
+        ..CreateOptions::default()
+    }
+}
+
+/// A new dedup image in memory, opened read-write.
+fn dedup_image(virtual_size: u64) -> (Arc<dyn Storage>, Image) {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    Image::create_shared(storage.clone(), &dedup_create_options(virtual_size)).unwrap();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    (storage, image)
+}
+
+/// Our check and the refcounts agree with the mappings (COPIED flags too).
+fn assert_engine_check_clean(storage: &dyn Storage) {
+    let report = check(storage, RepairMode::None, &[]).unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks, report.check_errors),
+        (0, 0, 0),
+        "check: {:?}",
+        report.messages
+    );
+}
+
+/// `qemu-img check` finds no corruption, and no leak but the journal's
+/// clusters (QEMU does not know the extension that references them).
+fn assert_check_clean(path: &std::path::Path) {
+    let outcome = qemu_check_json(path);
+    let storage = qj_engine::FileStorage::open(path, false).unwrap();
+    let ext = Image::read_header(&storage).unwrap().journal().unwrap();
+    let journal: std::collections::BTreeSet<u64> = (ext.offset / CLUSTER as u64
+        ..(ext.offset + ext.size) / CLUSTER as u64)
+        .collect();
+    assert!(outcome.json.get("corruptions").is_none(), "{outcome:?}");
+    assert_eq!(outcome.leaked_clusters(), journal, "{outcome:?}");
+}
+
+#[test]
+fn duplicate_clusters_are_stored_once() {
+    let (storage, image) = dedup_image(1 << 20);
+    let a = pattern(0xa1, CLUSTER);
+    let b = pattern(0xb2, CLUSTER);
+    image.write(&a, 0).unwrap();
+    image.flush().unwrap();
+    let len_after_one = storage.len().unwrap();
+    for i in 1..8u64 {
+        image.write(&a, i * CLUSTER as u64).unwrap();
+    }
+    image.write(&b, 8 * CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    let stats = image.dedup_stats().expect("a dedup image deduplicates");
+    assert_eq!(stats.hits, 7);
+    assert_eq!(stats.entries, 2);
+    assert_eq!(stats.clusters_saved, 7);
+    assert_eq!(
+        storage.len().unwrap(),
+        len_after_one + CLUSTER as u64,
+        "seven copies of a took no space; b took one cluster"
+    );
+    for i in 0..8u64 {
+        assert_eq!(read(&image, i * CLUSTER as u64, CLUSTER), a);
+    }
+    assert_eq!(read(&image, 8 * CLUSTER as u64, CLUSTER), b);
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
+
+#[test]
+fn writes_into_shared_clusters_copy_and_frees_delete() {
+    let (storage, image) = dedup_image(1 << 20);
+    let a = pattern(0x11, CLUSTER);
+    for i in 0..3u64 {
+        image.write(&a, i * CLUSTER as u64).unwrap();
+    }
+    // A partial write into one mapping copies it; the others keep a.
+    image.write(&[0xee; 100], CLUSTER as u64 + 10).unwrap();
+    let mut expected = a.clone();
+    expected[10..110].fill(0xee);
+    assert_eq!(read(&image, CLUSTER as u64, CLUSTER), expected);
+    assert_eq!(read(&image, 0, CLUSTER), a);
+    assert_eq!(read(&image, 2 * CLUSTER as u64, CLUSTER), a);
+    image.flush().unwrap();
+    assert_engine_check_clean(&*storage);
+    // Discarding one of the two left: the last gets COPIED back (check
+    // would call a refcount-1 cluster without it a corruption).
+    image.discard(0, CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    assert_engine_check_clean(&*storage);
+    assert_eq!(image.dedup_stats().unwrap().entries, 1);
+    // Overwriting the indexed cluster itself (refcount 1): copied, and the
+    // old one leaves the index with its deletion.
+    let c = pattern(0x33, CLUSTER);
+    image.write(&c, 2 * CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    let stats = image.dedup_stats().unwrap();
+    assert_eq!(stats.entries, 1, "a left the index, c entered it");
+    assert_eq!(read(&image, 2 * CLUSTER as u64, CLUSTER), c);
+    image.discard(2 * CLUSTER as u64, CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    assert_eq!(image.dedup_stats().unwrap().entries, 0);
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
+
+#[test]
+fn rewriting_the_same_bytes_writes_nothing() {
+    let (storage, image) = dedup_image(1 << 20);
+    let a = pattern(0x42, CLUSTER);
+    image.write(&a, 0).unwrap();
+    image.flush().unwrap();
+    let written = image.stats().data_bytes;
+    image.write(&a, 0).unwrap();
+    image.flush().unwrap();
+    assert_eq!(image.stats().data_bytes, written, "same bytes: nothing to write");
+    assert_eq!(read(&image, 0, CLUSTER), a);
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
+
+#[test]
+fn zero_clusters_never_enter_the_index() {
+    let (_storage, image) = dedup_image(1 << 20);
+    let zeros = vec![0u8; CLUSTER];
+    image.write(&zeros, 0).unwrap();
+    image.write(&zeros, CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    let stats = image.dedup_stats().unwrap();
+    assert_eq!((stats.entries, stats.hits), (0, 0));
+    image.close().unwrap();
+}
+
+#[test]
+fn replay_after_a_crash_feeds_the_index() {
+    let (storage, image) = dedup_image(1 << 20);
+    let a = pattern(0x5a, CLUSTER);
+    let b = pattern(0x6b, CLUSTER);
+    image.write(&a, 0).unwrap();
+    image.write(&a, CLUSTER as u64).unwrap();
+    image.write(&b, 2 * CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    // b's cluster is freed: its deletion is in the journal too.
+    image.discard(2 * CLUSTER as u64, CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    image.abandon();
+
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let entries = image.dedup_entries();
+    assert_eq!(entries.len(), 1, "a stays indexed, b was deleted: {entries:?}");
+    let stats = image.dedup_stats().unwrap();
+    assert_eq!(stats.clusters_saved, 1, "both mappings of a were found");
+    let len = storage.len().unwrap();
+    image.write(&a, 3 * CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    assert_eq!(image.dedup_stats().unwrap().hits, 1);
+    assert_eq!(storage.len().unwrap(), len, "the replayed entry was used");
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
+
+#[test]
+fn a_stale_entry_is_never_used() {
+    // Trusting the hash skips the comparison at write time, so the entry
+    // must have been checked at open: overwrite the indexed cluster behind
+    // the engine's back, crash, reopen, and write the old bytes again.
+    let (storage, image) = dedup_image(1 << 20);
+    let a = pattern(0x77, CLUSTER);
+    image.write(&a, 0).unwrap();
+    image.flush().unwrap();
+    // A second transaction anchors the first, so replay does not verify
+    // its data checksum (which would drop it as torn).
+    image.write(&pattern(0x78, CLUSTER), 5 * CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    let (host, _) = image
+        .dedup_entries()
+        .into_iter()
+        .min()
+        .expect("two entries");
+    image.abandon();
+    storage.write_at(&pattern(0x99, CLUSTER), host).unwrap();
+    let opts = OpenOptions {
+        dedup_trust_hash: true,
+        ..OpenOptions::read_write()
+    };
+    let image = Image::open(storage.clone(), &opts).unwrap();
+    assert_eq!(image.dedup_entries().len(), 1, "only the good entry is left");
+    assert_eq!(image.dedup_stats().unwrap().dropped_at_open, 1);
+    image.write(&a, CLUSTER as u64).unwrap();
+    assert_eq!(read(&image, CLUSTER as u64, CLUSTER), a);
+    image.close().unwrap();
+}
+
+#[test]
+fn a_full_index_stops_indexing_new_clusters() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    Image::create_shared(storage.clone(), &dedup_create_options(1 << 20)).unwrap();
+    let opts = OpenOptions {
+        dedup_memory_bytes_max: 2 * qj_engine::image::DEDUP_BYTES_PER_ENTRY,
+        ..OpenOptions::read_write()
+    };
+    let image = Image::open(storage.clone(), &opts).unwrap();
+    for i in 0..4u8 {
+        image
+            .write(&pattern(i + 1, CLUSTER), u64::from(i) * CLUSTER as u64)
+            .unwrap();
+    }
+    let stats = image.dedup_stats().unwrap();
+    assert_eq!((stats.entries, stats.entries_max), (2, 2));
+    assert_eq!(stats.not_indexed_full, 2);
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
+
+#[test]
+fn dedup_is_refused_without_a_journal_and_toggles_with_one() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let plain = CreateOptions {
+        virtual_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    Image::create_shared(storage.clone(), &plain).unwrap();
+    let err = Image::set_dedup(storage.clone(), true).unwrap_err();
+    assert!(err.to_string().contains("dedup needs a journal"), "{err}");
+
+    let (storage, image) = dedup_image(1 << 20);
+    image.close().unwrap();
+    Image::set_dedup(storage.clone(), false).unwrap();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    assert!(image.dedup_stats().is_none());
+    assert!(image.info().unwrap().journal.is_some(), "the journal stays");
+    image.close().unwrap();
+    Image::set_dedup(storage.clone(), true).unwrap();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    assert!(image.dedup_stats().is_some());
+    image.close().unwrap();
+}
+
+#[test]
+fn qemu_reads_exactly_and_copies_on_write() {
+    let dir = temp_dir();
+    let path = in_dir(&dir, "dedup.qcow2");
+    let size = 16 * CLUSTER as u64;
+    Image::create_path(&path, &dedup_create_options(size)).unwrap();
+    let image = Image::open_path(&path, &OpenOptions::read_write()).unwrap();
+    let mut model = vec![0u8; size as usize];
+    for i in 0..6usize {
+        let byte = if i % 2 == 0 { 0xaa } else { 0xbb };
+        image.write(&vec![byte; CLUSTER], (i * CLUSTER) as u64).unwrap();
+        model[i * CLUSTER..(i + 1) * CLUSTER].fill(byte);
+    }
+    assert_eq!(image.dedup_stats().unwrap().hits, 4);
+    image.close().unwrap();
+    assert_check_clean(&path);
+    assert_qemu_io_sees(&path, &model);
+
+    // QEMU writes into a shared cluster: it copies, the other mappings
+    // keep their bytes, and its check stays clean.
+    qemu_io(&path, false, &[format!("write -P 0xcc {} 512", 2 * CLUSTER)]);
+    model[2 * CLUSTER..2 * CLUSTER + 512].fill(0xcc);
+    assert_check_clean(&path);
+    assert_qemu_io_sees(&path, &model);
+
+    // QEMU cleared "journal valid": the index is gone (QEMU may have freed
+    // or rewritten indexed clusters), and writing 0xaa again does not
+    // map to anything stale.
+    let image = Image::open_path(&path, &OpenOptions::read_write()).unwrap();
+    assert!(image.dedup_entries().is_empty(), "the index was dropped");
+    image.write(&vec![0xaa; CLUSTER], (8 * CLUSTER) as u64).unwrap();
+    model[8 * CLUSTER..9 * CLUSTER].fill(0xaa);
+    image.write(&vec![0xaa; CLUSTER], (9 * CLUSTER) as u64).unwrap();
+    model[9 * CLUSTER..10 * CLUSTER].fill(0xaa);
+    assert_eq!(image.dedup_stats().unwrap().hits, 1, "new entries dedup again");
+    image.close().unwrap();
+    assert_check_clean(&path);
+    assert_qemu_io_sees(&path, &model);
+}
