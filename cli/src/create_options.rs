@@ -50,6 +50,8 @@ pub struct CreateOptionList {
     pub commit: Option<CommitMode>,
     /// `log_data`: carry small writes into fresh clusters in the journal.
     pub log_data: Option<bool>,
+    /// `dedup`: deduplicate whole-cluster writes (journal images only).
+    pub dedup: Option<bool>,
 }
 
 /// An `on`/`off` value.
@@ -193,11 +195,19 @@ const KEYS: &[Key] = &[
             Ok(())
         },
     },
+    Key {
+        name: "dedup",
+        help: "deduplicate whole-cluster writes (SHA-256 index kept through the journal): on or off (default off; needs journal=on)",
+        apply: |o, v| {
+            o.dedup = Some(on_off(v)?);
+            Ok(())
+        },
+    },
 ];
 
 /// The keys `qj amend` can change; the others describe a layout fixed at
 /// creation.
-pub const AMEND_KEYS: &[&str] = &["journal", "journal_size", "commit", "log_data"];
+pub const AMEND_KEYS: &[&str] = &["journal", "journal_size", "commit", "log_data", "dedup"];
 
 /// Which command reads the list: it decides the valid keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +315,7 @@ impl CreateOptionList {
                 ("journal_size", self.journal_size.is_some()),
                 ("commit", self.commit.is_some()),
                 ("log_data", self.log_data.is_some()),
+                ("dedup", self.dedup == Some(true)),
             ] {
                 if given {
                     return Err(CliError::Usage(format!(
@@ -323,6 +334,7 @@ impl CreateOptionList {
                 None => defaults.two_flush,
             },
             log_data: self.log_data.unwrap_or(defaults.log_data),
+            dedup: self.dedup.unwrap_or(defaults.dedup),
         }))
     }
 }
@@ -376,7 +388,8 @@ mod tests {
             Some(JournalConfig {
                 size_bytes: 16 << 20,
                 two_flush: false,
-                log_data: false
+                log_data: false,
+                dedup: false
             })
         );
         assert_eq!(
@@ -387,7 +400,8 @@ mod tests {
             Some(JournalConfig {
                 size_bytes: 1 << 20,
                 two_flush: true,
-                log_data: false
+                log_data: false,
+                dedup: false
             })
         );
         assert_eq!(
@@ -406,7 +420,8 @@ mod tests {
             Some(JournalConfig {
                 size_bytes: 16 << 20,
                 two_flush: false,
-                log_data: false
+                log_data: false,
+                dedup: false
             })
         );
     }
@@ -418,6 +433,8 @@ mod tests {
             "commit=draft",
             "journal=off,commit=draft",
             "log_data=on",
+            "dedup=on",
+            "journal=off,dedup=on",
         ] {
             let e = parse(list)
                 .unwrap()

@@ -51,6 +51,10 @@ pub struct EngineTarget {
     /// Carry small writes into fresh clusters in the journal transaction
     /// (`OpenOptions::log_fresh_data`, journal rule 7).
     log_fresh_data: bool,
+    /// Deduplicate whole clusters (journal extension flag), with guest data
+    /// stored so that one write's whole clusters are equal
+    /// (`dedup_content.rs`).
+    dedup: bool,
     /// The snapshot base image last built, by (virtual size, backing
     /// content): building it runs `qemu-img`, once per workload shape.
     base_cache: Arc<Mutex<Option<SnapshotBase>>>,
@@ -70,6 +74,7 @@ impl EngineTarget {
             cache_bytes_max: 16 * 4096,
             snapshot_base: false,
             log_fresh_data: false,
+            dedup: false,
             base_cache: Arc::new(Mutex::new(None)),
         }
     }
@@ -88,6 +93,12 @@ impl EngineTarget {
     /// The same target with logged data (journal rule 7).
     pub fn with_logged_data(mut self) -> Self {
         self.log_fresh_data = true;
+        self
+    }
+
+    /// The same target with deduplication (`journal-dedup`).
+    pub fn with_dedup(mut self) -> Self {
+        self.dedup = true;
         self
     }
 
@@ -196,6 +207,8 @@ impl CrashTarget for EngineTarget {
             format!("{name}-cow")
         } else if self.log_fresh_data {
             format!("{name}-logged")
+        } else if self.dedup {
+            format!("{name}-dedup")
         } else {
             name.into()
         }
@@ -209,6 +222,8 @@ impl CrashTarget for EngineTarget {
             JournalMutation::SkipDirtyBit => Some("no-dirty-bit"),
             JournalMutation::SkipCopyBeforeWrite => Some("no-copy-before-write"),
             JournalMutation::WriteLoggedInPlace => Some("logged-write-in-place"),
+            JournalMutation::DedupSkipIncrement => Some("dedup-no-increment"),
+            JournalMutation::DedupSkipDeletion => Some("dedup-no-deletion"),
             JournalMutation::Journal(qj_journal::Mutation::None) => None,
             JournalMutation::Journal(qj_journal::Mutation::ReplaySkipsTxChecksum) => {
                 Some("replay-skips-tx-checksum")
@@ -250,7 +265,7 @@ impl CrashTarget for EngineTarget {
                 size_bytes: CRASH_JOURNAL_BYTES,
                 two_flush: self.backend == EngineBackend::JournalDraft,
                 log_data: false,
-                dedup: false,
+                dedup: self.dedup,
             }),
         };
         Image::create_shared(dev.clone(), &opts).map_err(engine_err)?;
@@ -268,7 +283,12 @@ impl CrashTarget for EngineTarget {
         // A snapshot-base image has no backing file: its base is inside.
         let backing = backing.filter(|_| !self.snapshot_base);
         let image = Image::open(dev, &self.open_options(backing)).map_err(engine_err)?;
-        Ok(Box::new(EngineDisk { image: Some(image) }))
+        Ok(Box::new(EngineDisk {
+            image: Some(image),
+            dedup_sectors_per_cluster: self
+                .dedup
+                .then_some(self.cluster_size / crate::medium::SECTOR_BYTES),
+        }))
     }
 
     fn check(&self, dev: Arc<dyn Storage>) -> Result<CheckSummary, TargetError> {
@@ -277,8 +297,16 @@ impl CrashTarget for EngineTarget {
             // makes of it, on a copy (check must not write to `dev`).
             let copy: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(device_bytes(&*dev)?));
             let image = Image::open(copy.clone(), &self.open_options(None)).map_err(engine_err)?;
+            // The dedup index replay rebuilt must agree with the metadata:
+            // open drops (and counts) every entry that names a free
+            // cluster, metadata, or other content. Each one would be a
+            // write deduplicated against the wrong data (with a trusted
+            // hash), so it counts as a corruption here.
+            let stale_entries = image.dedup_stats().map_or(0, |s| s.dropped_at_open);
             image.close().map_err(engine_err)?;
-            return check_device(&*copy);
+            let mut summary = check_device(&*copy)?;
+            summary.corruptions += stale_entries;
+            return Ok(summary);
         }
         check_device(&*dev)
     }
@@ -362,6 +390,9 @@ fn check_device(dev: &dyn Storage) -> Result<CheckSummary, TargetError> {
 /// An open engine image as the harness drives it.
 struct EngineDisk {
     image: Option<Image>,
+    /// On the dedup target: guest data is stored per position in its
+    /// cluster (`dedup_content.rs`), clusters of this many sectors.
+    dedup_sectors_per_cluster: Option<u64>,
 }
 
 impl EngineDisk {
@@ -385,10 +416,21 @@ impl GuestDisk for EngineDisk {
         self.image().virtual_size()
     }
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), TargetError> {
-        self.image().read(buf, offset).map_err(engine_err)
+        self.image().read(buf, offset).map_err(engine_err)?;
+        if let Some(per_cluster) = self.dedup_sectors_per_cluster {
+            crate::dedup_content::load(buf, offset, per_cluster);
+        }
+        Ok(())
     }
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), TargetError> {
-        self.image().write(buf, offset).map_err(engine_err)
+        match self.dedup_sectors_per_cluster {
+            Some(per_cluster) => {
+                let mut stored = buf.to_vec();
+                crate::dedup_content::store(&mut stored, offset, per_cluster);
+                self.image().write(&stored, offset).map_err(engine_err)
+            }
+            None => self.image().write(buf, offset).map_err(engine_err),
+        }
     }
     fn write_zeroes(&self, offset: u64, len_bytes: u64) -> Result<(), TargetError> {
         self.image()
@@ -418,6 +460,7 @@ pub const BACKENDS: &[&str] = &[
     "journal-draft",
     "journal-cow",
     "journal-logged",
+    "journal-dedup",
     "raw",
     "log",
     "redo",
@@ -427,13 +470,15 @@ pub const BACKENDS: &[&str] = &[
 /// `journal-cow` is the journal on images whose every cluster starts
 /// shared with an internal snapshot (delayed copy-on-write);
 /// `journal-logged` carries small writes into fresh clusters in the
-/// transaction (logged data).
+/// transaction (logged data); `journal-dedup` deduplicates whole clusters
+/// (the index travels in the journal).
 pub const ENGINE_BACKENDS: &[&str] = &[
     "ordered",
     "journal",
     "journal-draft",
     "journal-cow",
     "journal-logged",
+    "journal-dedup",
 ];
 
 /// The mutations (deliberate ordering bugs) of `backend`.
@@ -452,6 +497,7 @@ pub fn mutations(backend: &str) -> &'static [&'static str] {
         "journal-draft" => &[],
         "journal-cow" => &["no-copy-before-write"],
         "journal-logged" => &["logged-write-in-place"],
+        "journal-dedup" => &["dedup-no-increment", "dedup-no-deletion"],
         other => crate::targets::builtin_mutations(other),
     }
 }
@@ -490,6 +536,8 @@ pub fn open_mutation(name: &str) -> Option<(OrderingMutation, JournalMutation)> 
         )),
         "no-copy-before-write" => journal(JournalMutation::SkipCopyBeforeWrite),
         "logged-write-in-place" => journal(JournalMutation::WriteLoggedInPlace),
+        "dedup-no-increment" => journal(JournalMutation::DedupSkipIncrement),
+        "dedup-no-deletion" => journal(JournalMutation::DedupSkipDeletion),
         _ => None,
     }
 }
@@ -505,6 +553,7 @@ pub fn crash_target(
         "journal-draft" => EngineTarget::new(EngineBackend::JournalDraft),
         "journal-cow" => EngineTarget::new(EngineBackend::Journal).with_snapshot_base(),
         "journal-logged" => EngineTarget::new(EngineBackend::Journal).with_logged_data(),
+        "journal-dedup" => EngineTarget::new(EngineBackend::Journal).with_dedup(),
         other if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
             return crate::targets::builtin_target(other, mutation)
         }

@@ -32,6 +32,7 @@
 pub mod checks;
 pub mod config;
 pub mod crash_states;
+pub mod dedup_content;
 pub mod engine_target;
 pub mod error;
 pub mod explore;

@@ -1,6 +1,7 @@
 //! `qj amend [-f qcow2] -o journal=on|off[,journal_size=SIZE][,commit=MODE] FILE`:
 //! give an existing image a metadata journal or take it away, shaped like
-//! `qemu-img amend`.
+//! `qemu-img amend`; `-o dedup=on|off` switches deduplication on an image
+//! with a journal.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,12 +35,17 @@ pub fn run(args: AmendArgs) -> CliResult<u8> {
     for o in &args.options {
         apply_list(o, &mut list, ListFor::Amend)?;
     }
+    // `dedup` alone switches deduplication on an image that has a journal;
+    // with `journal=on` it is part of the new journal's configuration.
+    let dedup_only = list.journal.is_none() && list.dedup.is_some();
+    let dedup = if dedup_only { list.dedup.take() } else { None };
     // Validated before the file is opened for writing, so that bad options
     // leave the image untouched.
     let config = list.journal_config()?;
-    if list.journal.is_none() {
+    if list.journal.is_none() && dedup.is_none() {
         return Err(CliError::Usage(
-            "amend: nothing to change (give -o journal=on or -o journal=off)".into(),
+            "amend: nothing to change (give -o journal=on, -o journal=off or -o dedup=on|off)"
+                .into(),
         ));
     }
     let Some(path) = args.file.as_deref() else {
@@ -52,6 +58,18 @@ pub fn run(args: AmendArgs) -> CliResult<u8> {
     let storage = FileStorage::open(path, true).map_err(io(what.clone()))?;
     let header = Image::read_header(&storage).map_err(engine(what.clone()))?;
     let storage = Arc::new(storage);
+    if let Some(on) = dedup {
+        if header.journal().is_none() {
+            return Err(CliError::failed(
+                what,
+                "dedup needs a journal and this image has none: there is no flush order that keeps a dedup index and the L2 tables together (amend -o journal=on,dedup=on)",
+            ));
+        }
+        // The engine replays and checkpoints the journal first, so that no
+        // dedup descriptor outlives the flag.
+        Image::set_dedup(storage, on).map_err(engine(what))?;
+        return Ok(0);
+    }
     match config {
         Some(config) => {
             if let Some(ext) = header.journal() {

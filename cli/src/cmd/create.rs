@@ -197,6 +197,9 @@ pub fn formatting_line(file: &Path, opts: &CreateOptions, size: u64) -> String {
         if j.log_data {
             line.push_str(" log_data=on");
         }
+        if j.dedup {
+            line.push_str(" dedup=on");
+        }
     }
     line
 }
