@@ -48,17 +48,108 @@ fn assert_engine_check_clean(storage: &dyn Storage) {
     );
 }
 
-/// `qemu-img check` finds no corruption, and no leak but the journal's
-/// clusters (QEMU does not know the extension that references them).
+/// `qemu-img check` finds no corruption, and no leak but the clusters of
+/// the journal and of the persisted dedup index (QEMU does not know the
+/// extensions that reference them).
 fn assert_check_clean(path: &std::path::Path) {
     let outcome = qemu_check_json(path);
     let storage = qj_engine::FileStorage::open(path, false).unwrap();
-    let ext = Image::read_header(&storage).unwrap().journal().unwrap();
-    let journal: std::collections::BTreeSet<u64> = (ext.offset / CLUSTER as u64
-        ..(ext.offset + ext.size) / CLUSTER as u64)
-        .collect();
+    let header = Image::read_header(&storage).unwrap();
+    let ext = header.journal().unwrap();
+    let cs = CLUSTER as u64;
+    let mut ours: std::collections::BTreeSet<u64> =
+        (ext.offset / cs..(ext.offset + ext.size) / cs).collect();
+    if let Some(index) = header.dedup_index() {
+        let index = index.unwrap();
+        ours.extend(index.offset / cs..index.offset / cs + u64::from(index.clusters));
+    }
     assert!(outcome.json.get("corruptions").is_none(), "{outcome:?}");
-    assert_eq!(outcome.leaked_clusters(), journal, "{outcome:?}");
+    assert_eq!(outcome.leaked_clusters(), ours, "{outcome:?}");
+}
+
+/// The persisted index extension of the image on `storage`.
+fn persisted_index(storage: &dyn Storage) -> Option<qj_spec::qcow2::dedup_index::DedupIndexExtension> {
+    Image::read_header(storage)
+        .unwrap()
+        .dedup_index()
+        .map(|r| r.unwrap())
+}
+
+#[test]
+fn the_index_survives_a_close_without_rehashing() {
+    let (storage, image) = dedup_image(1 << 20);
+    let a = pattern(0x21, CLUSTER);
+    let b = pattern(0x22, CLUSTER);
+    image.write(&a, 0).unwrap();
+    image.write(&a, CLUSTER as u64).unwrap();
+    image.write(&b, 2 * CLUSTER as u64).unwrap();
+    image.close().unwrap();
+    let ext = persisted_index(&*storage).expect("close wrote the index");
+    assert_eq!((ext.entries, ext.clusters_saved, ext.clusters), (2, 1, 1));
+    assert_engine_check_clean(&*storage);
+
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let stats = image.dedup_stats().unwrap();
+    assert_eq!((stats.persisted_loaded, stats.entries), (2, 2));
+    assert_eq!(stats.clusters_saved, 1);
+    assert_eq!(image.dedup_cost().unwrap().hashed, 0, "open hashed nothing");
+    let len = storage.len().unwrap();
+    image.write(&b, 3 * CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    assert_eq!(image.dedup_stats().unwrap().hits, 1);
+    assert!(storage.len().unwrap() <= len, "b was shared, not written");
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+    assert_eq!(persisted_index(&*storage).unwrap().clusters_saved, 2);
+
+    // A crash after the session's first transaction: that transaction
+    // dropped the extension (the index it names is no longer exact), so
+    // replay leaves none, and the index comes from the journal alone.
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    image.write(&pattern(0x23, CLUSTER), 5 * CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    image.abandon();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let stats = image.dedup_stats().unwrap();
+    assert_eq!(stats.persisted_loaded, 0);
+    assert_eq!(stats.dropped_at_open, 0);
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
+
+#[test]
+fn a_damaged_persisted_index_is_ignored_and_dropped() {
+    for damage in ["checksum", "past-end", "over-metadata", "truncated"] {
+        let (storage, image) = dedup_image(1 << 20);
+        let a = pattern(0x31, CLUSTER);
+        image.write(&a, 0).unwrap();
+        image.write(&a, CLUSTER as u64).unwrap();
+        image.close().unwrap();
+        let mut header = Image::read_header(&*storage).unwrap();
+        let mut ext = persisted_index(&*storage).unwrap();
+        match damage {
+            "checksum" => {
+                storage.write_at(&[0xff], ext.offset + 3).unwrap();
+            }
+            "past-end" => ext.offset = storage.len().unwrap() + 16 * CLUSTER as u64,
+            "over-metadata" => ext.offset = header.l1_table_offset,
+            _ => ext.entries = 1 << 40,
+        }
+        header.set_dedup_index(Some(ext));
+        storage.write_at(&header.encode().unwrap(), 0).unwrap();
+
+        let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+        let stats = image.dedup_stats().unwrap();
+        assert_eq!(stats.entries, 0, "{damage}: never used");
+        assert!(stats.persisted_ignored.is_some(), "{damage}: said why");
+        // Writing a again does not map to anything the damaged index named.
+        image.write(&a, 2 * CLUSTER as u64).unwrap();
+        assert_eq!(read(&image, 2 * CLUSTER as u64, CLUSTER), a);
+        assert_eq!(read(&image, 0, CLUSTER), a);
+        image.close().unwrap();
+        let report = check(&*storage, RepairMode::None, &[]).unwrap();
+        assert_eq!(report.corruptions, 0, "{damage}: {:?}", report.messages);
+    }
 }
 
 #[test]

@@ -121,6 +121,24 @@ impl Checker<'_> {
                     }
                     areas.push(Ok((j.offset, j.size)));
                 }
+                // The persisted dedup index, like the journal, is ours only
+                // while "journal valid" is set. A damaged extension counts
+                // nothing (open ignores it; its clusters show as leaks).
+                HeaderExtension::Unknown { kind, data }
+                    if *kind == qj_spec::qcow2::dedup_index::EXT_DEDUP_INDEX
+                        && self.image.header.has_autoclear(AUTOCLEAR_JOURNAL_VALID_BIT) =>
+                {
+                    if let Ok(index) =
+                        qj_spec::qcow2::dedup_index::DedupIndexExtension::decode(data)
+                    {
+                        if self.image.geometry.is_aligned(index.offset) && index.clusters > 0 {
+                            areas.push(Ok((
+                                index.offset,
+                                u64::from(index.clusters) * self.image.geometry.cluster_size(),
+                            )));
+                        }
+                    }
+                }
                 HeaderExtension::Unknown { kind, data }
                     if *kind == EXT_CRYPTO_HEADER && data.len() == 16 =>
                 {

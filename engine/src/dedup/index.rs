@@ -52,6 +52,11 @@ pub struct DedupStats {
     /// Entries dropped at open because they did not hold (bad offset,
     /// free cluster, metadata, content that does not match).
     pub dropped_at_open: u64,
+    /// Entries read from the persisted index at open.
+    pub persisted_loaded: u64,
+    /// Why the persisted index was ignored at open, if it was (damaged:
+    /// truncated, bad checksum, past the end of the file, over metadata).
+    pub persisted_ignored: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -386,12 +386,15 @@ impl Image {
         Ok(())
     }
 
-    /// Builds the index an open for writing starts with, from the entries
-    /// the journal's replay found (spec §8.5): each is checked against the
-    /// metadata (a data cluster inside the file, counted, not metadata,
-    /// whose content has that hash) and dropped if it does not hold, so that no
-    /// write is ever deduplicated against it. Then the owners are found
-    /// by one walk of the active L2 tables.
+    /// Builds the index an open for writing starts with: the persisted
+    /// index (`dedup_persist.rs`), then the entries the journal's replay
+    /// found (spec §8.5), in log order. Each entry is checked against the
+    /// metadata (a data cluster inside the file, counted, not metadata) and
+    /// dropped if it does not hold, so that no write is ever deduplicated
+    /// against it; the journal's entries are also rehashed (the persisted
+    /// ones were written at a clean close and nothing changed since, so
+    /// open does not rehash the image). Then one walk of the active L2
+    /// tables finds the owners.
     pub(super) fn dedup_start(
         &self,
         events: Vec<qj_journal::DedupEvent>,
@@ -401,7 +404,19 @@ impl Image {
     ) -> Result<ImageDedup> {
         let entries_max = (memory_bytes_max / DEDUP_BYTES_PER_ENTRY) as usize;
         let mut index = DedupIndex::new(self.geometry.cluster_bits, entries_max);
+        let persisted = self.dedup_load_persisted()?;
+        index.counters.persisted_ignored = persisted.ignored.clone();
+        for &(offset, hash) in persisted.entries.iter().take(entries_max) {
+            if self.geometry.is_aligned(offset) {
+                let cluster = self.geometry.host_cluster(HostOffset(offset)).0;
+                index.replay(DedupOp::Insert, cluster, hash);
+            } else {
+                index.counters.dropped_at_open += 1;
+            }
+        }
+        index.counters.persisted_loaded = index.entries().len() as u64;
         let mut malformed = 0u64;
+        let mut from_journal = std::collections::HashSet::new();
         for event in events {
             let e = &event.entry;
             let hash: Option<ClusterHash> = e.hash.as_slice().try_into().ok();
@@ -412,6 +427,7 @@ impl Image {
                 {
                     let cluster = self.geometry.host_cluster(HostOffset(e.host_offset)).0;
                     index.replay(event.op, cluster, hash);
+                    from_journal.insert(cluster);
                 }
                 _ => {
                     // Not ours to interpret: an insertion we cannot check
@@ -436,29 +452,35 @@ impl Image {
                     .lock()
                     .get(&*self.storage, &*self.backend, host)?
                     > 0
-                && {
-                    // Always rehashed (only the journal's entries, at most
-                    // one per cluster the ring can describe): with
-                    // `trust_hash` no later comparison would catch one
-                    // that does not hold.
+                && (!from_journal.contains(&cluster) || {
+                    // Rehashed whatever `trust_hash` says: with it no
+                    // later comparison would catch one that does not hold.
                     self.backend.read_data(&*self.storage, &mut bytes, offset)?;
                     cluster_hash(&bytes) == hash
-                };
+                });
             if !holds {
                 index.forget(cluster);
                 index.counters.dropped_at_open += 1;
             }
         }
-        if !index.entries().is_empty() {
-            self.dedup_find_owners(&mut index)?;
+        let mapped = self.dedup_find_owners(&mut index)?;
+        if let Some((first, clusters)) = persisted.clusters {
+            if (first.0..first.0 + clusters).all(|c| !mapped.contains(&c)) {
+                self.dedup_free_persisted(first, clusters)?;
+            }
         }
         Ok(ImageDedup::new(index, trust_hash, mutation))
     }
 
     /// Records, for every indexed cluster, the guest clusters of the active
     /// tables that map it; entries no active table maps are dropped (only
-    /// a snapshot holds them: nothing to share through).
-    fn dedup_find_owners(&self, index: &mut DedupIndex) -> Result<()> {
+    /// a snapshot holds them: nothing to share through). Returns every host
+    /// cluster an active L2 entry maps.
+    fn dedup_find_owners(
+        &self,
+        index: &mut DedupIndex,
+    ) -> Result<std::collections::HashSet<u64>> {
+        let mut mapped = std::collections::HashSet::new();
         let l1_len = self.l1.read().entries.len() as u64;
         let per_table = self.geometry.l2_entries();
         for i in 0..l1_len {
@@ -471,7 +493,9 @@ impl Image {
             for j in 0..per_table {
                 let cluster = GuestCluster(i * per_table + j);
                 if let Ok(L2Entry::Normal { offset, .. }) = self.l2_entry(&t.bytes, cluster) {
-                    index.add_owner(self.geometry.host_cluster(offset).0, cluster.0);
+                    let host = self.geometry.host_cluster(offset).0;
+                    mapped.insert(host);
+                    index.add_owner(host, cluster.0);
                 }
             }
         }
@@ -480,6 +504,6 @@ impl Image {
                 index.forget(cluster);
             }
         }
-        Ok(())
+        Ok(mapped)
     }
 }

@@ -180,6 +180,8 @@ impl Image {
             h.mem.autoclear_features &= !features::AUTOCLEAR_JOURNAL_VALID_MASK;
             h.dirty = true;
         }
+        // The index is kept in step by the journal only.
+        image.dedup_drop_persisted()?;
         {
             let g = image.geometry;
             image
@@ -219,6 +221,9 @@ impl Image {
         };
         Self::open(storage.clone(), &opts)?.close()?;
         let image = Self::open_for_metadata_change(storage)?;
+        if !on {
+            image.dedup_drop_persisted()?;
+        }
         {
             let mut h = image.header.lock();
             let Some(mut ext) = h.mem.journal() else {
@@ -271,6 +276,11 @@ impl Image {
         {
             let mut h = image.header.lock();
             h.mem.set_journal(None);
+            // The persisted dedup index is stale too (the other program may
+            // have freed or rewritten indexed clusters): dropped, and its
+            // clusters, no longer counted by check while "journal valid" is
+            // clear, are freed as leaks below with the journal's.
+            h.mem.set_dedup_index(None);
             h.dirty = true;
         }
         image.close()?;

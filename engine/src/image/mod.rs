@@ -30,6 +30,7 @@
 
 mod backing;
 mod dedup;
+mod dedup_persist;
 mod guard;
 mod inspect;
 mod journal_admin;
@@ -217,6 +218,7 @@ impl Image {
         if !self.writable || self.poison.lock().is_some() {
             return Ok(());
         }
+        self.dedup_write_persisted()?;
         self.persist_all()?;
         self.backend.shutdown(&*self.storage, &self.counters)
     }

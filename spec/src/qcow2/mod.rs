@@ -3,6 +3,7 @@
 //! bitmap directory, plus the qjournal's header extension and feature bits.
 
 pub mod bitmap;
+pub mod dedup_index;
 mod bytes;
 pub mod extension;
 pub mod features;
