@@ -339,7 +339,13 @@ impl CrashTarget for EngineTarget {
         Image::open(copy.clone(), &self.open_options(None))
             .and_then(Image::close)
             .map_err(engine_err)?;
-        let clusters = CRASH_JOURNAL_BYTES.div_ceil(self.cluster_size);
+        // A dedup image also has its persisted index, written at that close.
+        let index_clusters = Image::read_header(&*copy)
+            .map_err(engine_err)?
+            .dedup_index()
+            .and_then(Result::ok)
+            .map_or(0, |index| u64::from(index.clusters));
+        let clusters = CRASH_JOURNAL_BYTES.div_ceil(self.cluster_size) + index_clusters;
         Ok(Some(QemuExport {
             image: device_bytes(&*copy)?,
             leaks: LeakExpectation::Exactly(clusters),

@@ -149,6 +149,29 @@ pub struct JournalDetails {
     /// Transactions the open replayed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replayed_transactions: Option<u64>,
+    /// Whether whole-cluster writes are deduplicated (the extension's flag).
+    pub dedup: bool,
+    /// The persisted dedup index, when the header names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup_index: Option<DedupIndexDetails>,
+}
+
+/// The persisted dedup index under `qj.journal.dedup-index`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DedupIndexDetails {
+    /// Indexed clusters.
+    pub entries: u64,
+    /// Guest clusters that shared an indexed cluster beyond its first
+    /// mapping when the index was written (clusters not stored twice).
+    pub clusters_saved: u64,
+    /// Bytes the index takes in the file (whole clusters).
+    pub bytes: u64,
+    /// Host offset of the index.
+    pub offset: u64,
+    /// Why open will ignore it, when it is damaged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
 
 /// What the engine's read-only open found.
@@ -255,6 +278,23 @@ fn journal_details(
         synced_seq: live.map(|j| j.synced_seq),
         unsynced: live.map(|j| j.unsynced),
         replayed_transactions: live.map(|j| j.replayed_transactions),
+        dedup: ext.flags & JournalExtension::FLAG_DEDUP != 0,
+        dedup_index: header.dedup_index().map(|index| match index {
+            Ok(i) => DedupIndexDetails {
+                entries: i.entries,
+                clusters_saved: i.clusters_saved,
+                bytes: u64::from(i.clusters) << header.cluster_bits,
+                offset: i.offset,
+                damaged: None,
+            },
+            Err(why) => DedupIndexDetails {
+                entries: 0,
+                clusters_saved: 0,
+                bytes: 0,
+                offset: 0,
+                damaged: Some(why),
+            },
+        }),
     }
 }
 
@@ -428,6 +468,23 @@ pub fn journal_lines(j: &JournalDetails) -> String {
         s.push_str(&format!("        unsynced: {u}\n"));
     }
     s.push_str(&format!("        dirty bit: {}\n", j.dirty_bit));
+    if j.dedup {
+        s.push_str("        dedup: on\n");
+        match &j.dedup_index {
+            Some(DedupIndexDetails {
+                damaged: Some(why), ..
+            }) => s.push_str(&format!(
+                "        dedup index: damaged ({why}); the next read-write open drops it\n"
+            )),
+            Some(i) => s.push_str(&format!(
+                "        dedup index: {} entries, {} clusters saved, {} bytes at {:#x}\n",
+                i.entries, i.clusters_saved, i.bytes, i.offset
+            )),
+            None => s.push_str(
+                "        dedup index: not persisted (rebuilt from the journal by the next read-write open)\n",
+            ),
+        }
+    }
     if !j.valid {
         s.push_str(
             "        valid: false (written by a program that does not know the journal; replaced on the next read-write open)\n",
