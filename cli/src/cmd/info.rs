@@ -279,21 +279,22 @@ fn journal_details(
         unsynced: live.map(|j| j.unsynced),
         replayed_transactions: live.map(|j| j.replayed_transactions),
         dedup: ext.flags & JournalExtension::FLAG_DEDUP != 0,
-        dedup_index: header.dedup_index().map(|index| match index {
-            Ok(i) => DedupIndexDetails {
+        dedup_index: header.dedup_index().and_then(|index| match index {
+            Ok(i) if i.is_empty() => None,
+            Ok(i) => Some(DedupIndexDetails {
                 entries: i.entries,
                 clusters_saved: i.clusters_saved,
                 bytes: u64::from(i.clusters) << header.cluster_bits,
                 offset: i.offset,
                 damaged: None,
-            },
-            Err(why) => DedupIndexDetails {
+            }),
+            Err(why) => Some(DedupIndexDetails {
                 entries: 0,
                 clusters_saved: 0,
                 bytes: 0,
                 offset: 0,
                 damaged: Some(why),
-            },
+            }),
         }),
     }
 }

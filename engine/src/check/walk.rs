@@ -131,7 +131,7 @@ impl Checker<'_> {
                     if let Ok(index) =
                         qj_spec::qcow2::dedup_index::DedupIndexExtension::decode(data)
                     {
-                        if self.image.geometry.is_aligned(index.offset) && index.clusters > 0 {
+                        if self.image.geometry.is_aligned(index.offset) && !index.is_empty() {
                             areas.push(Ok((
                                 index.offset,
                                 u64::from(index.clusters) * self.image.geometry.cluster_size(),

@@ -404,7 +404,7 @@ impl Image {
     ) -> Result<ImageDedup> {
         let entries_max = (memory_bytes_max / DEDUP_BYTES_PER_ENTRY) as usize;
         let mut index = DedupIndex::new(self.geometry.cluster_bits, entries_max);
-        let persisted = self.dedup_load_persisted()?;
+        let persisted = self.dedup_load_persisted(false)?;
         index.counters.persisted_ignored = persisted.ignored.clone();
         for &(offset, hash) in persisted.entries.iter().take(entries_max) {
             if self.geometry.is_aligned(offset) {

@@ -3,8 +3,8 @@
 //! back by the next open for writing so that it does not rehash the image.
 //!
 //! Why it can be trusted without rehashing: an open for writing takes the
-//! index into memory and removes the extension from the header, and that
-//! removal (with the free of the index clusters) rides in the first
+//! index into memory and empties the extension in the header, and that
+//! change (with the free of the index clusters) rides in the first
 //! transaction the session commits. So while the extension is in the
 //! header, nothing has changed since the index was written, except what
 //! the journal still holds (the last transactions of the closing session,
@@ -38,12 +38,20 @@ impl Image {
     /// dropped: never used, and its clusters are not freed (they may be
     /// someone else's; if they were the index's, `qj check -r leaks` frees
     /// them).
-    pub(super) fn dedup_load_persisted(&self) -> Result<LoadedIndex> {
+    ///
+    /// The extension stays, empty ([`DedupIndexExtension::EMPTY`]), unless
+    /// `remove`: dedup is being turned off.
+    pub(super) fn dedup_load_persisted(&self, remove: bool) -> Result<LoadedIndex> {
         let found = {
             let mut h = self.header.lock();
             let found = h.mem.dedup_index();
-            if found.is_some() {
-                h.mem.set_dedup_index(None);
+            if remove {
+                if found.is_some() {
+                    h.mem.set_dedup_index(None);
+                    h.dirty = true;
+                }
+            } else if found != Some(Ok(DedupIndexExtension::EMPTY)) {
+                h.mem.set_dedup_index(Some(DedupIndexExtension::EMPTY));
                 h.dirty = true;
             }
             found
@@ -56,6 +64,7 @@ impl Image {
         let ext = match found {
             None => return Ok(empty(None)),
             Some(Err(why)) => return Ok(empty(Some(why))),
+            Some(Ok(ext)) if ext.is_empty() => return Ok(empty(None)),
             Some(Ok(ext)) => ext,
         };
         match self.dedup_read_persisted(&ext)? {
@@ -141,7 +150,7 @@ impl Image {
     /// image's structure: dedup or the journal turned off). A damaged
     /// extension is only removed.
     pub(super) fn dedup_drop_persisted(&self) -> Result<()> {
-        let loaded = self.dedup_load_persisted()?;
+        let loaded = self.dedup_load_persisted(true)?;
         if let Some((first, clusters)) = loaded.clusters {
             self.dedup_free_persisted(first, clusters)?;
         }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use qj_journal::{CommitProtocol, Storage};
+use qj_spec::qcow2::dedup_index::DedupIndexExtension;
 use qj_spec::qcow2::{features, Header, HeaderExtension, JournalExtension};
 use qj_spec::units::{HostCluster, HostOffset};
 
@@ -101,6 +102,9 @@ impl Image {
         }
         {
             let mut h = image.header.lock();
+            if config.dedup {
+                h.mem.set_dedup_index(Some(DedupIndexExtension::EMPTY));
+            }
             h.mem.set_journal(Some(JournalExtension {
                 offset: offset.0,
                 size,
@@ -233,6 +237,7 @@ impl Image {
             };
             if on {
                 ext.flags |= JournalExtension::FLAG_DEDUP;
+                h.mem.set_dedup_index(Some(DedupIndexExtension::EMPTY));
             } else {
                 ext.flags &= !JournalExtension::FLAG_DEDUP;
             }

@@ -47,6 +47,25 @@ pub struct DedupIndexExtension {
 }
 
 impl DedupIndexExtension {
+    /// No index persisted. A dedup image keeps the extension, empty, for
+    /// as long as dedup is on, so that writing or dropping an index never
+    /// changes the header's length: with a backing file name after the
+    /// extensions, a longer header would move the name, and a replay torn
+    /// between the header's sectors would leave a header no one can read.
+    pub const EMPTY: DedupIndexExtension = DedupIndexExtension {
+        offset: 0,
+        entries: 0,
+        clusters_saved: 0,
+        clusters: 0,
+        crc32c: 0,
+    };
+
+    /// Whether no index is persisted.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.clusters == 0
+    }
+
     /// The 40-byte payload.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
