@@ -394,3 +394,41 @@ fn qemu_reads_exactly_and_copies_on_write() {
     assert_check_clean(&path);
     assert_qemu_io_sees(&path, &model);
 }
+
+#[test]
+fn check_finds_stale_index_entries_and_repair_drops_them() {
+    let (storage, image) = dedup_image(1 << 20);
+    let a = pattern(0x41, CLUSTER);
+    let b = pattern(0x42, CLUSTER);
+    image.write(&a, 0).unwrap();
+    image.write(&b, CLUSTER as u64).unwrap();
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+    let ext = persisted_index(&*storage).unwrap();
+    assert_eq!(ext.entries, 2);
+    // Rewrite a's cluster behind the engine's back: its entry is stale.
+    let image = Image::open(storage.clone(), &OpenOptions::read_only()).unwrap();
+    let a_host = image.map().unwrap()[0].offset.unwrap();
+    image.close().unwrap();
+    storage.write_at(&pattern(0x99, CLUSTER), a_host).unwrap();
+
+    let report = check(&*storage, RepairMode::None, &[]).unwrap();
+    assert_eq!(report.corruptions, 1, "{:?}", report.messages);
+    assert!(
+        report.messages.iter().any(|m| m.contains("stale entry")),
+        "{:?}",
+        report.messages
+    );
+    let repaired = check(&*storage, RepairMode::All, &[]).unwrap();
+    assert_eq!(
+        (repaired.corruptions, repaired.corruptions_fixed, repaired.leaks),
+        (0, 1, 0),
+        "{:?}",
+        repaired.messages
+    );
+    assert_eq!(persisted_index(&*storage).unwrap().entries, 1);
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    assert_eq!(image.dedup_stats().unwrap().entries, 1);
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}

@@ -26,6 +26,7 @@ mod bitmaps;
 mod checker;
 mod compare;
 mod copied;
+mod dedup_index;
 mod error;
 mod image;
 mod imrt;
@@ -215,6 +216,10 @@ fn check_image(
         }
     } else {
         result.add_problems(&snapshot_tally);
+    }
+
+    if highest_cluster.is_some() {
+        checker.check_dedup_index(&mut result)?;
     }
 
     let g = checker.image.geometry;
