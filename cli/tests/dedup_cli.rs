@@ -20,7 +20,13 @@ fn dedup_lifecycle_against_qemu() {
     let d = dir.path();
     let created = ok(qj(
         d,
-        &["create", "-o", "journal=on,journal_size=1M,dedup=on", "d.qcow2", "4M"],
+        &[
+            "create",
+            "-o",
+            "journal=on,journal_size=1M,dedup=on",
+            "d.qcow2",
+            "4M",
+        ],
     ));
     assert!(created.contains("dedup=on"), "{created}");
     // Four clusters of 0xab in one write, two of 0xcd: two stored.
@@ -70,7 +76,11 @@ fn dedup_lifecycle_against_qemu() {
     ));
     let check = qemu_img(d, &["check", "-f", "qcow2", "--output=json", "d.qcow2"]);
     let verdict: Value = serde_json::from_slice(&check.stdout).unwrap();
-    assert!(verdict.get("corruptions").is_none(), "{}", text(&check.stderr));
+    assert!(
+        verdict.get("corruptions").is_none(),
+        "{}",
+        text(&check.stderr)
+    );
 
     // QEMU cleared "journal valid": our next read-write open re-creates
     // the journal and drops the index; qj check -r leaks then leaves
@@ -106,9 +116,22 @@ fn dedup_needs_a_journal_and_amend_switches_it() {
     ok(qj(d, &["create", "plain.qcow2", "4M"]));
     let out = qj(d, &["amend", "-o", "dedup=on", "plain.qcow2"]);
     assert_one_line_error(&out, 1);
-    assert!(text(&out.stderr).contains("dedup needs a journal"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("dedup needs a journal"),
+        "{}",
+        text(&out.stderr)
+    );
 
-    ok(qj(d, &["create", "-o", "journal=on,journal_size=1M", "j.qcow2", "4M"]));
+    ok(qj(
+        d,
+        &[
+            "create",
+            "-o",
+            "journal=on,journal_size=1M",
+            "j.qcow2",
+            "4M",
+        ],
+    ));
     ok(qj(d, &["amend", "-o", "dedup=on", "j.qcow2"]));
     assert_eq!(info_json(d, "j.qcow2")["qj"]["journal"]["dedup"], true);
     ok(qj(d, &["io", "-c", "write -P 0x11 0 128k", "j.qcow2"]));
@@ -122,5 +145,8 @@ fn dedup_needs_a_journal_and_amend_switches_it() {
     assert!(info["qj"]["journal"].get("dedup-index").is_none(), "{info}");
     // The index's clusters were freed with it: nothing leaks.
     ok(qj(d, &["check", "j.qcow2"]));
-    ok(qemu_io(d, &["-f", "qcow2", "-r", "-c", "read -P 0x11 0 128k", "j.qcow2"]));
+    ok(qemu_io(
+        d,
+        &["-f", "qcow2", "-r", "-c", "read -P 0x11 0 128k", "j.qcow2"],
+    ));
 }

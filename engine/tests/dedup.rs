@@ -7,9 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{
-    assert_qemu_io_sees, in_dir, pattern, qemu_check_json, qemu_io, read, temp_dir,
-};
+use common::{assert_qemu_io_sees, in_dir, pattern, qemu_check_json, qemu_io, read, temp_dir};
 use qj_engine::check::{check, RepairMode};
 use qj_engine::{CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage};
 
@@ -110,7 +108,9 @@ fn the_index_survives_a_close_without_rehashing() {
     // dropped the extension (the index it names is no longer exact), so
     // replay leaves none, and the index comes from the journal alone.
     let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
-    image.write(&pattern(0x23, CLUSTER), 5 * CLUSTER as u64).unwrap();
+    image
+        .write(&pattern(0x23, CLUSTER), 5 * CLUSTER as u64)
+        .unwrap();
     image.flush().unwrap();
     image.abandon();
     let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
@@ -232,7 +232,11 @@ fn rewriting_the_same_bytes_writes_nothing() {
     let written = image.stats().data_bytes;
     image.write(&a, 0).unwrap();
     image.flush().unwrap();
-    assert_eq!(image.stats().data_bytes, written, "same bytes: nothing to write");
+    assert_eq!(
+        image.stats().data_bytes,
+        written,
+        "same bytes: nothing to write"
+    );
     assert_eq!(read(&image, 0, CLUSTER), a);
     image.close().unwrap();
     assert_engine_check_clean(&*storage);
@@ -266,7 +270,11 @@ fn replay_after_a_crash_feeds_the_index() {
 
     let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
     let entries = image.dedup_entries();
-    assert_eq!(entries.len(), 1, "a stays indexed, b was deleted: {entries:?}");
+    assert_eq!(
+        entries.len(),
+        1,
+        "a stays indexed, b was deleted: {entries:?}"
+    );
     let stats = image.dedup_stats().unwrap();
     assert_eq!(stats.clusters_saved, 1, "both mappings of a were found");
     let len = storage.len().unwrap();
@@ -289,7 +297,9 @@ fn a_stale_entry_is_never_used() {
     image.flush().unwrap();
     // A second transaction anchors the first, so replay does not verify
     // its data checksum (which would drop it as torn).
-    image.write(&pattern(0x78, CLUSTER), 5 * CLUSTER as u64).unwrap();
+    image
+        .write(&pattern(0x78, CLUSTER), 5 * CLUSTER as u64)
+        .unwrap();
     image.flush().unwrap();
     let (host, _) = image
         .dedup_entries()
@@ -303,7 +313,11 @@ fn a_stale_entry_is_never_used() {
         ..OpenOptions::read_write()
     };
     let image = Image::open(storage.clone(), &opts).unwrap();
-    assert_eq!(image.dedup_entries().len(), 1, "only the good entry is left");
+    assert_eq!(
+        image.dedup_entries().len(),
+        1,
+        "only the good entry is left"
+    );
     assert_eq!(image.dedup_stats().unwrap().dropped_at_open, 1);
     image.write(&a, CLUSTER as u64).unwrap();
     assert_eq!(read(&image, CLUSTER as u64, CLUSTER), a);
@@ -365,7 +379,9 @@ fn qemu_reads_exactly_and_copies_on_write() {
     let mut model = vec![0u8; size as usize];
     for i in 0..6usize {
         let byte = if i % 2 == 0 { 0xaa } else { 0xbb };
-        image.write(&vec![byte; CLUSTER], (i * CLUSTER) as u64).unwrap();
+        image
+            .write(&vec![byte; CLUSTER], (i * CLUSTER) as u64)
+            .unwrap();
         model[i * CLUSTER..(i + 1) * CLUSTER].fill(byte);
     }
     assert_eq!(image.dedup_stats().unwrap().hits, 4);
@@ -375,7 +391,11 @@ fn qemu_reads_exactly_and_copies_on_write() {
 
     // QEMU writes into a shared cluster: it copies, the other mappings
     // keep their bytes, and its check stays clean.
-    qemu_io(&path, false, &[format!("write -P 0xcc {} 512", 2 * CLUSTER)]);
+    qemu_io(
+        &path,
+        false,
+        &[format!("write -P 0xcc {} 512", 2 * CLUSTER)],
+    );
     model[2 * CLUSTER..2 * CLUSTER + 512].fill(0xcc);
     assert_check_clean(&path);
     assert_qemu_io_sees(&path, &model);
@@ -385,11 +405,19 @@ fn qemu_reads_exactly_and_copies_on_write() {
     // map to anything stale.
     let image = Image::open_path(&path, &OpenOptions::read_write()).unwrap();
     assert!(image.dedup_entries().is_empty(), "the index was dropped");
-    image.write(&vec![0xaa; CLUSTER], (8 * CLUSTER) as u64).unwrap();
+    image
+        .write(&vec![0xaa; CLUSTER], (8 * CLUSTER) as u64)
+        .unwrap();
     model[8 * CLUSTER..9 * CLUSTER].fill(0xaa);
-    image.write(&vec![0xaa; CLUSTER], (9 * CLUSTER) as u64).unwrap();
+    image
+        .write(&vec![0xaa; CLUSTER], (9 * CLUSTER) as u64)
+        .unwrap();
     model[9 * CLUSTER..10 * CLUSTER].fill(0xaa);
-    assert_eq!(image.dedup_stats().unwrap().hits, 1, "new entries dedup again");
+    assert_eq!(
+        image.dedup_stats().unwrap().hits,
+        1,
+        "new entries dedup again"
+    );
     image.close().unwrap();
     assert_check_clean(&path);
     assert_qemu_io_sees(&path, &model);
@@ -421,7 +449,11 @@ fn check_finds_stale_index_entries_and_repair_drops_them() {
     );
     let repaired = check(&*storage, RepairMode::All, &[]).unwrap();
     assert_eq!(
-        (repaired.corruptions, repaired.corruptions_fixed, repaired.leaks),
+        (
+            repaired.corruptions,
+            repaired.corruptions_fixed,
+            repaired.leaks
+        ),
         (0, 1, 0),
         "{:?}",
         repaired.messages

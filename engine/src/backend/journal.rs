@@ -63,8 +63,7 @@ use std::sync::Arc;
 
 use qj_journal::{
     CommitProtocol, CommitTicket, DedupConsumer, DedupEvent, DedupOp, Journal, JournalError,
-    JournalOptions, JournalStats, NoDedup, Overlay, ReplayMode, ReplayReport, Storage,
-    Transaction,
+    JournalOptions, JournalStats, NoDedup, Overlay, ReplayMode, ReplayReport, Storage, Transaction,
 };
 use qj_spec::journal::DedupEntry;
 use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_MASK;

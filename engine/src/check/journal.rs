@@ -10,7 +10,7 @@
 
 use std::io;
 
-use qj_journal::{Journal, JournalOptions, DedupConsumer, NoDedup, Overlay, ReplayMode, Storage};
+use qj_journal::{DedupConsumer, Journal, JournalOptions, NoDedup, Overlay, ReplayMode, Storage};
 use qj_spec::qcow2::{get_refcount, Header};
 
 use super::error::CheckError;

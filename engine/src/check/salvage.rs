@@ -13,7 +13,9 @@
 //! idempotent); after it, the journal's clusters are leaks, which the
 //! repair frees.
 
-use qj_journal::{Journal, JournalError, JournalOptions, DedupConsumer, NoDedup, ReplayMode, Storage};
+use qj_journal::{
+    DedupConsumer, Journal, JournalError, JournalOptions, NoDedup, ReplayMode, Storage,
+};
 use qj_spec::qcow2::features::{
     AUTOCLEAR_JOURNAL_VALID_MASK, INCOMPAT_JOURNAL_DIRTY_BIT, INCOMPAT_JOURNAL_DIRTY_MASK,
 };

@@ -220,7 +220,11 @@ impl DedupIndex {
                 );
             }
             DedupOp::Delete => {
-                if self.by_cluster.get(&cluster).is_some_and(|e| e.hash == hash) {
+                if self
+                    .by_cluster
+                    .get(&cluster)
+                    .is_some_and(|e| e.hash == hash)
+                {
                     self.by_cluster.remove(&cluster);
                     self.by_hash.remove(&hash);
                 }

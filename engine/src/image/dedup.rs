@@ -219,8 +219,7 @@ impl Image {
         if !d.trust_hash {
             let started = Instant::now();
             let mut bytes = vec![0u8; data.len()];
-            self.backend
-                .read_data(&*self.storage, &mut bytes, offset)?;
+            self.backend.read_data(&*self.storage, &mut bytes, offset)?;
             let same = bytes == data;
             d.compare_ns
                 .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -378,7 +377,11 @@ impl Image {
                 self.entries_changed.fetch_add(1, Ordering::Relaxed);
                 t.set_entry(
                     self.geometry.l2_index(owner) as usize,
-                    L2Entry::Normal { offset, copied: true }.encode(self.geometry.cluster_bits),
+                    L2Entry::Normal {
+                        offset,
+                        copied: true,
+                    }
+                    .encode(self.geometry.cluster_bits),
                 );
             }
             return Ok(());
@@ -476,10 +479,7 @@ impl Image {
     /// tables that map it; entries no active table maps are dropped (only
     /// a snapshot holds them: nothing to share through). Returns every host
     /// cluster an active L2 entry maps.
-    fn dedup_find_owners(
-        &self,
-        index: &mut DedupIndex,
-    ) -> Result<std::collections::HashSet<u64>> {
+    fn dedup_find_owners(&self, index: &mut DedupIndex) -> Result<std::collections::HashSet<u64>> {
         let mut mapped = std::collections::HashSet::new();
         let l1_len = self.l1.read().entries.len() as u64;
         let per_table = self.geometry.l2_entries();

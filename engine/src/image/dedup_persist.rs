@@ -81,7 +81,10 @@ impl Image {
     ) -> Result<std::result::Result<LoadedIndex, String>> {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let file_len = self.storage.len().ctx(|| "reading the image length".into())?;
+        let file_len = self
+            .storage
+            .len()
+            .ctx(|| "reading the image length".into())?;
         let clusters = u64::from(ext.clusters);
         let bytes_max = clusters * cs;
         if !g.is_aligned(ext.offset) || ext.offset == 0 {
@@ -90,7 +93,12 @@ impl Image {
                 ext.offset
             )));
         }
-        if clusters == 0 || ext.offset.checked_add(bytes_max).is_none_or(|e| e > file_len) {
+        if clusters == 0
+            || ext
+                .offset
+                .checked_add(bytes_max)
+                .is_none_or(|e| e > file_len)
+        {
             return Ok(Err(format!(
                 "dedup index of {clusters} cluster(s) at {:#x} is not inside the file ({file_len} bytes)",
                 ext.offset

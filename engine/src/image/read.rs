@@ -94,9 +94,7 @@ impl Image {
             }
             // Through the backend: a deduplicated or logged cluster's
             // newest bytes may still be in the journal (logged data).
-            L2Entry::Normal { offset, .. } => {
-                self.backend.read_data(&*self.storage, out, offset)
-            }
+            L2Entry::Normal { offset, .. } => self.backend.read_data(&*self.storage, out, offset),
             L2Entry::Compressed {
                 host_offset,
                 compressed_size_max,

@@ -168,7 +168,10 @@ impl Header {
 
     /// Replaces the dedup index extension (or removes it with `None`).
     pub fn set_dedup_index(&mut self, index: Option<DedupIndexExtension>) {
-        let at = self.extensions.iter().position(|e| e.kind() == EXT_DEDUP_INDEX);
+        let at = self
+            .extensions
+            .iter()
+            .position(|e| e.kind() == EXT_DEDUP_INDEX);
         let new = index.map(|i| HeaderExtension::Unknown {
             kind: EXT_DEDUP_INDEX,
             data: i.encode(),

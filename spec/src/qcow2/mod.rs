@@ -3,8 +3,8 @@
 //! bitmap directory, plus the qjournal's header extension and feature bits.
 
 pub mod bitmap;
-pub mod dedup_index;
 mod bytes;
+pub mod dedup_index;
 pub mod extension;
 pub mod features;
 pub mod header;
