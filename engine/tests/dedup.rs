@@ -464,3 +464,37 @@ fn check_finds_stale_index_entries_and_repair_drops_them() {
     image.close().unwrap();
     assert_engine_check_clean(&*storage);
 }
+
+#[test]
+fn a_shared_cluster_the_rebuilt_index_lacks_gets_copied_back() {
+    // Found by the journal-dedup crash target: after a crash the index
+    // holds only what the journal still has, but clusters shared before
+    // stay shared; freeing one of two mappings must still give the other
+    // its COPIED flag back.
+    let (storage, image) = dedup_image(1 << 20);
+    let a = pattern(0x61, CLUSTER);
+    image.write(&a, 0).unwrap();
+    image.write(&a, CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    image.abandon();
+    // Replay in place, then drop the journal's entries: a clean open and a
+    // crash of the next session leave an index without a.
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    image
+        .write(&pattern(0x62, CLUSTER), 4 * CLUSTER as u64)
+        .unwrap();
+    image.flush().unwrap();
+    image.abandon();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    assert!(
+        image
+            .dedup_entries()
+            .iter()
+            .all(|(_, h)| *h != qj_engine::dedup::cluster_hash(&a)),
+        "a is no longer indexed"
+    );
+    image.discard(0, CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}

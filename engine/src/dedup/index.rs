@@ -77,6 +77,12 @@ const BY_CLUSTER_SLOT_BYTES: u64 = 8 + 32 + 24 + 1;
 pub struct DedupIndex {
     by_hash: HashMap<ClusterHash, u64>,
     by_cluster: HashMap<u64, Indexed>,
+    /// Shared clusters that are not indexed (any more: the index an open
+    /// rebuilds may lack entries whose clusters are still shared), with
+    /// the guest clusters that map them, found by the walk at open: when
+    /// such a cluster's refcount falls back to 1, the last mapping needs
+    /// its COPIED flag back too. Bounded like the index.
+    shared: HashMap<u64, Vec<u64>>,
     pending: Vec<DedupChange>,
     entries_max: usize,
     cluster_bits: u32,
@@ -91,6 +97,7 @@ impl DedupIndex {
         Self {
             by_hash: HashMap::new(),
             by_cluster: HashMap::new(),
+            shared: HashMap::new(),
             pending: Vec::new(),
             entries_max,
             cluster_bits,
@@ -173,19 +180,40 @@ impl DedupIndex {
         }
     }
 
+    /// Records that guest cluster `owner` maps `cluster`, a shared cluster
+    /// that is not indexed (the walk at open). Nothing beyond the bound.
+    pub fn add_shared_owner(&mut self, cluster: u64, owner: u64) {
+        if self.by_cluster.contains_key(&cluster) {
+            return self.add_owner(cluster, owner);
+        }
+        if !self.shared.contains_key(&cluster) && self.shared.len() >= self.entries_max {
+            return;
+        }
+        let owners = self.shared.entry(cluster).or_default();
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+
     /// Records that guest cluster `owner` no longer maps `cluster`.
     pub fn remove_owner(&mut self, cluster: u64, owner: u64) {
         if let Some(entry) = self.by_cluster.get_mut(&cluster) {
             entry.owners.retain(|&o| o != owner);
         }
+        if let Some(owners) = self.shared.get_mut(&cluster) {
+            owners.retain(|&o| o != owner);
+            if owners.is_empty() {
+                self.shared.remove(&cluster);
+            }
+        }
     }
 
-    /// The candidate owners of `cluster` (empty if it is not indexed).
+    /// The candidate owners of `cluster` (indexed, or shared and known).
     pub fn owners(&self, cluster: u64) -> Vec<u64> {
-        self.by_cluster
-            .get(&cluster)
-            .map(|e| e.owners.clone())
-            .unwrap_or_default()
+        match self.by_cluster.get(&cluster) {
+            Some(e) => e.owners.clone(),
+            None => self.shared.get(&cluster).cloned().unwrap_or_default(),
+        }
     }
 
     /// Every indexed cluster with its hash, in no particular order.

@@ -348,6 +348,7 @@ impl Image {
             index.remove_owner(host.0, cluster.0);
             index.owners(host.0)
         };
+
         for owner in owners {
             let owner = GuestCluster(owner);
             let l1 = self.l1_entry(owner)?;
@@ -492,10 +493,14 @@ impl Image {
             let t = table.data.read();
             for j in 0..per_table {
                 let cluster = GuestCluster(i * per_table + j);
-                if let Ok(L2Entry::Normal { offset, .. }) = self.l2_entry(&t.bytes, cluster) {
+                if let Ok(L2Entry::Normal { offset, copied }) = self.l2_entry(&t.bytes, cluster) {
                     let host = self.geometry.host_cluster(offset).0;
                     mapped.insert(host);
-                    index.add_owner(host, cluster.0);
+                    if copied {
+                        index.add_owner(host, cluster.0);
+                    } else {
+                        index.add_shared_owner(host, cluster.0);
+                    }
                 }
             }
         }
