@@ -478,9 +478,10 @@ pub const BACKENDS: &[&str] = &[
 /// `journal-logged` carries small writes into fresh clusters in the
 /// transaction (logged data). `journal-dedup` (whole clusters
 /// deduplicated, the index in the journal) runs by name only: its clean
-/// campaign still finds a state whose in-memory replay has a shared
-/// cluster back at refcount 1 without COPIED (reproducer in the dedup
-/// branch's report), so `all` would fail on it.
+/// campaign still finds a state where, after recovery, a flushed guest
+/// sector reads another write's data (`qj crash --backend journal-dedup
+/// --workload mixed --seed 1 --crash-at 229/17 --state 32/0`), so `all`
+/// would fail on it.
 pub const ENGINE_BACKENDS: &[&str] = &[
     "ordered",
     "journal",
