@@ -154,6 +154,28 @@ impl PendingCopies {
         touches.then(|| (copy.clone(), *state))
     }
 
+    /// Every pending copy (and its state) whose untouched ranges a write
+    /// of `[offset, offset + length)` would change at the source.
+    pub fn sourced_from(
+        &self,
+        offset: u64,
+        length: u64,
+        cluster_size: u64,
+    ) -> Vec<(DelayedCopy, CopyState)> {
+        let source = offset - offset % cluster_size;
+        self.copies
+            .values()
+            .filter(|(copy, _)| {
+                copy.source == source
+                    && copy
+                        .untouched
+                        .iter()
+                        .any(|&(at, len)| intersect(offset, length, source + at, len).is_some())
+            })
+            .map(|(copy, state)| (copy.clone(), *state))
+            .collect()
+    }
+
     /// The source ranges to read instead of the target for a read of
     /// `[offset, offset + length)` (inside one cluster): (offset in the
     /// read buffer, source offset, length).

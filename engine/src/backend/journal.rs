@@ -395,49 +395,63 @@ impl JournalBackend {
     }
 
     /// Rule 6, before guest data is written to `[offset, offset + len)`:
-    /// if that touches the untouched bytes of a pending delayed copy, the
-    /// copy must happen first, or it would later overwrite the write.
+    /// if that touches the untouched bytes of a pending delayed copy, as
+    /// its target or as its source, the copy must happen first: into the
+    /// target it would later overwrite the write; from the source it would
+    /// later copy the write's bytes instead of the old ones. A source is
+    /// written in place only under deduplication: when the copies took its
+    /// refcount down to 1, its last mapping gets COPIED back.
     fn copy_before_write(&self, offset: HostOffset, len: u64, counters: &Counters) -> Result<()> {
         let cs = self.cluster_size;
-        // Held across the copy: two writers into one pending cluster must
-        // not both copy (the second copy would land after the first
-        // writer's data), and readers must not see it half made.
-        let mut copies = self.copies.lock();
-        let Some((copy, state)) = copies.touched_by(offset.0, len, cs) else {
-            return Ok(());
+        let affected = |copies: &PendingCopies| {
+            let mut found = copies.sourced_from(offset.0, len, cs);
+            found.extend(copies.touched_by(offset.0, len, cs));
+            found
         };
-        if state != CopyState::Gathering {
+        if affected(&self.copies.lock())
+            .iter()
+            .any(|(_, state)| *state != CopyState::Gathering)
+        {
             // Its transaction is enqueued: the copy descriptor will be
             // applied at checkpoint (or replay) whatever we do now. Commit
             // (every earlier transaction durable) and checkpoint (applied
             // in place and synced), then write. Rare: a second partial
             // write into the untouched part of a cluster copied in an
-            // earlier epoch, before the next checkpoint.
-            drop(copies);
+            // earlier epoch, or a write into a source, before the next
+            // checkpoint.
             self.anchor(counters)?;
             self.checkpoint(counters)?;
-            debug_assert!(self.copies.lock().touched_by(offset.0, len, cs).is_none());
-            return Ok(());
         }
-        // Not submitted: copy now, as an immediate copy-on-write would
-        // have, and let the epoch's data checksum cover the whole cluster.
-        let storage = self.journal.storage();
-        let mut buf = vec![0u8; cs as usize];
-        for &(at, length) in &copy.untouched {
-            let piece = &mut buf[..length as usize];
-            storage
-                .read_at(piece, copy.source + at)
-                .ctx(|| format!("reading the source of a delayed copy at {:#x}", copy.source))?;
-            storage
-                .write_at(piece, copy.target + at)
-                .ctx(|| format!("making a delayed copy into {:#x}", copy.target))?;
-            counters.data_write(piece.len());
+        // Held across the copies: two writers into one pending cluster
+        // must not both copy (the second copy would land after the first
+        // writer's data), and readers must not see one half made.
+        let mut copies = self.copies.lock();
+        for (copy, state) in affected(&copies) {
+            debug_assert_eq!(state, CopyState::Gathering, "the checkpoint synced it");
+            if state != CopyState::Gathering {
+                continue;
+            }
+            // Not submitted: copy now, as an immediate copy-on-write would
+            // have, and let the epoch's data checksum cover the whole
+            // cluster.
+            let storage = self.journal.storage();
+            let mut buf = vec![0u8; cs as usize];
+            for &(at, length) in &copy.untouched {
+                let piece = &mut buf[..length as usize];
+                storage.read_at(piece, copy.source + at).ctx(|| {
+                    format!("reading the source of a delayed copy at {:#x}", copy.source)
+                })?;
+                storage
+                    .write_at(piece, copy.target + at)
+                    .ctx(|| format!("making a delayed copy into {:#x}", copy.target))?;
+                counters.data_write(piece.len());
+            }
+            copies.remove(copy.target);
+            self.copy_count.store(copies.len(), Ordering::SeqCst);
+            self.copied_in_place
+                .lock()
+                .push((HostOffset(copy.target), cs));
         }
-        copies.remove(copy.target);
-        self.copy_count.store(copies.len(), Ordering::SeqCst);
-        self.copied_in_place
-            .lock()
-            .push((HostOffset(copy.target), cs));
         Ok(())
     }
 

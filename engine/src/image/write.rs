@@ -139,6 +139,14 @@ impl Image {
             if !self.dedup_indexed(offset) {
                 self.write_data(data, offset.0 + in_cluster as u64)?;
                 if let Some(hash) = index_as {
+                    // Once indexed, other guest clusters may map these
+                    // bytes, and an in-place write is ordered before
+                    // nothing: the transaction that carries the insertion
+                    // must checksum them like a new cluster's (a journal
+                    // drops it, and everything after, if they never
+                    // reached the device). Else a link committed by it or
+                    // a later one would map the cluster's old bytes.
+                    self.new_data.lock().push((offset, data.len() as u64));
                     self.dedup_insert(offset, hash, cluster);
                 }
                 return Ok(());
