@@ -498,3 +498,98 @@ fn a_shared_cluster_the_rebuilt_index_lacks_gets_copied_back() {
     image.close().unwrap();
     assert_engine_check_clean(&*storage);
 }
+
+/// A dedup image whose index has lost `a` (shared by guest clusters 0 and
+/// 1) the way a crash loses it: replayed in place by one open, and the
+/// journal's entries gone with the next session's crash.
+fn a_shared_but_not_indexed(a: &[u8]) -> (Arc<dyn Storage>, Image) {
+    let (storage, image) = dedup_image(1 << 20);
+    image.write(a, 0).unwrap();
+    image.write(a, CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    image.abandon();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    image
+        .write(&pattern(0x62, CLUSTER), 4 * CLUSTER as u64)
+        .unwrap();
+    image.flush().unwrap();
+    image.abandon();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    assert!(
+        image
+            .dedup_entries()
+            .iter()
+            .all(|(_, h)| *h != qj_engine::dedup::cluster_hash(a)),
+        "a is no longer indexed"
+    );
+    (storage, image)
+}
+
+#[test]
+fn a_write_into_a_delayed_copys_source_makes_the_copy_first() {
+    // Found by the journal-dedup crash target: a partial write into one of
+    // two mappings of a shared cluster copies on write, the untouched
+    // bytes by a delayed copy from the shared cluster; the other mapping,
+    // now the only one, gets COPIED back and may be written in place. That
+    // write must not reach the copy's source first, or the copy (read
+    // through it now, replayed from it later) takes the new bytes.
+    let a = pattern(0x61, CLUSTER);
+    let (storage, image) = a_shared_but_not_indexed(&a);
+    let head = pattern(0x70, CLUSTER / 2);
+    image.write(&head, CLUSTER as u64).unwrap();
+    let c = pattern(0x63, CLUSTER);
+    image.write(&c, 0).unwrap();
+    let mut expected = a.clone();
+    expected[..CLUSTER / 2].copy_from_slice(&head);
+    assert_eq!(read(&image, CLUSTER as u64, CLUSTER), expected, "live");
+    image.flush().unwrap();
+    image.abandon();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    assert_eq!(read(&image, 0, CLUSTER), c);
+    assert_eq!(
+        read(&image, CLUSTER as u64, CLUSTER),
+        expected,
+        "after replay"
+    );
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
+
+#[test]
+fn a_cluster_indexed_after_an_in_place_write_is_checksummed_with_its_insertion() {
+    // Found by the journal-dedup crash target: a whole-cluster write into
+    // a private, unindexed cluster goes in place and indexes it; another
+    // guest cluster then maps it. If the in-place bytes never reached the
+    // device, replay must drop the transaction that indexes and links the
+    // cluster (its data checksum fails), never map the old bytes twice.
+    let (storage, image) = dedup_image(1 << 20);
+    let old = pattern(0x41, CLUSTER / 2);
+    image.write(&old, 0).unwrap();
+    image.flush().unwrap();
+    assert!(
+        image.dedup_entries().is_empty(),
+        "a partial write indexes nothing"
+    );
+    let c = pattern(0x43, CLUSTER);
+    image.write(&c, 0).unwrap();
+    image.write(&c, CLUSTER as u64).unwrap();
+    let (indexed, _) = image.dedup_entries()[0];
+    assert_eq!(
+        image.dedup_stats().unwrap().hits,
+        1,
+        "the second write links"
+    );
+    image.flush().unwrap();
+    image.abandon();
+    // The device lost the in-place write (a volatile cache dropped it).
+    let mut lost = old.clone();
+    lost.resize(CLUSTER, 0);
+    storage.write_at(&lost, indexed).unwrap();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let first = read(&image, 0, CLUSTER);
+    let second = read(&image, CLUSTER as u64, CLUSTER);
+    assert_eq!(first, lost, "the torn transaction is dropped");
+    assert_eq!(second, vec![0u8; CLUSTER], "and with it the link");
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
