@@ -499,8 +499,8 @@ fn a_shared_cluster_the_rebuilt_index_lacks_gets_copied_back() {
     assert_engine_check_clean(&*storage);
 }
 
-/// A dedup image whose index has lost `a` (shared by guest clusters 0 and
-/// 1) the way a crash loses it: replayed in place by one open, and the
+/// A dedup image whose index has lost `a`, which guest clusters 0 and 1
+/// share, the way a crash loses it: replayed in place by one open, and the
 /// journal's entries gone with the next session's crash.
 fn a_shared_but_not_indexed(a: &[u8]) -> (Arc<dyn Storage>, Image) {
     let (storage, image) = dedup_image(1 << 20);

@@ -480,7 +480,7 @@ pub const BACKENDS: &[&str] = &[
 /// deduplicated, the index in the journal) runs by name only: its clean
 /// campaign still finds a state where, after recovery, a flushed guest
 /// sector reads another write's data (`qj crash --backend journal-dedup
-/// --workload mixed --seed 1 --crash-at 229/17 --state 32/0`), so `all`
+/// --workload grow --seed 1 --crash-at 221/66 --state 750/1`), so `all`
 /// would fail on it.
 pub const ENGINE_BACKENDS: &[&str] = &[
     "ordered",
