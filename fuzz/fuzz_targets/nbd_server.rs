@@ -32,7 +32,7 @@ const DISK_BYTES: u64 = 256 << 10;
 /// Most requests taken from one input.
 const REQUESTS_MAX: usize = 64;
 /// Largest write payload the target sends (a larger length is sent with
-/// its header only, so the stream ends inside the payload).
+/// its header only, and the stream ends there, inside the payload).
 const PAYLOAD_BYTES_MAX: u32 = 128 << 10;
 
 struct Setup {
@@ -129,11 +129,16 @@ fn requests(mut data: &[u8], stream: &mut Vec<u8>) -> Vec<Sent> {
             header[0] ^= 0xff;
         }
         stream.extend_from_slice(&header);
-        if command == proto::CMD_WRITE && length <= PAYLOAD_BYTES_MAX {
+        sent.push(Sent { request, magic_ok });
+        if command == proto::CMD_WRITE {
+            if length > PAYLOAD_BYTES_MAX {
+                // The payload is not sent: the stream ends inside it, and
+                // nothing after it could be told from payload bytes.
+                break;
+            }
             let seed = chunk[11];
             stream.extend((0..length).map(|i| seed ^ (i as u8) ^ ((i >> 9) as u8)));
         }
-        sent.push(Sent { request, magic_ok });
     }
     sent
 }
