@@ -23,6 +23,9 @@ use crate::metadata_map::{MetadataKind, MetadataMap};
 
 /// Byte offset of the incompatible feature field in the qcow2 header.
 const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
+/// QEMU's limit on the bitmap directory (QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+/// 1024 bytes for each of at most 65535 bitmaps).
+const BITMAP_DIRECTORY_BYTES_MAX: u64 = 1024 * 65535;
 
 /// Where the metadata of an image lives, as its header and tables say:
 /// everything but the refcount blocks (the refcount side adds those as it
@@ -72,6 +75,22 @@ pub(super) fn load_metadata_map(
             bitmaps.bitmap_directory_size,
             MetadataKind::BitmapDirectory,
         )?;
+        // The size comes from the file: bound it before allocating, by
+        // QEMU's limit and by the file itself (QEMU refuses both).
+        let end = bitmaps
+            .bitmap_directory_offset
+            .checked_add(bitmaps.bitmap_directory_size);
+        let file_len = storage.len().ctx(|| "reading the image size".into())?;
+        if bitmaps.bitmap_directory_size > BITMAP_DIRECTORY_BYTES_MAX
+            || end.is_none_or(|e| e > file_len)
+        {
+            return Err(Error::Corrupt(format!(
+                "the bitmap directory (bitmaps extension, bitmap_directory_size {} at {:#x}) \
+                 is larger than QEMU's limit of {BITMAP_DIRECTORY_BYTES_MAX} bytes or ends past \
+                 the end of the file ({file_len} bytes)",
+                bitmaps.bitmap_directory_size, bitmaps.bitmap_directory_offset
+            )));
+        }
         let mut dir = vec![0u8; bitmaps.bitmap_directory_size as usize];
         backend.read_metadata(
             storage,
