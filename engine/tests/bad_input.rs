@@ -654,3 +654,25 @@ fn a_bitmap_directory_larger_than_the_file_is_refused_before_it_is_read() {
         "a refused open wrote to the image"
     );
 }
+
+/// Found by the whole-image fuzz target: a journal image whose refcount
+/// table names a block inside the journal passed the read-only probe of a
+/// writable open (only a writable open builds the metadata map), and the
+/// journal's open then wrote its header before the refcount side refused
+/// the overlap. The probe now checks what a writable open checks.
+#[test]
+fn a_refcount_block_inside_the_journal_is_refused_before_anything_is_written() {
+    let bytes = include_bytes!("data/refcount-block-inside-the-journal.qcow2.bin").to_vec();
+    let storage = Arc::new(MemStorage::from_bytes(bytes.clone()));
+    let mut opts = OpenOptions::read_write();
+    opts.backing = BackingSource::Ignore;
+    let err = Image::open(storage.clone(), &opts).expect_err("the open must be refused");
+    assert!(
+        matches!(&err, Error::Corrupt(m) if m.contains("overlaps the qjournal")),
+        "{err}"
+    );
+    assert!(
+        storage.to_bytes() == bytes,
+        "a refused open wrote to the image"
+    );
+}

@@ -178,6 +178,20 @@ impl Image {
             let probe =
                 Self::open_in_chain(storage.clone(), &probe_opts, &mut ChainWalk::default())?;
             let replayed = probe.header.lock().mem.clone();
+            // What only a writable open checks (the metadata map, refcount
+            // blocks apart from every other structure) is checked on the
+            // replayed metadata too.
+            let entries = probe.l1.read().entries.clone();
+            let file_len = probe.file_len_seen.load(crate::sync::Ordering::Acquire);
+            open_metadata(
+                &*probe.storage,
+                &*probe.backend,
+                &replayed,
+                &entries,
+                file_len,
+                true,
+                4,
+            )?;
             probe.close()?;
             refuse_writing(&replayed)?;
         }
@@ -345,25 +359,15 @@ impl Image {
         let entries: Vec<u64> = (0..l1_entries).map(|i| read_table_entry(&raw, i)).collect();
         validate_l1_entries(&entries, geometry, header.l1_table_offset, file_len)?;
 
-        // The guard's map: a writable image must have metadata that does
-        // not overlap; a read-only one needs no guard (and stays readable
-        // however its tables overlap, as in QEMU).
-        let metadata = if opts.writable {
-            super::guard::load_metadata_map(&*storage, &*backend, &header, &entries)?
-        } else {
-            MetadataMap::new()
-        };
-        let metadata: SharedMetadataMap = Arc::new(parking_lot::RwLock::new(metadata));
         let tables_max = (opts.cache_bytes_max / cs).max(4) as usize;
-        let refcounts = RefcountState::open(
+        let (metadata, refcounts) = open_metadata(
             &*storage,
             &*backend,
-            geometry,
-            HostOffset(header.refcount_table_offset),
-            u64::from(header.refcount_table_clusters),
-            geometry.clusters_for(file_len),
+            &header,
+            &entries,
+            file_len,
+            opts.writable,
             tables_max,
-            metadata.clone(),
         )?;
         if opts.writable && backend.kind() == BackendKind::Journal {
             // A single-flush commit can be durable while the write that
@@ -503,4 +507,37 @@ fn refuse_writing(header: &Header) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The guard's map and the refcount side of an image being opened. A
+/// writable image must have metadata that does not overlap (the map is
+/// built and every refcount block is added to it); a read-only one needs
+/// no guard, and stays readable however its tables overlap, as in QEMU.
+fn open_metadata(
+    storage: &dyn Storage,
+    backend: &dyn MetadataBackend,
+    header: &Header,
+    l1_entries: &[u64],
+    file_len: u64,
+    writable: bool,
+    tables_max: usize,
+) -> Result<(SharedMetadataMap, RefcountState)> {
+    let metadata = if writable {
+        super::guard::load_metadata_map(storage, backend, header, l1_entries)?
+    } else {
+        MetadataMap::new()
+    };
+    let metadata: SharedMetadataMap = Arc::new(parking_lot::RwLock::new(metadata));
+    let geometry = header.geometry();
+    let refcounts = RefcountState::open(
+        storage,
+        backend,
+        geometry,
+        HostOffset(header.refcount_table_offset),
+        u64::from(header.refcount_table_clusters),
+        geometry.clusters_for(file_len),
+        tables_max,
+        metadata.clone(),
+    )?;
+    Ok((metadata, refcounts))
 }
