@@ -195,13 +195,20 @@ impl Image {
         Ok(entries)
     }
 
+    /// How far the image reaches: the file, or further where a journal
+    /// holds tables not yet written in place (the end of the last cluster
+    /// in use, as the refcounts say, covers those).
     fn file_len(&self) -> Result<u64> {
         use crate::error::IoContext;
-        Ok(self
+        let file = self
             .storage
             .len()
-            .ctx(|| "reading the image length".into())?
-            .max(self.backend.held_end()))
+            .ctx(|| "reading the image length".into())?;
+        let in_use = self
+            .geometry
+            .host_offset(HostCluster(self.refcounts.lock().free_index().end()))
+            .0;
+        Ok(file.max(self.backend.held_end()).max(in_use))
     }
 
     /// Creates an internal snapshot named `name` of the image as it is now
