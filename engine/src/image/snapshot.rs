@@ -395,9 +395,12 @@ impl Image {
             .map(|r| r.1)
             .sum::<u64>();
         drop(metadata);
-        const GROWTH_CLUSTERS: u64 = 4;
+        // New clusters (an L1 copy, a table) may need a new refcount block
+        // and a moved refcount table: the table is counted above, once
+        // more for its copy, plus the block.
+        let growth_clusters = table_clusters + 1;
         Ok(EpochBudget {
-            clusters: l2_tables + l1_clusters + blocks + table_clusters + GROWTH_CLUSTERS,
+            clusters: l2_tables + l1_clusters + blocks + table_clusters + growth_clusters,
         })
     }
 
@@ -408,12 +411,17 @@ impl Image {
             .count() as u64
     }
 
-    /// Refuses an operation whose epoch could exceed what the backend takes
-    /// at once (one journal transaction): nothing has changed yet.
+    /// Refuses an operation whose epoch could exceed what one journal
+    /// transaction may hold: nothing has changed yet. Guest epochs keep to
+    /// a quarter of the ring so that a checkpoint can make room while
+    /// others wait; a snapshot operation runs alone after a persist, so it
+    /// may take half (the hard limit is the whole ring, descriptors
+    /// included).
     fn check_budget(&self, budget: &EpochBudget, what: &str) -> Result<()> {
-        let Some(max) = self.backend.epoch_bytes_max() else {
+        let Some(guest_epoch_max) = self.backend.epoch_bytes_max() else {
             return Ok(());
         };
+        let max = guest_epoch_max * 2;
         let bytes = budget.clusters * self.geometry.cluster_size();
         if bytes > max {
             return Err(Error::Unsupported(format!(
