@@ -692,6 +692,41 @@ mod tests {
     }
 
     #[test]
+    fn an_applied_snapshot_brings_back_what_it_recorded() {
+        let mut m = GuestModel::new(4 * 512, 0, 1).unwrap();
+        let w1 = m.begin_write(0, 2).unwrap();
+        let id1 = w1.write_id();
+        m.end(w1);
+        let c = m.begin_snapshot_create(7).unwrap();
+        m.end(c);
+        assert!(m.begin_snapshot_create(7).is_err(), "created twice");
+        // The create flushed: the write is required now.
+        assert_eq!(
+            m.check_sector(0, Decoded::Content(Content::Zero)),
+            SectorVerdict::FlushedDataLost
+        );
+        let w2 = m.begin_write(0, 1).unwrap();
+        let id2 = w2.write_id();
+        m.end(w2);
+        let a = m.begin_snapshot_apply(7).unwrap();
+        // During the apply: the old side (w2 or w1) or the snapshot's.
+        assert_eq!(write_ok(&m, 0, id2), SectorVerdict::Allowed);
+        assert_eq!(write_ok(&m, 0, id1), SectorVerdict::Allowed);
+        m.end(a);
+        // After it: only the snapshot's content.
+        assert_eq!(write_ok(&m, 0, id1), SectorVerdict::Allowed);
+        assert_eq!(write_ok(&m, 0, id2), SectorVerdict::FlushedDataLost);
+        assert_eq!(
+            m.check_sector(2, Decoded::Content(Content::Zero)),
+            SectorVerdict::Allowed
+        );
+        let d = m.begin_snapshot_delete(7).unwrap();
+        m.end(d);
+        assert!(m.begin_snapshot_apply(7).is_err(), "deleted");
+        assert!(m.begin_snapshot_delete(7).is_err(), "deleted");
+    }
+
+    #[test]
     fn a_write_in_flight_at_flush_begin_is_not_required() {
         let mut m = GuestModel::new(4 * 512, 0, 1).unwrap();
         let w = m.begin_write(0, 1).unwrap();

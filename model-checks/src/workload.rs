@@ -648,6 +648,53 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_preset_creates_applies_and_deletes_live_snapshots_only() {
+        let mut config = WorkloadConfig::preset("snapshot").unwrap();
+        config.threads = 2;
+        let workload = config.generate(1);
+        let mut live = std::collections::BTreeSet::new();
+        let (mut creates, mut applies, mut deletes) = (0, 0, 0);
+        for op in &workload.threads[0] {
+            match *op {
+                GuestOp::SnapshotCreate { id } => {
+                    assert!(live.insert(id), "{op}: created twice");
+                    assert!(live.len() <= SNAPSHOTS_LIVE_MAX);
+                    creates += 1;
+                }
+                GuestOp::SnapshotApply { id } => {
+                    assert!(live.contains(&id), "{op}: no such snapshot");
+                    applies += 1;
+                }
+                GuestOp::SnapshotDelete { id } => {
+                    assert!(live.remove(&id), "{op}: no such snapshot");
+                    deletes += 1;
+                }
+                GuestOp::Grow { .. } => panic!("{op}: snapshots are applied at their size"),
+                _ => {}
+            }
+        }
+        assert!(creates > 0 && applies > 0 && deletes > 0, "{workload}");
+        let flushes_before = workload.threads[0]
+            .iter()
+            .filter(|op| **op == GuestOp::Flush)
+            .count();
+        let plain = workload.without_snapshots();
+        assert_eq!(
+            plain.threads[0]
+                .iter()
+                .filter(|op| **op == GuestOp::Flush)
+                .count(),
+            flushes_before + creates + applies + deletes
+        );
+        assert!(workload.threads[1].iter().all(|op| !matches!(
+            op,
+            GuestOp::SnapshotCreate { .. }
+                | GuestOp::SnapshotApply { .. }
+                | GuestOp::SnapshotDelete { .. }
+        )));
+    }
+
+    #[test]
     fn writes_cover_partial_and_whole_clusters_at_any_alignment() {
         let config = WorkloadConfig::preset("mixed").unwrap();
         let ops = config.generate(5).threads.remove(0);
