@@ -56,8 +56,7 @@ fn round_trip(journal: bool) {
     // ID, TAG, VM_SIZE, DATE, VM_CLOCK, ICOUNT (QEMU prints local time,
     // the same as UTC on our machines).
     assert_eq!(ours_row, theirs_row, "{ours}\n{theirs}");
-    let info: Value =
-        serde_json::from_str(&ok(qj(d, &["info", "--output", "json", img]))).unwrap();
+    let info: Value = serde_json::from_str(&ok(qj(d, &["info", "--output", "json", img]))).unwrap();
     let qemu_info: Value =
         serde_json::from_str(&ok(qemu_img(d, &["info", "--output=json", img]))).unwrap();
     assert_eq!(info["snapshots"], qemu_info["snapshots"], "{info}");
@@ -68,7 +67,15 @@ fn round_trip(journal: bool) {
     ok(qemu_io(d, &["-r", "-c", "read -P 0x22 64k 128k", img]));
     ok(qemu_img(
         d,
-        &["convert", "-l", "snapshot.name=one", "-O", "raw", img, "one.raw"],
+        &[
+            "convert",
+            "-l",
+            "snapshot.name=one",
+            "-O",
+            "raw",
+            img,
+            "one.raw",
+        ],
     ));
     let raw = std::fs::read(d.join("one.raw")).unwrap();
     assert!(raw[..128 << 10].iter().all(|&b| b == 0x11));
@@ -77,7 +84,14 @@ fn round_trip(journal: bool) {
     assert_qemu_check(d, img, journal);
     ok(qemu_io(
         d,
-        &["-r", "-c", "read -P 0x11 0 128k", "-c", "read -P 0 128k 64k", img],
+        &[
+            "-r",
+            "-c",
+            "read -P 0x11 0 128k",
+            "-c",
+            "read -P 0 128k 64k",
+            img,
+        ],
     ));
 
     // QEMU makes one and deletes ours; we apply and delete QEMU's.

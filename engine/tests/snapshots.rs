@@ -52,7 +52,12 @@ fn assert_clean(path: &Path, when: &str) {
     let storage = FileStorage::open(path, false).expect("open file");
     let ours = check(&storage, RepairMode::None, &[]).expect("check");
     drop(storage);
-    assert_eq!(ours.exit_code(), 0, "{when}: our check: {:?}", ours.messages);
+    assert_eq!(
+        ours.exit_code(),
+        0,
+        "{when}: our check: {:?}",
+        ours.messages
+    );
     let Some(journal) = header(path).journal() else {
         return assert_check_clean(path);
     };
@@ -61,7 +66,11 @@ fn assert_clean(path: &Path, when: &str) {
     assert_eq!(outcome.exit, Some(3), "{when}: {outcome:?}");
     let journal_clusters: BTreeSet<u64> =
         (journal.offset / cs..(journal.offset + journal.size) / cs).collect();
-    assert_eq!(outcome.leaked_clusters(), journal_clusters, "{when}: {outcome:?}");
+    assert_eq!(
+        outcome.leaked_clusters(),
+        journal_clusters,
+        "{when}: {outcome:?}"
+    );
 }
 
 /// The header's snapshot fields, the active L1 offset, and the table's
@@ -76,7 +85,9 @@ fn snapshot_table(path: &Path) -> (u32, u64, u64, Vec<SnapshotHeader>) {
 
 /// Writes `byte` over `[offset, offset + len)` through qj and the model.
 fn write(image: &Image, model: &mut [u8], byte: u8, offset: u64, len: u64) {
-    image.write(&vec![byte; len as usize], offset).expect("write");
+    image
+        .write(&vec![byte; len as usize], offset)
+        .expect("write");
     model[offset as usize..(offset + len) as usize].fill(byte);
 }
 
@@ -122,9 +133,21 @@ fn snapshot_round_trip(journal: bool, cluster: u64) {
     image.close().expect("close");
     assert_clean(&path, &when("after two creates"));
     assert_eq!(qemu_list(&path), ["one", "two"], "{}", when("list"));
-    assert_same_disk(&convert_raw(&path, Some("one")), &a, &when("one as QEMU reads it"));
-    assert_same_disk(&convert_raw(&path, Some("two")), &b, &when("two as QEMU reads it"));
-    assert_same_disk(&convert_raw(&path, None), &model, &when("active as QEMU reads it"));
+    assert_same_disk(
+        &convert_raw(&path, Some("one")),
+        &a,
+        &when("one as QEMU reads it"),
+    );
+    assert_same_disk(
+        &convert_raw(&path, Some("two")),
+        &b,
+        &when("two as QEMU reads it"),
+    );
+    assert_same_disk(
+        &convert_raw(&path, None),
+        &model,
+        &when("active as QEMU reads it"),
+    );
 
     // Apply one: the active disk is A again; writing after it copies.
     let image = open_rw(&path);
@@ -142,7 +165,11 @@ fn snapshot_round_trip(journal: bool, cluster: u64) {
     image.close().expect("close");
     assert_clean(&path, &when("after apply"));
     assert_qemu_io_sees(&path, &model);
-    assert_same_disk(&convert_raw(&path, Some("one")), &a, &when("one after a write"));
+    assert_same_disk(
+        &convert_raw(&path, Some("one")),
+        &a,
+        &when("one after a write"),
+    );
 
     // Delete one (by id): two and the active disk keep their bytes.
     let image = open_rw(&path);
@@ -150,8 +177,16 @@ fn snapshot_round_trip(journal: bool, cluster: u64) {
     image.close().expect("close");
     assert_clean(&path, &when("after delete"));
     assert_eq!(qemu_list(&path), ["two"], "{}", when("list after delete"));
-    assert_same_disk(&convert_raw(&path, Some("two")), &b, &when("two after delete"));
-    assert_same_disk(&convert_raw(&path, None), &model, &when("active after delete"));
+    assert_same_disk(
+        &convert_raw(&path, Some("two")),
+        &b,
+        &when("two after delete"),
+    );
+    assert_same_disk(
+        &convert_raw(&path, None),
+        &model,
+        &when("active after delete"),
+    );
 
     // QEMU creates one, applies ours and deletes it; we apply and delete
     // QEMU's.
@@ -161,9 +196,13 @@ fn snapshot_round_trip(journal: bool, cluster: u64) {
     qemu_img(&["snapshot", "-d", "two", path_str(&path)]);
     let image = open_rw(&path);
     assert_same_disk(&read_all(&image), &b, &when("our read of QEMU's apply"));
-    image.snapshot_apply("three").expect("apply QEMU's snapshot");
+    image
+        .snapshot_apply("three")
+        .expect("apply QEMU's snapshot");
     assert_same_disk(&read_all(&image), &c, &when("our apply of QEMU's snapshot"));
-    image.snapshot_delete("three").expect("delete QEMU's snapshot");
+    image
+        .snapshot_delete("three")
+        .expect("delete QEMU's snapshot");
     image.close().expect("close");
     assert_clean(&path, &when("after we deleted QEMU's snapshot"));
     assert!(qemu_list(&path).is_empty(), "{}", when("no snapshot left"));
@@ -276,7 +315,11 @@ fn bad_snapshot_requests_are_refused_and_write_nothing() {
 #[test]
 fn a_damaged_snapshot_table_is_refused_naming_the_field() {
     for (field, at, value) in [
-        ("l1_table_offset", 0usize, (1u64 << 40).to_be_bytes().to_vec()),
+        (
+            "l1_table_offset",
+            0usize,
+            (1u64 << 40).to_be_bytes().to_vec(),
+        ),
         ("id_str", 0, Vec::new()),
     ] {
         let dir = temp_dir();
@@ -318,7 +361,11 @@ fn a_damaged_snapshot_table_is_refused_naming_the_field() {
             let storage = FileStorage::open(&path, false).expect("open file");
             let ours = check(&storage, RepairMode::None, &[]).expect("check");
             assert_ne!(ours.exit_code(), 0, "{field}: our check saw nothing");
-            assert_ne!(qemu_check_json(&path).exit, Some(0), "{field}: QEMU's check");
+            assert_ne!(
+                qemu_check_json(&path).exit,
+                Some(0),
+                "{field}: QEMU's check"
+            );
         }
     }
 }
@@ -339,7 +386,8 @@ fn a_snapshot_larger_than_one_transaction_is_refused() {
     let image = open_rw(&path);
     let err = image.snapshot_create("big").unwrap_err();
     assert!(
-        err.to_string().contains("more than one journal transaction holds"),
+        err.to_string()
+            .contains("more than one journal transaction holds"),
         "{err}"
     );
     image.close().expect("close");

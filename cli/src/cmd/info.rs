@@ -15,8 +15,7 @@ use qj_spec::qcow2::features::{
     INCOMPAT_JOURNAL_DIRTY_BIT,
 };
 use qj_spec::qcow2::{
-    Header, HeaderExtension, JournalExtension, SnapshotHeader, COMPRESSION_ZLIB,
-    COMPRESSION_ZSTD,
+    Header, HeaderExtension, JournalExtension, SnapshotHeader, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
 };
 use serde::Serialize;
 
@@ -405,7 +404,10 @@ pub fn format_specific_lines(data: &Qcow2Specific) -> String {
 
 /// The human text, shaped like `qemu-img info`.
 #[must_use]
-pub fn human_text(info: &InfoJson, snapshots: Option<&Result<Vec<SnapshotHeader>, String>>) -> String {
+pub fn human_text(
+    info: &InfoJson,
+    snapshots: Option<&Result<Vec<SnapshotHeader>, String>>,
+) -> String {
     let mut s = format!("image: {}\nfile format: qcow2\n", info.filename);
     s.push_str(&format!(
         "virtual size: {} ({} bytes)\n",
@@ -536,9 +538,7 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
             Ok(Opened {
                 backend: info.backend,
                 journal: info.journal,
-                snapshots: image
-                    .snapshots()
-                    .map_err(|e| one_line(&e.to_string())),
+                snapshots: image.snapshots().map_err(|e| one_line(&e.to_string())),
             })
         })
         .map_err(|e| match e {

@@ -35,8 +35,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use qj_spec::error::FormatError;
 use qj_spec::qcow2::{
-    encode_snapshot_table, read_table_entry, write_table_entry, L1Entry, L2Entry,
-    SnapshotHeader, L1_SIZE_BYTES_MAX, SNAPSHOTS_MAX, SNAPSHOT_TABLE_LEN_MAX,
+    encode_snapshot_table, read_table_entry, write_table_entry, L1Entry, L2Entry, SnapshotHeader,
+    L1_SIZE_BYTES_MAX, SNAPSHOTS_MAX, SNAPSHOT_TABLE_LEN_MAX,
 };
 use qj_spec::units::{Geometry, HostCluster, HostOffset};
 
@@ -442,7 +442,9 @@ impl Image {
         for (i, &e) in entries.iter().enumerate() {
             let entry = L1Entry(e);
             if entry.reserved_bits() != 0
-                || entry.l2_offset().is_some_and(|o| !self.geometry.is_aligned(o.0))
+                || entry
+                    .l2_offset()
+                    .is_some_and(|o| !self.geometry.is_aligned(o.0))
             {
                 return Err(Error::Corrupt(format!(
                     "snapshot {:?} L1 entry {i} is invalid ({e:#x})",
@@ -471,7 +473,10 @@ impl Image {
                 let decoded = L2Entry::decode(raw, bits);
                 self.add_references(decoded, 1)?;
                 let cleared = match decoded {
-                    L2Entry::Normal { offset, copied: true } => L2Entry::Normal {
+                    L2Entry::Normal {
+                        offset,
+                        copied: true,
+                    } => L2Entry::Normal {
                         offset,
                         copied: false,
                     },
@@ -598,7 +603,9 @@ impl Image {
                     Error::Corrupt(format!("new snapshot table overlaps the {}", o.existing))
                 })?;
             let at = g.host_offset(start);
-            self.queue_fresh(at, clusters, |out| out[..bytes.len()].copy_from_slice(&bytes));
+            self.queue_fresh(at, clusters, |out| {
+                out[..bytes.len()].copy_from_slice(&bytes)
+            });
             at.0
         };
         let (old_at, old_nb) = {
@@ -640,9 +647,8 @@ impl Image {
         }
         let g = self.geometry;
         let first = g.host_cluster(HostOffset(sn.l1_table_offset));
-        let clusters = g
-            .clusters_for(sn.l1_table_offset + (u64::from(sn.l1_size) * 8).max(1))
-            - first.0;
+        let clusters =
+            g.clusters_for(sn.l1_table_offset + (u64::from(sn.l1_size) * 8).max(1)) - first.0;
         self.metadata.write().remove(first);
         let mut rc = self.refcounts.lock();
         for c in first.0..first.0 + clusters {
