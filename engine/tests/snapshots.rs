@@ -17,7 +17,10 @@ use common::{
 };
 use qj_engine::check::{check, RepairMode};
 use qj_engine::{CreateOptions, Error, FileStorage, Image, JournalConfig, OpenOptions, Storage};
-use qj_spec::qcow2::{decode_snapshot_table, Header, SnapshotHeader};
+use qj_spec::qcow2::{
+    decode_bitmap_directory, decode_snapshot_table, read_table_entry, Header, SnapshotHeader,
+    BITMAP_TABLE_ENTRY_OFFSET_MASK,
+};
 
 const CLUSTER: u64 = 65536;
 const SIZE: u64 = 8 << 20;
@@ -393,4 +396,71 @@ fn a_snapshot_larger_than_one_transaction_is_refused() {
     image.close().expect("close");
     assert_eq!(snapshot_table(&path), table_before);
     assert_clean(&path, "after the refusal");
+}
+
+/// Host clusters holding the bitmaps extension's directory, tables and
+/// data, with their bytes.
+fn bitmap_bytes(path: &Path) -> Vec<(u64, Vec<u8>)> {
+    let bytes = file_bytes(path);
+    let header = Header::decode(&bytes).expect("a valid header");
+    let ext = header.bitmaps().expect("a bitmaps extension");
+    let cs = header.geometry().cluster_size();
+    let cluster = |offset: u64| {
+        // The last cluster of the file may be short: past the end reads
+        // as zeros.
+        let at = (offset / cs * cs) as usize;
+        let end = (at + cs as usize).min(bytes.len());
+        let mut content = bytes[at..end].to_vec();
+        content.resize(cs as usize, 0);
+        (offset / cs, content)
+    };
+    let mut clusters = vec![cluster(ext.bitmap_directory_offset)];
+    let dir_at = ext.bitmap_directory_offset as usize;
+    let directory = decode_bitmap_directory(
+        &bytes[dir_at..dir_at + ext.bitmap_directory_size as usize],
+        ext.nb_bitmaps,
+    )
+    .expect("a valid bitmap directory");
+    for bitmap in directory {
+        clusters.push(cluster(bitmap.bitmap_table_offset));
+        for i in 0..bitmap.bitmap_table_size as usize {
+            let entry = read_table_entry(&bytes[bitmap.bitmap_table_offset as usize..], i)
+                & BITMAP_TABLE_ENTRY_OFFSET_MASK;
+            if entry != 0 {
+                clusters.push(cluster(entry));
+            }
+        }
+    }
+    clusters
+}
+
+/// A snapshot carries no bitmaps (QEMU's rule): creating, applying and
+/// deleting one leaves the bitmaps extension, its directory, tables and
+/// data exactly as they were, and QEMU finds no corruption; the only
+/// leaks it may report are the bitmap clusters themselves (which it stops
+/// counting when a writer cleared autoclear bit 0).
+#[test]
+fn snapshots_leave_the_bitmaps_extension_alone() {
+    let dir = temp_dir();
+    let path = in_dir(&dir, "bitmaps.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&path), "4M"]);
+    qemu_img(&["bitmap", "--add", path_str(&path), "b0"]);
+    common::qemu_io(&path, false, &["write -P 0x5a 0 192k".to_owned()]);
+    let before = bitmap_bytes(&path);
+    let extension_before = header(&path).bitmaps();
+    let image = open_rw(&path);
+    image.snapshot_create("s").expect("create");
+    image.write(&[1; 4096], 0).expect("write");
+    image.snapshot_apply("s").expect("apply");
+    image.snapshot_delete("s").expect("delete");
+    image.close().expect("close");
+    assert_eq!(header(&path).bitmaps(), extension_before);
+    assert_eq!(bitmap_bytes(&path), before, "bitmap clusters changed");
+    let outcome = qemu_check_json(&path);
+    assert!(matches!(outcome.exit, Some(0 | 3)), "{outcome:?}");
+    let bitmap_clusters: BTreeSet<u64> = before.iter().map(|(c, _)| *c).collect();
+    assert!(
+        outcome.leaked_clusters().is_subset(&bitmap_clusters),
+        "{outcome:?}"
+    );
 }
