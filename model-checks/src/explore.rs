@@ -785,7 +785,11 @@ impl Inner {
             start: Start::Recover {
                 image: image.clone(),
             },
-            workload: workload_config.generate(mix(image_seed, 0x6377)),
+            // The recovered image may hold snapshots the new model does
+            // not know: the continuation writes and flushes only.
+            workload: workload_config
+                .generate(mix(image_seed, 0x6377))
+                .without_snapshots(),
             model: continuation_model,
         };
         self.run_level(&next_level, plan, self.config.continue_states_budget)
@@ -827,13 +831,22 @@ fn primary_level(
     })
 }
 
-fn workloads_of(config: &ExploreConfig) -> Vec<(u64, Workload, bool)> {
+/// The workloads `config` names, as `target` can run them (snapshot
+/// operations become flushes on a target without snapshots).
+fn workloads_of(target: &dyn CrashTarget, config: &ExploreConfig) -> Vec<(u64, Workload, bool)> {
+    let runnable = |w: Workload| {
+        if target.supports_snapshots() {
+            w
+        } else {
+            w.without_snapshots()
+        }
+    };
     match &config.ops {
-        Some(ops) => vec![(config.seed, ops.clone(), true)],
+        Some(ops) => vec![(config.seed, runnable(ops.clone()), true)],
         None => (0..u64::from(config.workloads))
             .map(|i| {
                 let seed = config.seed.wrapping_add(i);
-                (seed, config.workload.generate(seed), false)
+                (seed, runnable(config.workload.generate(seed)), false)
             })
             .collect(),
     }
@@ -857,7 +870,7 @@ pub fn explore(
 ) -> Result<Report, HarnessError> {
     config.validate()?;
     let inner = Arc::new(Inner::new(Arc::clone(&target), config, progress));
-    let workloads = workloads_of(config);
+    let workloads = workloads_of(&*target, config);
     // Plan every workload first so the progress total is known.
     let mut plans = Vec::with_capacity(workloads.len());
     for (seed, workload, explicit) in workloads {
@@ -894,7 +907,7 @@ pub fn reproduce(
         return Err(HarnessError::Config("the crash path is empty".to_string()));
     }
     let inner = Arc::new(Inner::new(Arc::clone(&target), config, None));
-    let (seed, workload, explicit) = workloads_of(config).swap_remove(0);
+    let (seed, workload, explicit) = workloads_of(&*target, config).swap_remove(0);
     let level = primary_level(config, seed, workload)?;
     set_current(&inner, seed, &level.workload, explicit);
     inner.stats.lock().workloads += 1;
@@ -936,7 +949,7 @@ pub fn run_to_crash_point(
 ) -> Result<(CrashSnapshot, GuestModel), HarnessError> {
     config.validate()?;
     let inner = Arc::new(Inner::new(Arc::clone(&target), config, None));
-    let (seed, workload, _) = workloads_of(config).swap_remove(0);
+    let (seed, workload, _) = workloads_of(&*target, config).swap_remove(0);
     let level = primary_level(config, seed, workload)?;
     let Some(dry) = inner.execute(&level, BTreeMap::new(), true)? else {
         return Err(HarnessError::Config(

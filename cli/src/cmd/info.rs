@@ -15,7 +15,7 @@ use qj_spec::qcow2::features::{
     INCOMPAT_JOURNAL_DIRTY_BIT,
 };
 use qj_spec::qcow2::{
-    Header, HeaderExtension, JournalExtension, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
+    Header, HeaderExtension, JournalExtension, SnapshotHeader, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
 };
 use serde::Serialize;
 
@@ -105,6 +105,9 @@ pub struct QjDetails {
     /// Why the engine cannot open the image, when it cannot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_error: Option<String>,
+    /// Why the snapshot table cannot be read, when it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_error: Option<String>,
     /// The metadata journal, when the header names one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal: Option<JournalDetails>,
@@ -158,6 +161,53 @@ pub struct Opened {
     pub backend: BackendKind,
     /// The journal's state, for the journalled backend.
     pub journal: Option<JournalInfo>,
+    /// The internal snapshots, or why the table could not be read.
+    pub snapshots: Result<Vec<SnapshotHeader>, String>,
+}
+
+/// One internal snapshot, with `qemu-img info`'s keys.
+#[derive(Debug, Serialize)]
+pub struct SnapshotJson {
+    /// Unique id.
+    pub id: String,
+    /// User-visible name.
+    pub name: String,
+    /// Saved VM state, bytes.
+    #[serde(rename = "vm-state-size")]
+    pub vm_state_size: u64,
+    /// Creation time, seconds part.
+    #[serde(rename = "date-sec")]
+    pub date_sec: u32,
+    /// Creation time, nanoseconds part.
+    #[serde(rename = "date-nsec")]
+    pub date_nsec: u32,
+    /// Guest clock, seconds part.
+    #[serde(rename = "vm-clock-sec")]
+    pub vm_clock_sec: u64,
+    /// Guest clock, nanoseconds part.
+    #[serde(rename = "vm-clock-nsec")]
+    pub vm_clock_nsec: u64,
+    /// Instruction count, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+}
+
+impl From<&SnapshotHeader> for SnapshotJson {
+    fn from(sn: &SnapshotHeader) -> Self {
+        Self {
+            id: sn.id.clone(),
+            name: sn.name.clone(),
+            vm_state_size: sn
+                .vm_state_size_large()
+                .unwrap_or(u64::from(sn.vm_state_size)),
+            date_sec: sn.date_sec,
+            date_nsec: sn.date_nsec,
+            vm_clock_sec: sn.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: sn.vm_clock_nsec % 1_000_000_000,
+            // QEMU stores -1 when unknown.
+            icount: sn.icount().filter(|&n| n != u64::MAX),
+        }
+    }
 }
 
 /// The whole `qj info --output json` document: qemu-img's keys first.
@@ -194,6 +244,9 @@ pub struct InfoJson {
     /// Incompatible bit 0.
     #[serde(rename = "dirty-flag")]
     pub dirty_flag: bool,
+    /// Internal snapshots (left out when there are none, as QEMU does).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotJson>,
     /// qcow2 details.
     #[serde(rename = "format-specific")]
     pub format_specific: FormatSpecific,
@@ -281,6 +334,12 @@ pub fn describe(
         backing_filename,
         backing_filename_format: header.backing_format().map(str::to_string),
         dirty_flag: header.is_dirty(),
+        snapshots: opened
+            .as_ref()
+            .ok()
+            .and_then(|o| o.snapshots.as_ref().ok())
+            .map(|list| list.iter().map(SnapshotJson::from).collect())
+            .unwrap_or_default(),
         format_specific: FormatSpecific {
             kind: "qcow2",
             data: Qcow2Specific {
@@ -310,6 +369,10 @@ pub fn describe(
                 .ok()
                 .map(|o| backend_name(o.backend).to_string()),
             open_error: opened.as_ref().err().cloned(),
+            snapshot_error: opened
+                .as_ref()
+                .ok()
+                .and_then(|o| o.snapshots.as_ref().err().cloned()),
             journal: header
                 .journal()
                 .map(|ext| journal_details(header, &ext, live_journal)),
@@ -341,7 +404,10 @@ pub fn format_specific_lines(data: &Qcow2Specific) -> String {
 
 /// The human text, shaped like `qemu-img info`.
 #[must_use]
-pub fn human_text(info: &InfoJson) -> String {
+pub fn human_text(
+    info: &InfoJson,
+    snapshots: Option<&Result<Vec<SnapshotHeader>, String>>,
+) -> String {
     let mut s = format!("image: {}\nfile format: qcow2\n", info.filename);
     s.push_str(&format!(
         "virtual size: {} ({} bytes)\n",
@@ -362,6 +428,11 @@ pub fn human_text(info: &InfoJson) -> String {
     }
     if info.dirty_flag {
         s.push_str("cleanly shut down: no\n");
+    }
+    if let Some(Ok(snapshots)) = snapshots {
+        if !snapshots.is_empty() {
+            s.push_str(&crate::cmd::snapshot::snapshot_table_text(snapshots));
+        }
     }
     s.push_str(&format_specific_lines(&info.format_specific.data));
     let q = &info.qj;
@@ -395,6 +466,9 @@ pub fn human_text(info: &InfoJson) -> String {
         (Some(b), _) => s.push_str(&format!("    metadata backend: {b}\n")),
         (None, Some(e)) => s.push_str(&format!("    cannot be opened: {e}\n")),
         (None, None) => {}
+    }
+    if let Some(e) = &q.snapshot_error {
+        s.push_str(&format!("    snapshot table: {e}\n"));
     }
     if let Some(j) = &q.journal {
         s.push_str(&journal_lines(j));
@@ -464,6 +538,7 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
             Ok(Opened {
                 backend: info.backend,
                 journal: info.journal,
+                snapshots: image.snapshots().map_err(|e| one_line(&e.to_string())),
             })
         })
         .map_err(|e| match e {
@@ -472,10 +547,23 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
         });
     let info = describe(path, &header, meta.len(), meta.blocks() * 512, &opened);
     match args.output {
-        OutputFormat::Human => print!("{}", human_text(&info)),
+        OutputFormat::Human => print!(
+            "{}",
+            human_text(&info, opened.as_ref().ok().map(|o| &o.snapshots))
+        ),
         OutputFormat::Json => println!("{}", to_json(&info)?),
     }
     match opened {
+        Ok(Opened {
+            snapshots: Err(reason),
+            ..
+        }) => {
+            eprintln!(
+                "qj: the snapshot table of {} cannot be read: {reason}",
+                quoted(path)
+            );
+            Ok(EXIT_FAILED)
+        }
         Ok(_) => Ok(0),
         Err(reason) => {
             eprintln!("qj: {} cannot be opened: {reason}", quoted(path));

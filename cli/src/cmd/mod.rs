@@ -14,6 +14,7 @@ pub mod io;
 pub mod journal;
 pub mod map;
 pub mod serve;
+pub mod snapshot;
 
 use std::path::Path;
 
@@ -67,6 +68,8 @@ pub enum Command {
     Journal(journal::JournalArgs),
     /// Serve an image over NBD (like qemu-nbd).
     Serve(serve::ServeArgs),
+    /// Create, list, apply or delete internal snapshots (like qemu-img snapshot).
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 impl Command {
@@ -85,6 +88,7 @@ impl Command {
             Command::Amend(a) => amend::run(a),
             Command::Journal(a) => journal::run(a),
             Command::Serve(a) => serve::run(a),
+            Command::Snapshot(a) => snapshot::run(a),
         }
     }
 }

@@ -107,6 +107,11 @@ pub(super) fn load_metadata_map(
     }
     if header.nb_snapshots > 0 {
         let snapshots = read_snapshot_table(storage, backend, header)?;
+        let file_len = storage
+            .len()
+            .ctx(|| "reading the image length".into())?
+            .max(backend.held_end());
+        super::snapshot::validate_snapshot_entries(&snapshots.0, g, file_len)?;
         let table_end = snapshots.1;
         add(
             header.snapshots_offset,
@@ -137,7 +142,7 @@ pub(super) fn load_metadata_map(
 /// The snapshot table's entries and the offset one past its last byte.
 /// Bounded: `validate_layout` limits the entry count to QEMU's, and each
 /// entry to a fixed part plus at most 64 KiB of id, name and extra data.
-fn read_snapshot_table(
+pub(super) fn read_snapshot_table(
     storage: &dyn Storage,
     backend: &dyn MetadataBackend,
     header: &Header,

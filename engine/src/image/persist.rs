@@ -121,6 +121,7 @@ impl Image {
                 epoch.tables.push(w);
             }
         }));
+        epoch.fresh_tables.append(&mut self.fresh_metadata.lock());
         let cs = self.geometry.cluster_size() as usize;
         let mut l1 = self.l1.write();
         let encode_l1 = |entries: &[u64], c: u64| {

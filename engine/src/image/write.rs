@@ -221,7 +221,7 @@ impl Image {
 
     /// The host clusters an entry holds a reference on: a data cluster, or
     /// every cluster a compressed cluster's bytes touch.
-    fn referenced_clusters(&self, entry: L2Entry) -> std::ops::Range<u64> {
+    pub(super) fn referenced_clusters(&self, entry: L2Entry) -> std::ops::Range<u64> {
         let bits = self.geometry.cluster_bits;
         match entry {
             L2Entry::Unallocated
