@@ -291,3 +291,155 @@ pub fn compare_recoveries(first: &Observed, second: &Observed) -> Result<(), Con
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::target::TargetError;
+
+    const CLUSTER: u64 = 4096;
+
+    /// A disk whose clusters read from a host medium as its map says, and
+    /// that counts the bytes read.
+    struct MappedDisk {
+        host: Medium,
+        map: ContentMap,
+        size_bytes: u64,
+        bytes_read: AtomicU64,
+    }
+
+    impl MappedDisk {
+        fn new(host: Medium, sources: Vec<ContentSource>) -> Self {
+            Self {
+                size_bytes: sources.len() as u64 * CLUSTER,
+                host,
+                map: ContentMap {
+                    cluster_bytes: CLUSTER,
+                    sources,
+                },
+                bytes_read: AtomicU64::new(0),
+            }
+        }
+    }
+
+    impl GuestDisk for MappedDisk {
+        fn size_bytes(&self) -> u64 {
+            self.size_bytes
+        }
+        fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), TargetError> {
+            self.bytes_read
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            for (i, sector) in buf.chunks_mut(SECTOR_BYTES as usize).enumerate() {
+                let guest = offset + i as u64 * SECTOR_BYTES;
+                let in_cluster = guest % CLUSTER;
+                match self.map.sources[(guest / CLUSTER) as usize] {
+                    ContentSource::Host(at) => self.host.read(sector, at + in_cluster),
+                    _ => sector.fill(0),
+                }
+            }
+            Ok(())
+        }
+        fn write(&self, _: &[u8], _: u64) -> Result<(), TargetError> {
+            Err(TargetError::Invalid("read-only".into()))
+        }
+        fn write_zeroes(&self, _: u64, _: u64) -> Result<(), TargetError> {
+            Err(TargetError::Invalid("read-only".into()))
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), TargetError> {
+            Err(TargetError::Invalid("read-only".into()))
+        }
+        fn flush(&self) -> Result<(), TargetError> {
+            Ok(())
+        }
+        fn resize(&self, _: u64) -> Result<(), TargetError> {
+            Err(TargetError::Invalid("read-only".into()))
+        }
+        fn close(self: Box<Self>) -> Result<(), TargetError> {
+            Ok(())
+        }
+        fn content_map(&self) -> Result<Option<ContentMap>, TargetError> {
+            Ok(Some(self.map.clone()))
+        }
+    }
+
+    /// Four guest clusters: zeros, host cluster 1, host cluster 2, zeros.
+    /// A fresh model without backing allows only zeros.
+    fn setup() -> (GuestModel, Medium, Vec<ContentSource>) {
+        let model = GuestModel::new(4 * CLUSTER, 0, 1).unwrap();
+        let host = Medium::from_bytes(&[0u8; 4 * CLUSTER as usize]);
+        let sources = vec![
+            ContentSource::Zero,
+            ContentSource::Host(CLUSTER),
+            ContentSource::Host(2 * CLUSTER),
+            ContentSource::Backing,
+        ];
+        (model, host, sources)
+    }
+
+    #[test]
+    fn only_clusters_whose_bytes_or_source_changed_are_read_again() {
+        let (model, host, sources) = setup();
+        let mut reference = None;
+        let first = MappedDisk::new(host.clone(), sources.clone());
+        let whole = observe_changed(&first, &model, &first.host, &mut reference).unwrap();
+        assert_eq!(first.bytes_read.load(Ordering::Relaxed), 4 * CLUSTER);
+        assert!(reference.is_some(), "a passing full read is the reference");
+
+        // The same image: nothing to read, the same content.
+        let same = MappedDisk::new(host.clone(), sources.clone());
+        let again = observe_changed(&same, &model, &same.host, &mut reference).unwrap();
+        assert_eq!(same.bytes_read.load(Ordering::Relaxed), 0);
+        assert_eq!(again, whole);
+
+        // Garbage in host cluster 2: exactly that guest cluster is read,
+        // and the bad sector is reported.
+        let mut bad_host = host.clone();
+        bad_host.write(&[0x5a; 512], 2 * CLUSTER + 512).unwrap();
+        let bad = MappedDisk::new(bad_host, sources.clone());
+        let problem = observe_changed(&bad, &model, &bad.host, &mut reference).unwrap_err();
+        assert_eq!(bad.bytes_read.load(Ordering::Relaxed), CLUSTER);
+        assert!(
+            problem.detail.starts_with("guest sector 17 "),
+            "{}",
+            problem.detail
+        );
+
+        // Unchanged host bytes but a cluster remapped onto garbage: read.
+        let mut moved_host = host.clone();
+        moved_host.write(&[0x5a; 512], 3 * CLUSTER).unwrap();
+        let mut moved_sources = sources.clone();
+        moved_sources[0] = ContentSource::Host(3 * CLUSTER);
+        let moved = MappedDisk::new(moved_host, moved_sources);
+        let problem = observe_changed(&moved, &model, &moved.host, &mut reference).unwrap_err();
+        assert_eq!(moved.bytes_read.load(Ordering::Relaxed), CLUSTER);
+        assert!(
+            problem.detail.starts_with("guest sector 0 "),
+            "{}",
+            problem.detail
+        );
+    }
+
+    #[test]
+    fn opaque_clusters_and_other_sizes_are_always_read() {
+        let (model, host, mut sources) = setup();
+        sources[1] = ContentSource::Opaque;
+        let mut reference = None;
+        let first = MappedDisk::new(host.clone(), sources.clone());
+        observe_changed(&first, &model, &first.host, &mut reference).unwrap();
+        let second = MappedDisk::new(host.clone(), sources.clone());
+        observe_changed(&second, &model, &second.host, &mut reference).unwrap();
+        assert_eq!(second.bytes_read.load(Ordering::Relaxed), CLUSTER);
+        // A disk of another size is read whole (and judged by the model's
+        // sizes: this one is not allowed).
+        sources.push(ContentSource::Zero);
+        let bigger = MappedDisk::new(host, sources);
+        let problem = observe_changed(&bigger, &model, &bigger.host, &mut reference).unwrap_err();
+        assert!(
+            problem.detail.starts_with("disk size"),
+            "{}",
+            problem.detail
+        );
+    }
+}

@@ -696,7 +696,7 @@ impl Inner {
         };
         if let Some((point, state, exact)) = recovery_crash {
             self.crash_recovery(
-                image, model, path, level, &observed, point, state, exact, image_seed,
+                image, model, path, level, &observed, point, state, exact, image_seed, reference,
             )?;
         }
         // (e) continuation.
@@ -731,6 +731,7 @@ impl Inner {
         state: Option<u64>,
         exact: bool,
         image_seed: u64,
+        reference: &mut Option<Reference>,
     ) -> Result<(), HarnessError> {
         let dev = self.new_device(image.clone());
         dev.crash_after(point)?;
@@ -769,8 +770,9 @@ impl Inner {
                 s..s + 1
             }
         };
-        // Every state of this point is judged against the same model.
-        let mut reference = None;
+        // The states of a crash during recovery are judged against the
+        // model of the crash point being recovered: `reference` is that
+        // point's.
         for s in states {
             if self.stopped() {
                 break;
@@ -786,7 +788,7 @@ impl Inner {
             });
             self.count_state(level.depth, true);
             if let Some((second, _)) =
-                self.recover_and_check(&second_image, model, &second_path, &mut reference)?
+                self.recover_and_check(&second_image, model, &second_path, reference)?
             {
                 if let Err(problem) = compare_recoveries(first_recovery, &second) {
                     self.violation(problem.kind, problem.detail, second_path);

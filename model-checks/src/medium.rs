@@ -163,12 +163,14 @@ impl Medium {
         while position < end {
             let in_page = (position % PAGE_BYTES as u64) as usize;
             let chunk = ((PAGE_BYTES - in_page) as u64).min(end - position) as usize;
-            let shared = match (self.page_at(position), other.page_at(position)) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            let both_inside = position + chunk as u64 <= self.len_bytes.min(other.len_bytes);
+            let same = match (self.page_at(position), other.page_at(position)) {
+                (Some(a), Some(b)) if both_inside => {
+                    Arc::ptr_eq(a, b) || a[in_page..in_page + chunk] == b[in_page..in_page + chunk]
+                }
                 _ => false,
             };
-            let both_inside = position + chunk as u64 <= self.len_bytes.min(other.len_bytes);
-            if !(shared && both_inside) {
+            if !same {
                 self.read(&mut mine[..chunk], position);
                 other.read(&mut theirs[..chunk], position);
                 if mine[..chunk] != theirs[..chunk] {
