@@ -26,11 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.states_budget = states;
     config.shrink = mutation.is_some();
     let started = Instant::now();
-    let report = explore(
-        crash_target(&backend, mutation.as_deref())?,
-        &config,
-        None,
-    )?;
+    let report = explore(crash_target(&backend, mutation.as_deref())?, &config, None)?;
     for violation in &report.violations {
         println!("{violation}");
     }
