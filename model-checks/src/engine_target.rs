@@ -14,6 +14,7 @@ use qj_engine::{
 };
 use qj_journal::Storage;
 
+use crate::content_map::{ContentMap, ContentSource};
 use crate::target::{
     CheckSummary, CrashTarget, GuestDisk, LeakExpectation, QemuExport, TargetError,
 };
@@ -283,6 +284,16 @@ impl CrashTarget for EngineTarget {
         check_ordered(&*dev)
     }
 
+    fn check_after_close(&self) -> bool {
+        // `check` of a journal image reopens and closes a copy (a second
+        // replay); the recovered disk closed by the harness is that image.
+        self.is_journal()
+    }
+
+    fn check_closed(&self, dev: Arc<dyn Storage>) -> Result<CheckSummary, TargetError> {
+        check_device(&*dev)
+    }
+
     fn check_unrecovered(
         &self,
         dev: Arc<dyn Storage>,
@@ -336,12 +347,17 @@ pub(crate) fn check_dirty_bit(dev: &dyn Storage) -> Result<(), TargetError> {
     let Some(ext) = header.journal() else {
         return Ok(());
     };
+    if header.has_incompatible(60) {
+        // Flagged dirty: the rule holds whatever the journal holds, and
+        // reading the whole journal to find out would be wasted.
+        return Ok(());
+    }
     let dump = match qj_journal::dump(dev, ext.offset, ext.size) {
         Ok(dump) => dump,
         // Not this check's business: recovery reports a damaged journal.
         Err(_) => return Ok(()),
     };
-    if dump.dirty && !header.has_incompatible(60) {
+    if dump.dirty {
         return Err(TargetError::Corrupt {
             what: format!(
                 "the journal holds {} transactions to replay but the header's journal-dirty bit is clear",
@@ -436,6 +452,42 @@ impl GuestDisk for EngineDisk {
     fn close(mut self: Box<Self>) -> Result<(), TargetError> {
         let image = self.image.take().expect("image is open until close");
         image.close().map_err(engine_err)
+    }
+    fn content_map(&self) -> Result<Option<ContentMap>, TargetError> {
+        let image = self.image();
+        // Delayed copies and logged data are read from memory: the map
+        // would not say where those bytes come from.
+        if !image.reads_as_mapped() {
+            return Ok(None);
+        }
+        let cluster_bytes = image.geometry().cluster_size();
+        let size_bytes = image.virtual_size();
+        let clusters = size_bytes.div_ceil(cluster_bytes);
+        let mut sources = Vec::with_capacity(usize::try_from(clusters).unwrap_or(0));
+        for extent in image.map().map_err(engine_err)? {
+            let source = |cluster_in_extent: u64| match extent.offset {
+                _ if extent.compressed => ContentSource::Opaque,
+                Some(offset) if extent.data => {
+                    ContentSource::Host(offset + cluster_in_extent * cluster_bytes)
+                }
+                _ if extent.zero => ContentSource::Zero,
+                _ if !extent.data => ContentSource::Backing,
+                _ => ContentSource::Opaque,
+            };
+            // Extents start on cluster boundaries; bounded by the size.
+            let count = extent.length.div_ceil(cluster_bytes);
+            sources.extend((0..count).map(source));
+        }
+        if sources.len() as u64 != clusters {
+            return Err(TargetError::Invalid(format!(
+                "the map covers {} clusters of a {size_bytes}-byte disk of {clusters} clusters",
+                sources.len()
+            )));
+        }
+        Ok(Some(ContentMap {
+            cluster_bytes,
+            sources,
+        }))
     }
     fn snapshot_create(&self, id: u64) -> Result<(), TargetError> {
         self.image()

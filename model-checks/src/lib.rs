@@ -29,8 +29,10 @@
 
 #![warn(missing_docs)]
 
+pub mod campaign;
 pub mod checks;
 pub mod config;
+pub mod content_map;
 pub mod crash_states;
 pub mod engine_target;
 pub mod error;

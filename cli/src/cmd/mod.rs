@@ -6,6 +6,8 @@ pub mod bench;
 pub mod check;
 pub mod convert;
 pub mod crash;
+pub mod crash_merge;
+pub mod crash_output;
 pub mod crash_replay;
 pub mod create;
 pub mod demo;
@@ -59,7 +61,7 @@ pub enum Command {
     /// Create, fill, verify and check a temporary image, and show engine statistics.
     Demo(demo::DemoArgs),
     /// Explore power-loss crash states of the backends and check every recovered image.
-    Crash(crash::CrashArgs),
+    Crash(Box<crash::CrashArgs>),
     /// Compare the backends, QEMU and a raw file on the same workloads.
     Bench(bench::BenchArgs),
     /// Give an image a metadata journal or remove it (like qemu-img amend).
@@ -83,7 +85,7 @@ impl Command {
             Command::Io(a) => io::run(a),
             Command::Convert(a) => convert::run(a),
             Command::Demo(a) => demo::run(a),
-            Command::Crash(a) => crash::run(a),
+            Command::Crash(a) => crash::run(*a),
             Command::Bench(a) => bench::run(a),
             Command::Amend(a) => amend::run(a),
             Command::Journal(a) => journal::run(a),
