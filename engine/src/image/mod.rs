@@ -29,6 +29,7 @@
 //! - `inspect.rs`: `info` and `map`.
 
 mod backing;
+mod bitmaps;
 mod guard;
 mod inspect;
 mod journal_admin;
@@ -47,6 +48,7 @@ use qj_spec::qcow2::Header;
 use qj_spec::units::{Geometry, HostOffset};
 
 pub use self::backing::{Backing, BACKING_CHAIN_DEPTH_MAX};
+pub use self::bitmaps::BitmapInfo;
 pub use self::inspect::{ImageInfo, MapExtent};
 pub use crate::backend::JournalInfo;
 use crate::backend::{BackendKind, MetadataBackend};
@@ -97,6 +99,9 @@ pub struct Image {
     backing: Option<Backing>,
     /// Host ranges newly referenced since the last persist.
     new_data: Mutex<Vec<(HostOffset, u64)>>,
+    /// The persistent dirty bitmaps (`bitmaps.rs`). Lock order: after the
+    /// gate, before the header, the refcounts and the metadata map.
+    bitmaps: Mutex<bitmaps::BitmapState>,
     /// Set when a failure left memory and disk out of step.
     poison: Mutex<Option<String>>,
     virtual_size: AtomicU64,
@@ -212,7 +217,9 @@ impl Image {
         if !self.writable || self.poison.lock().is_some() {
             return Ok(());
         }
+        self.begin_storing_bitmaps();
         self.persist_all()?;
+        self.finish_storing_bitmaps()?;
         self.backend.shutdown(&*self.storage, &self.counters)
     }
 

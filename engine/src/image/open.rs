@@ -348,10 +348,18 @@ impl Image {
         // The guard's map: a writable image must have metadata that does
         // not overlap; a read-only one needs no guard (and stays readable
         // however its tables overlap, as in QEMU).
-        let metadata = if opts.writable {
-            super::guard::load_metadata_map(&*storage, &*backend, &header, &entries)?
+        let (metadata, bitmaps) = if opts.writable {
+            let mut map = super::guard::load_metadata_map(&*storage, &*backend, &header, &entries)?;
+            // Bad bitmaps refuse a writable open before anything is written.
+            let bitmaps =
+                super::bitmaps::load(&*storage, &*backend, &header, file_len, Some(&mut map))?;
+            (map, bitmaps)
         } else {
-            MetadataMap::new()
+            // A read-only open still shows what it can: the reason the
+            // bitmaps cannot be read is reported, not fatal.
+            let bitmaps = super::bitmaps::load(&*storage, &*backend, &header, file_len, None)
+                .unwrap_or_else(|e| super::bitmaps::BitmapState::unreadable(e.to_string()));
+            (MetadataMap::new(), bitmaps)
         };
         let metadata: SharedMetadataMap = Arc::new(parking_lot::RwLock::new(metadata));
         let tables_max = (opts.cache_bytes_max / cs).max(4) as usize;
@@ -407,6 +415,7 @@ impl Image {
             gate: RwLock::new(()),
             backing,
             new_data: Mutex::new(Vec::new()),
+            bitmaps: Mutex::new(bitmaps),
             poison: Mutex::new(None),
             finished: AtomicBool::new(false),
             submit_order: Mutex::new(()),
@@ -418,37 +427,9 @@ impl Image {
             writethrough: opts.cache.writethrough(),
         };
         if opts.writable {
-            image.clear_autoclear_bits()?;
+            image.start_bitmaps()?;
         }
         Ok(image)
-    }
-
-    /// A writer that does not maintain a feature must clear its autoclear
-    /// bit before its first write (qcow2 spec), so that the feature's owner
-    /// later knows its data may be stale: the bitmaps extension stays, and
-    /// QEMU discards the bitmaps as inconsistent. Durable before any write.
-    fn clear_autoclear_bits(&self) -> Result<()> {
-        let mut h = self.header.lock();
-        // The journal's "journal valid" bit is ours to keep while we
-        // maintain the journal.
-        let kept = if self.backend.kind() == BackendKind::Journal {
-            features::AUTOCLEAR_JOURNAL_VALID_MASK
-        } else {
-            0
-        };
-        if h.mem.autoclear_features & !kept == 0 {
-            return Ok(());
-        }
-        h.mem.autoclear_features &= kept;
-        let bytes = h.mem.encode()?;
-        self.storage
-            .write_at(&bytes, 0)
-            .ctx(|| "clearing autoclear feature bits".into())?;
-        self.counters.metadata_write(bytes.len());
-        self.counters.flush();
-        self.storage.flush().ctx(|| "flushing the header".into())?;
-        h.disk = h.mem.clone();
-        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@ impl Image {
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         let new_size = new_size.next_multiple_of(512);
+        self.refuse_resize_with_bitmaps()?;
         let _gate = self.gate.write();
         self.op_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.resize_locked(new_size);
