@@ -204,7 +204,7 @@ impl DirtyBitmap {
     /// byte maps to.
     fn clip_tail(&mut self) {
         let bits = self.bit_count();
-        if bits % 64 != 0 {
+        if !bits.is_multiple_of(64) {
             if let Some(last) = self.words.last_mut() {
                 *last &= (1u64 << (bits % 64)) - 1;
             }

@@ -70,7 +70,7 @@ pub fn validate_bitmaps_extension(
             ),
         ));
     }
-    if ext.bitmap_directory_offset == 0 || ext.bitmap_directory_offset % cluster_size != 0 {
+    if ext.bitmap_directory_offset == 0 || !ext.bitmap_directory_offset.is_multiple_of(cluster_size) {
         return Err(FormatError::field(
             EXTENSION,
             "bitmap_directory_offset",
@@ -158,7 +158,7 @@ pub fn validate_bitmap_entry(
             format!("{} bytes, must be 1 to {BITMAP_NAME_LEN_MAX}", name.len()),
         );
     }
-    if e.bitmap_table_offset == 0 || e.bitmap_table_offset % cluster_size != 0 {
+    if e.bitmap_table_offset == 0 || !e.bitmap_table_offset.is_multiple_of(cluster_size) {
         return bad(
             "bitmap_table_offset",
             0,
@@ -201,7 +201,7 @@ pub fn validate_bitmap_table_entry(
         "has reserved bits set"
     } else if offset != 0 && entry & BITMAP_TABLE_ENTRY_ALL_ONES != 0 {
         "has both an offset and the all-ones flag"
-    } else if offset % cluster_size != 0 {
+    } else if !offset.is_multiple_of(cluster_size) {
         "points to a cluster that is not aligned"
     } else {
         return Ok(());
