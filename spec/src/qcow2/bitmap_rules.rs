@@ -70,7 +70,8 @@ pub fn validate_bitmaps_extension(
             ),
         ));
     }
-    if ext.bitmap_directory_offset == 0 || !ext.bitmap_directory_offset.is_multiple_of(cluster_size) {
+    if ext.bitmap_directory_offset == 0 || !ext.bitmap_directory_offset.is_multiple_of(cluster_size)
+    {
         return Err(FormatError::field(
             EXTENSION,
             "bitmap_directory_offset",
