@@ -47,6 +47,17 @@ impl DirtyBitmap {
         }
     }
 
+    /// Covers a disk grown to `disk_size_bytes`: the new bits are clear
+    /// (the grown space was never written), as QEMU's.
+    pub fn grow(&mut self, disk_size_bytes: u64) {
+        if disk_size_bytes <= self.disk_size_bytes {
+            return;
+        }
+        self.disk_size_bytes = disk_size_bytes;
+        let bits = bitmap_bit_count(disk_size_bytes, self.granularity_bits);
+        self.words.resize(bits.div_ceil(64) as usize, 0);
+    }
+
     /// Whether writes mark this bitmap (the `auto` flag: QEMU's "enabled").
     pub fn is_enabled(&self) -> bool {
         self.flags & BITMAP_FLAG_AUTO != 0
@@ -286,6 +297,16 @@ mod tests {
         let mut loaded = bitmap(65536 + 512, 16, 512);
         loaded.load_cluster(0, &[0xff; 512]);
         assert_eq!(loaded.dirty_ranges(), vec![(0, 65536 + 512)]);
+    }
+
+    #[test]
+    fn grow_keeps_bits_and_adds_clear_ones() {
+        let mut b = bitmap(65536, 12, 512);
+        b.set_range(0, 4096);
+        b.grow(1 << 20);
+        assert_eq!(b.dirty_ranges(), vec![(0, 4096)]);
+        assert!(b.set_range(900 << 10, 1));
+        assert_eq!(b.bit_count(), 256);
     }
 
     #[test]

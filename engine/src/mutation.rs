@@ -39,6 +39,10 @@ pub enum JournalMutation {
     /// in a submitted transaction goes in place (the older logged bytes,
     /// applied later, overwrite it).
     WriteLoggedInPlace,
+    /// Bitmap rule broken (spec 11.6): the bitmap changes of an epoch are
+    /// committed one transaction late, not with the L2 changes they
+    /// describe.
+    BitmapOutsideTransaction,
     /// A rule of the journal itself broken (replay or checkpoint), passed
     /// to it in [`qj_journal::JournalOptions::mutation`].
     Journal(qj_journal::Mutation),

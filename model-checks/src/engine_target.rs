@@ -51,6 +51,9 @@ pub struct EngineTarget {
     /// Carry small writes into fresh clusters in the journal transaction
     /// (`OpenOptions::log_fresh_data`, journal rule 7).
     log_fresh_data: bool,
+    /// Give the image a persistent dirty bitmap at creation and check it
+    /// after every crash (`bitmap_check.rs`).
+    bitmap: bool,
     /// The snapshot base image last built, by (virtual size, backing
     /// content): building it runs `qemu-img`, once per workload shape.
     base_cache: Arc<Mutex<Option<SnapshotBase>>>,
@@ -70,6 +73,7 @@ impl EngineTarget {
             cache_bytes_max: 16 * 4096,
             snapshot_base: false,
             log_fresh_data: false,
+            bitmap: false,
             base_cache: Arc::new(Mutex::new(None)),
         }
     }
@@ -82,6 +86,13 @@ impl EngineTarget {
     /// descriptors.
     pub fn with_snapshot_base(mut self) -> Self {
         self.snapshot_base = true;
+        self
+    }
+
+    /// The same target with an enabled persistent bitmap, checked after
+    /// every crash.
+    pub fn with_bitmap(mut self) -> Self {
+        self.bitmap = true;
         self
     }
 
@@ -177,7 +188,7 @@ impl EngineTarget {
     }
 }
 
-fn engine_err(e: qj_engine::Error) -> TargetError {
+pub(crate) fn engine_err(e: qj_engine::Error) -> TargetError {
     match e {
         qj_engine::Error::Io { source, .. } => TargetError::Io(source),
         other => TargetError::Other(Box::new(other)),
@@ -195,6 +206,8 @@ impl CrashTarget for EngineTarget {
             format!("{name}-cow")
         } else if self.log_fresh_data {
             format!("{name}-logged")
+        } else if self.bitmap {
+            format!("{name}-bitmap")
         } else {
             name.into()
         }
@@ -208,6 +221,7 @@ impl CrashTarget for EngineTarget {
             JournalMutation::SkipDirtyBit => Some("no-dirty-bit"),
             JournalMutation::SkipCopyBeforeWrite => Some("no-copy-before-write"),
             JournalMutation::WriteLoggedInPlace => Some("logged-write-in-place"),
+            JournalMutation::BitmapOutsideTransaction => Some("bitmap-outside-transaction"),
             JournalMutation::Journal(qj_journal::Mutation::None) => None,
             JournalMutation::Journal(qj_journal::Mutation::ReplaySkipsTxChecksum) => {
                 Some("replay-skips-tx-checksum")
@@ -252,6 +266,13 @@ impl CrashTarget for EngineTarget {
             }),
         };
         Image::create_shared(dev.clone(), &opts).map_err(engine_err)?;
+        if self.bitmap {
+            crate::bitmap_check::add_crash_bitmap(
+                dev.clone(),
+                &self.open_options(backing.clone()),
+                self.cluster_size,
+            )?;
+        }
         self.open(dev, backing)
     }
 
@@ -276,7 +297,13 @@ impl CrashTarget for EngineTarget {
             let copy: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(device_bytes(&*dev)?));
             let image = Image::open(copy.clone(), &self.open_options(None)).map_err(engine_err)?;
             image.close().map_err(engine_err)?;
+            if self.bitmap {
+                crate::bitmap_check::check_crash_bitmap(copy.clone(), true)?;
+            }
             return check_device(&*copy);
+        }
+        if self.bitmap {
+            crate::bitmap_check::check_crash_bitmap(dev.clone(), false)?;
         }
         check_device(&*dev)
     }
@@ -416,6 +443,8 @@ pub const BACKENDS: &[&str] = &[
     "journal-draft",
     "journal-cow",
     "journal-logged",
+    "ordered-bitmap",
+    "journal-bitmap",
     "raw",
     "log",
     "redo",
@@ -425,13 +454,16 @@ pub const BACKENDS: &[&str] = &[
 /// `journal-cow` is the journal on images whose every cluster starts
 /// shared with an internal snapshot (delayed copy-on-write);
 /// `journal-logged` carries small writes into fresh clusters in the
-/// transaction (logged data).
+/// transaction (logged data); `ordered-bitmap` and `journal-bitmap` carry
+/// an enabled persistent bitmap that is checked after every crash.
 pub const ENGINE_BACKENDS: &[&str] = &[
     "ordered",
     "journal",
     "journal-draft",
     "journal-cow",
     "journal-logged",
+    "ordered-bitmap",
+    "journal-bitmap",
 ];
 
 /// The mutations (deliberate ordering bugs) of `backend`.
@@ -450,6 +482,8 @@ pub fn mutations(backend: &str) -> &'static [&'static str] {
         "journal-draft" => &[],
         "journal-cow" => &["no-copy-before-write"],
         "journal-logged" => &["logged-write-in-place"],
+        "ordered-bitmap" => &[],
+        "journal-bitmap" => &["bitmap-outside-transaction"],
         other => crate::targets::builtin_mutations(other),
     }
 }
@@ -488,6 +522,7 @@ pub fn open_mutation(name: &str) -> Option<(OrderingMutation, JournalMutation)> 
         )),
         "no-copy-before-write" => journal(JournalMutation::SkipCopyBeforeWrite),
         "logged-write-in-place" => journal(JournalMutation::WriteLoggedInPlace),
+        "bitmap-outside-transaction" => journal(JournalMutation::BitmapOutsideTransaction),
         _ => None,
     }
 }
@@ -503,6 +538,8 @@ pub fn crash_target(
         "journal-draft" => EngineTarget::new(EngineBackend::JournalDraft),
         "journal-cow" => EngineTarget::new(EngineBackend::Journal).with_snapshot_base(),
         "journal-logged" => EngineTarget::new(EngineBackend::Journal).with_logged_data(),
+        "ordered-bitmap" => EngineTarget::new(EngineBackend::Ordered).with_bitmap(),
+        "journal-bitmap" => EngineTarget::new(EngineBackend::Journal).with_bitmap(),
         other if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
             return crate::targets::builtin_target(other, mutation)
         }

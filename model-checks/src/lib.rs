@@ -29,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bitmap_check;
 pub mod checks;
 pub mod config;
 pub mod crash_states;

@@ -88,6 +88,11 @@ pub(super) struct BitmapState {
     /// Maintained bitmaps carry `in_use` in the directory on disk (flush
     /// ordering while open).
     in_use_on_disk: bool,
+    /// The crash harness's mutation `bitmap-outside-transaction`: each
+    /// epoch's bitmap writes are held back and go with the next epoch.
+    late_by_one: bool,
+    /// The writes held back by `late_by_one`.
+    held_back: BitmapWrites,
 }
 
 /// The bitmap writes of one epoch, by ordering class.
@@ -352,6 +357,12 @@ impl BitmapState {
             .ok_or_else(|| Error::InvalidArgument(format!("no bitmap named {name:?}")))
     }
 
+    /// Injects the crash harness's bitmap mutation (see `late_by_one`).
+    pub(super) fn with_mutation(mut self, mutation: crate::mutation::JournalMutation) -> Self {
+        self.late_by_one = mutation == crate::mutation::JournalMutation::BitmapOutsideTransaction;
+        self
+    }
+
     /// Data clusters changed in memory and not yet handed to the disk.
     pub(super) fn changed_clusters(&self) -> u64 {
         if !self.storing {
@@ -473,6 +484,9 @@ impl Image {
     /// the counts of what is allocated here travel in the same epoch.
     pub(super) fn gather_bitmap_writes(&self) -> Result<BitmapWrites> {
         let mut out = BitmapWrites::default();
+        // The data clusters' bits, apart from the structure (tables,
+        // directory) that the mutation below must not touch.
+        let mut bits = BitmapWrites::default();
         let mut st = self.bitmaps.lock();
         if !st.maintained || !self.writable {
             return Ok(out);
@@ -485,7 +499,7 @@ impl Image {
                     let entry = b.table[index as usize];
                     let offset = entry & BITMAP_TABLE_ENTRY_OFFSET_MASK;
                     if offset != 0 {
-                        out.in_place.push(MetadataWrite {
+                        bits.in_place.push(MetadataWrite {
                             offset: HostOffset(offset),
                             bytes: b.bits.encode_cluster(index),
                         });
@@ -496,7 +510,7 @@ impl Image {
                         }
                     } else {
                         let c = self.allocate_metadata(1, MetadataKind::BitmapData)?;
-                        out.fresh.push(MetadataWrite {
+                        bits.fresh.push(MetadataWrite {
                             offset: c,
                             bytes: b.bits.encode_cluster(index),
                         });
@@ -522,6 +536,13 @@ impl Image {
         if st.directory_changed {
             self.move_directory(&mut st, &mut out)?;
         }
+        if st.late_by_one {
+            // Deliberately wrong (mutation): the bits miss the transaction
+            // that holds the L2 changes they describe.
+            std::mem::swap(&mut bits, &mut st.held_back);
+        }
+        out.fresh.append(&mut bits.fresh);
+        out.in_place.append(&mut bits.in_place);
         Ok(out)
     }
 
@@ -777,15 +798,66 @@ impl Image {
         })
     }
 
-    /// Refuses a resize while bitmaps are maintained: they would have to
-    /// change size with the disk, which qj does not do.
-    pub(super) fn refuse_resize_with_bitmaps(&self) -> Result<()> {
+    /// Refuses, before anything changes, a resize to `new_size` bytes the
+    /// bitmaps cannot follow: a shrink (qj does not truncate bitmaps), or
+    /// a grow past what a bitmap's table may cover.
+    pub(super) fn refuse_resize_for_bitmaps(&self, new_size: u64) -> Result<()> {
         let st = self.bitmaps.lock();
-        if st.maintained && !st.bitmaps.is_empty() {
+        if !st.maintained || st.bitmaps.is_empty() {
+            return Ok(());
+        }
+        if new_size < self.virtual_size() {
             return Err(Error::Unsupported(
-                "resizing an image with persistent bitmaps (remove them first with `qj bitmap --remove`)".into(),
+                "shrinking an image with persistent bitmaps (remove them first with `qj bitmap --remove`)".into(),
             ));
         }
+        let cs = self.geometry.cluster_size();
+        for b in &st.bitmaps {
+            if bitmap_table_entries(new_size, b.bits.granularity_bits, cs)
+                > BITMAP_TABLE_ENTRIES_MAX
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "bitmap {:?} ({} bytes per bit) cannot cover {new_size} bytes",
+                    b.bits.name,
+                    b.bits.granularity_bytes()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Extends every bitmap to a disk grown to `new_size` bytes (checked
+    /// by [`Image::refuse_resize_for_bitmaps`]): a table that needs more
+    /// clusters moves, in the same epoch as the header's new size. Caller
+    /// holds the gate exclusively.
+    pub(super) fn grow_bitmaps(&self, new_size: u64) -> Result<()> {
+        let mut st = self.bitmaps.lock();
+        if !st.maintained {
+            return Ok(());
+        }
+        let cs = self.geometry.cluster_size();
+        let table_clusters = |entries: u64| (entries * 8).div_ceil(cs).max(1);
+        let mut directory_changed = false;
+        for b in st.bitmaps.iter_mut() {
+            b.bits.grow(new_size);
+            let entries = bitmap_table_entries(new_size, b.bits.granularity_bits, cs);
+            let old_entries = b.table.len() as u64;
+            if entries <= old_entries {
+                continue;
+            }
+            b.table.resize(entries as usize, 0);
+            directory_changed = true;
+            if table_clusters(entries) > table_clusters(old_entries) {
+                let moved =
+                    self.allocate_metadata(table_clusters(entries), MetadataKind::BitmapTable)?;
+                self.free_metadata_run(HostOffset(b.table_offset), table_clusters(old_entries))?;
+                b.table_offset = moved.0;
+                b.table_fresh = true;
+            } else {
+                b.table_changed = true;
+            }
+        }
+        st.directory_changed |= directory_changed;
         Ok(())
     }
 }

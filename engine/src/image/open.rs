@@ -415,7 +415,7 @@ impl Image {
             gate: RwLock::new(()),
             backing,
             new_data: Mutex::new(Vec::new()),
-            bitmaps: Mutex::new(bitmaps),
+            bitmaps: Mutex::new(bitmaps.with_mutation(opts.journal_mutation)),
             poison: Mutex::new(None),
             finished: AtomicBool::new(false),
             submit_order: Mutex::new(()),
