@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{assert_check_clean, in_dir, info_json, path_str, qemu_img, qemu_io, temp_dir};
+use qj_engine::check::{check, RepairMode};
 use qj_engine::{CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage};
 use qj_spec::qcow2::features::AUTOCLEAR_BITMAPS_BIT;
 
@@ -319,7 +320,7 @@ fn bad_bitmap_metadata_is_refused_by_field_and_nothing_is_written() {
             &[0, 0, 0, 1],
             "bitmap_table_offset",
         ),
-        ("wrong table size", 8, &[0, 0, 0, 9], "bitmap_table_size"),
+        ("empty table", 8, &[0, 0, 0, 0], "bitmap_table_size"),
     ];
     for &(what, at, bytes, field) in cases {
         let dir = temp_dir();
@@ -342,6 +343,21 @@ fn bad_bitmap_metadata_is_refused_by_field_and_nothing_is_written() {
         let image = Image::open_path(&path, &OpenOptions::read_only()).unwrap();
         let problem = image.info().unwrap().bitmaps_problem.expect(what);
         assert!(problem.contains(field), "{what}: {problem}");
+        drop(image);
+        // `check` reports it too, naming the field where the directory
+        // itself is broken.
+        let storage = qj_engine::FileStorage::open(&path, false).unwrap();
+        let report = check(&storage, RepairMode::None, &[]).unwrap();
+        assert!(!report.is_clean(), "{what}: {report:?}");
+        let broken: Vec<&String> = report
+            .messages
+            .iter()
+            .filter(|m| m.contains("bitmap directory is broken"))
+            .collect();
+        assert!(
+            broken.iter().all(|m| m.contains(field)),
+            "{what}: {broken:?}"
+        );
     }
 }
 

@@ -177,8 +177,10 @@ pub fn validate_bitmap_entry(
             format!("bitmap {name:?}: {entries} entries, must be 1 to {BITMAP_TABLE_ENTRIES_MAX}"),
         );
     }
+    // QEMU's rule: a consistent bitmap covers at least the disk (an
+    // in-use one may be stale after a resize).
     let needed = bitmap_table_entries(disk_size_bytes, e.granularity_bits, cluster_size);
-    if e.flags & BITMAP_FLAG_IN_USE == 0 && entries != needed {
+    if e.flags & BITMAP_FLAG_IN_USE == 0 && entries < needed {
         return bad(
             "bitmap_table_size",
             8,
@@ -281,14 +283,20 @@ mod tests {
             "bitmap_table_offset"
         );
         let mut e = ok.clone();
-        e.bitmap_table_size = 2;
+        e.bitmap_table_size = 0;
         assert_eq!(
             field_of(validate_bitmap_entry(&e, 0, 65536, 1 << 30)),
             "bitmap_table_size"
         );
+        // Too small for the disk: 1 entry covers 32 GiB at 64 KiB per bit.
+        e.bitmap_table_size = 1;
+        assert_eq!(
+            field_of(validate_bitmap_entry(&e, 0, 65536, 64 << 30)),
+            "bitmap_table_size"
+        );
         // An in-use bitmap may be stale in size.
         e.flags |= BITMAP_FLAG_IN_USE;
-        validate_bitmap_entry(&e, 0, 65536, 1 << 30).unwrap();
+        validate_bitmap_entry(&e, 0, 65536, 64 << 30).unwrap();
     }
 
     #[test]
