@@ -1,11 +1,15 @@
 //! One persistent dirty bitmap as the image keeps it in memory: a bit per
 //! granule of the guest disk, in the on-disk bit order (bit `n` is bit
-//! `n % 8` of byte `n / 8`, qcow2.txt "Bitmaps"), and which clusters of
-//! bitmap data changed since they were last handed to the disk.
+//! `n % 8` of byte `n / 8`, qcow2.txt "Bitmaps"), and which sectors of
+//! bitmap data changed since they were last handed to the disk (a write
+//! that sets one bit rewrites one sector of bitmap data, not a cluster).
 
 use std::collections::BTreeSet;
 
 use qj_spec::qcow2::{bitmap_bit_count, BITMAP_FLAG_AUTO};
+
+/// Bits in one 512-byte sector of bitmap data.
+const BITS_PER_SECTOR: u64 = 512 * 8;
 
 /// A dirty bitmap's bits and the bookkeeping of its changed data clusters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,9 +24,9 @@ pub struct DirtyBitmap {
     disk_size_bytes: u64,
     bits_per_cluster: u64,
     words: Vec<u64>,
-    /// Bitmap data clusters (table indexes) changed since the last
-    /// [`DirtyBitmap::take_changed_clusters`].
-    changed_clusters: BTreeSet<u64>,
+    /// 512-byte sectors of the bitmap data (counted from its first bit)
+    /// changed since the last [`DirtyBitmap::take_changed_sectors`].
+    changed_sectors: BTreeSet<u64>,
 }
 
 impl DirtyBitmap {
@@ -43,7 +47,7 @@ impl DirtyBitmap {
             disk_size_bytes,
             bits_per_cluster: cluster_size * 8,
             words: vec![0; bits.div_ceil(64) as usize],
-            changed_clusters: BTreeSet::new(),
+            changed_sectors: BTreeSet::new(),
         }
     }
 
@@ -120,18 +124,17 @@ impl DirtyBitmap {
     }
 
     fn mark_changed(&mut self, first_bit: u64, last_bit: u64) {
-        for c in first_bit / self.bits_per_cluster..=last_bit / self.bits_per_cluster {
-            self.changed_clusters.insert(c);
+        for s in first_bit / BITS_PER_SECTOR..=last_bit / BITS_PER_SECTOR {
+            self.changed_sectors.insert(s);
         }
     }
 
     /// Clears every bit; the data clusters that had bits set change.
     pub fn clear(&mut self) {
-        let words_per_cluster = self.bits_per_cluster / 64;
         for i in 0..self.words.len() {
             if self.words[i] != 0 {
                 self.words[i] = 0;
-                self.changed_clusters.insert(i as u64 / words_per_cluster);
+                self.changed_sectors.insert(i as u64 * 64 / BITS_PER_SECTOR);
             }
         }
     }
@@ -208,7 +211,16 @@ impl DirtyBitmap {
         if first < last {
             self.set_bits(first, last - 1);
         }
-        self.changed_clusters.remove(&index);
+        let per = self.sectors_per_cluster();
+        let first_sector = index * per;
+        let gone: Vec<u64> = self
+            .changed_sectors
+            .range(first_sector..first_sector + per)
+            .copied()
+            .collect();
+        for s in gone {
+            self.changed_sectors.remove(&s);
+        }
     }
 
     /// Clears the bits past the last granule of the disk, which no guest
@@ -227,20 +239,38 @@ impl DirtyBitmap {
         self.encode_cluster(index).iter().all(|&b| b == 0)
     }
 
-    /// Takes the indexes of the data clusters changed since the last call.
-    pub fn take_changed_clusters(&mut self) -> BTreeSet<u64> {
-        std::mem::take(&mut self.changed_clusters)
+    /// Sectors of bitmap data in one data cluster.
+    pub fn sectors_per_cluster(&self) -> u64 {
+        self.bits_per_cluster / BITS_PER_SECTOR
+    }
+
+    /// Takes the sectors of bitmap data changed since the last call.
+    pub fn take_changed_sectors(&mut self) -> BTreeSet<u64> {
+        std::mem::take(&mut self.changed_sectors)
+    }
+
+    /// The bytes of bitmap data sectors `first..first + count`, in their
+    /// on-disk layout.
+    pub fn encode_sectors(&self, first: u64, count: u64) -> Vec<u8> {
+        let words_per_sector = BITS_PER_SECTOR / 64;
+        let start = (first * words_per_sector) as usize;
+        let end = ((first + count) * words_per_sector) as usize;
+        let mut bytes = Vec::with_capacity((end - start) * 8);
+        for i in start..end {
+            bytes.extend_from_slice(&self.words.get(i).copied().unwrap_or(0).to_le_bytes());
+        }
+        bytes
     }
 
     /// Forgets which clusters changed (their content was just loaded, or
     /// is written by other means).
     pub fn forget_changes(&mut self) {
-        self.changed_clusters.clear();
+        self.changed_sectors.clear();
     }
 
-    /// How many data clusters changed since they were last taken.
-    pub fn changed_cluster_count(&self) -> usize {
-        self.changed_clusters.len()
+    /// How many sectors of bitmap data changed since they were last taken.
+    pub fn changed_sector_count(&self) -> usize {
+        self.changed_sectors.len()
     }
 }
 
@@ -280,7 +310,7 @@ mod tests {
         b.set_range(4096 * 512, 1);
         assert_eq!(b.encode_cluster(1)[0], 1);
         assert_eq!(
-            b.take_changed_clusters().into_iter().collect::<Vec<_>>(),
+            b.take_changed_sectors().into_iter().collect::<Vec<_>>(),
             vec![0, 1]
         );
         let mut copy = bitmap(1 << 30, 9, 512);

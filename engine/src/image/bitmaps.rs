@@ -363,14 +363,15 @@ impl BitmapState {
         self
     }
 
-    /// Data clusters changed in memory and not yet handed to the disk.
-    pub(super) fn changed_clusters(&self) -> u64 {
+    /// Bytes of bitmap data changed in memory and not yet handed to the
+    /// disk (whole sectors).
+    pub(super) fn changed_bytes(&self) -> u64 {
         if !self.storing {
             return 0;
         }
         self.bitmaps
             .iter()
-            .map(|b| b.bits.changed_cluster_count() as u64)
+            .map(|b| b.bits.changed_sector_count() as u64 * 512)
             .sum()
     }
 }
@@ -495,14 +496,31 @@ impl Image {
         let storing = st.storing;
         for b in st.bitmaps.iter_mut() {
             if storing {
-                for index in b.bits.take_changed_clusters() {
+                let per = b.bits.sectors_per_cluster();
+                let mut by_cluster: std::collections::BTreeMap<u64, Vec<u64>> =
+                    std::collections::BTreeMap::new();
+                for sector in b.bits.take_changed_sectors() {
+                    by_cluster.entry(sector / per).or_default().push(sector);
+                }
+                for (index, sectors) in by_cluster {
                     let entry = b.table[index as usize];
                     let offset = entry & BITMAP_TABLE_ENTRY_OFFSET_MASK;
                     if offset != 0 {
-                        bits.in_place.push(MetadataWrite {
-                            offset: HostOffset(offset),
-                            bytes: b.bits.encode_cluster(index),
-                        });
+                        // Only the changed sectors: one set bit costs 512
+                        // bytes of journal, not a cluster. Runs are merged.
+                        let mut runs: Vec<(u64, u64)> = Vec::new();
+                        for s in sectors {
+                            match runs.last_mut() {
+                                Some((first, count)) if *first + *count == s => *count += 1,
+                                _ => runs.push((s, 1)),
+                            }
+                        }
+                        for (first, count) in runs {
+                            bits.in_place.push(MetadataWrite {
+                                offset: HostOffset(offset + (first - index * per) * 512),
+                                bytes: b.bits.encode_sectors(first, count),
+                            });
+                        }
                     } else if b.bits.cluster_is_clear(index) {
                         if entry != 0 {
                             b.table[index as usize] = 0;

@@ -195,9 +195,8 @@ impl Image {
             let fresh =
                 self.fresh_tables.load(Ordering::Relaxed) + self.refcounts.lock().fresh_clusters;
             let entries = self.entries_changed.load(Ordering::Relaxed);
-            let bitmap_clusters = self.bitmaps.lock().changed_clusters();
-            let estimate =
-                (fresh + bitmap_clusters) * self.geometry.cluster_size() + entries * 1536;
+            let bitmap_bytes = self.bitmaps.lock().changed_bytes();
+            let estimate = fresh * self.geometry.cluster_size() + entries * 1536 + bitmap_bytes;
             if estimate > max && self.writable {
                 let r = self.persist(None);
                 self.poisoned(r)?;
