@@ -47,6 +47,10 @@ pub enum JournalMutation {
     /// committed as a transaction of its own (as flush ordering persists
     /// them), so a crash can leave half an operation.
     SnapshotStepsSplit,
+    /// Bitmap rule broken (spec 11.6): the bitmap changes of an epoch are
+    /// committed one transaction late, not with the L2 changes they
+    /// describe.
+    BitmapOutsideTransaction,
     /// A rule of the journal itself broken (replay or checkpoint), passed
     /// to it in [`qj_journal::JournalOptions::mutation`].
     Journal(qj_journal::Mutation),

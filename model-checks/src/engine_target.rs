@@ -52,6 +52,9 @@ pub struct EngineTarget {
     /// Carry small writes into fresh clusters in the journal transaction
     /// (`OpenOptions::log_fresh_data`, journal rule 7).
     log_fresh_data: bool,
+    /// Give the image a persistent dirty bitmap at creation and check it
+    /// after every crash (`bitmap_check.rs`).
+    bitmap: bool,
     /// The snapshot base image last built, by (virtual size, backing
     /// content): building it runs `qemu-img`, once per workload shape.
     base_cache: Arc<Mutex<Option<SnapshotBase>>>,
@@ -71,6 +74,7 @@ impl EngineTarget {
             cache_bytes_max: 16 * 4096,
             snapshot_base: false,
             log_fresh_data: false,
+            bitmap: false,
             base_cache: Arc::new(Mutex::new(None)),
         }
     }
@@ -83,6 +87,13 @@ impl EngineTarget {
     /// descriptors.
     pub fn with_snapshot_base(mut self) -> Self {
         self.snapshot_base = true;
+        self
+    }
+
+    /// The same target with an enabled persistent bitmap, checked after
+    /// every crash.
+    pub fn with_bitmap(mut self) -> Self {
+        self.bitmap = true;
         self
     }
 
@@ -178,7 +189,7 @@ impl EngineTarget {
     }
 }
 
-fn engine_err(e: qj_engine::Error) -> TargetError {
+pub(crate) fn engine_err(e: qj_engine::Error) -> TargetError {
     match e {
         qj_engine::Error::Io { source, .. } => TargetError::Io(source),
         other => TargetError::Other(Box::new(other)),
@@ -196,6 +207,8 @@ impl CrashTarget for EngineTarget {
             format!("{name}-cow")
         } else if self.log_fresh_data {
             format!("{name}-logged")
+        } else if self.bitmap {
+            format!("{name}-bitmap")
         } else {
             name.into()
         }
@@ -210,6 +223,7 @@ impl CrashTarget for EngineTarget {
             JournalMutation::SkipCopyBeforeWrite => Some("no-copy-before-write"),
             JournalMutation::WriteLoggedInPlace => Some("logged-write-in-place"),
             JournalMutation::SnapshotStepsSplit => Some("snapshot-steps-split"),
+            JournalMutation::BitmapOutsideTransaction => Some("bitmap-outside-transaction"),
             JournalMutation::Journal(qj_journal::Mutation::None) => None,
             JournalMutation::Journal(qj_journal::Mutation::ReplaySkipsTxChecksum) => {
                 Some("replay-skips-tx-checksum")
@@ -255,6 +269,13 @@ impl CrashTarget for EngineTarget {
             }),
         };
         Image::create_shared(dev.clone(), &opts).map_err(engine_err)?;
+        if self.bitmap {
+            crate::bitmap_check::add_crash_bitmap(
+                dev.clone(),
+                &self.open_options(backing.clone()),
+                self.cluster_size,
+            )?;
+        }
         self.open(dev, backing)
     }
 
@@ -279,7 +300,13 @@ impl CrashTarget for EngineTarget {
             let copy: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(device_bytes(&*dev)?));
             let image = Image::open(copy.clone(), &self.open_options(None)).map_err(engine_err)?;
             image.close().map_err(engine_err)?;
+            if self.bitmap {
+                crate::bitmap_check::check_crash_bitmap(copy.clone(), true)?;
+            }
             return check_device(&*copy);
+        }
+        if self.bitmap {
+            crate::bitmap_check::check_crash_bitmap(dev.clone(), false)?;
         }
         check_ordered(&*dev)
     }
@@ -291,6 +318,9 @@ impl CrashTarget for EngineTarget {
     }
 
     fn check_closed(&self, dev: Arc<dyn Storage>) -> Result<CheckSummary, TargetError> {
+        if self.bitmap {
+            crate::bitmap_check::check_crash_bitmap(dev.clone(), self.is_journal())?;
+        }
         check_device(&*dev)
     }
 
@@ -522,6 +552,8 @@ pub const BACKENDS: &[&str] = &[
     "journal-draft",
     "journal-cow",
     "journal-logged",
+    "ordered-bitmap",
+    "journal-bitmap",
     "raw",
     "log",
     "redo",
@@ -531,13 +563,16 @@ pub const BACKENDS: &[&str] = &[
 /// `journal-cow` is the journal on images whose every cluster starts
 /// shared with an internal snapshot (delayed copy-on-write);
 /// `journal-logged` carries small writes into fresh clusters in the
-/// transaction (logged data).
+/// transaction (logged data); `ordered-bitmap` and `journal-bitmap` carry
+/// an enabled persistent bitmap that is checked after every crash.
 pub const ENGINE_BACKENDS: &[&str] = &[
     "ordered",
     "journal",
     "journal-draft",
     "journal-cow",
     "journal-logged",
+    "ordered-bitmap",
+    "journal-bitmap",
 ];
 
 /// The mutations (deliberate ordering bugs) of `backend`.
@@ -561,6 +596,8 @@ pub fn mutations(backend: &str) -> &'static [&'static str] {
         "journal-draft" => &[],
         "journal-cow" => &["no-copy-before-write"],
         "journal-logged" => &["logged-write-in-place"],
+        "ordered-bitmap" => &[],
+        "journal-bitmap" => &["bitmap-outside-transaction"],
         other => crate::targets::builtin_mutations(other),
     }
 }
@@ -601,6 +638,7 @@ pub fn open_mutation(name: &str) -> Option<(OrderingMutation, JournalMutation)> 
         )),
         "no-copy-before-write" => journal(JournalMutation::SkipCopyBeforeWrite),
         "logged-write-in-place" => journal(JournalMutation::WriteLoggedInPlace),
+        "bitmap-outside-transaction" => journal(JournalMutation::BitmapOutsideTransaction),
         _ => None,
     }
 }
@@ -616,6 +654,8 @@ pub fn crash_target(
         "journal-draft" => EngineTarget::new(EngineBackend::JournalDraft),
         "journal-cow" => EngineTarget::new(EngineBackend::Journal).with_snapshot_base(),
         "journal-logged" => EngineTarget::new(EngineBackend::Journal).with_logged_data(),
+        "ordered-bitmap" => EngineTarget::new(EngineBackend::Ordered).with_bitmap(),
+        "journal-bitmap" => EngineTarget::new(EngineBackend::Journal).with_bitmap(),
         other if crate::targets::BUILTIN_BACKENDS.contains(&other) => {
             return crate::targets::builtin_target(other, mutation)
         }

@@ -29,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bitmap_check;
 pub mod campaign;
 pub mod checks;
 pub mod config;

@@ -9,7 +9,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use qj_engine::{BackendKind, FileStorage, Image, JournalInfo};
+use qj_engine::{BackendKind, BitmapInfo, FileStorage, Image, JournalInfo};
 use qj_spec::qcow2::features::{
     AUTOCLEAR_JOURNAL_VALID_BIT, COMPAT_LAZY_REFCOUNTS_MASK, INCOMPAT_EXTL2_MASK,
     INCOMPAT_JOURNAL_DIRTY_BIT,
@@ -61,6 +61,35 @@ pub struct Qcow2Specific {
     /// Incompatible bit 4 (v3 only).
     #[serde(rename = "extended-l2", skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
+    /// The persistent dirty bitmaps, with QEMU's keys (name, granularity,
+    /// flags) and our `dirty-bytes`; absent when the image has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapJson>>,
+}
+
+/// One bitmap under `format-specific.data.bitmaps`.
+#[derive(Debug, Serialize)]
+pub struct BitmapJson {
+    /// The bitmap's name.
+    pub name: String,
+    /// Guest bytes one bit covers.
+    pub granularity: u64,
+    /// `in-use`, `auto`, `extra-data-compatible`, as QEMU names them.
+    pub flags: Vec<String>,
+    /// Guest bytes covered by set bits (absent for a bitmap in use).
+    #[serde(rename = "dirty-bytes", skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes: Option<u64>,
+}
+
+impl From<&BitmapInfo> for BitmapJson {
+    fn from(b: &BitmapInfo) -> Self {
+        Self {
+            name: b.name.clone(),
+            granularity: b.granularity,
+            flags: b.flags.clone(),
+            dirty_bytes: b.dirty_bytes,
+        }
+    }
 }
 
 /// `format-specific`: `{"type": "qcow2", "data": {...}}`.
@@ -111,6 +140,9 @@ pub struct QjDetails {
     /// The metadata journal, when the header names one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal: Option<JournalDetails>,
+    /// Why the bitmaps are not maintained or cannot be read, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps_problem: Option<String>,
 }
 
 /// The journal under `qj.journal`: where it is from the header, its state
@@ -161,6 +193,10 @@ pub struct Opened {
     pub backend: BackendKind,
     /// The journal's state, for the journalled backend.
     pub journal: Option<JournalInfo>,
+    /// The persistent bitmaps as the engine read them.
+    pub bitmaps: Vec<BitmapInfo>,
+    /// Why the bitmaps cannot be maintained or read, if so.
+    pub bitmaps_problem: Option<String>,
     /// The internal snapshots, or why the table could not be read.
     pub snapshots: Result<Vec<SnapshotHeader>, String>,
 }
@@ -350,6 +386,11 @@ pub fn describe(
                 refcount_bits: header.geometry().refcount_bits(),
                 corrupt: v3.then_some(header.is_corrupt()),
                 extended_l2: v3.then_some(header.incompatible_features & INCOMPAT_EXTL2_MASK != 0),
+                bitmaps: opened
+                    .as_ref()
+                    .ok()
+                    .filter(|o| !o.bitmaps.is_empty())
+                    .map(|o| o.bitmaps.iter().map(BitmapJson::from).collect()),
             },
         },
         qj: QjDetails {
@@ -376,6 +417,7 @@ pub fn describe(
             journal: header
                 .journal()
                 .map(|ext| journal_details(header, &ext, live_journal)),
+            bitmaps_problem: opened.as_ref().ok().and_then(|o| o.bitmaps_problem.clone()),
         },
     }
 }
@@ -398,6 +440,17 @@ pub fn format_specific_lines(data: &Qcow2Specific) -> String {
     }
     if let Some(extl2) = data.extended_l2 {
         s.push_str(&format!("    extended l2: {extl2}\n"));
+    }
+    if let Some(bitmaps) = &data.bitmaps {
+        s.push_str("    bitmaps:\n");
+        for b in bitmaps {
+            s.push_str(&format!("        name: {}\n", b.name));
+            s.push_str(&format!("            granularity: {}\n", b.granularity));
+            s.push_str(&format!("            flags: [{}]\n", b.flags.join(", ")));
+            if let Some(d) = b.dirty_bytes {
+                s.push_str(&format!("            dirty bytes: {d}\n"));
+            }
+        }
     }
     s
 }
@@ -473,6 +526,9 @@ pub fn human_text(
     if let Some(j) = &q.journal {
         s.push_str(&journal_lines(j));
     }
+    if let Some(p) = &q.bitmaps_problem {
+        s.push_str(&format!("    bitmaps not maintained: {p}\n"));
+    }
     s
 }
 
@@ -539,6 +595,8 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
                 backend: info.backend,
                 journal: info.journal,
                 snapshots: image.snapshots().map_err(|e| one_line(&e.to_string())),
+                bitmaps: info.bitmaps,
+                bitmaps_problem: info.bitmaps_problem,
             })
         })
         .map_err(|e| match e {

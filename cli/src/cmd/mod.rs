@@ -3,6 +3,7 @@
 
 pub mod amend;
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod convert;
 pub mod crash;
@@ -66,6 +67,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Give an image a metadata journal or remove it (like qemu-img amend).
     Amend(amend::AmendArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like qemu-img bitmap).
+    Bitmap(bitmap::BitmapArgs),
     /// Inspect a metadata journal.
     Journal(journal::JournalArgs),
     /// Serve an image over NBD (like qemu-nbd).
@@ -88,6 +91,7 @@ impl Command {
             Command::Crash(a) => crash::run(*a),
             Command::Bench(a) => bench::run(a),
             Command::Amend(a) => amend::run(a),
+            Command::Bitmap(a) => bitmap::run(a),
             Command::Journal(a) => journal::run(a),
             Command::Serve(a) => serve::run(a),
             Command::Snapshot(a) => snapshot::run(a),

@@ -68,6 +68,10 @@ pub struct ImageInfo {
     pub backend: BackendKind,
     /// The journal, when the image has one in use.
     pub journal: Option<JournalInfo>,
+    /// The persistent dirty bitmaps.
+    pub bitmaps: Vec<super::BitmapInfo>,
+    /// Why the bitmaps are not maintained or could not be read, if so.
+    pub bitmaps_problem: Option<String>,
 }
 
 impl Image {
@@ -114,6 +118,8 @@ impl Image {
             extensions,
             backend: self.backend.kind(),
             journal: self.backend.journal_info(),
+            bitmaps: self.bitmaps(),
+            bitmaps_problem: self.bitmap_problem(),
         })
     }
 

@@ -30,6 +30,7 @@
 //! - `inspect.rs`: `info` and `map`.
 
 mod backing;
+mod bitmaps;
 mod guard;
 mod inspect;
 mod journal_admin;
@@ -49,6 +50,7 @@ use qj_spec::qcow2::Header;
 use qj_spec::units::{Geometry, HostOffset};
 
 pub use self::backing::{Backing, BACKING_CHAIN_DEPTH_MAX};
+pub use self::bitmaps::BitmapInfo;
 pub use self::inspect::{ImageInfo, MapExtent};
 pub use crate::backend::JournalInfo;
 use crate::backend::{BackendKind, MetadataBackend, MetadataWrite};
@@ -108,6 +110,9 @@ pub struct Image {
     ordering_mutation: OrderingMutation,
     /// Snapshot-atomicity bug for the crash harness (`snapshot.rs`).
     journal_mutation: JournalMutation,
+    /// The persistent dirty bitmaps (`bitmaps.rs`). Lock order: after the
+    /// gate, before the header, the refcounts and the metadata map.
+    bitmaps: Mutex<bitmaps::BitmapState>,
     /// Set when a failure left memory and disk out of step.
     poison: Mutex<Option<String>>,
     virtual_size: AtomicU64,
@@ -223,7 +228,9 @@ impl Image {
         if !self.writable || self.poison.lock().is_some() {
             return Ok(());
         }
+        self.begin_storing_bitmaps();
         self.persist_all()?;
+        self.finish_storing_bitmaps()?;
         self.backend.shutdown(&*self.storage, &self.counters)
     }
 

@@ -360,7 +360,7 @@ impl Image {
         validate_l1_entries(&entries, geometry, header.l1_table_offset, file_len)?;
 
         let tables_max = (opts.cache_bytes_max / cs).max(4) as usize;
-        let (metadata, refcounts) = open_metadata(
+        let (metadata, refcounts, bitmaps) = open_metadata(
             &*storage,
             &*backend,
             &header,
@@ -414,6 +414,7 @@ impl Image {
             fresh_metadata: Mutex::new(Vec::new()),
             ordering_mutation: opts.ordering_mutation,
             journal_mutation: opts.journal_mutation,
+            bitmaps: Mutex::new(bitmaps.with_mutation(opts.journal_mutation)),
             poison: Mutex::new(None),
             finished: AtomicBool::new(false),
             submit_order: Mutex::new(()),
@@ -425,37 +426,9 @@ impl Image {
             writethrough: opts.cache.writethrough(),
         };
         if opts.writable {
-            image.clear_autoclear_bits()?;
+            image.start_bitmaps()?;
         }
         Ok(image)
-    }
-
-    /// A writer that does not maintain a feature must clear its autoclear
-    /// bit before its first write (qcow2 spec), so that the feature's owner
-    /// later knows its data may be stale: the bitmaps extension stays, and
-    /// QEMU discards the bitmaps as inconsistent. Durable before any write.
-    fn clear_autoclear_bits(&self) -> Result<()> {
-        let mut h = self.header.lock();
-        // The journal's "journal valid" bit is ours to keep while we
-        // maintain the journal.
-        let kept = if self.backend.kind() == BackendKind::Journal {
-            features::AUTOCLEAR_JOURNAL_VALID_MASK
-        } else {
-            0
-        };
-        if h.mem.autoclear_features & !kept == 0 {
-            return Ok(());
-        }
-        h.mem.autoclear_features &= kept;
-        let bytes = h.mem.encode()?;
-        self.storage
-            .write_at(&bytes, 0)
-            .ctx(|| "clearing autoclear feature bits".into())?;
-        self.counters.metadata_write(bytes.len());
-        self.counters.flush();
-        self.storage.flush().ctx(|| "flushing the header".into())?;
-        h.disk = h.mem.clone();
-        Ok(())
     }
 }
 
@@ -512,10 +485,13 @@ fn refuse_writing(header: &Header) -> Result<()> {
     Ok(())
 }
 
-/// The guard's map and the refcount side of an image being opened. A
-/// writable image must have metadata that does not overlap (the map is
-/// built and every refcount block is added to it); a read-only one needs
-/// no guard, and stays readable however its tables overlap, as in QEMU.
+/// The guard's map, the refcount side and the persistent bitmaps of an
+/// image being opened. A writable image must have metadata that does not
+/// overlap (the map is built, and every bitmap cluster and refcount block
+/// is added to it), and bad bitmaps refuse it before anything is written; a
+/// read-only one needs no guard, and stays readable however its tables
+/// overlap, as in QEMU, with the reason its bitmaps cannot be read
+/// reported, not fatal.
 fn open_metadata(
     storage: &dyn Storage,
     backend: &dyn MetadataBackend,
@@ -524,11 +500,19 @@ fn open_metadata(
     file_len: u64,
     writable: bool,
     tables_max: usize,
-) -> Result<(SharedMetadataMap, RefcountState)> {
-    let metadata = if writable {
-        super::guard::load_metadata_map(storage, backend, header, l1_entries)?
+) -> Result<(
+    SharedMetadataMap,
+    RefcountState,
+    super::bitmaps::BitmapState,
+)> {
+    let (metadata, bitmaps) = if writable {
+        let mut map = super::guard::load_metadata_map(storage, backend, header, l1_entries)?;
+        let bitmaps = super::bitmaps::load(storage, backend, header, file_len, Some(&mut map))?;
+        (map, bitmaps)
     } else {
-        MetadataMap::new()
+        let bitmaps = super::bitmaps::load(storage, backend, header, file_len, None)
+            .unwrap_or_else(|e| super::bitmaps::BitmapState::unreadable(e.to_string()));
+        (MetadataMap::new(), bitmaps)
     };
     let metadata: SharedMetadataMap = Arc::new(parking_lot::RwLock::new(metadata));
     let geometry = header.geometry();
@@ -542,5 +526,5 @@ fn open_metadata(
         tables_max,
         metadata.clone(),
     )?;
-    Ok((metadata, refcounts))
+    Ok((metadata, refcounts, bitmaps))
 }
