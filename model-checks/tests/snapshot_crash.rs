@@ -46,7 +46,9 @@ fn every_engine_backend_survives_crashes_in_snapshot_operations() {
             );
             let s = &report.summary;
             assert!(s.states_explored >= 100, "{backend}: {s:?}");
-            if *backend != "ordered" {
+            // Flush ordering (with or without a bitmap) may leak, as
+            // QEMU's order does; the journal never.
+            if !backend.starts_with("ordered") {
                 assert_eq!(s.leaked_clusters, 0, "{backend}: {s:?}");
             }
         }
