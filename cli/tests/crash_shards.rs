@@ -4,10 +4,13 @@
 //! or summaries that are not shards of one run are refused with one clear
 //! line.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use support::{expect_exit, text};
 
 /// The scheduler variables `qj crash` reads: removed from every run here
 /// unless a test sets them, so that the tests mean the same inside a
@@ -34,22 +37,6 @@ fn qj_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn qj(args: &[&str]) -> Output {
     qj_with_env(args, &[])
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-#[track_caller]
-fn expect_exit(out: &Output, code: i32) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stdout:\n{}\nstderr:\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// Asserts exit 2 with one `qj: ` line on stderr containing every string

@@ -607,18 +607,9 @@ impl Image {
     /// Allocates `clusters` contiguous clusters for bitmap metadata of
     /// `kind` and enters them in the guard's map.
     fn allocate_metadata(&self, clusters: u64, kind: MetadataKind) -> Result<HostOffset> {
-        let first = self.refcounts.lock().allocate_contiguous(
-            &*self.storage,
-            &*self.backend,
-            &self.counters,
-            clusters,
-        )?;
-        self.metadata
-            .write()
-            .insert(first, clusters, kind)
-            .map_err(|o| Error::Corrupt(format!("new {kind} overlaps the {}", o.existing)))?;
+        let at = self.allocate_metadata_run(clusters, kind)?;
         self.fresh_tables.fetch_add(clusters, Ordering::Relaxed);
-        Ok(self.geometry.host_offset(first))
+        Ok(at)
     }
 
     /// Frees a run of bitmap metadata clusters starting at `offset`.

@@ -170,6 +170,28 @@ pub(super) fn read_snapshot_table(
 }
 
 impl Image {
+    /// Allocates `clusters` contiguous clusters for new metadata of `kind`
+    /// (a snapshot table or L1 copy, bitmap tables and data) and enters
+    /// them in the guard's map before anything is written there, so that
+    /// no guest write can land on them.
+    pub(super) fn allocate_metadata_run(
+        &self,
+        clusters: u64,
+        kind: MetadataKind,
+    ) -> Result<HostOffset> {
+        let first = self.refcounts.lock().allocate_contiguous(
+            &*self.storage,
+            &*self.backend,
+            &self.counters,
+            clusters,
+        )?;
+        self.metadata
+            .write()
+            .insert(first, clusters, kind)
+            .map_err(|o| Error::Corrupt(format!("new {kind} overlaps the {}", o.existing)))?;
+        Ok(self.geometry.host_offset(first))
+    }
+
     /// Refuses a guest data write to `[host, host + len)` when its cluster
     /// holds metadata: the L2 entry that led here is corrupt.
     pub(super) fn guard_data_write(&self, host: u64, len: u64) -> Result<()> {

@@ -522,17 +522,7 @@ impl Image {
             .iter()
             .map(|&e| e & !L1Entry::COPIED)
             .collect();
-        let start = self.refcounts.lock().allocate_contiguous(
-            &*self.storage,
-            &*self.backend,
-            &self.counters,
-            l1_clusters,
-        )?;
-        self.metadata
-            .write()
-            .insert(start, l1_clusters, MetadataKind::SnapshotL1)
-            .map_err(|o| Error::Corrupt(format!("new snapshot L1 overlaps the {}", o.existing)))?;
-        let at = self.geometry.host_offset(start);
+        let at = self.allocate_metadata_run(l1_clusters, MetadataKind::SnapshotL1)?;
         self.queue_fresh(at, l1_clusters, |bytes| {
             for (i, &e) in copy.iter().enumerate() {
                 write_table_entry(bytes, i, e);
@@ -590,19 +580,7 @@ impl Image {
             0
         } else {
             let clusters = g.clusters_for(bytes.len() as u64).max(1);
-            let start = self.refcounts.lock().allocate_contiguous(
-                &*self.storage,
-                &*self.backend,
-                &self.counters,
-                clusters,
-            )?;
-            self.metadata
-                .write()
-                .insert(start, clusters, MetadataKind::SnapshotTable)
-                .map_err(|o| {
-                    Error::Corrupt(format!("new snapshot table overlaps the {}", o.existing))
-                })?;
-            let at = g.host_offset(start);
+            let at = self.allocate_metadata_run(clusters, MetadataKind::SnapshotTable)?;
             self.queue_fresh(at, clusters, |out| {
                 out[..bytes.len()].copy_from_slice(&bytes)
             });
