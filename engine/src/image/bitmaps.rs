@@ -456,6 +456,12 @@ impl Image {
             }
             newly
         };
+        // Ordering rule (journal, spec 11.6): a newly set bit must be
+        // durable before the data it describes. An allocating write carries
+        // its bit in the transaction of its L2 entry; a write in place
+        // changes no L2 entry and may reach the disk before any commit, so
+        // the bit is committed here, first. On flush ordering the bitmap is
+        // `in_use` until a clean close, so no order is needed.
         if newly
             && self.backend.kind() == BackendKind::Journal
             && self.overwrites_in_place(offset, len)?
