@@ -23,7 +23,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 corpus="$fuzz_dir/corpus"
 rm -rf "$corpus"
-mkdir -p "$corpus"/{image,qcow2_header,qcow2_tables,qcow2_snapshots_bitmaps,journal_header,journal_block,journal_descriptors,journal_transaction}
+mkdir -p "$corpus"/{image,qcow2_header,qcow2_tables,qcow2_snapshots_bitmaps,journal_header,journal_block,journal_descriptors,journal_transaction,log_writes,nbd_server}
 
 img() { qemu-img create -q -f qcow2 "$@"; }
 io() { qemu-io -f qcow2 "$@" >/dev/null; }
@@ -145,5 +145,40 @@ for name in sorted(os.listdir(os.path.join(corpus, "image"))):
                 put("journal_block", "%s-%d-commit" % (name, seq), blocks[-512:])
                 used = struct.unpack(">I", blocks[20:24])[0]
                 put("journal_descriptors", "%s-%d" % (name, seq), blocks[48:48 + used])
+PY
+# dm-log-writes logs, one by qj and one by QEMU's blklogwrites, each after
+# two bytes giving the base image's length in 512-byte sectors.
+"$qj" create -o cluster_size=4k "$work/lw.qcow2" 256k >/dev/null
+"$qj" io --log-writes "$work/lw-qj.log" "$work/lw.qcow2" -c 'write -P 0xa1 0 4k' -c flush \
+    -c 'write -z 8k 4k' -c 'discard 0 4k' >/dev/null
+img -o cluster_size=4k "$work/lw-qemu.qcow2" 256k
+touch "$work/lw-qemu.log"
+qemu-io -t writethrough --image-opts "driver=qcow2,file.driver=blklogwrites,file.file.driver=file,file.file.filename=$work/lw-qemu.qcow2,file.log.driver=file,file.log.filename=$work/lw-qemu.log,file.log-sector-size=512" \
+    -c 'write -P 0xa1 0 4k' -c 'write -P 0xb2 8k 4k' >/dev/null
+# NBD sessions: a mode byte (see fuzz_targets/nbd_server.rs), then 12-byte
+# requests, or a scripted handshake.
+python3 - "$corpus" "$work" <<'PY'
+import struct, sys
+corpus, work = sys.argv[1:]
+for name, base in (("qj-ordered.log", 16384), ("qemu-writethrough.log", None)):
+    src = work + ("/lw-qj.log" if name.startswith("qj") else "/lw-qemu.log")
+    if base is None:
+        import os
+        base = os.path.getsize(work + "/lw-qemu.qcow2")
+    open(corpus + "/log_writes/" + name, "wb").write(struct.pack("<H", base // 512) + open(src, "rb").read())
+def req(cmd, flags, off, length, seed=0):
+    return bytes([cmd, flags, 0]) + struct.pack("<II", off, length) + bytes([seed & 0xfe])
+session = (req(1, 0, 0, 8, 0x10) + req(0, 0, 0, 8) + req(6, 0, 4, 4) + req(0, 0, 0, 16) + req(4, 0, 8, 8)
+           + req(3, 0, 0, 0) + req(1, 1, 100, 3, 0x20) + req(0, 0, 96, 8) + req(7, 0, 0, 8) + req(2, 0, 0, 0))
+for mode in (0, 1, 2, 8, 9, 16, 17):
+    open(corpus + "/nbd_server/session-mode%d" % mode, "wb").write(bytes([mode]) + session)
+def opt(o, data):
+    return struct.pack(">QII", 0x49484156454F5054, o, len(data)) + data
+handshake = (struct.pack(">I", 3) + opt(8, b"") + opt(10, struct.pack(">III", 0, 1, 15) + b"base:allocation")
+             + opt(7, struct.pack(">IH", 0, 0)))
+read = struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 0, 4096)
+open(corpus + "/nbd_server/handshake-go-read", "wb").write(bytes([4]) + handshake + read)
+listing = struct.pack(">I", 3) + opt(3, b"") + opt(6, struct.pack(">IHH", 0, 1, 3)) + opt(2, b"")
+open(corpus + "/nbd_server/handshake-list", "wb").write(bytes([4]) + listing)
 PY
 echo "make-seeds: $(find "$corpus" -type f | wc -l) seeds, $(du -sh "$corpus" | cut -f1)"

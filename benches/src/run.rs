@@ -264,6 +264,7 @@ fn run_in_process(
         }
         disk.flush().map_err(|e| e.to_string())?;
     }
+    disk.before_measure().map_err(|e| e.to_string())?;
     let (flushes0, bytes0) = disk.device_counts();
     let payload = vec![
         0xa5u8;

@@ -33,6 +33,12 @@ pub enum TargetKind {
     QemuPrealloc,
     /// A raw file: the physical limit.
     Raw,
+    /// [`TargetKind::Journal`] with one enabled persistent dirty bitmap,
+    /// clean when the measurement starts (opt-in: not in `ALL`).
+    JournalBitmap,
+    /// [`TargetKind::Ordered`] with one enabled persistent dirty bitmap,
+    /// clean when the measurement starts (opt-in: not in `ALL`).
+    OrderedBitmap,
 }
 
 impl TargetKind {
@@ -48,6 +54,9 @@ impl TargetKind {
         TargetKind::Raw,
     ];
 
+    /// Targets run only when named: the cost of bitmap maintenance.
+    pub const OPT_IN: [TargetKind; 2] = [TargetKind::JournalBitmap, TargetKind::OrderedBitmap];
+
     /// The name used on the command line and in JSON.
     pub fn name(&self) -> &'static str {
         match self {
@@ -59,6 +68,8 @@ impl TargetKind {
             TargetKind::QemuLazy => "qemu-lazy",
             TargetKind::QemuPrealloc => "qemu-prealloc",
             TargetKind::Raw => "raw",
+            TargetKind::JournalBitmap => "journal-bitmap",
+            TargetKind::OrderedBitmap => "ordered-bitmap",
         }
     }
 
@@ -66,10 +77,15 @@ impl TargetKind {
     pub fn parse(name: &str) -> Result<TargetKind, String> {
         Self::ALL
             .iter()
+            .chain(&Self::OPT_IN)
             .copied()
             .find(|t| t.name() == name)
             .ok_or_else(|| {
-                let valid: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
+                let valid: Vec<_> = Self::ALL
+                    .iter()
+                    .chain(&Self::OPT_IN)
+                    .map(|t| t.name())
+                    .collect();
                 format!("unknown target {name:?}; valid: {}", valid.join(", "))
             })
     }
@@ -103,6 +119,12 @@ pub trait BenchDisk: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Device flushes and bytes written to the device so far.
     fn device_counts(&self) -> (u64, u64);
+    /// Called after the preparation, before the measured operations:
+    /// a disk with a dirty bitmap clears it (as right after a backup), so
+    /// that measured writes pay for setting new bits.
+    fn before_measure(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn io_err(e: qj_engine::Error) -> io::Error {
@@ -112,6 +134,8 @@ fn io_err(e: qj_engine::Error) -> io::Error {
 /// One of our images.
 pub struct EngineDisk {
     image: Image,
+    /// The name of the enabled bitmap the image carries, if any.
+    bitmap: Option<&'static str>,
 }
 
 impl EngineDisk {
@@ -132,8 +156,8 @@ impl EngineDisk {
             })
         };
         let journal = match kind {
-            TargetKind::Ordered => None,
-            TargetKind::Journal => journal(false),
+            TargetKind::Ordered | TargetKind::OrderedBitmap => None,
+            TargetKind::Journal | TargetKind::JournalBitmap => journal(false),
             TargetKind::JournalDraft | TargetKind::JournalLogged => {
                 journal(kind == TargetKind::JournalDraft)
             }
@@ -157,7 +181,16 @@ impl EngineDisk {
             ..OpenOptions::read_write()
         };
         let image = Image::open_path(path, &opts).map_err(io_err)?;
-        Ok(Self { image })
+        let bitmap = matches!(kind, TargetKind::JournalBitmap | TargetKind::OrderedBitmap)
+            .then_some("bench");
+        if let Some(name) = bitmap {
+            // QEMU's default granularity: the cluster size.
+            image
+                .bitmap_add(name, cluster_size, false)
+                .map_err(io_err)?;
+            image.flush().map_err(io_err)?;
+        }
+        Ok(Self { image, bitmap })
     }
 
     /// Closes the image cleanly.
@@ -179,6 +212,13 @@ impl BenchDisk for EngineDisk {
     fn device_counts(&self) -> (u64, u64) {
         let s = self.image.stats();
         (s.flushes, s.bytes_written())
+    }
+    fn before_measure(&self) -> io::Result<()> {
+        if let Some(name) = self.bitmap {
+            self.image.bitmap_clear(name).map_err(io_err)?;
+            self.image.flush().map_err(io_err)?;
+        }
+        Ok(())
     }
 }
 

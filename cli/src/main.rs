@@ -11,13 +11,14 @@ mod cmd;
 mod create_options;
 mod error;
 mod human;
-mod nbd;
+mod listener;
 mod output;
 mod size;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use qj_cli::nbd;
 
 use crate::error::{one_line, EXIT_USAGE};
 

@@ -1,39 +1,20 @@
 //! End-to-end tests of `qj crash` and `qj bench`: the binary is run as a
 //! user runs it, and what it prints is parsed back.
 
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
 use qj_model_checks::{all_mutations, BACKENDS, ENGINE_BACKENDS, WORKLOAD_NAMES};
 use serde_json::Value;
+use support::{expect_exit, text};
 
 fn qj(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qj"))
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run qj: {e}"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts the exit status and returns stdout.
-#[track_caller]
-fn expect_exit(out: &Output, code: i32) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stdout:\n{}\nstderr:\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        !text(&out.stderr).contains("panicked"),
-        "{}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// Asserts a usage error: exit 2, one `qj: ` line on stderr naming every

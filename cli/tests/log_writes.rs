@@ -142,7 +142,9 @@ fn qj_journal_log_replays_with_no_corruption_and_no_leak() {
 fn flush_ordering_mutations_are_caught_through_the_log() {
     let mutations = qj_model_checks::mutations("ordered");
     assert!(!mutations.is_empty());
-    for mutation in mutations {
+    // `qj io` takes no snapshots: snapshot-table-first is proven by `qj
+    // crash` (model-checks/tests/snapshot_crash.rs).
+    for mutation in mutations.iter().filter(|&&m| m != "snapshot-table-first") {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         qj_log(d, "", Some(mutation));

@@ -11,6 +11,7 @@ pub mod check;
 pub mod compressed;
 pub mod create;
 pub mod dedup;
+pub mod dirty_bitmap;
 pub mod error;
 pub mod free_index;
 pub mod image;
@@ -25,7 +26,7 @@ pub mod sync;
 
 pub use backend::{BackendKind, MetadataBackend};
 pub use error::{Error, Result};
-pub use image::{create_in_memory, Image, ImageInfo, JournalInfo, MapExtent};
+pub use image::{create_in_memory, BitmapInfo, Image, ImageInfo, JournalInfo, MapExtent};
 pub use lock::LockMode;
 pub use options::{
     BackingFormat, BackingSource, CacheMode, CreateOptions, JournalConfig, OpenOptions,

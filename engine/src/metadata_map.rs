@@ -40,6 +40,8 @@ pub enum MetadataKind {
     BitmapDirectory,
     /// A bitmap table.
     BitmapTable,
+    /// A cluster of bitmap data (bits, named by a bitmap table).
+    BitmapData,
     /// The qjournal region.
     Journal,
 }
@@ -58,6 +60,7 @@ impl MetadataKind {
             MetadataKind::SnapshotL1 => "inactive L1 table",
             MetadataKind::BitmapDirectory => "bitmap directory",
             MetadataKind::BitmapTable => "bitmap table",
+            MetadataKind::BitmapData => "bitmap data",
             MetadataKind::Journal => "qjournal",
         }
     }

@@ -17,6 +17,10 @@ pub enum OrderingMutation {
     /// Rule 3 broken: L2 entries made durable before the guest data: the
     /// tables are written before the flush that covers the data.
     TablesBeforeData,
+    /// QEMU's snapshot order broken: `snapshot -c` writes the L1 copy and
+    /// the snapshot table (and switches the header to it) before the
+    /// refcount increments and cleared COPIED flags are durable.
+    SnapshotTableFirst,
 }
 
 /// Deliberate bugs in the journalled backend, for the crash harness.
@@ -47,6 +51,14 @@ pub enum JournalMutation {
     /// without a deletion in the journal (a replayed index names a free,
     /// later reused, cluster).
     DedupSkipDeletion,
+    /// Snapshot atomicity broken: each step of a snapshot operation is
+    /// committed as a transaction of its own (as flush ordering persists
+    /// them), so a crash can leave half an operation.
+    SnapshotStepsSplit,
+    /// Bitmap rule broken (spec 11.6): the bitmap changes of an epoch are
+    /// committed one transaction late, not with the L2 changes they
+    /// describe.
+    BitmapOutsideTransaction,
     /// A rule of the journal itself broken (replay or checkpoint), passed
     /// to it in [`qj_journal::JournalOptions::mutation`].
     Journal(qj_journal::Mutation),

@@ -633,3 +633,46 @@ fn a_repair_never_writes_an_l2_entry_into_the_header_or_the_l1_table() {
         assert_eq!(old & !(1 << 63), new & !(1 << 63), "L1 entry {i} rewritten");
     }
 }
+
+/// Found by the whole-image fuzz target: a bitmaps extension whose
+/// directory size says 8 GiB made a writable open allocate it before
+/// reading. The size is bounded by QEMU's limit and by the file first, and
+/// the open is refused by name, with nothing written.
+#[test]
+fn a_bitmap_directory_larger_than_the_file_is_refused_before_it_is_read() {
+    let bytes = include_bytes!("data/bitmap-directory-of-8-gib.qcow2.bin").to_vec();
+    let storage = Arc::new(MemStorage::from_bytes(bytes.clone()));
+    let mut opts = OpenOptions::read_write();
+    opts.backing = BackingSource::Ignore;
+    let err = Image::open(storage.clone(), &opts).expect_err("the open must be refused");
+    assert!(
+        matches!(&err, Error::Corrupt(m) if m.contains("bitmap directory")),
+        "{err}"
+    );
+    assert!(
+        storage.to_bytes() == bytes,
+        "a refused open wrote to the image"
+    );
+}
+
+/// Found by the whole-image fuzz target: a journal image whose refcount
+/// table names a block inside the journal passed the read-only probe of a
+/// writable open (only a writable open builds the metadata map), and the
+/// journal's open then wrote its header before the refcount side refused
+/// the overlap. The probe now checks what a writable open checks.
+#[test]
+fn a_refcount_block_inside_the_journal_is_refused_before_anything_is_written() {
+    let bytes = include_bytes!("data/refcount-block-inside-the-journal.qcow2.bin").to_vec();
+    let storage = Arc::new(MemStorage::from_bytes(bytes.clone()));
+    let mut opts = OpenOptions::read_write();
+    opts.backing = BackingSource::Ignore;
+    let err = Image::open(storage.clone(), &opts).expect_err("the open must be refused");
+    assert!(
+        matches!(&err, Error::Corrupt(m) if m.contains("overlaps the qjournal")),
+        "{err}"
+    );
+    assert!(
+        storage.to_bytes() == bytes,
+        "a refused open wrote to the image"
+    );
+}

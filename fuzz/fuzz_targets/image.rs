@@ -106,12 +106,15 @@ fn assert_still_consistent(storage: &BoundedStorage, leaks_expected: bool, what:
     );
 }
 
-/// Writes guest data through the engine and reads it back; when `guarded`,
-/// asserts that the data reads back and that no guest byte lands on a
+/// Writes guest data through the engine and reads it back, on any image
+/// the engine opens read-write, corrupt or not: the overlap guard
+/// (`engine/src/image/guard.rs`, QEMU's qcow2_pre_write_overlap_check) is
+/// what keeps guest data off metadata whose refcounts say it is free.
+/// Asserts that the data reads back and that no guest byte lands on a
 /// cluster that held metadata once the image was open. Returns `None` when the open is refused (asserting that it left
 /// the bytes identical), else whether every operation succeeded (the image
 /// stays consistent only then).
-fn exercise_writable(storage: &Arc<BoundedStorage>, guarded: bool) -> Option<bool> {
+fn exercise_writable(storage: &Arc<BoundedStorage>) -> Option<bool> {
     let before = storage.to_bytes();
     let Ok(image) = Image::open(storage.clone(), &opts(true)) else {
         assert!(
@@ -138,7 +141,7 @@ fn exercise_writable(storage: &Arc<BoundedStorage>, guarded: bool) -> Option<boo
             continue;
         }
         let mut back = vec![0u8; len];
-        if guarded && image.read(&mut back, offset).is_ok() {
+        if image.read(&mut back, offset).is_ok() {
             assert!(back == data, "guest data at {offset} did not read back");
         }
     }
@@ -146,7 +149,7 @@ fn exercise_writable(storage: &Arc<BoundedStorage>, guarded: bool) -> Option<boo
         let zeroed = image.write_zeroes(512, 1024).is_ok();
         ok &= zeroed;
         let mut back = vec![0xffu8; 1024];
-        if zeroed && guarded && image.read(&mut back, 512).is_ok() {
+        if zeroed && image.read(&mut back, 512).is_ok() {
             assert!(
                 back.iter().all(|&b| b == 0),
                 "zeroed range does not read zeros"
@@ -162,7 +165,7 @@ fn exercise_writable(storage: &Arc<BoundedStorage>, guarded: bool) -> Option<boo
         cluster_bits,
         metadata,
         ..
-    }) = layout(&opened).filter(|_| guarded)
+    }) = layout(&opened)
     {
         let cluster = |bytes: &'_ [u8], index: u64| -> Vec<u8> {
             let start = (index << cluster_bits) as usize;
@@ -187,12 +190,6 @@ fuzz_target!(|data: &[u8]| {
     let storage = BoundedStorage::from_bytes(original.clone());
     let report = check_read_only(&storage);
     let clean = report.as_ref().is_some_and(CheckReport::is_clean);
-    // The engine trusts the refcounts when it allocates: on an image whose
-    // refcounts say a metadata cluster is free, only an overlap guard (as
-    // QEMU's qcow2_pre_write_overlap_check) keeps guest data off it. The
-    // engine has none yet, so guest writes are judged only on images
-    // without corruptions; with the guard this becomes `true`.
-    let guarded = report.is_some_and(|r| r.corruptions == 0 && r.check_errors == 0);
 
     let storage = Arc::new(BoundedStorage::from_bytes(original.clone()));
     if let Ok(image) = Image::open(storage.clone(), &opts(false)) {
@@ -210,7 +207,7 @@ fuzz_target!(|data: &[u8]| {
     let leaks_expected_original = leaks_expected(&original);
     let storage = Arc::new(BoundedStorage::from_bytes(original.clone()));
     let separate = metadata_apart_from_data(&original);
-    if exercise_writable(&storage, guarded) == Some(true) && clean && separate {
+    if exercise_writable(&storage) == Some(true) && clean && separate {
         assert_still_consistent(
             &storage,
             leaks_expected_original,
@@ -228,7 +225,7 @@ fuzz_target!(|data: &[u8]| {
             let repaired = storage.to_bytes();
             let leaks = leaks_expected(&repaired);
             let separate = metadata_apart_from_data(&repaired);
-            if exercise_writable(&storage, true) == Some(true) && separate {
+            if exercise_writable(&storage) == Some(true) && separate {
                 assert_still_consistent(&storage, leaks, "an image check -r all repaired");
             }
         }

@@ -2,11 +2,15 @@
 //!
 //! `cargo run --release -p qj-model-checks --example throughput [BACKEND] [STATES] [SIZE_MIB] [MUTATION]`
 //!
+//! BACKEND is any name `qj crash --backend` takes: the qcow2 engine's
+//! (`ordered`, `journal`, ...) or the built-in proof targets (`raw`, ...).
 //! With a mutation, prints the violations found (with their reproducers).
+//! The rate printed is of wall time; run it under `/usr/bin/time` for the
+//! CPU time on a shared machine.
 
 use std::time::Instant;
 
-use qj_model_checks::{builtin_target, explore, ExploreConfig, Summary, WorkloadConfig};
+use qj_model_checks::{crash_target, explore, ExploreConfig, Summary, WorkloadConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -22,11 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.states_budget = states;
     config.shrink = mutation.is_some();
     let started = Instant::now();
-    let report = explore(
-        builtin_target(&backend, mutation.as_deref())?,
-        &config,
-        None,
-    )?;
+    let report = explore(crash_target(&backend, mutation.as_deref())?, &config, None)?;
     for violation in &report.violations {
         println!("{violation}");
     }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use qj_journal::{MemStorage, Storage};
 
-use crate::checks::{compare_recoveries, observe};
+use crate::checks::{compare_recoveries, observe, observe_changed, Reference};
 use crate::config::ExploreConfig;
 use crate::crash_states::{CrashUnits, StateSpace};
 use crate::error::HarnessError;
@@ -40,7 +40,7 @@ use crate::sector_pattern::{fill_write, BACKING_ID};
 use crate::shrink::shrink;
 use crate::sim_device::{CrashSnapshot, SimDevice, TraceEntry};
 use crate::summary::{Progress, TargetSummary};
-use crate::target::{CrashTarget, GuestDisk};
+use crate::target::{CheckSummary, CrashTarget, GuestDisk, TargetError};
 use crate::violation::{CheckKind, CrashPath, CrashStep, Reproducer, Violation};
 use crate::workload::{Workload, WorkloadConfig};
 
@@ -461,6 +461,8 @@ impl Inner {
             }
         };
         let point_seed = mix(level.seed, snapshot.op_index);
+        // Every state of this point is judged against the same model.
+        let mut reference = None;
         for state in states {
             if self.stopped() {
                 break;
@@ -474,7 +476,7 @@ impl Inner {
                 point: snapshot.op_index,
                 state: Some(state),
             });
-            self.explore_image(&image, model, &path, level, &plan.next)?;
+            self.explore_image(&image, model, &path, level, &plan.next, &mut reference)?;
         }
         Ok(())
     }
@@ -486,6 +488,7 @@ impl Inner {
         image: &Medium,
         model: &GuestModel,
         path: &CrashPath,
+        reference: &mut Option<Reference>,
     ) -> Result<Option<(Observed, u64)>, HarnessError> {
         if !self.check_unrecovered(image, path) {
             return Ok(None);
@@ -503,64 +506,94 @@ impl Inner {
             }
         };
         let recovery_ops = dev.ops_done();
-        // (a) on a copy, so a check that writes cannot disturb the rest.
         let recovered = dev.latest();
-        let check_dev = self.new_device(recovered.clone());
-        match self.target.check(check_dev) {
-            Err(error) => {
+        let observed = if self.target.check_after_close() {
+            // (b), (c) on the recovered disk, then (a) on the image its
+            // clean close leaves; a failed check is reported before bad
+            // content, as when the check runs first.
+            let observed = observe_changed(&*disk, model, &dev.latest(), reference);
+            if let Err(error) = disk.close() {
                 self.violation(
-                    CheckKind::CheckFailed,
-                    format!("check failed: {error}"),
+                    CheckKind::RecoveryFailed,
+                    format!("closing the recovered image failed: {error}"),
                     path.clone(),
                 );
                 return Ok(None);
             }
-            Ok(summary) => {
-                if summary.leaks > 0 {
-                    let mut stats = self.stats.lock();
-                    stats.states_with_leaks += 1;
-                    stats.leaked_clusters += summary.leaks;
-                    stats.leaked_clusters_max = stats.leaked_clusters_max.max(summary.leaks);
-                }
-                if summary.corruptions > 0 {
-                    self.violation(
-                        CheckKind::Corruption,
-                        format!(
-                            "check found {} corruptions ({} leaks)",
-                            summary.corruptions, summary.leaks
-                        ),
-                        path.clone(),
-                    );
-                    return Ok(None);
-                }
-                if summary.leaks > 0 && !self.target.leaks_allowed() {
-                    self.violation(
-                        CheckKind::Leak,
-                        format!(
-                            "check found {} leaked clusters; this backend may leak none",
-                            summary.leaks
-                        ),
-                        path.clone(),
-                    );
-                    return Ok(None);
-                }
+            let closed = self.new_device(dev.latest());
+            if !self.judge_check(self.target.check_closed(closed), path) {
+                return Ok(None);
             }
-        }
-        // (b), (c)
-        let observed = match observe(&*disk, model) {
+            observed
+        } else {
+            // (a) on a copy, so a check that writes cannot disturb the rest.
+            let check_dev = self.new_device(recovered.clone());
+            if !self.judge_check(self.target.check(check_dev), path) {
+                return Ok(None);
+            }
+            let observed = observe_changed(&*disk, model, &dev.latest(), reference);
+            drop(disk);
+            observed
+        };
+        let observed = match observed {
             Ok(observed) => observed,
             Err(problem) => {
                 self.violation(problem.kind, problem.detail, path.clone());
                 return Ok(None);
             }
         };
-        drop(disk);
         // (f) on a sample.
         let every = self.config.qemu_every;
         if every > 0 && mix(path_seed(self.config.seed, path), 0x7165).is_multiple_of(every) {
             self.qemu_check(recovered, path)?;
         }
         Ok(Some((observed, recovery_ops)))
+    }
+
+    /// Records what check (a) of a recovered image found: leaks counted,
+    /// corruption (and leaks where none are allowed) a violation. Returns
+    /// whether the image passed.
+    fn judge_check(&self, result: Result<CheckSummary, TargetError>, path: &CrashPath) -> bool {
+        let summary = match result {
+            Ok(summary) => summary,
+            Err(error) => {
+                self.violation(
+                    CheckKind::CheckFailed,
+                    format!("check failed: {error}"),
+                    path.clone(),
+                );
+                return false;
+            }
+        };
+        if summary.leaks > 0 {
+            let mut stats = self.stats.lock();
+            stats.states_with_leaks += 1;
+            stats.leaked_clusters += summary.leaks;
+            stats.leaked_clusters_max = stats.leaked_clusters_max.max(summary.leaks);
+        }
+        if summary.corruptions > 0 {
+            self.violation(
+                CheckKind::Corruption,
+                format!(
+                    "check found {} corruptions ({} leaks)",
+                    summary.corruptions, summary.leaks
+                ),
+                path.clone(),
+            );
+            return false;
+        }
+        if summary.leaks > 0 && !self.target.leaks_allowed() {
+            self.violation(
+                CheckKind::Leak,
+                format!(
+                    "check found {} leaked clusters; this backend may leak none",
+                    summary.leaks
+                ),
+                path.clone(),
+            );
+            return false;
+        }
+        true
     }
 
     /// Checks `image` as the crash left it, read-only, before recovery:
@@ -633,9 +666,12 @@ impl Inner {
         path: &CrashPath,
         level: &Level,
         next: &Plan,
+        reference: &mut Option<Reference>,
     ) -> Result<(), HarnessError> {
         self.count_state(level.depth, false);
-        let Some((observed, recovery_ops)) = self.recover_and_check(image, model, path)? else {
+        let Some((observed, recovery_ops)) =
+            self.recover_and_check(image, model, path, reference)?
+        else {
             return Ok(());
         };
         let image_seed = path_seed(level.seed, path);
@@ -660,7 +696,7 @@ impl Inner {
         };
         if let Some((point, state, exact)) = recovery_crash {
             self.crash_recovery(
-                image, model, path, level, &observed, point, state, exact, image_seed,
+                image, model, path, level, &observed, point, state, exact, image_seed, reference,
             )?;
         }
         // (e) continuation.
@@ -695,6 +731,7 @@ impl Inner {
         state: Option<u64>,
         exact: bool,
         image_seed: u64,
+        reference: &mut Option<Reference>,
     ) -> Result<(), HarnessError> {
         let dev = self.new_device(image.clone());
         dev.crash_after(point)?;
@@ -733,6 +770,9 @@ impl Inner {
                 s..s + 1
             }
         };
+        // The states of a crash during recovery are judged against the
+        // model of the crash point being recovered: `reference` is that
+        // point's.
         for s in states {
             if self.stopped() {
                 break;
@@ -747,7 +787,9 @@ impl Inner {
                 state: Some(s),
             });
             self.count_state(level.depth, true);
-            if let Some((second, _)) = self.recover_and_check(&second_image, model, &second_path)? {
+            if let Some((second, _)) =
+                self.recover_and_check(&second_image, model, &second_path, reference)?
+            {
                 if let Err(problem) = compare_recoveries(first_recovery, &second) {
                     self.violation(problem.kind, problem.detail, second_path);
                 }
@@ -785,7 +827,11 @@ impl Inner {
             start: Start::Recover {
                 image: image.clone(),
             },
-            workload: workload_config.generate(mix(image_seed, 0x6377)),
+            // The recovered image may hold snapshots the new model does
+            // not know: the continuation writes and flushes only.
+            workload: workload_config
+                .generate(mix(image_seed, 0x6377))
+                .without_snapshots(),
             model: continuation_model,
         };
         self.run_level(&next_level, plan, self.config.continue_states_budget)
@@ -827,13 +873,22 @@ fn primary_level(
     })
 }
 
-fn workloads_of(config: &ExploreConfig) -> Vec<(u64, Workload, bool)> {
+/// The workloads `config` names, as `target` can run them (snapshot
+/// operations become flushes on a target without snapshots).
+fn workloads_of(target: &dyn CrashTarget, config: &ExploreConfig) -> Vec<(u64, Workload, bool)> {
+    let runnable = |w: Workload| {
+        if target.supports_snapshots() {
+            w
+        } else {
+            w.without_snapshots()
+        }
+    };
     match &config.ops {
-        Some(ops) => vec![(config.seed, ops.clone(), true)],
+        Some(ops) => vec![(config.seed, runnable(ops.clone()), true)],
         None => (0..u64::from(config.workloads))
             .map(|i| {
                 let seed = config.seed.wrapping_add(i);
-                (seed, config.workload.generate(seed), false)
+                (seed, runnable(config.workload.generate(seed)), false)
             })
             .collect(),
     }
@@ -857,7 +912,7 @@ pub fn explore(
 ) -> Result<Report, HarnessError> {
     config.validate()?;
     let inner = Arc::new(Inner::new(Arc::clone(&target), config, progress));
-    let workloads = workloads_of(config);
+    let workloads = workloads_of(&*target, config);
     // Plan every workload first so the progress total is known.
     let mut plans = Vec::with_capacity(workloads.len());
     for (seed, workload, explicit) in workloads {
@@ -894,7 +949,7 @@ pub fn reproduce(
         return Err(HarnessError::Config("the crash path is empty".to_string()));
     }
     let inner = Arc::new(Inner::new(Arc::clone(&target), config, None));
-    let (seed, workload, explicit) = workloads_of(config).swap_remove(0);
+    let (seed, workload, explicit) = workloads_of(&*target, config).swap_remove(0);
     let level = primary_level(config, seed, workload)?;
     set_current(&inner, seed, &level.workload, explicit);
     inner.stats.lock().workloads += 1;
@@ -936,7 +991,7 @@ pub fn run_to_crash_point(
 ) -> Result<(CrashSnapshot, GuestModel), HarnessError> {
     config.validate()?;
     let inner = Arc::new(Inner::new(Arc::clone(&target), config, None));
-    let (seed, workload, _) = workloads_of(config).swap_remove(0);
+    let (seed, workload, _) = workloads_of(&*target, config).swap_remove(0);
     let level = primary_level(config, seed, workload)?;
     let Some(dry) = inner.execute(&level, BTreeMap::new(), true)? else {
         return Err(HarnessError::Config(

@@ -18,6 +18,14 @@
 //!   come back with its old size;
 //! - flush (and clean close): everything completed before it began is
 //!   durable.
+//! - snapshot create and delete: a flush (the guest disk does not change);
+//!   create records every sector's candidates as the flush left them;
+//! - snapshot apply: a flush, then every sector takes the candidates its
+//!   snapshot recorded, superseding the rest once the apply completes (a
+//!   crash during it may leave either side).
+//!
+//! Snapshots are modelled for one thread: candidates recorded while
+//! another thread has a write in flight keep that write's content too.
 //!
 //! Per-sector lists are bounded by the number of workload operations.
 
@@ -57,6 +65,9 @@ enum InFlight {
     Sectors { first: u64, count: u64 },
     Flush { begin: u64 },
     Grow,
+    SnapshotCreate { begin: u64, id: u64 },
+    SnapshotApply { begin: u64 },
+    SnapshotDelete { begin: u64, id: u64 },
 }
 
 /// A guest operation begun in the model; pass it back to
@@ -95,6 +106,17 @@ pub enum ModelError {
         new_sectors: u64,
         /// The current size in sectors.
         sectors: u64,
+    },
+    /// A snapshot operation naming a snapshot that does not exist, or a
+    /// create naming one that does.
+    #[error("{operation} of snapshot {id}: {reason}")]
+    Snapshot {
+        /// The operation name.
+        operation: &'static str,
+        /// The workload's snapshot number.
+        id: u64,
+        /// What is wrong.
+        reason: &'static str,
     },
     /// A grow beyond the model's limit.
     #[error("grow to {new_sectors} sectors exceeds the model limit of {limit} sectors")]
@@ -140,6 +162,9 @@ pub struct GuestModel {
     dirty: Vec<u64>,
     is_dirty: Vec<bool>,
     in_flight: HashMap<u64, InFlight>,
+    /// Per snapshot, every sector's candidates when it was made, and the
+    /// disk size then (bounded by the workload's live snapshots).
+    snapshots: HashMap<u64, Vec<Vec<Candidate>>>,
 }
 
 /// The largest disk the model accepts, in sectors (256 MiB): the model
@@ -217,6 +242,7 @@ impl GuestModel {
             dirty: Vec::new(),
             is_dirty: vec![false; contents.len()],
             in_flight: HashMap::new(),
+            snapshots: HashMap::new(),
         }
     }
 
@@ -349,6 +375,78 @@ impl GuestModel {
         OpToken(op)
     }
 
+    /// Begins creating snapshot `id`.
+    pub fn begin_snapshot_create(&mut self, id: u64) -> Result<OpToken, ModelError> {
+        if self.snapshots.contains_key(&id) {
+            return Err(ModelError::Snapshot {
+                operation: "snapshot create",
+                id,
+                reason: "it exists already",
+            });
+        }
+        let op = self.new_op();
+        let begin = self.tick();
+        self.in_flight
+            .insert(op, InFlight::SnapshotCreate { begin, id });
+        Ok(OpToken(op))
+    }
+
+    /// Begins deleting snapshot `id`.
+    pub fn begin_snapshot_delete(&mut self, id: u64) -> Result<OpToken, ModelError> {
+        self.known_snapshot("snapshot delete", id)?;
+        let op = self.new_op();
+        let begin = self.tick();
+        self.in_flight
+            .insert(op, InFlight::SnapshotDelete { begin, id });
+        Ok(OpToken(op))
+    }
+
+    /// Begins applying snapshot `id`: from now on, each sector may also
+    /// read as the snapshot recorded it.
+    pub fn begin_snapshot_apply(&mut self, id: u64) -> Result<OpToken, ModelError> {
+        self.known_snapshot("snapshot apply", id)?;
+        let recorded = &self.snapshots[&id];
+        if recorded.len() != self.sectors.len() {
+            return Err(ModelError::Snapshot {
+                operation: "snapshot apply",
+                id,
+                reason: "the disk changed size since the snapshot",
+            });
+        }
+        let recorded = recorded.clone();
+        let op = self.new_op();
+        let begin = self.tick();
+        for (sector, candidates) in recorded.into_iter().enumerate() {
+            for candidate in candidates {
+                self.sectors[sector].push(Entry {
+                    op,
+                    candidate,
+                    begin,
+                    end: IN_FLIGHT,
+                    supersedes: true,
+                });
+            }
+            if !self.is_dirty[sector] {
+                self.is_dirty[sector] = true;
+                self.dirty.push(sector as u64);
+            }
+        }
+        self.in_flight.insert(op, InFlight::SnapshotApply { begin });
+        Ok(OpToken(op))
+    }
+
+    fn known_snapshot(&self, operation: &'static str, id: u64) -> Result<(), ModelError> {
+        if self.snapshots.contains_key(&id) {
+            Ok(())
+        } else {
+            Err(ModelError::Snapshot {
+                operation,
+                id,
+                reason: "no such snapshot",
+            })
+        }
+    }
+
     /// Begins a grow to `new_sectors`.
     pub fn begin_grow(&mut self, new_sectors: u64) -> Result<OpToken, ModelError> {
         let sectors = self.sectors();
@@ -406,6 +504,32 @@ impl GuestModel {
                 }
             }
             InFlight::Flush { begin } => self.complete_flush(begin),
+            InFlight::SnapshotCreate { begin, id } => {
+                self.complete_flush(begin);
+                let recorded = self
+                    .sectors
+                    .iter()
+                    .map(|entries| entries.iter().map(|e| e.candidate).collect())
+                    .collect();
+                self.snapshots.insert(id, recorded);
+            }
+            InFlight::SnapshotDelete { begin, id } => {
+                self.complete_flush(begin);
+                self.snapshots.remove(&id);
+            }
+            InFlight::SnapshotApply { begin } => {
+                // Everything before the apply was made durable by it, and
+                // the apply itself is durable when it returns: a flush that
+                // began after it ended.
+                self.complete_flush(begin);
+                for entries in &mut self.sectors {
+                    for entry in entries.iter_mut().filter(|e| e.op == token.0) {
+                        entry.end = end;
+                    }
+                }
+                let after = self.tick();
+                self.complete_flush(after);
+            }
         }
     }
 
@@ -565,6 +689,41 @@ mod tests {
             m.check_sector(0, Decoded::Garbage),
             SectorVerdict::NotAllowed
         );
+    }
+
+    #[test]
+    fn an_applied_snapshot_brings_back_what_it_recorded() {
+        let mut m = GuestModel::new(4 * 512, 0, 1).unwrap();
+        let w1 = m.begin_write(0, 2).unwrap();
+        let id1 = w1.write_id();
+        m.end(w1);
+        let c = m.begin_snapshot_create(7).unwrap();
+        m.end(c);
+        assert!(m.begin_snapshot_create(7).is_err(), "created twice");
+        // The create flushed: the write is required now.
+        assert_eq!(
+            m.check_sector(0, Decoded::Content(Content::Zero)),
+            SectorVerdict::FlushedDataLost
+        );
+        let w2 = m.begin_write(0, 1).unwrap();
+        let id2 = w2.write_id();
+        m.end(w2);
+        let a = m.begin_snapshot_apply(7).unwrap();
+        // During the apply: the old side (w2 or w1) or the snapshot's.
+        assert_eq!(write_ok(&m, 0, id2), SectorVerdict::Allowed);
+        assert_eq!(write_ok(&m, 0, id1), SectorVerdict::Allowed);
+        m.end(a);
+        // After it: only the snapshot's content.
+        assert_eq!(write_ok(&m, 0, id1), SectorVerdict::Allowed);
+        assert_eq!(write_ok(&m, 0, id2), SectorVerdict::FlushedDataLost);
+        assert_eq!(
+            m.check_sector(2, Decoded::Content(Content::Zero)),
+            SectorVerdict::Allowed
+        );
+        let d = m.begin_snapshot_delete(7).unwrap();
+        m.end(d);
+        assert!(m.begin_snapshot_apply(7).is_err(), "deleted");
+        assert!(m.begin_snapshot_delete(7).is_err(), "deleted");
     }
 
     #[test]

@@ -29,8 +29,11 @@
 
 #![warn(missing_docs)]
 
+pub mod bitmap_check;
+pub mod campaign;
 pub mod checks;
 pub mod config;
+pub mod content_map;
 pub mod crash_states;
 pub mod dedup_content;
 pub mod engine_target;

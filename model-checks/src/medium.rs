@@ -149,6 +149,46 @@ impl Medium {
         bytes
     }
 
+    /// Whether `[offset, offset + len_bytes)` reads the same in both media
+    /// (bytes past an end read as zeros). Shared pages are compared by
+    /// pointer, so ranges a copy-on-write clone did not touch compare in
+    /// constant time.
+    #[must_use]
+    pub fn same_range(&self, other: &Medium, offset: u64, len_bytes: u64) -> bool {
+        let end = offset.saturating_add(len_bytes);
+        let mut position = offset;
+        let mut mine = [0u8; PAGE_BYTES];
+        let mut theirs = [0u8; PAGE_BYTES];
+        // Bounded by the range: one page per step.
+        while position < end {
+            let in_page = (position % PAGE_BYTES as u64) as usize;
+            let chunk = ((PAGE_BYTES - in_page) as u64).min(end - position) as usize;
+            let both_inside = position + chunk as u64 <= self.len_bytes.min(other.len_bytes);
+            let same = match (self.page_at(position), other.page_at(position)) {
+                (Some(a), Some(b)) if both_inside => {
+                    Arc::ptr_eq(a, b) || a[in_page..in_page + chunk] == b[in_page..in_page + chunk]
+                }
+                _ => false,
+            };
+            if !same {
+                self.read(&mut mine[..chunk], position);
+                other.read(&mut theirs[..chunk], position);
+                if mine[..chunk] != theirs[..chunk] {
+                    return false;
+                }
+            }
+            position += chunk as u64;
+        }
+        true
+    }
+
+    fn page_at(&self, offset: u64) -> Option<&Arc<Page>> {
+        usize::try_from(offset / PAGE_BYTES as u64)
+            .ok()
+            .and_then(|index| self.pages.get(index))
+            .and_then(Option::as_ref)
+    }
+
     /// Whether both media hold the same length and bytes; shared pages are
     /// compared by pointer, so comparing near-identical clones is cheap.
     #[must_use]
@@ -200,6 +240,25 @@ mod tests {
         assert_eq!(buf, [2u8; 4]);
         assert!(!a.same_content(&b));
         assert!(b.same_content(&b.clone()));
+    }
+
+    #[test]
+    fn ranges_compare_by_content_whether_pages_are_shared_or_not() {
+        let a = Medium::from_bytes(&[3u8; 3 * PAGE_BYTES]);
+        let mut b = a.clone();
+        assert!(a.same_range(&b, 0, 3 * PAGE_BYTES as u64));
+        b.write(&[4u8; 2], PAGE_BYTES as u64 + 100).unwrap();
+        assert!(a.same_range(&b, 0, PAGE_BYTES as u64 + 100));
+        assert!(!a.same_range(&b, PAGE_BYTES as u64, PAGE_BYTES as u64));
+        assert!(a.same_range(&b, PAGE_BYTES as u64 + 102, 10_000));
+        // The same bytes in unshared pages are the same range.
+        b.write(&[3u8; 2], PAGE_BYTES as u64 + 100).unwrap();
+        assert!(a.same_range(&b, 0, 3 * PAGE_BYTES as u64));
+        // Past the end reads as zeros: a shorter medium differs there only
+        // if the longer one holds something other than zeros.
+        let short = Medium::from_bytes(&[3u8; 10]);
+        assert!(!a.same_range(&short, 0, 20));
+        assert!(Medium::new().same_range(&Medium::from_bytes(&[0u8; 64]), 0, 64));
     }
 
     #[test]

@@ -53,6 +53,9 @@ fn begin(model: &Mutex<GuestModel>, op: GuestOp) -> Result<OpToken, ModelError> 
         GuestOp::Discard { sector, count } => model.begin_discard(sector, count),
         GuestOp::Flush => Ok(model.begin_flush()),
         GuestOp::Grow { sectors } => model.begin_grow(sectors),
+        GuestOp::SnapshotCreate { id } => model.begin_snapshot_create(id),
+        GuestOp::SnapshotApply { id } => model.begin_snapshot_apply(id),
+        GuestOp::SnapshotDelete { id } => model.begin_snapshot_delete(id),
     }
 }
 
@@ -78,6 +81,9 @@ fn issue(
         GuestOp::Discard { sector, count } => disk.discard(bytes(sector), bytes(count)),
         GuestOp::Flush => disk.flush(),
         GuestOp::Grow { sectors } => disk.resize(bytes(sectors)),
+        GuestOp::SnapshotCreate { id } => disk.snapshot_create(id),
+        GuestOp::SnapshotApply { id } => disk.snapshot_apply(id),
+        GuestOp::SnapshotDelete { id } => disk.snapshot_delete(id),
     }
 }
 

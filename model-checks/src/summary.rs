@@ -64,6 +64,24 @@ impl TargetSummary {
             0.0
         }
     }
+
+    /// Adds the counts of `other` (another job or shard of the same
+    /// target): sums, except the largest leak, which is the larger one.
+    pub fn absorb(&mut self, other: &TargetSummary) {
+        self.workloads += other.workloads;
+        self.crash_points += other.crash_points;
+        self.states_explored += other.states_explored;
+        self.recovery_crash_states += other.recovery_crash_states;
+        self.continuation_states += other.continuation_states;
+        self.exhaustive_points += other.exhaustive_points;
+        self.violations += other.violations;
+        self.states_with_leaks += other.states_with_leaks;
+        self.leaked_clusters += other.leaked_clusters;
+        self.leaked_clusters_max = self.leaked_clusters_max.max(other.leaked_clusters_max);
+        self.qemu_checks += other.qemu_checks;
+        self.unrecovered_checks += other.unrecovered_checks;
+        self.elapsed += other.elapsed;
+    }
 }
 
 /// The summary table of a run over one or more targets.

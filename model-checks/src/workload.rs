@@ -12,8 +12,14 @@
 //!
 //! Operation-list syntax (for reproducers): `w<sector>+<count>` write,
 //! `z<sector>+<count>` write zeroes, `d<sector>+<count>` discard, `f` flush,
-//! `g<sectors>` grow to `sectors`; operations separated by `,`, threads by
-//! `|`. Example: `w0+8,f,d4+2,g4096|w9+1`.
+//! `g<sectors>` grow to `sectors`, `sc<n>`, `sa<n>`, `sd<n>` create, apply
+//! and delete internal snapshot `n`; operations separated by `,`, threads
+//! by `|`. Example: `w0+8,f,d4+2,g4096|w9+1`.
+//!
+//! Snapshot operations (the `snapshot` preset) come from thread 0 only,
+//! never with grows: a snapshot is applied at the size it was made at.
+//! Targets without internal snapshots run them as flushes
+//! ([`Workload::without_snapshots`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -58,6 +64,21 @@ pub enum GuestOp {
         /// New size in sectors.
         sectors: u64,
     },
+    /// Create internal snapshot `id` of the disk as it is (after a flush).
+    SnapshotCreate {
+        /// The workload's snapshot number.
+        id: u64,
+    },
+    /// Revert the disk to snapshot `id`.
+    SnapshotApply {
+        /// The workload's snapshot number.
+        id: u64,
+    },
+    /// Delete snapshot `id`.
+    SnapshotDelete {
+        /// The workload's snapshot number.
+        id: u64,
+    },
 }
 
 impl fmt::Display for GuestOp {
@@ -68,6 +89,9 @@ impl fmt::Display for GuestOp {
             GuestOp::Discard { sector, count } => write!(f, "d{sector}+{count}"),
             GuestOp::Flush => f.write_str("f"),
             GuestOp::Grow { sectors } => write!(f, "g{sectors}"),
+            GuestOp::SnapshotCreate { id } => write!(f, "sc{id}"),
+            GuestOp::SnapshotApply { id } => write!(f, "sa{id}"),
+            GuestOp::SnapshotDelete { id } => write!(f, "sd{id}"),
         }
     }
 }
@@ -78,7 +102,7 @@ fn parse_error(text: &str, position: usize, reason: &str) -> ParseError {
         text: text.to_string(),
         position,
         reason: format!(
-            "{reason} (valid: w<sector>+<count>, z<sector>+<count>, d<sector>+<count>, f, g<sectors>; ',' between operations, '|' between threads)"
+            "{reason} (valid: w<sector>+<count>, z<sector>+<count>, d<sector>+<count>, f, g<sectors>, sc<n>, sa<n>, sd<n>; ',' between operations, '|' between threads)"
         ),
     }
 }
@@ -112,6 +136,21 @@ fn parse_op(whole: &str, token: &str, position: usize) -> Result<GuestOp, ParseE
         'g' => Ok(GuestOp::Grow {
             sectors: number(rest, position + 1)?,
         }),
+        's' => {
+            let mut chars = rest.chars();
+            let which = chars.next();
+            let id = number(chars.as_str(), position + 2)?;
+            match which {
+                Some('c') => Ok(GuestOp::SnapshotCreate { id }),
+                Some('a') => Ok(GuestOp::SnapshotApply { id }),
+                Some('d') => Ok(GuestOp::SnapshotDelete { id }),
+                _ => Err(parse_error(
+                    whole,
+                    position,
+                    &format!("unknown operation {token:?}"),
+                )),
+            }
+        }
         _ => Err(parse_error(
             whole,
             position,
@@ -144,6 +183,29 @@ impl Workload {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The same workload with every snapshot operation replaced by a
+    /// flush (each begins with one): for targets without internal
+    /// snapshots, and for continuations, whose recovered image may hold
+    /// snapshots the new model does not know.
+    #[must_use]
+    pub fn without_snapshots(&self) -> Self {
+        let threads = self
+            .threads
+            .iter()
+            .map(|ops| {
+                ops.iter()
+                    .map(|&op| match op {
+                        GuestOp::SnapshotCreate { .. }
+                        | GuestOp::SnapshotApply { .. }
+                        | GuestOp::SnapshotDelete { .. } => GuestOp::Flush,
+                        other => other,
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { threads }
     }
 }
 
@@ -208,6 +270,8 @@ pub struct OpWeights {
     pub flush: u32,
     /// Grows (thread 0 only, while below the maximum size).
     pub grow: u32,
+    /// Snapshot create, apply or delete (thread 0 only).
+    pub snapshot: u32,
 }
 
 /// Relative frequencies of where an operation lands.
@@ -224,7 +288,7 @@ pub struct PlacementWeights {
 }
 
 /// Workload presets by name.
-pub const WORKLOAD_NAMES: &[&str] = &["mixed", "alloc", "overwrite", "discard", "grow"];
+pub const WORKLOAD_NAMES: &[&str] = &["mixed", "alloc", "overwrite", "discard", "grow", "snapshot"];
 
 /// How to generate a workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,6 +326,7 @@ impl WorkloadConfig {
             discard,
             flush,
             grow,
+            snapshot: 0,
         };
         let placement = |uniform, near_recent, discarded, frontier| PlacementWeights {
             uniform,
@@ -275,6 +340,15 @@ impl WorkloadConfig {
             "overwrite" => (weights(70, 3, 0, 27, 0), placement(10, 85, 0, 5)),
             "discard" => (weights(50, 10, 25, 15, 0), placement(25, 25, 40, 10)),
             "grow" => (weights(50, 0, 5, 25, 20), placement(20, 10, 5, 65)),
+            // Snapshots made, applied and deleted between writes that copy
+            // shared clusters; no grow (a snapshot is applied at its size).
+            "snapshot" => (
+                OpWeights {
+                    snapshot: 12,
+                    ..weights(60, 4, 6, 10, 0)
+                },
+                placement(40, 35, 5, 20),
+            ),
             _ => return Err(NameError::new("workload", name, WORKLOAD_NAMES)),
         };
         Ok(Self {
@@ -370,7 +444,14 @@ struct Generator<'a> {
     recent: Vec<u64>,
     discarded: Vec<u64>,
     frontier: u64,
+    /// Snapshots that exist at this point of the list (thread 0 only).
+    snapshots: Vec<u64>,
+    next_snapshot: u64,
 }
+
+/// Most snapshots a generated workload keeps at once: each costs the model
+/// a copy of the disk's candidates.
+const SNAPSHOTS_LIVE_MAX: usize = 3;
 
 impl<'a> Generator<'a> {
     fn new(config: &'a WorkloadConfig, seed: u64, may_grow: bool) -> Self {
@@ -386,6 +467,29 @@ impl<'a> Generator<'a> {
             recent: Vec::new(),
             discarded: Vec::new(),
             frontier,
+            snapshots: Vec::new(),
+            next_snapshot: 1,
+        }
+    }
+
+    /// A snapshot operation: create while there is none (or by chance
+    /// while below the limit), else apply or delete one that exists.
+    fn snapshot_op(&mut self) -> GuestOp {
+        let create = self.snapshots.is_empty()
+            || (self.snapshots.len() < SNAPSHOTS_LIVE_MAX && self.rng.chance(1, 2));
+        if create {
+            let id = self.next_snapshot;
+            self.next_snapshot += 1;
+            self.snapshots.push(id);
+            return GuestOp::SnapshotCreate { id };
+        }
+        let slot = self.rng.below(self.snapshots.len() as u64) as usize;
+        let id = self.snapshots[slot];
+        if self.rng.chance(2, 3) {
+            GuestOp::SnapshotApply { id }
+        } else {
+            self.snapshots.swap_remove(slot);
+            GuestOp::SnapshotDelete { id }
         }
     }
 
@@ -456,9 +560,10 @@ impl<'a> Generator<'a> {
             } else {
                 0
             };
+            let snapshot = if self.may_grow { w.snapshot } else { 0 };
             let kind = self
                 .rng
-                .weighted(&[w.write, w.write_zeroes, w.discard, w.flush, grow])
+                .weighted(&[w.write, w.write_zeroes, w.discard, w.flush, grow, snapshot])
                 .unwrap_or(3);
             let op = match kind {
                 0..=2 => {
@@ -488,6 +593,7 @@ impl<'a> Generator<'a> {
                         sectors: self.sectors,
                     }
                 }
+                5 => self.snapshot_op(),
                 _ => GuestOp::Flush,
             };
             ops.push(op);
@@ -530,10 +636,62 @@ mod tests {
                             sectors = new;
                         }
                         GuestOp::Flush => {}
+                        GuestOp::SnapshotCreate { .. }
+                        | GuestOp::SnapshotApply { .. }
+                        | GuestOp::SnapshotDelete { .. } => {
+                            assert_eq!(t, 0, "only thread 0 takes snapshots");
+                        }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_snapshot_preset_creates_applies_and_deletes_live_snapshots_only() {
+        let mut config = WorkloadConfig::preset("snapshot").unwrap();
+        config.threads = 2;
+        let workload = config.generate(1);
+        let mut live = std::collections::BTreeSet::new();
+        let (mut creates, mut applies, mut deletes) = (0, 0, 0);
+        for op in &workload.threads[0] {
+            match *op {
+                GuestOp::SnapshotCreate { id } => {
+                    assert!(live.insert(id), "{op}: created twice");
+                    assert!(live.len() <= SNAPSHOTS_LIVE_MAX);
+                    creates += 1;
+                }
+                GuestOp::SnapshotApply { id } => {
+                    assert!(live.contains(&id), "{op}: no such snapshot");
+                    applies += 1;
+                }
+                GuestOp::SnapshotDelete { id } => {
+                    assert!(live.remove(&id), "{op}: no such snapshot");
+                    deletes += 1;
+                }
+                GuestOp::Grow { .. } => panic!("{op}: snapshots are applied at their size"),
+                _ => {}
+            }
+        }
+        assert!(creates > 0 && applies > 0 && deletes > 0, "{workload}");
+        let flushes_before = workload.threads[0]
+            .iter()
+            .filter(|op| **op == GuestOp::Flush)
+            .count();
+        let plain = workload.without_snapshots();
+        assert_eq!(
+            plain.threads[0]
+                .iter()
+                .filter(|op| **op == GuestOp::Flush)
+                .count(),
+            flushes_before + creates + applies + deletes
+        );
+        assert!(workload.threads[1].iter().all(|op| !matches!(
+            op,
+            GuestOp::SnapshotCreate { .. }
+                | GuestOp::SnapshotApply { .. }
+                | GuestOp::SnapshotDelete { .. }
+        )));
     }
 
     #[test]
@@ -557,11 +715,11 @@ mod tests {
 
     #[test]
     fn operation_lists_round_trip_and_bad_text_is_a_typed_error() {
-        let text = "w0+8,f,z3+1,d4+2,g4096|w9+1";
+        let text = "w0+8,f,z3+1,d4+2,g4096,sc1,w1+1,sa1,sd1|w9+1";
         let workload: Workload = text.parse().unwrap();
         assert_eq!(workload.to_string(), text);
         assert_eq!(workload.threads.len(), 2);
-        for bad in ["x1", "w1", "w1+0", "wa+1", "g", "f1"] {
+        for bad in ["x1", "w1", "w1+0", "wa+1", "g", "f1", "s1", "sx1", "sc"] {
             let err = bad.parse::<Workload>().unwrap_err();
             assert!(err.to_string().contains("valid:"), "{bad}: {err}");
         }

@@ -1,4 +1,5 @@
-//! On-disk formats of qcow2 and of the qjournal, as pure code with no I/O.
+//! On-disk formats of qcow2 and of the qjournal, and the wire formats that
+//! carry them (NBD, dm-log-writes), as pure code with no I/O.
 //!
 //! Every structure that reaches the disk is defined in exactly one file of
 //! this crate, with its encoder and a decoder that returns a typed error
@@ -12,6 +13,7 @@
 pub mod error;
 pub mod journal;
 pub mod log_writes;
+pub mod nbd;
 pub mod qcow2;
 pub mod units;
 

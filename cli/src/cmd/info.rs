@@ -9,13 +9,13 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use qj_engine::{BackendKind, FileStorage, Image, JournalInfo};
+use qj_engine::{BackendKind, BitmapInfo, FileStorage, Image, JournalInfo};
 use qj_spec::qcow2::features::{
     AUTOCLEAR_JOURNAL_VALID_BIT, COMPAT_LAZY_REFCOUNTS_MASK, INCOMPAT_EXTL2_MASK,
     INCOMPAT_JOURNAL_DIRTY_BIT,
 };
 use qj_spec::qcow2::{
-    Header, HeaderExtension, JournalExtension, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
+    Header, HeaderExtension, JournalExtension, SnapshotHeader, COMPRESSION_ZLIB, COMPRESSION_ZSTD,
 };
 use serde::Serialize;
 
@@ -61,6 +61,35 @@ pub struct Qcow2Specific {
     /// Incompatible bit 4 (v3 only).
     #[serde(rename = "extended-l2", skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
+    /// The persistent dirty bitmaps, with QEMU's keys (name, granularity,
+    /// flags) and our `dirty-bytes`; absent when the image has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapJson>>,
+}
+
+/// One bitmap under `format-specific.data.bitmaps`.
+#[derive(Debug, Serialize)]
+pub struct BitmapJson {
+    /// The bitmap's name.
+    pub name: String,
+    /// Guest bytes one bit covers.
+    pub granularity: u64,
+    /// `in-use`, `auto`, `extra-data-compatible`, as QEMU names them.
+    pub flags: Vec<String>,
+    /// Guest bytes covered by set bits (absent for a bitmap in use).
+    #[serde(rename = "dirty-bytes", skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes: Option<u64>,
+}
+
+impl From<&BitmapInfo> for BitmapJson {
+    fn from(b: &BitmapInfo) -> Self {
+        Self {
+            name: b.name.clone(),
+            granularity: b.granularity,
+            flags: b.flags.clone(),
+            dirty_bytes: b.dirty_bytes,
+        }
+    }
 }
 
 /// `format-specific`: `{"type": "qcow2", "data": {...}}`.
@@ -105,9 +134,15 @@ pub struct QjDetails {
     /// Why the engine cannot open the image, when it cannot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_error: Option<String>,
+    /// Why the snapshot table cannot be read, when it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_error: Option<String>,
     /// The metadata journal, when the header names one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal: Option<JournalDetails>,
+    /// Why the bitmaps are not maintained or cannot be read, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps_problem: Option<String>,
 }
 
 /// The journal under `qj.journal`: where it is from the header, its state
@@ -181,6 +216,57 @@ pub struct Opened {
     pub backend: BackendKind,
     /// The journal's state, for the journalled backend.
     pub journal: Option<JournalInfo>,
+    /// The persistent bitmaps as the engine read them.
+    pub bitmaps: Vec<BitmapInfo>,
+    /// Why the bitmaps cannot be maintained or read, if so.
+    pub bitmaps_problem: Option<String>,
+    /// The internal snapshots, or why the table could not be read.
+    pub snapshots: Result<Vec<SnapshotHeader>, String>,
+}
+
+/// One internal snapshot, with `qemu-img info`'s keys.
+#[derive(Debug, Serialize)]
+pub struct SnapshotJson {
+    /// Unique id.
+    pub id: String,
+    /// User-visible name.
+    pub name: String,
+    /// Saved VM state, bytes.
+    #[serde(rename = "vm-state-size")]
+    pub vm_state_size: u64,
+    /// Creation time, seconds part.
+    #[serde(rename = "date-sec")]
+    pub date_sec: u32,
+    /// Creation time, nanoseconds part.
+    #[serde(rename = "date-nsec")]
+    pub date_nsec: u32,
+    /// Guest clock, seconds part.
+    #[serde(rename = "vm-clock-sec")]
+    pub vm_clock_sec: u64,
+    /// Guest clock, nanoseconds part.
+    #[serde(rename = "vm-clock-nsec")]
+    pub vm_clock_nsec: u64,
+    /// Instruction count, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+}
+
+impl From<&SnapshotHeader> for SnapshotJson {
+    fn from(sn: &SnapshotHeader) -> Self {
+        Self {
+            id: sn.id.clone(),
+            name: sn.name.clone(),
+            vm_state_size: sn
+                .vm_state_size_large()
+                .unwrap_or(u64::from(sn.vm_state_size)),
+            date_sec: sn.date_sec,
+            date_nsec: sn.date_nsec,
+            vm_clock_sec: sn.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: sn.vm_clock_nsec % 1_000_000_000,
+            // QEMU stores -1 when unknown.
+            icount: sn.icount().filter(|&n| n != u64::MAX),
+        }
+    }
 }
 
 /// The whole `qj info --output json` document: qemu-img's keys first.
@@ -217,6 +303,9 @@ pub struct InfoJson {
     /// Incompatible bit 0.
     #[serde(rename = "dirty-flag")]
     pub dirty_flag: bool,
+    /// Internal snapshots (left out when there are none, as QEMU does).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotJson>,
     /// qcow2 details.
     #[serde(rename = "format-specific")]
     pub format_specific: FormatSpecific,
@@ -322,6 +411,12 @@ pub fn describe(
         backing_filename,
         backing_filename_format: header.backing_format().map(str::to_string),
         dirty_flag: header.is_dirty(),
+        snapshots: opened
+            .as_ref()
+            .ok()
+            .and_then(|o| o.snapshots.as_ref().ok())
+            .map(|list| list.iter().map(SnapshotJson::from).collect())
+            .unwrap_or_default(),
         format_specific: FormatSpecific {
             kind: "qcow2",
             data: Qcow2Specific {
@@ -332,6 +427,11 @@ pub fn describe(
                 refcount_bits: header.geometry().refcount_bits(),
                 corrupt: v3.then_some(header.is_corrupt()),
                 extended_l2: v3.then_some(header.incompatible_features & INCOMPAT_EXTL2_MASK != 0),
+                bitmaps: opened
+                    .as_ref()
+                    .ok()
+                    .filter(|o| !o.bitmaps.is_empty())
+                    .map(|o| o.bitmaps.iter().map(BitmapJson::from).collect()),
             },
         },
         qj: QjDetails {
@@ -351,9 +451,14 @@ pub fn describe(
                 .ok()
                 .map(|o| backend_name(o.backend).to_string()),
             open_error: opened.as_ref().err().cloned(),
+            snapshot_error: opened
+                .as_ref()
+                .ok()
+                .and_then(|o| o.snapshots.as_ref().err().cloned()),
             journal: header
                 .journal()
                 .map(|ext| journal_details(header, &ext, live_journal)),
+            bitmaps_problem: opened.as_ref().ok().and_then(|o| o.bitmaps_problem.clone()),
         },
     }
 }
@@ -377,12 +482,26 @@ pub fn format_specific_lines(data: &Qcow2Specific) -> String {
     if let Some(extl2) = data.extended_l2 {
         s.push_str(&format!("    extended l2: {extl2}\n"));
     }
+    if let Some(bitmaps) = &data.bitmaps {
+        s.push_str("    bitmaps:\n");
+        for b in bitmaps {
+            s.push_str(&format!("        name: {}\n", b.name));
+            s.push_str(&format!("            granularity: {}\n", b.granularity));
+            s.push_str(&format!("            flags: [{}]\n", b.flags.join(", ")));
+            if let Some(d) = b.dirty_bytes {
+                s.push_str(&format!("            dirty bytes: {d}\n"));
+            }
+        }
+    }
     s
 }
 
 /// The human text, shaped like `qemu-img info`.
 #[must_use]
-pub fn human_text(info: &InfoJson) -> String {
+pub fn human_text(
+    info: &InfoJson,
+    snapshots: Option<&Result<Vec<SnapshotHeader>, String>>,
+) -> String {
     let mut s = format!("image: {}\nfile format: qcow2\n", info.filename);
     s.push_str(&format!(
         "virtual size: {} ({} bytes)\n",
@@ -403,6 +522,11 @@ pub fn human_text(info: &InfoJson) -> String {
     }
     if info.dirty_flag {
         s.push_str("cleanly shut down: no\n");
+    }
+    if let Some(Ok(snapshots)) = snapshots {
+        if !snapshots.is_empty() {
+            s.push_str(&crate::cmd::snapshot::snapshot_table_text(snapshots));
+        }
     }
     s.push_str(&format_specific_lines(&info.format_specific.data));
     let q = &info.qj;
@@ -437,8 +561,14 @@ pub fn human_text(info: &InfoJson) -> String {
         (None, Some(e)) => s.push_str(&format!("    cannot be opened: {e}\n")),
         (None, None) => {}
     }
+    if let Some(e) = &q.snapshot_error {
+        s.push_str(&format!("    snapshot table: {e}\n"));
+    }
     if let Some(j) = &q.journal {
         s.push_str(&journal_lines(j));
+    }
+    if let Some(p) = &q.bitmaps_problem {
+        s.push_str(&format!("    bitmaps not maintained: {p}\n"));
     }
     s
 }
@@ -522,6 +652,9 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
             Ok(Opened {
                 backend: info.backend,
                 journal: info.journal,
+                snapshots: image.snapshots().map_err(|e| one_line(&e.to_string())),
+                bitmaps: info.bitmaps,
+                bitmaps_problem: info.bitmaps_problem,
             })
         })
         .map_err(|e| match e {
@@ -530,10 +663,23 @@ pub fn run(args: InfoArgs) -> CliResult<u8> {
         });
     let info = describe(path, &header, meta.len(), meta.blocks() * 512, &opened);
     match args.output {
-        OutputFormat::Human => print!("{}", human_text(&info)),
+        OutputFormat::Human => print!(
+            "{}",
+            human_text(&info, opened.as_ref().ok().map(|o| &o.snapshots))
+        ),
         OutputFormat::Json => println!("{}", to_json(&info)?),
     }
     match opened {
+        Ok(Opened {
+            snapshots: Err(reason),
+            ..
+        }) => {
+            eprintln!(
+                "qj: the snapshot table of {} cannot be read: {reason}",
+                quoted(path)
+            );
+            Ok(EXIT_FAILED)
+        }
         Ok(_) => Ok(0),
         Err(reason) => {
             eprintln!("qj: {} cannot be opened: {reason}", quoted(path));

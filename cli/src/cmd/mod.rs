@@ -3,9 +3,12 @@
 
 pub mod amend;
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod convert;
 pub mod crash;
+pub mod crash_merge;
+pub mod crash_output;
 pub mod crash_replay;
 pub mod create;
 pub mod demo;
@@ -14,6 +17,7 @@ pub mod io;
 pub mod journal;
 pub mod map;
 pub mod serve;
+pub mod snapshot;
 
 use std::path::Path;
 
@@ -58,15 +62,19 @@ pub enum Command {
     /// Create, fill, verify and check a temporary image, and show engine statistics.
     Demo(demo::DemoArgs),
     /// Explore power-loss crash states of the backends and check every recovered image.
-    Crash(crash::CrashArgs),
+    Crash(Box<crash::CrashArgs>),
     /// Compare the backends, QEMU and a raw file on the same workloads.
     Bench(bench::BenchArgs),
     /// Give an image a metadata journal or remove it (like qemu-img amend).
     Amend(amend::AmendArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like qemu-img bitmap).
+    Bitmap(bitmap::BitmapArgs),
     /// Inspect a metadata journal.
     Journal(journal::JournalArgs),
     /// Serve an image over NBD (like qemu-nbd).
     Serve(serve::ServeArgs),
+    /// Create, list, apply or delete internal snapshots (like qemu-img snapshot).
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 impl Command {
@@ -80,11 +88,13 @@ impl Command {
             Command::Io(a) => io::run(a),
             Command::Convert(a) => convert::run(a),
             Command::Demo(a) => demo::run(a),
-            Command::Crash(a) => crash::run(a),
+            Command::Crash(a) => crash::run(*a),
             Command::Bench(a) => bench::run(a),
             Command::Amend(a) => amend::run(a),
+            Command::Bitmap(a) => bitmap::run(a),
             Command::Journal(a) => journal::run(a),
             Command::Serve(a) => serve::run(a),
+            Command::Snapshot(a) => snapshot::run(a),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use qj_engine::{CacheMode, Image, OpenOptions};
 
 use crate::error::{engine, quoted, CliError, CliResult};
-use crate::nbd::server::{self, Address, Config, SHARED_MAX};
+use crate::listener::{self as server, Address, Config, SHARED_MAX};
 use crate::nbd::Export;
 
 /// The NBD port (IANA), as qemu-nbd uses when only an address is given.

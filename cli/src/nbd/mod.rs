@@ -1,12 +1,15 @@
 //! An NBD server for one image (`qj serve`): the protocol as pure code
 //! (`proto`), the handshake, the transmission phase, block status from the
-//! image's map, and the listener that runs one thread per connection.
+//! image's map. It reads and writes any byte stream, so tests and the
+//! fuzzer drive it without sockets; the listener that accepts connections
+//! is the binary's (`listener.rs`).
 
 pub mod extents;
 pub mod handshake;
-pub mod proto;
-pub mod server;
 pub mod transmission;
+
+/// The wire format lives in `qj-spec` (pure code, fuzzed there).
+pub use qj_spec::nbd as proto;
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;

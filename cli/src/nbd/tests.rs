@@ -425,6 +425,30 @@ fn oversized_write_is_refused_and_closes() {
     assert!(r.done());
 }
 
+/// Found by the `nbd_server` fuzz target: a DISC with bogus flags got an
+/// EINVAL reply and the connection went on, so the writes a client sent
+/// after it (believing the connection closed) were stored.
+#[test]
+fn disc_with_bogus_flags_still_ends_the_connection_without_a_reply() {
+    let e = export(false);
+    let (result, out) = Script::default()
+        .plain()
+        .request(proto::CMD_DISC, proto::CMD_FLAG_FUA, 1, 4096, 512)
+        .request(proto::CMD_WRITE, 0, 2, 0, 4096)
+        .payload(&[9u8; 4096])
+        .run(&e);
+    assert_eq!(
+        result.unwrap(),
+        Ended::InTransmission(super::transmission::End::Disconnect)
+    );
+    let mut r = Replies::new(&out);
+    r.options_until_final();
+    assert!(r.done(), "DISC got a reply");
+    let mut back = vec![1u8; 4096];
+    e.image.read(&mut back, 0).unwrap();
+    assert_eq!(back, vec![0u8; 4096], "a write after DISC was stored");
+}
+
 #[test]
 fn client_gone_mid_payload_writes_nothing() {
     let e = export(false);

@@ -307,6 +307,13 @@ pub fn serve(
         }
         let req = Request::decode(&header)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if req.command == proto::CMD_DISC {
+            // Whatever its flags, offset and length say: the protocol gives
+            // DISC no reply, so a bogus one still ends the connection
+            // without one (as qemu-nbd does), and the client, which reads
+            // no reply, stays in step.
+            return Ok(End::Disconnect);
+        }
         let checked = validate(&req, export, n);
         if req.command == proto::CMD_WRITE {
             if req.length > PAYLOAD_BYTES_MAX {
@@ -330,7 +337,6 @@ pub fn serve(
             continue;
         }
         match req.command {
-            proto::CMD_DISC => return Ok(End::Disconnect),
             proto::CMD_READ => reply_read(w, export, n, &req, buf)?,
             proto::CMD_WRITE => {
                 let r = do_write(export, &req, &buf[..req.length as usize]);

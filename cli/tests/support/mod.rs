@@ -51,6 +51,19 @@ pub fn ok(out: Output) -> String {
     text(&out.stdout)
 }
 
+/// Asserts the exit status and returns stdout.
+#[track_caller]
+pub fn expect_exit(out: &Output, code: i32) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
 /// Asserts the exit status, one `qj: ` line on stderr, and no panic.
 #[track_caller]
 pub fn assert_one_line_error(out: &Output, code: i32) {

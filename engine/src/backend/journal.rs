@@ -738,6 +738,14 @@ impl MetadataBackend for JournalBackend {
         self.patch_data_read(buf, offset)
     }
 
+    fn serves_reads_from_memory(&self) -> bool {
+        // Rules 6 and 7, and a read-only open's in-memory replay: the
+        // cases `read_data` and `patch_data_read` consult memory for.
+        self.copy_count.load(Ordering::SeqCst) > 0
+            || self.logged_count.load(Ordering::SeqCst) > 0
+            || self.journal.is_read_only()
+    }
+
     fn held_end(&self) -> u64 {
         if !self.journal.is_read_only() {
             // Replay wrote in place; logged data comes later, into clusters

@@ -205,6 +205,14 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Whether some guest data reads are served (or patched) from memory
+    /// rather than the file: delayed copies, logged data, an in-memory
+    /// replay. While false, a data cluster reads exactly as the file holds
+    /// it at the offset its L2 entry names.
+    fn serves_reads_from_memory(&self) -> bool {
+        false
+    }
+
     /// Called after guest data was read from `[offset, offset + buf.len())`
     /// of a data cluster (never across clusters): replaces bytes the disk
     /// does not hold yet (the untouched ranges of a delayed copy, or what an

@@ -4,9 +4,10 @@
 
 use qj_spec::qcow2::features::AUTOCLEAR_BITMAPS_BIT;
 use qj_spec::qcow2::{
-    decode_bitmap_directory, BitmapDirectoryEntry, BITMAPS_MAX, BITMAP_DIRECTORY_LEN_MAX,
-    BITMAP_FLAG_IN_USE, BITMAP_TABLE_ENTRY_ALL_ONES, BITMAP_TABLE_ENTRY_OFFSET_MASK,
-    BITMAP_TABLE_ENTRY_RESERVED_MASK,
+    decode_bitmap_directory, validate_bitmap_entry, validate_bitmaps_extension,
+    validate_directory_fill, BitmapDirectoryEntry, BitmapsExtension, BITMAPS_MAX,
+    BITMAP_DIRECTORY_LEN_MAX, BITMAP_FLAG_IN_USE, BITMAP_TABLE_ENTRY_ALL_ONES,
+    BITMAP_TABLE_ENTRY_OFFSET_MASK, BITMAP_TABLE_ENTRY_RESERVED_MASK,
 };
 
 use super::checker::Checker;
@@ -39,6 +40,39 @@ fn table_entry_is_valid(entry: u64, cluster_size: u64) -> bool {
 }
 
 impl Checker<'_> {
+    /// What is wrong with a directory that failed QEMU's checks, naming
+    /// the field (the qcow2 spec's rules, `bitmap_rules.rs`).
+    fn directory_problem(&self, ext: &BitmapsExtension) -> Result<String, CheckError> {
+        let cluster_size = self.cluster_size();
+        if let Err(e) = validate_bitmaps_extension(ext, cluster_size) {
+            return Ok(e.to_string());
+        }
+        let dir = read_vec(
+            self.storage,
+            ext.bitmap_directory_offset,
+            ext.bitmap_directory_size,
+            "the bitmap directory",
+        )?;
+        let entries = match decode_bitmap_directory(&dir, ext.nb_bitmaps) {
+            Ok(entries) => entries,
+            Err(e) => return Ok(e.to_string()),
+        };
+        if let Err(e) = validate_directory_fill(&entries, ext.bitmap_directory_size) {
+            return Ok(e.to_string());
+        }
+        let mut at = ext.bitmap_directory_offset;
+        for e in &entries {
+            if let Err(err) = validate_bitmap_entry(e, at, cluster_size, self.image.header.size) {
+                return Ok(err.to_string());
+            }
+            if !e.extra_data.is_empty() {
+                return Ok(format!("bitmap {:?} has extra data", e.name));
+            }
+            at += e.encoded_len().next_multiple_of(8) as u64;
+        }
+        Ok("an entry breaks QEMU's limits".into())
+    }
+
     /// QEMU's check_dir_entry.
     fn bitmap_entry_is_valid(&self, e: &BitmapDirectoryEntry) -> bool {
         let cluster_size = self.cluster_size();
@@ -118,7 +152,8 @@ impl Checker<'_> {
                 })
         };
         let Some(entries) = entries else {
-            self.msg("ERROR bitmap directory is broken".into());
+            let why = self.directory_problem(&ext)?;
+            self.msg(format!("ERROR bitmap directory is broken: {why}"));
             tally.corruptions += 1;
             return Ok(false);
         };

@@ -1,4 +1,4 @@
-//! Inline deduplication of whole clusters (spec `qjournal.md` §3.5).
+//! Inline deduplication of whole clusters (spec `qjournal.md` §3.6).
 //!
 //! A write that covers a whole cluster is hashed ([`hash`]); if the
 //! in-memory [`index`] knows a cluster with that content, the guest

@@ -23,6 +23,9 @@ use crate::metadata_map::{MetadataKind, MetadataMap};
 
 /// Byte offset of the incompatible feature field in the qcow2 header.
 const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
+/// QEMU's limit on the bitmap directory (QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+/// 1024 bytes for each of at most 65535 bitmaps).
+const BITMAP_DIRECTORY_BYTES_MAX: u64 = 1024 * 65535;
 
 /// Where the metadata of an image lives, as its header and tables say:
 /// everything but the refcount blocks (the refcount side adds those as it
@@ -72,6 +75,22 @@ pub(super) fn load_metadata_map(
             bitmaps.bitmap_directory_size,
             MetadataKind::BitmapDirectory,
         )?;
+        // The size comes from the file: bound it before allocating, by
+        // QEMU's limit and by the file itself (QEMU refuses both).
+        let end = bitmaps
+            .bitmap_directory_offset
+            .checked_add(bitmaps.bitmap_directory_size);
+        let file_len = storage.len().ctx(|| "reading the image size".into())?;
+        if bitmaps.bitmap_directory_size > BITMAP_DIRECTORY_BYTES_MAX
+            || end.is_none_or(|e| e > file_len)
+        {
+            return Err(Error::Corrupt(format!(
+                "the bitmap directory (bitmaps extension, bitmap_directory_size {} at {:#x}) \
+                 is larger than QEMU's limit of {BITMAP_DIRECTORY_BYTES_MAX} bytes or ends past \
+                 the end of the file ({file_len} bytes)",
+                bitmaps.bitmap_directory_size, bitmaps.bitmap_directory_offset
+            )));
+        }
         let mut dir = vec![0u8; bitmaps.bitmap_directory_size as usize];
         backend.read_metadata(
             storage,
@@ -88,6 +107,11 @@ pub(super) fn load_metadata_map(
     }
     if header.nb_snapshots > 0 {
         let snapshots = read_snapshot_table(storage, backend, header)?;
+        let file_len = storage
+            .len()
+            .ctx(|| "reading the image length".into())?
+            .max(backend.held_end());
+        super::snapshot::validate_snapshot_entries(&snapshots.0, g, file_len)?;
         let table_end = snapshots.1;
         add(
             header.snapshots_offset,
@@ -118,7 +142,7 @@ pub(super) fn load_metadata_map(
 /// The snapshot table's entries and the offset one past its last byte.
 /// Bounded: `validate_layout` limits the entry count to QEMU's, and each
 /// entry to a fixed part plus at most 64 KiB of id, name and extra data.
-fn read_snapshot_table(
+pub(super) fn read_snapshot_table(
     storage: &dyn Storage,
     backend: &dyn MetadataBackend,
     header: &Header,
@@ -146,6 +170,28 @@ fn read_snapshot_table(
 }
 
 impl Image {
+    /// Allocates `clusters` contiguous clusters for new metadata of `kind`
+    /// (a snapshot table or L1 copy, bitmap tables and data) and enters
+    /// them in the guard's map before anything is written there, so that
+    /// no guest write can land on them.
+    pub(super) fn allocate_metadata_run(
+        &self,
+        clusters: u64,
+        kind: MetadataKind,
+    ) -> Result<HostOffset> {
+        let first = self.refcounts.lock().allocate_contiguous(
+            &*self.storage,
+            &*self.backend,
+            &self.counters,
+            clusters,
+        )?;
+        self.metadata
+            .write()
+            .insert(first, clusters, kind)
+            .map_err(|o| Error::Corrupt(format!("new {kind} overlaps the {}", o.existing)))?;
+        Ok(self.geometry.host_offset(first))
+    }
+
     /// Refuses a guest data write to `[host, host + len)` when its cluster
     /// holds metadata: the L2 entry that led here is corrupt.
     pub(super) fn guard_data_write(&self, host: u64, len: u64) -> Result<()> {

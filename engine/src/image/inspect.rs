@@ -68,6 +68,10 @@ pub struct ImageInfo {
     pub backend: BackendKind,
     /// The journal, when the image has one in use.
     pub journal: Option<JournalInfo>,
+    /// The persistent dirty bitmaps.
+    pub bitmaps: Vec<super::BitmapInfo>,
+    /// Why the bitmaps are not maintained or could not be read, if so.
+    pub bitmaps_problem: Option<String>,
 }
 
 impl Image {
@@ -114,7 +118,18 @@ impl Image {
             extensions,
             backend: self.backend.kind(),
             journal: self.backend.journal_info(),
+            bitmaps: self.bitmaps(),
+            bitmaps_problem: self.bitmap_problem(),
         })
+    }
+
+    /// Whether every guest read is served from the file (or the backing
+    /// file, or zeros) as [`Image::map`] describes it: no delayed copy,
+    /// logged data or in-memory replay is consulted. While true, two images
+    /// with the same map and the same bytes at a data extent's host offset
+    /// read the same there.
+    pub fn reads_as_mapped(&self) -> bool {
+        !self.backend.serves_reads_from_memory()
     }
 
     /// Guest extents: what is stored here, zero, or left to the backing file.
@@ -127,70 +142,76 @@ impl Image {
         while c < clusters {
             let cluster = GuestCluster(c);
             let start = g.guest_offset(cluster).0;
-            let length = g.cluster_size().min(size - start);
-            let entry = match self.l1_entry(cluster)?.l2_offset() {
-                None => {
-                    // A whole missing L2 table: skip its range at once.
-                    let next = (g.l1_index(cluster) + 1) * g.l2_entries();
-                    let end = (g.guest_offset(GuestCluster(next)).0).min(size);
-                    push_extent(
-                        &mut out,
-                        MapExtent {
-                            start,
-                            length: end - start,
-                            data: false,
-                            zero: self.backing.is_none(),
-                            compressed: false,
-                            offset: None,
-                        },
-                    );
-                    c = next;
-                    continue;
-                }
-                Some(l2) => {
-                    let table = self.load_l2(l2)?;
-                    let t = table.data.read();
-                    self.l2_entry(&t.bytes, cluster)?
-                }
+            // The clusters up to the next L2 table share this one.
+            let next = ((g.l1_index(cluster) + 1) * g.l2_entries()).min(clusters);
+            let Some(l2) = self.l1_entry(cluster)?.l2_offset() else {
+                // A whole missing L2 table: skip its range at once.
+                let end = (g.guest_offset(GuestCluster(next)).0).min(size);
+                push_extent(
+                    &mut out,
+                    MapExtent {
+                        start,
+                        length: end - start,
+                        data: false,
+                        zero: self.backing.is_none(),
+                        compressed: false,
+                        offset: None,
+                    },
+                );
+                c = next;
+                continue;
             };
-            let ext = match entry {
-                L2Entry::Unallocated => MapExtent {
-                    start,
-                    length,
-                    data: false,
-                    zero: self.backing.is_none(),
-                    compressed: false,
-                    offset: None,
-                },
-                L2Entry::Zero { .. } => MapExtent {
-                    start,
-                    length,
-                    data: false,
-                    zero: true,
-                    compressed: false,
-                    offset: None,
-                },
-                L2Entry::Normal { offset, .. } => MapExtent {
-                    start,
-                    length,
-                    data: true,
-                    zero: false,
-                    compressed: false,
-                    offset: Some(offset.0),
-                },
-                L2Entry::Compressed { .. } => MapExtent {
-                    start,
-                    length,
-                    data: true,
-                    zero: false,
-                    compressed: true,
-                    offset: None,
-                },
-            };
-            push_extent(&mut out, ext);
-            c += 1;
+            // One table lookup and lock for all of its clusters.
+            let table = self.load_l2(l2)?;
+            let t = table.data.read();
+            while c < next {
+                let cluster = GuestCluster(c);
+                let start = g.guest_offset(cluster).0;
+                let length = g.cluster_size().min(size - start);
+                let entry = self.l2_entry(&t.bytes, cluster)?;
+                push_extent(&mut out, self.extent(entry, start, length));
+                c += 1;
+            }
         }
         Ok(out)
+    }
+
+    /// The extent of one guest cluster under L2 entry `entry`.
+    fn extent(&self, entry: L2Entry, start: u64, length: u64) -> MapExtent {
+        match entry {
+            L2Entry::Unallocated => MapExtent {
+                start,
+                length,
+                data: false,
+                zero: self.backing.is_none(),
+                compressed: false,
+                offset: None,
+            },
+            L2Entry::Zero { .. } => MapExtent {
+                start,
+                length,
+                data: false,
+                zero: true,
+                compressed: false,
+                offset: None,
+            },
+            L2Entry::Normal { offset, .. } => MapExtent {
+                start,
+                length,
+                data: true,
+                zero: false,
+                compressed: false,
+                offset: Some(offset.0),
+            },
+            L2Entry::Compressed { .. } => MapExtent {
+                start,
+                length,
+                data: true,
+                zero: false,
+                compressed: true,
+                offset: None,
+            },
+        }
     }
 }
 

@@ -203,7 +203,7 @@ impl Image {
 
     /// Turns deduplication on or off (journal extension flag bit 2). Only a
     /// journalled image can have it: there is no flush order that keeps an
-    /// index and the L2 tables together without one (spec §3.5). The
+    /// index and the L2 tables together without one (spec §3.6). The
     /// journal is first replayed and checkpointed by a normal open and
     /// close, so that no dedup descriptor is left for an opener without
     /// the index to refuse. Asking for the setting the image has changes

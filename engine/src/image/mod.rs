@@ -26,9 +26,11 @@
 //!   discard and copy-on-write;
 //! - `persist.rs`: flush, gathering an epoch, write-back and eviction;
 //! - `resize.rs`: growing and shrinking the guest disk;
+//! - `snapshot.rs`: internal snapshots (create, list, apply, delete);
 //! - `inspect.rs`: `info` and `map`.
 
 mod backing;
+mod bitmaps;
 mod dedup;
 mod dedup_persist;
 mod guard;
@@ -39,6 +41,7 @@ mod open;
 mod persist;
 mod read;
 mod resize;
+mod snapshot;
 mod write;
 
 use std::collections::BTreeSet;
@@ -49,13 +52,15 @@ use qj_spec::qcow2::Header;
 use qj_spec::units::{Geometry, HostOffset};
 
 pub use self::backing::{Backing, BACKING_CHAIN_DEPTH_MAX};
+pub use self::bitmaps::BitmapInfo;
 pub use self::dedup::{DedupCost, DEDUP_BYTES_PER_ENTRY};
 pub use self::inspect::{ImageInfo, MapExtent};
 pub use crate::backend::JournalInfo;
-use crate::backend::{BackendKind, MetadataBackend};
+use crate::backend::{BackendKind, MetadataBackend, MetadataWrite};
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
 use crate::lock::ImageLock;
+use crate::mutation::{JournalMutation, OrderingMutation};
 use crate::options::{CreateOptions, OpenOptions};
 use crate::refcount::{RefcountState, SharedMetadataMap};
 use crate::stats::{Counters, Stats};
@@ -100,6 +105,17 @@ pub struct Image {
     backing: Option<Backing>,
     /// Host ranges newly referenced since the last persist.
     new_data: Mutex<Vec<(HostOffset, u64)>>,
+    /// Whole clusters of metadata that no cache holds (a snapshot's L1
+    /// copy, a new snapshot table), written into fresh clusters: the next
+    /// epoch carries them with the fresh tables.
+    fresh_metadata: Mutex<Vec<MetadataWrite>>,
+    /// Snapshot-order bug for the crash harness (`snapshot.rs`).
+    ordering_mutation: OrderingMutation,
+    /// Snapshot-atomicity bug for the crash harness (`snapshot.rs`).
+    journal_mutation: JournalMutation,
+    /// The persistent dirty bitmaps (`bitmaps.rs`). Lock order: after the
+    /// gate, before the header, the refcounts and the metadata map.
+    bitmaps: Mutex<bitmaps::BitmapState>,
     /// Set when a failure left memory and disk out of step.
     poison: Mutex<Option<String>>,
     virtual_size: AtomicU64,
@@ -219,7 +235,9 @@ impl Image {
             return Ok(());
         }
         self.dedup_write_persisted()?;
+        self.begin_storing_bitmaps();
         self.persist_all()?;
+        self.finish_storing_bitmaps()?;
         self.backend.shutdown(&*self.storage, &self.counters)
     }
 

@@ -178,6 +178,20 @@ impl Image {
             let probe =
                 Self::open_in_chain(storage.clone(), &probe_opts, &mut ChainWalk::default())?;
             let replayed = probe.header.lock().mem.clone();
+            // What only a writable open checks (the metadata map, refcount
+            // blocks apart from every other structure) is checked on the
+            // replayed metadata too.
+            let entries = probe.l1.read().entries.clone();
+            let file_len = probe.file_len_seen.load(crate::sync::Ordering::Acquire);
+            open_metadata(
+                &*probe.storage,
+                &*probe.backend,
+                &replayed,
+                &entries,
+                file_len,
+                true,
+                4,
+            )?;
             probe.close()?;
             refuse_writing(&replayed)?;
         }
@@ -346,25 +360,15 @@ impl Image {
         let entries: Vec<u64> = (0..l1_entries).map(|i| read_table_entry(&raw, i)).collect();
         validate_l1_entries(&entries, geometry, header.l1_table_offset, file_len)?;
 
-        // The guard's map: a writable image must have metadata that does
-        // not overlap; a read-only one needs no guard (and stays readable
-        // however its tables overlap, as in QEMU).
-        let metadata = if opts.writable {
-            super::guard::load_metadata_map(&*storage, &*backend, &header, &entries)?
-        } else {
-            MetadataMap::new()
-        };
-        let metadata: SharedMetadataMap = Arc::new(parking_lot::RwLock::new(metadata));
         let tables_max = (opts.cache_bytes_max / cs).max(4) as usize;
-        let refcounts = RefcountState::open(
+        let (metadata, refcounts, bitmaps) = open_metadata(
             &*storage,
             &*backend,
-            geometry,
-            HostOffset(header.refcount_table_offset),
-            u64::from(header.refcount_table_clusters),
-            geometry.clusters_for(file_len),
+            &header,
+            &entries,
+            file_len,
+            opts.writable,
             tables_max,
-            metadata.clone(),
         )?;
         if opts.writable && backend.kind() == BackendKind::Journal {
             // A single-flush commit can be durable while the write that
@@ -414,6 +418,10 @@ impl Image {
             gate: RwLock::new(()),
             backing,
             new_data: Mutex::new(Vec::new()),
+            fresh_metadata: Mutex::new(Vec::new()),
+            ordering_mutation: opts.ordering_mutation,
+            journal_mutation: opts.journal_mutation,
+            bitmaps: Mutex::new(bitmaps.with_mutation(opts.journal_mutation)),
             poison: Mutex::new(None),
             finished: AtomicBool::new(false),
             submit_order: Mutex::new(()),
@@ -434,37 +442,9 @@ impl Image {
             )?);
         }
         if opts.writable {
-            image.clear_autoclear_bits()?;
+            image.start_bitmaps()?;
         }
         Ok(image)
-    }
-
-    /// A writer that does not maintain a feature must clear its autoclear
-    /// bit before its first write (qcow2 spec), so that the feature's owner
-    /// later knows its data may be stale: the bitmaps extension stays, and
-    /// QEMU discards the bitmaps as inconsistent. Durable before any write.
-    fn clear_autoclear_bits(&self) -> Result<()> {
-        let mut h = self.header.lock();
-        // The journal's "journal valid" bit is ours to keep while we
-        // maintain the journal.
-        let kept = if self.backend.kind() == BackendKind::Journal {
-            features::AUTOCLEAR_JOURNAL_VALID_MASK
-        } else {
-            0
-        };
-        if h.mem.autoclear_features & !kept == 0 {
-            return Ok(());
-        }
-        h.mem.autoclear_features &= kept;
-        let bytes = h.mem.encode()?;
-        self.storage
-            .write_at(&bytes, 0)
-            .ctx(|| "clearing autoclear feature bits".into())?;
-        self.counters.metadata_write(bytes.len());
-        self.counters.flush();
-        self.storage.flush().ctx(|| "flushing the header".into())?;
-        h.disk = h.mem.clone();
-        Ok(())
     }
 }
 
@@ -519,4 +499,48 @@ fn refuse_writing(header: &Header) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The guard's map, the refcount side and the persistent bitmaps of an
+/// image being opened. A writable image must have metadata that does not
+/// overlap (the map is built, and every bitmap cluster and refcount block
+/// is added to it), and bad bitmaps refuse it before anything is written; a
+/// read-only one needs no guard, and stays readable however its tables
+/// overlap, as in QEMU, with the reason its bitmaps cannot be read
+/// reported, not fatal.
+fn open_metadata(
+    storage: &dyn Storage,
+    backend: &dyn MetadataBackend,
+    header: &Header,
+    l1_entries: &[u64],
+    file_len: u64,
+    writable: bool,
+    tables_max: usize,
+) -> Result<(
+    SharedMetadataMap,
+    RefcountState,
+    super::bitmaps::BitmapState,
+)> {
+    let (metadata, bitmaps) = if writable {
+        let mut map = super::guard::load_metadata_map(storage, backend, header, l1_entries)?;
+        let bitmaps = super::bitmaps::load(storage, backend, header, file_len, Some(&mut map))?;
+        (map, bitmaps)
+    } else {
+        let bitmaps = super::bitmaps::load(storage, backend, header, file_len, None)
+            .unwrap_or_else(|e| super::bitmaps::BitmapState::unreadable(e.to_string()));
+        (MetadataMap::new(), bitmaps)
+    };
+    let metadata: SharedMetadataMap = Arc::new(parking_lot::RwLock::new(metadata));
+    let geometry = header.geometry();
+    let refcounts = RefcountState::open(
+        storage,
+        backend,
+        geometry,
+        HostOffset(header.refcount_table_offset),
+        u64::from(header.refcount_table_clusters),
+        geometry.clusters_for(file_len),
+        tables_max,
+        metadata.clone(),
+    )?;
+    Ok((metadata, refcounts, bitmaps))
 }

@@ -45,7 +45,7 @@ impl Image {
     /// the same commit), and finally applies the epoch's frees. With
     /// `covering`, returns early if another persist already made every
     /// operation up to that generation durable.
-    fn persist(&self, covering: Option<u64>) -> Result<()> {
+    pub(super) fn persist(&self, covering: Option<u64>) -> Result<()> {
         let gate = self.gate.write();
         if covering.is_some_and(|g| self.flushed_gen.load(Ordering::SeqCst) >= g) {
             return Ok(());
@@ -106,6 +106,8 @@ impl Image {
         self.entries_changed.store(0, Ordering::Relaxed);
         let mut epoch = Epoch::default();
         let mut pins = WritebackPins::default();
+        // First: what the bitmaps allocate counts in this epoch's refcounts.
+        let bitmap_writes = self.gather_bitmap_writes()?;
         let moved_refcount_table = self.refcounts.lock().take_epoch(
             &mut epoch.fresh_refcount,
             &mut epoch.refcount_links,
@@ -121,6 +123,9 @@ impl Image {
                 epoch.tables.push(w);
             }
         }));
+        epoch.fresh_tables.append(&mut self.fresh_metadata.lock());
+        epoch.fresh_tables.extend(bitmap_writes.fresh);
+        epoch.tables.extend(bitmap_writes.in_place);
         let cs = self.geometry.cluster_size() as usize;
         let mut l1 = self.l1.write();
         let encode_l1 = |entries: &[u64], c: u64| {
@@ -192,7 +197,8 @@ impl Image {
             let fresh =
                 self.fresh_tables.load(Ordering::Relaxed) + self.refcounts.lock().fresh_clusters;
             let entries = self.entries_changed.load(Ordering::Relaxed);
-            let estimate = fresh * self.geometry.cluster_size() + entries * 1536;
+            let bitmap_bytes = self.bitmaps.lock().changed_bytes();
+            let estimate = fresh * self.geometry.cluster_size() + entries * 1536 + bitmap_bytes;
             if estimate > max && self.writable {
                 let r = self.persist(None);
                 self.poisoned(r)?;

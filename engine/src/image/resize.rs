@@ -15,6 +15,7 @@ impl Image {
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         let new_size = new_size.next_multiple_of(512);
+        self.refuse_resize_for_bitmaps(new_size)?;
         let _gate = self.gate.write();
         self.op_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.resize_locked(new_size);
@@ -61,6 +62,9 @@ impl Image {
             }
         } else if needed as usize > self.l1.read().entries.len() {
             self.grow_l1(needed)?;
+        }
+        if new_size > old_size {
+            self.grow_bitmaps(new_size)?;
         }
         self.virtual_size.store(new_size, Ordering::Release);
         {

@@ -23,6 +23,7 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
+        self.mark_bitmaps(offset, buf.len() as u64)?;
         for (cluster, in_cluster, n, at) in self.pieces(offset, buf.len() as u64) {
             let _gate = self.gate.read();
             self.op_gen.fetch_add(1, Ordering::SeqCst);
@@ -257,7 +258,7 @@ impl Image {
 
     /// The host clusters an entry holds a reference on: a data cluster, or
     /// every cluster a compressed cluster's bytes touch.
-    fn referenced_clusters(&self, entry: L2Entry) -> std::ops::Range<u64> {
+    pub(super) fn referenced_clusters(&self, entry: L2Entry) -> std::ops::Range<u64> {
         let bits = self.geometry.cluster_bits;
         match entry {
             L2Entry::Unallocated
@@ -348,6 +349,7 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, len)?;
         self.counters.guest_ops.fetch_add(1, Ordering::Relaxed);
+        self.mark_bitmaps(offset, len)?;
         for (cluster, in_cluster, n, _) in self.pieces(offset, len) {
             let _gate = self.gate.read();
             self.op_gen.fetch_add(1, Ordering::SeqCst);

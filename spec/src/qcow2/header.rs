@@ -5,7 +5,8 @@ use std::borrow::Cow;
 
 use super::bytes::{be_u32, be_u64, slice};
 use super::extension::{
-    decode_extensions, BitmapsExtension, HeaderExtension, JournalExtension, EXT_JOURNAL,
+    decode_extensions, BitmapsExtension, HeaderExtension, JournalExtension, EXT_BITMAPS,
+    EXT_JOURNAL,
 };
 use super::features::*;
 use super::QCOW2_MAGIC;
@@ -781,6 +782,20 @@ impl Header {
                 self.extensions.remove(i);
             }
             (None, Some(j)) => self.extensions.push(HeaderExtension::Journal(j)),
+            (None, None) => {}
+        }
+    }
+
+    /// Replaces the bitmaps extension (or removes it with `None`), keeping
+    /// the position of an existing one so other extensions do not move.
+    pub fn set_bitmaps(&mut self, bitmaps: Option<BitmapsExtension>) {
+        let at = self.extensions.iter().position(|e| e.kind() == EXT_BITMAPS);
+        match (at, bitmaps) {
+            (Some(i), Some(b)) => self.extensions[i] = HeaderExtension::Bitmaps(b),
+            (Some(i), None) => {
+                self.extensions.remove(i);
+            }
+            (None, Some(b)) => self.extensions.push(HeaderExtension::Bitmaps(b)),
             (None, None) => {}
         }
     }

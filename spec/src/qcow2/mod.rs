@@ -3,6 +3,7 @@
 //! bitmap directory, plus the qjournal's header extension and feature bits.
 
 pub mod bitmap;
+pub mod bitmap_rules;
 mod bytes;
 pub mod dedup_index;
 pub mod extension;
@@ -15,6 +16,7 @@ pub mod snapshot;
 pub mod table;
 
 pub use bitmap::*;
+pub use bitmap_rules::*;
 pub use extension::*;
 pub use features::{qjournal_feature_names, FeatureKind, FeatureName};
 pub use header::*;

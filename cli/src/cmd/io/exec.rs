@@ -147,6 +147,12 @@ fn info(image: &Image) -> Result<(), qj_engine::Error> {
         refcount_bits: i.refcount_bits,
         corrupt: (i.version >= 3).then_some(i.corrupt),
         extended_l2: (i.version >= 3).then_some(false),
+        bitmaps: (!i.bitmaps.is_empty()).then(|| {
+            i.bitmaps
+                .iter()
+                .map(crate::cmd::info::BitmapJson::from)
+                .collect()
+        }),
     };
     out_raw!("{}", crate::cmd::info::format_specific_lines(&data));
     Ok(())

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{serve_connection, Export};
 use crate::error::{io as io_err, quoted, CliError, CliResult};
+use crate::nbd::{serve_connection, Export};
 
 /// How often the accept loop looks for a stop request or a free slot
 /// while no client is connecting.

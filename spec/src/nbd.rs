@@ -207,8 +207,8 @@ impl Request {
         })
     }
 
-    /// Encodes the header as a client sends it (the tests' client).
-    #[cfg(test)]
+    /// Encodes the header as a client sends it (the tests' client, the
+    /// fuzzer's round trip).
     #[must_use]
     pub fn encode(&self) -> [u8; REQUEST_BYTES] {
         let mut b = [0u8; REQUEST_BYTES];
