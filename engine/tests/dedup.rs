@@ -593,3 +593,48 @@ fn a_cluster_indexed_after_an_in_place_write_is_checksummed_with_its_insertion()
     image.close().unwrap();
     assert_engine_check_clean(&*storage);
 }
+
+#[test]
+fn a_cluster_unshared_in_an_epoch_not_yet_durable_is_not_written_in_place() {
+    // Found by the journal-dedup crash target (grow workload): a write
+    // into one of two mappings of a shared cluster unshares it, and the
+    // other mapping gets COPIED back in the same epoch. A write through
+    // that mapping must not go in place before the epoch is durable: a
+    // crash that loses it leaves the first guest cluster mapping the
+    // shared cluster still, and it would read bytes it never wrote.
+    let a = pattern(0x61, CLUSTER);
+    let (storage, image) = a_shared_but_not_indexed(&a);
+    let c = pattern(0x63, CLUSTER);
+    image.write(&c, 0).unwrap();
+    let head = pattern(0x70, CLUSTER / 2);
+    image.write(&head, CLUSTER as u64).unwrap();
+    let mut expected = a.clone();
+    expected[..CLUSTER / 2].copy_from_slice(&head);
+    assert_eq!(read(&image, 0, CLUSTER), c, "live");
+    assert_eq!(read(&image, CLUSTER as u64, CLUSTER), expected, "live");
+    // The crash: nothing of this epoch was committed.
+    image.abandon();
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let first = read(&image, 0, CLUSTER);
+    assert!(
+        first == a || first == c,
+        "guest cluster 0 reads neither its old nor its new bytes"
+    );
+    let second = read(&image, CLUSTER as u64, CLUSTER);
+    assert!(second == a || second == expected, "guest cluster 1 is torn");
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+
+    // Once the epoch that unshared it is durable, the cluster is written
+    // in place again: nothing is allocated.
+    let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
+    image.write(&c, 0).unwrap();
+    image.flush().unwrap();
+    let len = storage.len().unwrap();
+    image.write(&head, CLUSTER as u64).unwrap();
+    image.flush().unwrap();
+    assert_eq!(storage.len().unwrap(), len, "written in place");
+    assert_eq!(read(&image, CLUSTER as u64, CLUSTER), expected);
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}

@@ -13,6 +13,17 @@
 //! write into one allocates a new cluster (copy-on-write) and the old one
 //! is freed, with its deletion, in the same transaction.
 //!
+//! Why a cluster whose sharing just ended is not written in place either:
+//! the COPIED flag comes back in the epoch that drops the other mapping,
+//! but a data write reaches the file at once. Written in place before that
+//! epoch is durable, a crash that loses the epoch leaves the other guest
+//! cluster mapping the new bytes (a write it never saw). So until the epoch
+//! is durable the cluster is copied on write, like a shared one; the old
+//! cluster is freed, and like every freed cluster it is not reused before
+//! the epoch that freed it is durable (`refcount.rs`). The cost is one
+//! cluster copy, only for a write that follows an unsharing in the same
+//! epoch, and no extra flush (spec §3.6).
+//!
 //! Lock order: an L2 table, then the refcounts, then the index (a leaf:
 //! nothing is locked while it is held). One table lock at a time.
 
@@ -46,6 +57,13 @@ pub(crate) struct ImageDedup {
     hashed: crate::sync::AtomicU64,
     compare_ns: crate::sync::AtomicU64,
     compared: crate::sync::AtomicU64,
+    /// Number of the epoch being gathered (counts persists).
+    epoch: crate::sync::AtomicU64,
+    /// Host clusters given their COPIED flag back in an epoch not yet
+    /// durable, with that epoch's number: never written in place until
+    /// it is. Bounded by the entries an epoch changes: each durable
+    /// epoch removes its own.
+    unshared: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 /// What the write path does with a whole-cluster write.
@@ -97,6 +115,8 @@ impl ImageDedup {
             hashed: Default::default(),
             compare_ns: Default::default(),
             compared: Default::default(),
+            epoch: Default::default(),
+            unshared: Default::default(),
         }
     }
 }
@@ -135,14 +155,32 @@ impl Image {
         entries
     }
 
-    /// Whether host cluster `offset` is indexed (then it is never written
-    /// in place).
-    pub(super) fn dedup_indexed(&self, offset: HostOffset) -> bool {
+    /// Whether host cluster `offset` must not be written in place even
+    /// with its COPIED flag: it is indexed (its bytes must keep their
+    /// hash), or its sharing ended in an epoch not yet durable (see the
+    /// module documentation). Either way it is copied on write.
+    pub(super) fn dedup_no_in_place(&self, offset: HostOffset) -> bool {
         self.dedup.as_ref().is_some_and(|d| {
-            d.index
-                .lock()
-                .contains(self.geometry.host_cluster(offset).0)
+            let cluster = self.geometry.host_cluster(offset).0;
+            d.index.lock().contains(cluster) || d.unshared.lock().contains_key(&cluster)
         })
+    }
+
+    /// Called by a persist once it gathered its epoch (under the exclusive
+    /// gate): returns that epoch's number; later unsharings belong to the
+    /// next one.
+    pub(super) fn dedup_epoch_gathered(&self) -> u64 {
+        self.dedup
+            .as_ref()
+            .map_or(0, |d| d.epoch.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// Called once epoch `epoch` (and so every earlier one) is durable:
+    /// the clusters unshared in it may be written in place again.
+    pub(super) fn dedup_epoch_durable(&self, epoch: u64) {
+        if let Some(d) = &self.dedup {
+            d.unshared.lock().retain(|_, e| *e > epoch);
+        }
     }
 
     /// Whether a whole-cluster write must take the dedup path.
@@ -375,6 +413,11 @@ impl Image {
                 .lock()
                 .get(&*self.storage, &*self.backend, host)?;
             if count == 1 && !copied && l1.is_copied() {
+                // Under the gate: the epoch number is the one this change
+                // is gathered into.
+                d.unshared
+                    .lock()
+                    .insert(host.0, d.epoch.load(Ordering::SeqCst));
                 self.entries_changed.fetch_add(1, Ordering::Relaxed);
                 t.set_entry(
                     self.geometry.l2_index(owner) as usize,

@@ -53,6 +53,7 @@ impl Image {
         let started_gen = self.op_gen.load(Ordering::SeqCst);
         let (epoch, pins) = self.gather_epoch()?;
         let releases = self.refcounts.lock().take_releases();
+        let dedup_epoch = self.dedup_epoch_gathered();
         // Epochs reach the backend in the order they were gathered (a later
         // epoch's entries may depend on an earlier epoch's counts), but the
         // gate is released first: guest operations go on while this epoch
@@ -82,6 +83,7 @@ impl Image {
             &self.counters,
             releases,
         )?;
+        self.dedup_epoch_durable(dedup_epoch);
         self.flushed_gen.fetch_max(started_gen, Ordering::SeqCst);
         Ok(())
     }

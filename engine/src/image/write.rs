@@ -123,7 +123,7 @@ impl Image {
                 copied: true,
             } = self.l2_entry(&t.bytes, cluster)?
             {
-                if !self.dedup_indexed(offset) {
+                if !self.dedup_no_in_place(offset) {
                     return self.write_data(data, offset.0 + in_cluster as u64);
                 }
             }
@@ -135,9 +135,11 @@ impl Image {
             copied: true,
         } = old
         {
-            // An indexed cluster keeps the bytes its hash describes: it is
-            // copied on write like a shared one, and freed with its deletion.
-            if !self.dedup_indexed(offset) {
+            // An indexed cluster keeps the bytes its hash describes, and a
+            // cluster unshared in an epoch not yet durable keeps the bytes
+            // its other mapping may still have after a crash: each is
+            // copied on write like a shared one (`dedup.rs`).
+            if !self.dedup_no_in_place(offset) {
                 self.write_data(data, offset.0 + in_cluster as u64)?;
                 if let Some(hash) = index_as {
                     // Once indexed, other guest clusters may map these
