@@ -510,21 +510,17 @@ impl Image {
                 index.counters.dropped_at_open += 1;
             }
         }
-        let mapped = self.dedup_find_owners(&mut index)?;
+        self.dedup_find_owners(&mut index)?;
         if let Some((first, clusters)) = persisted.clusters {
-            if (first.0..first.0 + clusters).all(|c| !mapped.contains(&c)) {
-                self.dedup_free_persisted(first, clusters)?;
-            }
+            self.dedup_free_persisted(first, clusters)?;
         }
         Ok(ImageDedup::new(index, trust_hash, mutation))
     }
 
     /// Records, for every indexed cluster, the guest clusters of the active
     /// tables that map it; entries no active table maps are dropped (only
-    /// a snapshot holds them: nothing to share through). Returns every host
-    /// cluster an active L2 entry maps.
-    fn dedup_find_owners(&self, index: &mut DedupIndex) -> Result<std::collections::HashSet<u64>> {
-        let mut mapped = std::collections::HashSet::new();
+    /// a snapshot holds them: nothing to share through).
+    fn dedup_find_owners(&self, index: &mut DedupIndex) -> Result<()> {
         let l1_len = self.l1.read().entries.len() as u64;
         let per_table = self.geometry.l2_entries();
         for i in 0..l1_len {
@@ -538,7 +534,6 @@ impl Image {
                 let cluster = GuestCluster(i * per_table + j);
                 if let Ok(L2Entry::Normal { offset, copied }) = self.l2_entry(&t.bytes, cluster) {
                     let host = self.geometry.host_cluster(offset).0;
-                    mapped.insert(host);
                     if copied {
                         index.add_owner(host, cluster.0);
                     } else {
@@ -552,6 +547,6 @@ impl Image {
                 index.forget(cluster);
             }
         }
-        Ok(mapped)
+        Ok(())
     }
 }

@@ -13,6 +13,7 @@
 use qj_spec::qcow2::dedup_index::{
     decode_index, encode_index, DedupIndexExtension, DEDUP_INDEX_ENTRY_BYTES,
 };
+use qj_spec::qcow2::{read_table_entry, L1Entry, L2Entry};
 use qj_spec::units::{HostCluster, HostOffset};
 
 use super::Image;
@@ -128,14 +129,18 @@ impl Image {
             Err(why) => return Ok(Err(why)),
         };
         // Freed only if each cluster is counted exactly once (the index's
-        // own reference) and no snapshot could reference it.
-        let mut free_ok = self.header.lock().mem.nb_snapshots == 0;
+        // own reference) and no L2 entry, active or a snapshot's, maps it:
+        // on a damaged image the count may not tell.
+        let mut free_ok = true;
         {
             let rc = self.refcounts.lock();
             for c in first.0..first.0 + clusters {
                 free_ok &= rc.get(&*self.storage, &*self.backend, HostCluster(c))? == 1;
             }
         }
+        // Tables that cannot be read keep the clusters: a leak, never a
+        // free of someone else's data.
+        free_ok = free_ok && matches!(self.dedup_tables_map(first, clusters), Ok(false));
         Ok(Ok(LoadedIndex {
             entries,
             clusters: free_ok.then_some((first, clusters)),
@@ -143,8 +148,41 @@ impl Image {
         }))
     }
 
-    /// Frees the clusters of the index read at open, once the walk of the
-    /// active tables found that no L2 entry maps any of them.
+    /// Whether an L2 entry of the active tables or of a snapshot maps any
+    /// of the clusters `[first, first + clusters)`. Each table is read once
+    /// (tables shared between L1 tables are walked once), so the walk is
+    /// bounded by the tables the image has; it runs only at an open that
+    /// found a persisted index.
+    fn dedup_tables_map(&self, first: HostCluster, clusters: u64) -> Result<bool> {
+        let mut l1_tables = vec![self.l1.read().entries.clone()];
+        for sn in self.snapshots()? {
+            l1_tables.push(self.read_snapshot_l1(&sn)?);
+        }
+        let range = first.0..first.0 + clusters;
+        let mut walked = std::collections::HashSet::new();
+        for raw in l1_tables.into_iter().flatten() {
+            let Some(l2) = L1Entry(raw).l2_offset() else {
+                continue;
+            };
+            if !walked.insert(l2.0) {
+                continue;
+            }
+            let table = self.load_l2(l2)?;
+            let t = table.data.read();
+            for i in 0..self.geometry.l2_entries() as usize {
+                let entry =
+                    L2Entry::decode(read_table_entry(&t.bytes, i), self.geometry.cluster_bits);
+                let held = self.referenced_clusters(entry);
+                if held.start < range.end && range.start < held.end {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Frees the clusters of the index read at open (none of them is
+    /// mapped by an L2 entry: `dedup_tables_map`).
     pub(super) fn dedup_free_persisted(&self, first: HostCluster, clusters: u64) -> Result<()> {
         let mut rc = self.refcounts.lock();
         for c in first.0..first.0 + clusters {

@@ -432,7 +432,7 @@ impl Image {
     }
 
     /// A snapshot's L1 table, as the backend knows it.
-    fn read_snapshot_l1(&self, sn: &SnapshotHeader) -> Result<Vec<u64>> {
+    pub(super) fn read_snapshot_l1(&self, sn: &SnapshotHeader) -> Result<Vec<u64>> {
         let mut raw = vec![0u8; sn.l1_size as usize * 8];
         self.backend
             .read_metadata(&*self.storage, &mut raw, HostOffset(sn.l1_table_offset))?;
@@ -564,6 +564,13 @@ impl Image {
                 rc.increment(&*self.storage, &*self.backend, HostCluster(c))?;
             } else {
                 rc.free(&*self.storage, &*self.backend, HostCluster(c))?;
+                if self.dedups() {
+                    // A data cluster a delete or an apply frees leaves the
+                    // dedup index in the same transaction, like one a
+                    // guest write frees (`release_entry`).
+                    let count = rc.get(&*self.storage, &*self.backend, HostCluster(c))?;
+                    self.dedup_freed(HostCluster(c), count);
+                }
             }
         }
         Ok(())
