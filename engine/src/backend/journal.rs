@@ -131,6 +131,10 @@ pub struct JournalBackend {
     folded: Mutex<JournalStats>,
     /// In-place bytes written by checkpoints.
     checkpoint_bytes: AtomicU64,
+    /// Checkpoints since open (the open's replay counts as one).
+    checkpoints: AtomicU64,
+    /// Whether the journal was dirty at open (an unclean shutdown).
+    opened_dirty: bool,
     /// Transactions replayed when the journal was opened.
     replayed: u64,
     /// What that replay found that the user must hear about.
@@ -248,6 +252,8 @@ impl JournalBackend {
             dirty_bit_on_disk: AtomicBool::new(dirty_bit_on_disk),
             folded: Mutex::new(JournalStats::default()),
             checkpoint_bytes: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(u64::from(report.transactions_replayed > 0)),
+            opened_dirty: dirty_bit_on_disk,
             replayed: report.transactions_replayed,
             replay_warning: report.torn_tail_warning(),
             delayed_cow,
@@ -340,6 +346,7 @@ impl JournalBackend {
     /// image's gate; the journal serialises it with commits.
     pub fn checkpoint(&self, counters: &Counters) -> Result<()> {
         let report = self.journal.checkpoint().map_err(journal_err)?;
+        self.checkpoints.fetch_add(1, Ordering::SeqCst);
         self.checkpoint_bytes
             .fetch_add(report.bytes_written, Ordering::Relaxed);
         counters
@@ -798,6 +805,14 @@ impl MetadataBackend for JournalBackend {
         // so a checkpoint can make room while others are still unsynced.
         let fill = self.journal.fill();
         Some(fill.ring_blocks * self.journal.geometry().block_size() / 4)
+    }
+
+    fn checkpoints(&self) -> u64 {
+        self.checkpoints.load(Ordering::SeqCst)
+    }
+
+    fn opened_dirty(&self) -> bool {
+        self.opened_dirty
     }
 
     fn take_replayed_dedup(&self) -> Vec<DedupEvent> {

@@ -273,6 +273,20 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
         true
     }
 
+    /// How many times committed metadata was applied in place since open
+    /// (a journal's checkpoints; the open's replay counts as one): the
+    /// persisted dedup index is rewritten after each (spec §3.6).
+    fn checkpoints(&self) -> u64 {
+        0
+    }
+
+    /// Whether the image was opened after an unclean shutdown (a journal
+    /// found dirty): a persisted dedup index may then be older than the
+    /// log and is rehashed before use (spec §3.6).
+    fn opened_dirty(&self) -> bool {
+        false
+    }
+
     /// Writes everything durable so far to its place (a journal's
     /// checkpoint; nothing to do in place already).
     fn checkpoint(&self, storage: &dyn Storage, counters: &Counters) -> Result<()> {

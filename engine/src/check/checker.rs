@@ -32,6 +32,9 @@ pub(crate) struct Checker<'a> {
     pub snapshots_size: u64,
     /// Clusters referenced past the end of the file (not counted).
     pub beyond_eof: BTreeSet<u64>,
+    /// The image's journal was dirty (replayed in memory for this pass):
+    /// its persisted dedup index may be older than the log (spec §3.6).
+    pub journal_was_dirty: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -54,6 +57,7 @@ impl<'a> Checker<'a> {
             snapshots: Vec::new(),
             snapshots_size: 0,
             beyond_eof: BTreeSet::new(),
+            journal_was_dirty: false,
         })
     }
 

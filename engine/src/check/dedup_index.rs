@@ -4,7 +4,10 @@
 //! image (no guest data depends on it): `-r all` rewrites the index in its
 //! clusters without it. Checked only while "journal valid" is set: after a
 //! program that does not know the journal wrote the image, the index is
-//! not ours to judge (the next read-write open drops it).
+//! not ours to judge (the next read-write open drops it). While the
+//! journal is dirty the index may be older than the log (it is written
+//! after checkpoints, and the next open rehashes it): stale entries are
+//! then noted, not counted.
 
 use qj_spec::qcow2::dedup_index::{
     decode_index, encode_index, DedupIndexExtension, DEDUP_INDEX_ENTRY_BYTES, EXT_DEDUP_INDEX,
@@ -87,6 +90,13 @@ impl Checker<'_> {
                 (cluster_hash(&cluster) != hash).then_some("does not have the entry's hash")
             };
             match why {
+                Some(why) if self.journal_was_dirty => {
+                    // After an unclean shutdown the index may be older
+                    // than the log (spec §3.6): expected, not a corruption.
+                    self.msg(format!(
+                        "NOTE dedup index entry {i}: cluster {offset:#x} {why}; the journal was dirty, so the index may be older than its log: the next read-write open rehashes it and drops this entry"
+                    ));
+                }
                 Some(why) => {
                     self.msg(format!(
                         "ERROR dedup index entry {i}: cluster {offset:#x} {why} (a stale entry: a corruption of the index, not of the image)"

@@ -134,7 +134,7 @@ fn check_pass(
     let header = Image::read_header(storage)?;
     if !header.has_incompatible(INCOMPAT_JOURNAL_DIRTY_BIT) {
         let image = Image::load(storage)?;
-        return check_image(storage, mode, extra_refs, image, &[], 0);
+        return check_image(storage, mode, extra_refs, image, &[], 0, false);
     }
     let state = journal::replay_dirty_journal(storage, &header);
     // A dirty journal holds committed metadata not yet in place: a repair
@@ -164,7 +164,7 @@ fn check_pass(
                 "The journal is dirty: {transactions} committed transaction(s) replayed in memory; checking the metadata as replayed"
             )];
             notes.extend(warning.map(|w| format!("WARNING {w}")));
-            check_image(&replayed, mode, extra_refs, image, &notes, 0)
+            check_image(&replayed, mode, extra_refs, image, &notes, 0, true)
         }
         JournalState::Unreplayable(why) | JournalState::Missing(why) => {
             // Committed metadata the image cannot get back: a corruption,
@@ -176,13 +176,14 @@ fn check_pass(
                     "WARNING the journal's committed transactions cannot be replayed: this is the metadata as it was before them; {SALVAGE_ADVICE}"
                 ),
             ];
-            check_image(storage, mode, extra_refs, image, &notes, 1)
+            check_image(storage, mode, extra_refs, image, &notes, 1, true)
         }
     }
 }
 
 /// One pass over `image` as loaded from `storage`; `notes` open the
-/// messages and `journal_corruptions` count with the problems found.
+/// messages and `journal_corruptions` count with the problems found;
+/// `journal_was_dirty` when the image's journal had to be replayed.
 fn check_image(
     storage: &dyn Storage,
     mode: RepairMode,
@@ -190,8 +191,10 @@ fn check_image(
     image: Image,
     notes: &[String],
     journal_corruptions: u64,
+    journal_was_dirty: bool,
 ) -> Result<Pass, CheckError> {
     let mut checker = Checker::new(storage, mode, extra_refs, image)?;
+    checker.journal_was_dirty = journal_was_dirty;
     for note in notes {
         checker.msg(note.clone());
     }

@@ -52,6 +52,10 @@ pub struct DedupStats {
     /// Entries dropped at open because they did not hold (bad offset,
     /// free cluster, metadata, content that does not match).
     pub dropped_at_open: u64,
+    /// Entries of the persisted index that no longer held after an
+    /// unclean shutdown (the index was older than the log: spec §3.6) and
+    /// were dropped at open.
+    pub persisted_stale_at_open: u64,
     /// Entries read from the persisted index at open.
     pub persisted_loaded: u64,
     /// Why the persisted index was ignored at open, if it was (damaged:
@@ -258,6 +262,12 @@ impl DedupIndex {
                 }
             }
         }
+    }
+
+    /// Whether changes wait for the next epoch.
+    #[must_use]
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// Takes the changes queued since the last call, in order.

@@ -33,6 +33,7 @@ use qj_journal::DedupOp;
 use qj_spec::qcow2::L2Entry;
 use qj_spec::units::{GuestCluster, HostCluster, HostOffset};
 
+use super::dedup_persist::PersistedClusters;
 use super::Image;
 use crate::dedup::{cluster_hash, ClusterHash, DedupIndex, DedupStats, HASH_ALGORITHM_SHA256};
 use crate::error::Result;
@@ -48,7 +49,7 @@ pub const DEDUP_BYTES_PER_ENTRY: u64 = 160;
 /// The dedup state of an image opened for writing with dedup on.
 #[derive(Debug)]
 pub(crate) struct ImageDedup {
-    index: Mutex<DedupIndex>,
+    pub(super) index: Mutex<DedupIndex>,
     /// Map to a cluster whose hash matches without comparing the bytes.
     trust_hash: bool,
     mutation: JournalMutation,
@@ -64,6 +65,12 @@ pub(crate) struct ImageDedup {
     /// it is. Bounded by the entries an epoch changes: each durable
     /// epoch removes its own.
     unshared: Mutex<std::collections::HashMap<u64, u64>>,
+    /// The clusters of the index the header names (`dedup_persist.rs`).
+    pub(super) persisted: Mutex<Option<PersistedClusters>>,
+    /// The backend's checkpoint count when the index was last written.
+    pub(super) persisted_at_checkpoint: crate::sync::AtomicU64,
+    /// Whether the index changed since it was last written.
+    pub(super) changed: crate::sync::AtomicBool,
 }
 
 /// What the write path does with a whole-cluster write.
@@ -117,6 +124,9 @@ impl ImageDedup {
             compared: Default::default(),
             epoch: Default::default(),
             unshared: Default::default(),
+            persisted: Mutex::new(None),
+            persisted_at_checkpoint: Default::default(),
+            changed: Default::default(),
         }
     }
 }
@@ -191,7 +201,13 @@ impl Image {
     /// The dedup changes for the epoch being gathered.
     pub(super) fn take_dedup_changes(&self) -> Vec<crate::dedup::DedupChange> {
         match &self.dedup {
-            Some(d) => d.index.lock().take_pending(),
+            Some(d) => {
+                let changes = d.index.lock().take_pending();
+                if !changes.is_empty() {
+                    d.changed.store(true, Ordering::SeqCst);
+                }
+                changes
+            }
             None => Vec::new(),
         }
     }
@@ -438,10 +454,11 @@ impl Image {
     /// found (spec §8.5), in log order. Each entry is checked against the
     /// metadata (a data cluster inside the file, counted, not metadata) and
     /// dropped if it does not hold, so that no write is ever deduplicated
-    /// against it; the journal's entries are also rehashed (the persisted
-    /// ones were written at a clean close and nothing changed since, so
-    /// open does not rehash the image). Then one walk of the active L2
-    /// tables finds the owners.
+    /// against it. The journal's entries are also rehashed, and so are the
+    /// persisted ones after an unclean shutdown (the index may be older
+    /// than the log: see `dedup_persist.rs`); after a clean close the index
+    /// was written last, and open does not rehash the image. Then one walk
+    /// of the active L2 tables finds the owners.
     pub(super) fn dedup_start(
         &self,
         events: Vec<qj_journal::DedupEvent>,
@@ -464,6 +481,7 @@ impl Image {
         index.counters.persisted_loaded = index.entries().len() as u64;
         let mut malformed = 0u64;
         let mut from_journal = std::collections::HashSet::new();
+        let replayed_any = !events.is_empty();
         for event in events {
             let e = &event.entry;
             let hash: Option<ClusterHash> = e.hash.as_slice().try_into().ok();
@@ -486,12 +504,14 @@ impl Image {
             }
         }
         index.counters.dropped_at_open += malformed;
+        let rehash_persisted = self.backend.opened_dirty();
         let file_len = self.storage.len().unwrap_or(0);
         let cs = self.geometry.cluster_size();
         let mut bytes = vec![0u8; cs as usize];
         for (cluster, hash) in index.entries() {
             let host = HostCluster(cluster);
             let offset = self.geometry.host_offset(host);
+            let journalled = from_journal.contains(&cluster);
             let holds = offset.0 + cs <= file_len
                 && self.metadata.read().kind_of(host).is_none()
                 && self
@@ -499,7 +519,7 @@ impl Image {
                     .lock()
                     .get(&*self.storage, &*self.backend, host)?
                     > 0
-                && (!from_journal.contains(&cluster) || {
+                && (!(journalled || rehash_persisted) || {
                     // Rehashed whatever `trust_hash` says: with it no
                     // later comparison would catch one that does not hold.
                     self.backend.read_data(&*self.storage, &mut bytes, offset)?;
@@ -507,14 +527,21 @@ impl Image {
                 });
             if !holds {
                 index.forget(cluster);
-                index.counters.dropped_at_open += 1;
+                if journalled || !rehash_persisted {
+                    index.counters.dropped_at_open += 1;
+                } else {
+                    index.counters.persisted_stale_at_open += 1;
+                }
             }
         }
         self.dedup_find_owners(&mut index)?;
-        if let Some((first, clusters)) = persisted.clusters {
-            self.dedup_free_persisted(first, clusters)?;
-        }
-        Ok(ImageDedup::new(index, trust_hash, mutation))
+        let changed = replayed_any
+            || persisted.ignored.is_some()
+            || index.counters.dropped_at_open + index.counters.persisted_stale_at_open > 0;
+        let dedup = ImageDedup::new(index, trust_hash, mutation);
+        *dedup.persisted.lock() = persisted.clusters;
+        dedup.changed.store(changed, Ordering::SeqCst);
+        Ok(dedup)
     }
 
     /// Records, for every indexed cluster, the guest clusters of the active

@@ -1,14 +1,20 @@
 //! The persisted dedup index (spec §3.6, `qj_spec::qcow2::dedup_index`):
-//! written at a clean close into clusters the "qjdx" extension names, read
-//! back by the next open for writing so that it does not rehash the image.
+//! written into clusters the "qjdx" extension names, in the first
+//! transaction after each checkpoint and at a clean close, and read back by
+//! the next open for writing so that it does not rehash the image.
 //!
-//! Why it can be trusted without rehashing: an open for writing takes the
-//! index into memory and empties the extension in the header, and that
-//! change (with the free of the index clusters) rides in the first
-//! transaction the session commits. So while the extension is in the
-//! header, nothing has changed since the index was written, except what
-//! the journal still holds (the last transactions of the closing session,
-//! whose dedup entries replay applies again: harmless, spec §8.5).
+//! Why it can be trusted, and when it is rehashed: the index is written in
+//! a transaction, as the in-memory index stood when that transaction's
+//! epoch was gathered (under the exclusive gate), with the header naming
+//! it and the free of the previous index's clusters. Replay then applies,
+//! in log order, every dedup descriptor the log still holds; for every
+//! cluster they name, the last one has the final word (spec §8.5). What
+//! the log no longer holds (transactions a checkpoint synced after the
+//! index was written and before a newer one was) may have changed an
+//! entry the index still has, so after an unclean shutdown (the journal
+//! was dirty) open rehashes the persisted entries and drops those that no
+//! longer hold; after a clean close the index was written last and is
+//! exact. An entry is never used unchecked; losing one only costs sharing.
 
 use qj_spec::qcow2::dedup_index::{
     decode_index, encode_index, DedupIndexExtension, DEDUP_INDEX_ENTRY_BYTES,
@@ -19,59 +25,68 @@ use qj_spec::units::{HostCluster, HostOffset};
 use super::Image;
 use crate::dedup::ClusterHash;
 use crate::error::{IoContext, Result};
+use crate::sync::Ordering;
 
-/// A persisted index found at open: its entries, and its clusters if they
-/// may be freed once the entries are in memory.
+/// A persisted index found at open: its entries, and its clusters.
 pub(super) struct LoadedIndex {
     /// (host offset, hash) pairs.
     pub entries: Vec<(u64, ClusterHash)>,
-    /// The index clusters (first, count).
-    pub clusters: Option<(HostCluster, u64)>,
+    /// The index clusters, if the extension named a readable index.
+    pub clusters: Option<PersistedClusters>,
     /// Why the extension was ignored, if it was.
     pub ignored: Option<String>,
 }
 
+/// The clusters a persisted index occupies.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PersistedClusters {
+    /// The first index cluster.
+    pub first: HostCluster,
+    /// How many (contiguous).
+    pub clusters: u64,
+    /// Whether they may be freed when the index is replaced: each counted
+    /// once, and mapped by no L2 entry (`dedup_tables_map`).
+    pub free_ok: bool,
+}
+
 impl Image {
-    /// Reads the persisted index the header names, if any, and removes the
-    /// extension from the in-memory header (the first transaction makes
-    /// that durable). A damaged extension or index (truncated, bad
-    /// checksum, past the end of the file, over metadata) is ignored and
-    /// dropped: never used, and its clusters are not freed (they may be
-    /// someone else's; if they were the index's, `qj check -r leaks` frees
-    /// them).
+    /// Reads the persisted index the header names, if any. A damaged
+    /// extension or index (truncated, bad checksum, past the end of the
+    /// file, over metadata) is ignored and dropped from the in-memory
+    /// header (the first transaction makes that durable): never used, and
+    /// its clusters are not freed (they may be someone else's; if they
+    /// were the index's, `qj check -r leaks` frees them). A good one stays
+    /// in the header until a newer index replaces it.
     ///
-    /// The extension stays, empty ([`DedupIndexExtension::EMPTY`]), unless
-    /// `remove`: dedup is being turned off.
+    /// The extension stays (empty, [`DedupIndexExtension::EMPTY`], when no
+    /// index is persisted) unless `remove`: dedup is being turned off.
     pub(super) fn dedup_load_persisted(&self, remove: bool) -> Result<LoadedIndex> {
-        let found = {
-            let mut h = self.header.lock();
-            let found = h.mem.dedup_index();
-            if remove {
-                if found.is_some() {
-                    h.mem.set_dedup_index(None);
-                    h.dirty = true;
-                }
-            } else if found != Some(Ok(DedupIndexExtension::EMPTY)) {
-                h.mem.set_dedup_index(Some(DedupIndexExtension::EMPTY));
-                h.dirty = true;
-            }
-            found
-        };
+        let found = self.header.lock().mem.dedup_index();
         let empty = |ignored: Option<String>| LoadedIndex {
             entries: Vec::new(),
             clusters: None,
             ignored,
         };
-        let ext = match found {
-            None => return Ok(empty(None)),
-            Some(Err(why)) => return Ok(empty(Some(why))),
-            Some(Ok(ext)) if ext.is_empty() => return Ok(empty(None)),
-            Some(Ok(ext)) => ext,
+        let loaded = match &found {
+            None => empty(None),
+            Some(Err(why)) => empty(Some(why.clone())),
+            Some(Ok(ext)) if ext.is_empty() => empty(None),
+            Some(Ok(ext)) => match self.dedup_read_persisted(ext)? {
+                Ok(loaded) => loaded,
+                Err(why) => empty(Some(why)),
+            },
         };
-        match self.dedup_read_persisted(&ext)? {
-            Ok(loaded) => Ok(loaded),
-            Err(why) => Ok(empty(Some(why))),
+        let mut h = self.header.lock();
+        if remove {
+            if found.is_some() {
+                h.mem.set_dedup_index(None);
+                h.dirty = true;
+            }
+        } else if loaded.clusters.is_none() && found != Some(Ok(DedupIndexExtension::EMPTY)) {
+            h.mem.set_dedup_index(Some(DedupIndexExtension::EMPTY));
+            h.dirty = true;
         }
+        Ok(loaded)
     }
 
     /// Validates `ext` against the file and the metadata and reads its
@@ -143,7 +158,11 @@ impl Image {
         free_ok = free_ok && matches!(self.dedup_tables_map(first, clusters), Ok(false));
         Ok(Ok(LoadedIndex {
             entries,
-            clusters: free_ok.then_some((first, clusters)),
+            clusters: Some(PersistedClusters {
+                first,
+                clusters,
+                free_ok,
+            }),
             ignored: None,
         }))
     }
@@ -181,11 +200,16 @@ impl Image {
         Ok(false)
     }
 
-    /// Frees the clusters of the index read at open (none of them is
-    /// mapped by an L2 entry: `dedup_tables_map`).
-    pub(super) fn dedup_free_persisted(&self, first: HostCluster, clusters: u64) -> Result<()> {
+    /// Frees the clusters of a persisted index (by the free rules: reused
+    /// only once the transaction that no longer names them is durable),
+    /// unless they are not the index's alone.
+    fn dedup_free_persisted(&self, persisted: PersistedClusters) -> Result<()> {
+        if !persisted.free_ok {
+            return Ok(());
+        }
         let mut rc = self.refcounts.lock();
-        for c in first.0..first.0 + clusters {
+        let first = persisted.first.0;
+        for c in first..first + persisted.clusters {
             rc.free(&*self.storage, &*self.backend, HostCluster(c))?;
         }
         Ok(())
@@ -197,57 +221,108 @@ impl Image {
     /// extension is only removed.
     pub(super) fn dedup_drop_persisted(&self) -> Result<()> {
         let loaded = self.dedup_load_persisted(true)?;
-        if let Some((first, clusters)) = loaded.clusters {
-            self.dedup_free_persisted(first, clusters)?;
+        if let Some(persisted) = loaded.clusters {
+            self.dedup_free_persisted(persisted)?;
         }
         Ok(())
     }
 
-    /// Writes the in-memory index into fresh clusters and names them in
-    /// the header (called by a clean close before the last persist, which
-    /// commits counts, header and the index's data checksums together).
-    pub(super) fn dedup_write_persisted(&self) -> Result<()> {
-        let Some(stats) = self.dedup_stats() else {
+    /// Called by a persist under the exclusive gate, before it gathers its
+    /// epoch: after a checkpoint (the open's replay counts as one), if the
+    /// index changed since it was last written, this epoch writes it, so
+    /// that a crash loses at most what changed since the last checkpoint
+    /// (less: the log still holds most of it).
+    pub(super) fn dedup_persist_after_checkpoint(&self) -> Result<()> {
+        let Some(d) = &self.dedup else {
             return Ok(());
         };
-        let entries = self.dedup_entries();
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let cs = self.geometry.cluster_size();
-        let mut bytes = encode_index(&entries);
-        let clusters = (bytes.len() as u64).div_ceil(cs);
-        bytes.resize((clusters * cs) as usize, 0);
-        let first = self.refcounts.lock().allocate_contiguous(
-            &*self.storage,
-            &*self.backend,
-            &self.counters,
-            clusters,
-        )?;
-        let offset = self.geometry.host_offset(first);
-        self.storage
-            .write_at(&bytes, offset.0)
-            .ctx(|| format!("writing the dedup index at {offset}"))?;
-        self.counters.metadata_write(bytes.len());
+        let checkpoints = self.backend.checkpoints();
+        if checkpoints > d.persisted_at_checkpoint.load(Ordering::SeqCst)
+            && (d.changed.load(Ordering::SeqCst) || d.index.lock().has_pending())
         {
-            // Rule 2 of the journal: data the transaction depends on is
-            // checksummed (one range per cluster).
-            let mut new_data = self.new_data.lock();
-            for i in 0..clusters {
-                new_data.push((HostOffset(offset.0 + i * cs), cs));
-            }
+            self.dedup_write_persisted()?;
         }
-        let body = entries.len() * DEDUP_INDEX_ENTRY_BYTES;
-        let ext = DedupIndexExtension {
-            offset: offset.0,
-            entries: entries.len() as u64,
-            clusters_saved: stats.clusters_saved,
-            clusters: clusters as u32,
-            crc32c: crc32c(&bytes[..body]),
+        Ok(())
+    }
+
+    /// Writes the in-memory index into fresh clusters, names them in the
+    /// header and frees the previous index's clusters, all in the epoch
+    /// being gathered (a clean close calls it before its last persist; a
+    /// persist after a checkpoint, under the gate). No index at all (the
+    /// empty extension) when there is no entry. Nothing to do when the
+    /// index did not change since it was last written.
+    pub(super) fn dedup_write_persisted(&self) -> Result<()> {
+        let Some(d) = &self.dedup else {
+            return Ok(());
         };
-        let mut h = self.header.lock();
-        h.mem.set_dedup_index(Some(ext));
-        h.dirty = true;
+        d.persisted_at_checkpoint
+            .store(self.backend.checkpoints(), Ordering::SeqCst);
+        // Changes not yet taken by an epoch count too: this epoch takes
+        // them, and the index written here includes them.
+        let pending = d.index.lock().has_pending();
+        let stats = d.index.lock().stats();
+        // The extension also reports the clusters saved, which links
+        // change without changing an entry.
+        let saved_written = match self.header.lock().mem.dedup_index() {
+            Some(Ok(ext)) => ext.clusters_saved,
+            _ => 0,
+        };
+        if !d.changed.swap(false, Ordering::SeqCst)
+            && !pending
+            && stats.clusters_saved == saved_written
+        {
+            return Ok(());
+        }
+        let entries = self.dedup_entries();
+        let previous = d.persisted.lock().take();
+        let ext = if entries.is_empty() {
+            DedupIndexExtension::EMPTY
+        } else {
+            let cs = self.geometry.cluster_size();
+            let mut bytes = encode_index(&entries);
+            let clusters = (bytes.len() as u64).div_ceil(cs);
+            bytes.resize((clusters * cs) as usize, 0);
+            let first = self.refcounts.lock().allocate_contiguous(
+                &*self.storage,
+                &*self.backend,
+                &self.counters,
+                clusters,
+            )?;
+            let offset = self.geometry.host_offset(first);
+            self.storage
+                .write_at(&bytes, offset.0)
+                .ctx(|| format!("writing the dedup index at {offset}"))?;
+            self.counters.metadata_write(bytes.len());
+            {
+                // Rule 2 of the journal: data the transaction depends on is
+                // checksummed (one range per cluster).
+                let mut new_data = self.new_data.lock();
+                for i in 0..clusters {
+                    new_data.push((HostOffset(offset.0 + i * cs), cs));
+                }
+            }
+            *d.persisted.lock() = Some(PersistedClusters {
+                first,
+                clusters,
+                free_ok: true,
+            });
+            let body = entries.len() * DEDUP_INDEX_ENTRY_BYTES;
+            DedupIndexExtension {
+                offset: offset.0,
+                entries: entries.len() as u64,
+                clusters_saved: stats.clusters_saved,
+                clusters: clusters as u32,
+                crc32c: crc32c(&bytes[..body]),
+            }
+        };
+        {
+            let mut h = self.header.lock();
+            h.mem.set_dedup_index(Some(ext));
+            h.dirty = true;
+        }
+        if let Some(previous) = previous {
+            self.dedup_free_persisted(previous)?;
+        }
         Ok(())
     }
 }

@@ -51,6 +51,7 @@ impl Image {
             return Ok(());
         }
         let started_gen = self.op_gen.load(Ordering::SeqCst);
+        self.dedup_persist_after_checkpoint()?;
         let (epoch, pins) = self.gather_epoch()?;
         let releases = self.refcounts.lock().take_releases();
         let dedup_epoch = self.dedup_epoch_gathered();
