@@ -311,7 +311,10 @@ impl CrashTarget for EngineTarget {
         // drops (and counts) every entry that names a free cluster,
         // metadata, or other content. Each one would be a write
         // deduplicated against the wrong data (with a trusted hash), so
-        // recovery that meets one has failed.
+        // recovery that meets one has failed. Entries of the persisted
+        // index that a checkpoint left older than the log are counted
+        // apart (`persisted_stale_at_open`): spec §3.6 expects them after
+        // a crash, and open rehashes them.
         let stale_entries = image.dedup_stats().map_or(0, |s| s.dropped_at_open);
         if stale_entries > 0 {
             return Err(TargetError::Invalid(format!(

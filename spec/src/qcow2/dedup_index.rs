@@ -1,6 +1,7 @@
 //! The persisted dedup index (spec `qjournal.md` §3.6): header extension
 //! "qjdx" (0x716a6478) naming a run of clusters that holds the index's
-//! entries, written at a clean close so that open does not rehash the image.
+//! entries, written after each checkpoint and at a clean close so that open
+//! does not rehash the image.
 //!
 //! Extension payload, 40 bytes, big-endian:
 //!
