@@ -680,3 +680,84 @@ fn the_index_written_after_a_checkpoint_survives_a_crash() {
     image.close().unwrap();
     assert_engine_check_clean(&*storage);
 }
+
+/// The engine's check of the image file at `path` is clean.
+fn assert_engine_check_clean_path(path: &std::path::Path) {
+    let storage = qj_engine::FileStorage::open(path, false).unwrap();
+    assert_engine_check_clean(&storage);
+}
+
+#[test]
+fn internal_snapshots_keep_a_dedup_image_clean_and_its_index_exact() {
+    let dir = temp_dir();
+    let path = in_dir(&dir, "dedup-snap.qcow2");
+    let size = 16 * CLUSTER as u64;
+    Image::create_path(&path, &dedup_create_options(size)).unwrap();
+    // A trusted hash: a stale entry would be used, not caught by a compare.
+    let opts = OpenOptions {
+        dedup_trust_hash: true,
+        ..OpenOptions::read_write()
+    };
+    let c = |i: usize| (i * CLUSTER) as u64;
+    let [a, b, d, e, f] = [0x51u8, 0x52, 0x53, 0x54, 0x55].map(|p| pattern(p, CLUSTER));
+    let mut model = vec![0u8; size as usize];
+    let mut put = |model: &mut Vec<u8>, image: &Image, i: usize, data: &[u8]| {
+        image.write(data, c(i)).unwrap();
+        model[i * CLUSTER..(i + 1) * CLUSTER].copy_from_slice(data);
+    };
+    let image = Image::open_path(&path, &opts).unwrap();
+    for (i, data) in [&a, &a, &b, &b].into_iter().enumerate() {
+        put(&mut model, &image, i, data);
+    }
+    assert_eq!(image.dedup_stats().unwrap().hits, 2);
+    image.snapshot_create("s1").unwrap();
+    let at_snapshot = model.clone();
+    // Shared with the snapshot and deduplicated: a link, and overwrites.
+    put(&mut model, &image, 4, &a);
+    put(&mut model, &image, 0, &d);
+    image.write(&[0x77; 512], c(2) + 512).unwrap();
+    model[2 * CLUSTER + 512..2 * CLUSTER + 1024].fill(0x77);
+    assert_eq!(read(&image, 0, size as usize), model);
+    image.close().unwrap();
+    assert_check_clean(&path);
+    assert_engine_check_clean_path(&path);
+    assert_qemu_io_sees(&path, &model);
+
+    // Apply frees what only the active image held (d's cluster among
+    // them): it leaves the index with its deletion.
+    let image = Image::open_path(&path, &opts).unwrap();
+    let d_host = image.map().unwrap()[0].offset.unwrap();
+    assert!(image.dedup_entries().iter().any(|(o, _)| *o == d_host));
+    image.snapshot_apply("s1").unwrap();
+    model = at_snapshot.clone();
+    assert_eq!(read(&image, 0, size as usize), model, "the snapshot's data");
+    assert!(
+        image.dedup_entries().iter().all(|(o, _)| *o != d_host),
+        "the freed cluster left the index"
+    );
+    // Freed clusters are reused; d written again is never mapped to
+    // whatever now holds the cluster d was in.
+    put(&mut model, &image, 5, &e);
+    put(&mut model, &image, 6, &f);
+    put(&mut model, &image, 7, &d);
+    put(&mut model, &image, 8, &a);
+    assert_eq!(read(&image, 0, size as usize), model);
+    image.close().unwrap();
+    assert_check_clean(&path);
+    assert_engine_check_clean_path(&path);
+    assert_qemu_io_sees(&path, &model);
+
+    // Delete: the snapshot's own clusters are freed, the shared ones stay.
+    let image = Image::open_path(&path, &opts).unwrap();
+    image.snapshot_delete("s1").unwrap();
+    put(&mut model, &image, 9, &b);
+    assert_eq!(read(&image, 0, size as usize), model);
+    image.close().unwrap();
+    assert_check_clean(&path);
+    assert_engine_check_clean_path(&path);
+    assert_qemu_io_sees(&path, &model);
+    let image = Image::open_path(&path, &opts).unwrap();
+    assert_eq!(image.dedup_stats().unwrap().dropped_at_open, 0);
+    assert_eq!(read(&image, 0, size as usize), model);
+    image.close().unwrap();
+}
