@@ -701,7 +701,7 @@ fn internal_snapshots_keep_a_dedup_image_clean_and_its_index_exact() {
     let c = |i: usize| (i * CLUSTER) as u64;
     let [a, b, d, e, f] = [0x51u8, 0x52, 0x53, 0x54, 0x55].map(|p| pattern(p, CLUSTER));
     let mut model = vec![0u8; size as usize];
-    let mut put = |model: &mut Vec<u8>, image: &Image, i: usize, data: &[u8]| {
+    let put = |model: &mut Vec<u8>, image: &Image, i: usize, data: &[u8]| {
         image.write(data, c(i)).unwrap();
         model[i * CLUSTER..(i + 1) * CLUSTER].copy_from_slice(data);
     };
