@@ -172,7 +172,9 @@ impl Image {
     pub(super) fn dedup_no_in_place(&self, offset: HostOffset) -> bool {
         self.dedup.as_ref().is_some_and(|d| {
             let cluster = self.geometry.host_cluster(offset).0;
-            d.index.lock().contains(cluster) || d.unshared.lock().contains_key(&cluster)
+            // One leaf lock at a time.
+            let indexed = d.index.lock().contains(cluster);
+            indexed || d.unshared.lock().contains_key(&cluster)
         })
     }
 
