@@ -6,8 +6,8 @@ use std::fmt::Write;
 
 use crate::report::BenchRow;
 
-/// Colours per target, in `TargetKind::ALL` order.
-const COLOURS: [(&str, &str); 8] = [
+/// Colours per target, in `TargetKind::ALL` order, then the dedup targets.
+const COLOURS: [(&str, &str); 10] = [
     ("journal", "#1b9e77"),
     ("journal-draft", "#66a61e"),
     ("journal-logged", "#e6ab02"),
@@ -16,6 +16,8 @@ const COLOURS: [(&str, &str); 8] = [
     ("qemu-lazy", "#a6a0d8"),
     ("qemu-prealloc", "#4b4491"),
     ("raw", "#999999"),
+    ("journal-dedup", "#e7298a"),
+    ("journal-dedup-trust", "#f4a6cf"),
 ];
 
 fn colour(target: &str) -> &'static str {
