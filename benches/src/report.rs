@@ -258,3 +258,59 @@ pub fn render_table(rows: &[BenchRow]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cell(target: TargetKind, ops: u64, dedup: Option<DedupCounts>) -> Cell {
+        let mut c = Cell::new(Workload::Dedup90, target, 1, 65536);
+        c.ops = ops;
+        c.counted_ops = ops;
+        c.elapsed = Duration::from_secs(1);
+        c.record_round(ops, Some((1 << 20, (1 << 20) + ops * 6554)));
+        c.dedup = dedup;
+        c
+    }
+
+    #[test]
+    fn rows_carry_growth_dedup_cost_and_the_journal_ratio() {
+        let counts = DedupCounts {
+            hashed: 100,
+            hash_ns: 4_000_000,
+            compared: 90,
+            compare_ns: 900_000,
+            hits: 90,
+        };
+        let rows = build_rows(vec![
+            cell(TargetKind::Journal, 50, None),
+            cell(TargetKind::JournalDedup, 100, Some(counts)),
+        ]);
+        let (plain, dedup) = (&rows[0], &rows[1]);
+        assert_eq!(dedup.guest_bytes_written, Some(100 * 65536));
+        assert_eq!(dedup.file_bytes_start, Some(1 << 20));
+        assert_eq!(dedup.file_bytes_end, Some((1 << 20) + 655_400));
+        let growth = dedup.file_growth_per_guest_byte.unwrap();
+        assert!((growth - 6554.0 / 65536.0).abs() < 1e-12, "{growth}");
+        assert_eq!(dedup.dedup_hits_per_op, Some(0.9));
+        assert_eq!(dedup.hash_per_cluster_us, Some(40.0));
+        assert_eq!(dedup.compare_per_match_us, Some(10.0));
+        assert_eq!(dedup.vs_journal, Some(2.0));
+        assert_eq!(dedup.mb_per_s, Some(100.0 * 65536.0 / 1e6));
+        assert_eq!(plain.vs_journal, Some(1.0));
+        assert_eq!(plain.hash_per_cluster_us, None);
+        // Nothing compared (a trusting target): no compare time, not zero.
+        let trusting = DedupCounts {
+            compared: 0,
+            compare_ns: 0,
+            ..counts
+        };
+        let rows = build_rows(vec![cell(
+            TargetKind::JournalDedupTrust,
+            10,
+            Some(trusting),
+        )]);
+        assert_eq!(rows[0].compare_per_match_us, None);
+    }
+}

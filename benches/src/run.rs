@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use qj_engine::CacheMode;
 
+use crate::content::DuplicateStream;
 use crate::latency::Latencies;
 use crate::qemu;
 use crate::report::{build_rows, BenchRow, Cell};
-use crate::content::DuplicateStream;
 use crate::target::{BenchDisk, DedupCounts, EngineDisk, RawDisk, TargetKind};
 use crate::workload::Workload;
 
@@ -144,10 +144,14 @@ pub fn run_bench(
                         round == 0 && strace_ok,
                     );
                     match r {
-                        Ok((sample, counts, files)) => {
+                        Ok(QemuRun {
+                            sample,
+                            counts,
+                            file_bytes,
+                        }) => {
                             cell.ops += sample.ops;
                             cell.elapsed += sample.elapsed;
-                            cell.record_round(sample.ops, Some(files));
+                            cell.record_round(sample.ops, Some(file_bytes));
                             if let Some(c) = counts {
                                 cell.counted_ops += c.ops;
                                 cell.flushes += c.flushes;
@@ -205,8 +209,16 @@ fn file_len(path: &std::path::Path) -> Result<u64, String> {
         .map_err(|e| format!("stat {}: {e}", path.display()))
 }
 
-/// One run of a QEMU target: its timing, and its image's length before
-/// and after the timed run; `trace` adds a short strace run that counts
+/// What one run of a QEMU target measured.
+struct QemuRun {
+    sample: qemu::QemuSample,
+    /// From the traced run, if there was one.
+    counts: Option<qemu::QemuCounts>,
+    /// The image's length before and after the timed run.
+    file_bytes: (u64, u64),
+}
+
+/// One run of a QEMU target; `trace` adds a short strace run that counts
 /// flushes and bytes.
 fn run_qemu(
     path: &std::path::Path,
@@ -216,14 +228,14 @@ fn run_qemu(
     threads: usize,
     opts: &BenchOptions,
     trace: bool,
-) -> Result<(qemu::QemuSample, Option<qemu::QemuCounts>, (u64, u64)), String> {
+) -> Result<QemuRun, String> {
     let (cs, cache) = (opts.cluster_size, opts.cache);
     let create_options = target.qemu_create_options().unwrap_or("");
     let vsize = virtual_size(ops, cs);
     qemu::prepare(path, w, ops, cs, vsize, create_options)?;
     let file_bytes_start = file_len(path)?;
     let sample = qemu::bench(path, w, ops, cs, threads, cache)?;
-    let files = (file_bytes_start, file_len(path)?);
+    let file_bytes = (file_bytes_start, file_len(path)?);
     let counts = if trace {
         // A short traced run on a fresh image: strace slows QEMU, so it is
         // never the timed run.
@@ -235,7 +247,11 @@ fn run_qemu(
     } else {
         None
     };
-    Ok((sample, counts, files))
+    Ok(QemuRun {
+        sample,
+        counts,
+        file_bytes,
+    })
 }
 
 fn virtual_size(ops: u64, cs: u64) -> u64 {
@@ -344,7 +360,10 @@ fn run_in_process(
         latencies.merge(r?);
     }
     let (flushes1, bytes1) = disk.device_counts();
-    let dedup = disk.dedup_counts().zip(dedup0).map(|(d1, d0)| d1.since(&d0));
+    let dedup = disk
+        .dedup_counts()
+        .zip(dedup0)
+        .map(|(d1, d0)| d1.since(&d0));
     drop(disk);
     let file_bytes = match engine_disk {
         Some(engine) => {
