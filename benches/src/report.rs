@@ -313,4 +313,33 @@ mod tests {
         )]);
         assert_eq!(rows[0].compare_per_match_us, None);
     }
+
+    #[test]
+    fn the_table_shows_dedup_columns_only_with_dedup_rows() {
+        let counts = DedupCounts {
+            hashed: 10,
+            hash_ns: 370_000,
+            ..DedupCounts::default()
+        };
+        let with = render_table(&build_rows(vec![
+            cell(TargetKind::Journal, 10, None),
+            cell(TargetKind::JournalDedup, 10, Some(counts)),
+        ]));
+        let header = with.lines().next().unwrap();
+        assert!(
+            header.contains("hash us") && header.contains("grow"),
+            "{with}"
+        );
+        let dedup_line = with.lines().find(|l| l.contains("journal-dedup")).unwrap();
+        assert!(dedup_line.contains(" 37.0 "), "{with}");
+        let without = render_table(&build_rows(vec![cell(TargetKind::Journal, 10, None)]));
+        assert!(!without.contains("hash us"), "{without}");
+        // Every row (none has a note) fills the header's columns exactly.
+        for table in [&with, &without] {
+            let header = table.lines().next().unwrap();
+            for row in table.lines().skip(1) {
+                assert_eq!(row.len(), header.len() - "note".len(), "{table}");
+            }
+        }
+    }
 }
