@@ -597,7 +597,7 @@ fn bench_a_dedup_workload_adds_the_dedup_targets_to_the_defaults() {
         "--workload",
         "dedup-50",
         "--batch-ops",
-        "16",
+        "64",
         "--rounds",
         "1",
         "--output",
@@ -622,7 +622,9 @@ fn bench_a_dedup_workload_adds_the_dedup_targets_to_the_defaults() {
     );
     for row in &rows {
         // QEMU's tools are part of the test environment: every row ran.
-        assert!(row["ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        // (Its rate may be missing: `qemu-img bench` prints whole
+        // milliseconds, and 64 writes into the page cache can take less.)
+        assert_eq!(row["ops"], 64, "{row}");
     }
 }
 
