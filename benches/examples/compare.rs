@@ -7,7 +7,10 @@ fn main() {
         .map(|a| qj_benches::Workload::parse(&a))
         .collect();
     match named {
-        Ok(w) if !w.is_empty() => opts.workloads = w,
+        Ok(w) if !w.is_empty() => {
+            opts.targets = qj_benches::TargetKind::defaults_for(&w);
+            opts.workloads = w;
+        }
         Ok(_) => {}
         Err(e) => {
             eprintln!("compare: {e}");

@@ -15,7 +15,10 @@ fn main() {
         std::process::exit(1)
     });
     std::fs::create_dir_all(out_dir).expect("creating the output directory");
-    for w in qj_benches::Workload::ALL {
+    for w in qj_benches::Workload::ALL
+        .iter()
+        .chain(&qj_benches::Workload::OPT_IN)
+    {
         let title = format!("{w}: operations per second (higher is better)");
         if let Some(svg) = qj_benches::plot::workload_chart(&rows, w.name(), &title) {
             let path = std::path::Path::new(out_dir).join(format!("{}.svg", w.name()));

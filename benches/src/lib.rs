@@ -4,6 +4,7 @@
 //! physical limit), interleaved in one run so that machine drift hits all
 //! targets alike.
 
+pub mod content;
 pub mod latency;
 pub mod plot;
 pub mod qemu;
@@ -14,5 +15,5 @@ pub mod workload;
 
 pub use report::{render_table, BenchRow};
 pub use run::{run_bench, BenchOptions, Progress};
-pub use target::TargetKind;
+pub use target::{DedupCounts, TargetKind};
 pub use workload::Workload;

@@ -6,8 +6,8 @@ use std::fmt::Write;
 
 use crate::report::BenchRow;
 
-/// Colours per target, in `TargetKind::ALL` order.
-const COLOURS: [(&str, &str); 8] = [
+/// Colours per target, in `TargetKind::ALL` order, then the dedup targets.
+const COLOURS: [(&str, &str); 10] = [
     ("journal", "#1b9e77"),
     ("journal-draft", "#66a61e"),
     ("journal-logged", "#e6ab02"),
@@ -16,6 +16,8 @@ const COLOURS: [(&str, &str); 8] = [
     ("qemu-lazy", "#a6a0d8"),
     ("qemu-prealloc", "#4b4491"),
     ("raw", "#999999"),
+    ("journal-dedup", "#e7298a"),
+    ("journal-dedup-trust", "#f4a6cf"),
 ];
 
 fn colour(target: &str) -> &'static str {
@@ -108,23 +110,26 @@ pub fn workload_chart(rows: &[BenchRow], workload: &str, title: &str) -> Option<
 mod tests {
     use super::*;
 
+    /// A row as JSON written before the dedup keys existed: old bench
+    /// files must still plot.
     fn row(target: &str, ops: Option<f64>) -> BenchRow {
-        BenchRow {
-            workload: "alloc-sync-4k".into(),
-            target: target.into(),
-            threads: 1,
-            ops: 10,
-            ops_per_s: ops,
-            mb_per_s: None,
-            p50_us: None,
-            p99_us: None,
-            flushes_per_op: None,
-            bytes_written_per_op: None,
-            vs_raw: None,
-            vs_qemu: None,
-            vs_ordered: None,
-            note: None,
-        }
+        serde_json::from_value(serde_json::json!({
+            "workload": "alloc-sync-4k",
+            "target": target,
+            "threads": 1,
+            "ops": 10,
+            "ops_per_s": ops,
+            "mb_per_s": null,
+            "p50_us": null,
+            "p99_us": null,
+            "flushes_per_op": null,
+            "bytes_written_per_op": null,
+            "vs_raw": null,
+            "vs_qemu": null,
+            "vs_ordered": null,
+            "note": null,
+        }))
+        .expect("a bench row without the newer keys")
     }
 
     #[test]

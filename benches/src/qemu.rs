@@ -118,11 +118,7 @@ fn bench_args(
         a.push("-w".into());
     }
     let cache = qemu_cache(workload, cache);
-    let size = if workload == Workload::AllocSyncCluster {
-        cluster_size
-    } else {
-        4096
-    };
+    let size = workload.request_bytes(cluster_size);
     a.extend([
         "-t".into(),
         cache.into(),
@@ -211,4 +207,34 @@ pub fn traced_counts(
         }
     }
     Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value after `flag` in an argument list.
+    fn value<'a>(args: &'a [String], flag: &str) -> &'a str {
+        let at = args.iter().position(|a| a == flag).expect(flag);
+        &args[at + 1]
+    }
+
+    #[test]
+    fn qemu_requests_are_as_large_as_ours() {
+        for (workload, bytes) in [
+            (Workload::AllocSync4k, "4096"),
+            (Workload::AllocSyncCluster, "65536"),
+            (Workload::Dedup90Sync, "65536"),
+            (Workload::Dedup50, "65536"),
+        ] {
+            let args = bench_args(workload, 10, 65536, 1, CacheMode::Writeback);
+            assert_eq!(value(&args, "-s"), bytes, "{workload}");
+            let cache = if workload.synced() {
+                "writethrough"
+            } else {
+                "writeback"
+            };
+            assert_eq!(value(&args, "-t"), cache, "{workload}");
+        }
+    }
 }

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use qj_engine::CacheMode;
 
+use crate::content::DuplicateStream;
 use crate::latency::Latencies;
 use crate::qemu;
 use crate::report::{build_rows, BenchRow, Cell};
-use crate::target::{BenchDisk, EngineDisk, RawDisk, TargetKind};
+use crate::target::{BenchDisk, DedupCounts, EngineDisk, RawDisk, TargetKind};
 use crate::workload::Workload;
 
 /// What to run.
@@ -120,7 +121,7 @@ pub fn run_bench(
             });
             let cell = cells
                 .entry((wi, threads, target))
-                .or_insert_with(|| Cell::new(w, target, threads));
+                .or_insert_with(|| Cell::new(w, target, threads, opts.cluster_size));
             let ops = ops_for(w, opts);
             let path = opts.dir.join(format!(
                 "qj-bench-{}-{}-{}.img",
@@ -143,9 +144,14 @@ pub fn run_bench(
                         round == 0 && strace_ok,
                     );
                     match r {
-                        Ok((sample, counts)) => {
+                        Ok(QemuRun {
+                            sample,
+                            counts,
+                            file_bytes,
+                        }) => {
                             cell.ops += sample.ops;
                             cell.elapsed += sample.elapsed;
+                            cell.record_round(sample.ops, Some(file_bytes));
                             if let Some(c) = counts {
                                 cell.counted_ops += c.ops;
                                 cell.flushes += c.flushes;
@@ -170,6 +176,10 @@ pub fn run_bench(
                     opts.cache,
                 ) {
                     Ok(m) => {
+                        cell.record_round(m.ops, m.file_bytes);
+                        if let Some(d) = m.dedup {
+                            cell.dedup = Some(cell.dedup.unwrap_or_default().plus(&d));
+                        }
                         cell.ops += m.ops;
                         cell.counted_ops += m.ops;
                         cell.elapsed += m.elapsed;
@@ -192,6 +202,22 @@ pub fn run_bench(
     Ok(build_rows(cells.into_values().collect()))
 }
 
+/// The length of the file at `path`.
+fn file_len(path: &std::path::Path) -> Result<u64, String> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| format!("stat {}: {e}", path.display()))
+}
+
+/// What one run of a QEMU target measured.
+struct QemuRun {
+    sample: qemu::QemuSample,
+    /// From the traced run, if there was one.
+    counts: Option<qemu::QemuCounts>,
+    /// The image's length before and after the timed run.
+    file_bytes: (u64, u64),
+}
+
 /// One run of a QEMU target; `trace` adds a short strace run that counts
 /// flushes and bytes.
 fn run_qemu(
@@ -202,12 +228,14 @@ fn run_qemu(
     threads: usize,
     opts: &BenchOptions,
     trace: bool,
-) -> Result<(qemu::QemuSample, Option<qemu::QemuCounts>), String> {
+) -> Result<QemuRun, String> {
     let (cs, cache) = (opts.cluster_size, opts.cache);
     let create_options = target.qemu_create_options().unwrap_or("");
     let vsize = virtual_size(ops, cs);
     qemu::prepare(path, w, ops, cs, vsize, create_options)?;
+    let file_bytes_start = file_len(path)?;
     let sample = qemu::bench(path, w, ops, cs, threads, cache)?;
+    let file_bytes = (file_bytes_start, file_len(path)?);
     let counts = if trace {
         // A short traced run on a fresh image: strace slows QEMU, so it is
         // never the timed run.
@@ -219,7 +247,11 @@ fn run_qemu(
     } else {
         None
     };
-    Ok((sample, counts))
+    Ok(QemuRun {
+        sample,
+        counts,
+        file_bytes,
+    })
 }
 
 fn virtual_size(ops: u64, cs: u64) -> u64 {
@@ -233,6 +265,11 @@ struct Measured {
     latencies: Latencies,
     flushes: u64,
     bytes_written: u64,
+    /// The image's length before the measured operations and after its
+    /// clean close; `None` for a raw file (its length is the disk size).
+    file_bytes: Option<(u64, u64)>,
+    /// What deduplication did during the measured operations.
+    dedup: Option<DedupCounts>,
 }
 
 fn run_in_process(
@@ -245,17 +282,17 @@ fn run_in_process(
     cache: CacheMode,
 ) -> Result<Measured, String> {
     let vsize = virtual_size(ops, cs);
-    let (disk, engine): (Arc<dyn BenchDisk>, bool) = match target {
-        TargetKind::Raw => (
-            Arc::new(RawDisk::create(path, vsize, cache).map_err(|e| e.to_string())?),
-            false,
-        ),
-        _ => (
-            Arc::new(
-                EngineDisk::create(target, path, vsize, cs, cache).map_err(|e| e.to_string())?,
-            ),
-            true,
-        ),
+    // The engine disk is kept by its own type too, to be closed (not just
+    // dropped) before its file is measured.
+    let engine_disk = match target {
+        TargetKind::Raw => None,
+        _ => Some(Arc::new(
+            EngineDisk::create(target, path, vsize, cs, cache).map_err(|e| e.to_string())?,
+        )),
+    };
+    let disk: Arc<dyn BenchDisk> = match &engine_disk {
+        Some(engine) => engine.clone(),
+        None => Arc::new(RawDisk::create(path, vsize, cache).map_err(|e| e.to_string())?),
     };
     let small = vec![0x3cu8; 4096];
     if !w.allocates() {
@@ -265,15 +302,14 @@ fn run_in_process(
         disk.flush().map_err(|e| e.to_string())?;
     }
     disk.before_measure().map_err(|e| e.to_string())?;
+    let file_bytes_start = match engine_disk {
+        Some(_) => Some(file_len(path)?),
+        None => None,
+    };
     let (flushes0, bytes0) = disk.device_counts();
-    let payload = vec![
-        0xa5u8;
-        if w == Workload::AllocSyncCluster {
-            cs as usize
-        } else {
-            4096
-        }
-    ];
+    let dedup0 = disk.dedup_counts();
+    let request_bytes = usize::try_from(w.request_bytes(cs)).map_err(|e| e.to_string())?;
+    let payload = vec![0xa5u8; request_bytes];
     let started = Instant::now();
     let per_thread = ops / threads as u64;
     let results: Vec<Result<Latencies, String>> = std::thread::scope(|s| {
@@ -284,12 +320,21 @@ fn run_in_process(
                 s.spawn(move || -> Result<Latencies, String> {
                     let mut lat = Latencies::default();
                     let mut buf = vec![0u8; 4096];
+                    let mut repeats = w
+                        .duplicate_percent()
+                        .map(|p| DuplicateStream::new(request_bytes, p));
                     for i in 0..per_thread {
                         let offset = (t * per_thread + i) * cs;
+                        // Making the next content only stamps its id, so
+                        // it may sit inside the timed loop.
+                        let data: &[u8] = match &mut repeats {
+                            Some(stream) => stream.next_write().0,
+                            None => payload,
+                        };
                         let t0 = Instant::now();
                         match w {
                             Workload::Read => disk.read(&mut buf, offset),
-                            _ => disk.write(payload, offset),
+                            _ => disk.write(data, offset),
                         }
                         .map_err(|e| e.to_string())?;
                         if w.synced() {
@@ -315,13 +360,28 @@ fn run_in_process(
         latencies.merge(r?);
     }
     let (flushes1, bytes1) = disk.device_counts();
+    let dedup = disk
+        .dedup_counts()
+        .zip(dedup0)
+        .map(|(d1, d0)| d1.since(&d0));
     drop(disk);
-    let _ = engine;
+    let file_bytes = match engine_disk {
+        Some(engine) => {
+            Arc::try_unwrap(engine)
+                .map_err(|_| "the image is still in use after the run".to_string())?
+                .close()
+                .map_err(|e| format!("closing {}: {e}", path.display()))?;
+            file_bytes_start.zip(Some(file_len(path)?))
+        }
+        None => None,
+    };
     Ok(Measured {
         ops: per_thread * threads as u64,
         elapsed,
         latencies,
         flushes: flushes1 - flushes0,
         bytes_written: bytes1 - bytes0,
+        file_bytes,
+        dedup,
     })
 }

@@ -39,6 +39,12 @@ pub enum TargetKind {
     /// [`TargetKind::Ordered`] with one enabled persistent dirty bitmap,
     /// clean when the measurement starts (opt-in: not in `ALL`).
     OrderedBitmap,
+    /// [`TargetKind::Journal`] with deduplication of whole-cluster writes,
+    /// a hash match confirmed by comparing the bytes (opt-in).
+    JournalDedup,
+    /// [`TargetKind::JournalDedup`] trusting a SHA-256 match without
+    /// comparing the bytes (opt-in): the price of the comparison.
+    JournalDedupTrust,
 }
 
 impl TargetKind {
@@ -54,8 +60,27 @@ impl TargetKind {
         TargetKind::Raw,
     ];
 
-    /// Targets run only when named: the cost of bitmap maintenance.
-    pub const OPT_IN: [TargetKind; 2] = [TargetKind::JournalBitmap, TargetKind::OrderedBitmap];
+    /// Targets run only when named: the cost of bitmap maintenance, and
+    /// deduplication (also run by default with a dedup workload).
+    pub const OPT_IN: [TargetKind; 4] = [
+        TargetKind::JournalBitmap,
+        TargetKind::OrderedBitmap,
+        TargetKind::JournalDedup,
+        TargetKind::JournalDedupTrust,
+    ];
+
+    /// The deduplicating targets.
+    pub const DEDUP: [TargetKind; 2] = [TargetKind::JournalDedup, TargetKind::JournalDedupTrust];
+
+    /// The targets a run compares when none are named: every default
+    /// target, and the deduplicating ones if a workload repeats content.
+    pub fn defaults_for(workloads: &[crate::Workload]) -> Vec<TargetKind> {
+        let mut targets = Self::ALL.to_vec();
+        if workloads.iter().any(|w| w.duplicate_percent().is_some()) {
+            targets.extend(Self::DEDUP);
+        }
+        targets
+    }
 
     /// The name used on the command line and in JSON.
     pub fn name(&self) -> &'static str {
@@ -70,6 +95,8 @@ impl TargetKind {
             TargetKind::Raw => "raw",
             TargetKind::JournalBitmap => "journal-bitmap",
             TargetKind::OrderedBitmap => "ordered-bitmap",
+            TargetKind::JournalDedup => "journal-dedup",
+            TargetKind::JournalDedupTrust => "journal-dedup-trust",
         }
     }
 
@@ -125,6 +152,52 @@ pub trait BenchDisk: Send + Sync {
     fn before_measure(&self) -> io::Result<()> {
         Ok(())
     }
+    /// What deduplication has done and cost so far; `None` for a disk
+    /// that does not deduplicate.
+    fn dedup_counts(&self) -> Option<DedupCounts> {
+        None
+    }
+}
+
+/// Deduplication's work and cost, counted from an image's open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DedupCounts {
+    /// Whole-cluster writes hashed.
+    pub hashed: u64,
+    /// Nanoseconds spent hashing them.
+    pub hash_ns: u64,
+    /// Hash matches confirmed by comparing the bytes.
+    pub compared: u64,
+    /// Nanoseconds spent reading and comparing them.
+    pub compare_ns: u64,
+    /// Writes mapped to a cluster already stored (nothing written).
+    pub hits: u64,
+}
+
+impl DedupCounts {
+    /// The counts from `earlier` to `self`.
+    #[must_use]
+    pub fn since(&self, earlier: &DedupCounts) -> DedupCounts {
+        DedupCounts {
+            hashed: self.hashed - earlier.hashed,
+            hash_ns: self.hash_ns - earlier.hash_ns,
+            compared: self.compared - earlier.compared,
+            compare_ns: self.compare_ns - earlier.compare_ns,
+            hits: self.hits - earlier.hits,
+        }
+    }
+
+    /// The sum of two runs' counts.
+    #[must_use]
+    pub fn plus(&self, other: &DedupCounts) -> DedupCounts {
+        DedupCounts {
+            hashed: self.hashed + other.hashed,
+            hash_ns: self.hash_ns + other.hash_ns,
+            compared: self.compared + other.compared,
+            compare_ns: self.compare_ns + other.compare_ns,
+            hits: self.hits + other.hits,
+        }
+    }
 }
 
 fn io_err(e: qj_engine::Error) -> io::Error {
@@ -152,12 +225,15 @@ impl EngineDisk {
                 size_bytes: JOURNAL_BYTES,
                 two_flush,
                 log_data: false,
-                dedup: false,
+                dedup: TargetKind::DEDUP.contains(&kind),
             })
         };
         let journal = match kind {
             TargetKind::Ordered | TargetKind::OrderedBitmap => None,
-            TargetKind::Journal | TargetKind::JournalBitmap => journal(false),
+            TargetKind::Journal
+            | TargetKind::JournalBitmap
+            | TargetKind::JournalDedup
+            | TargetKind::JournalDedupTrust => journal(false),
             TargetKind::JournalDraft | TargetKind::JournalLogged => {
                 journal(kind == TargetKind::JournalDraft)
             }
@@ -177,6 +253,7 @@ impl EngineDisk {
         Image::create_path(path, &opts).map_err(io_err)?;
         let opts = OpenOptions {
             log_fresh_data: kind == TargetKind::JournalLogged,
+            dedup_trust_hash: kind == TargetKind::JournalDedupTrust,
             cache,
             ..OpenOptions::read_write()
         };
@@ -219,6 +296,17 @@ impl BenchDisk for EngineDisk {
             self.image.flush().map_err(io_err)?;
         }
         Ok(())
+    }
+    fn dedup_counts(&self) -> Option<DedupCounts> {
+        let cost = self.image.dedup_cost()?;
+        let stats = self.image.dedup_stats()?;
+        Some(DedupCounts {
+            hashed: cost.hashed,
+            hash_ns: cost.hash_ns,
+            compared: cost.compared,
+            compare_ns: cost.compare_ns,
+            hits: stats.hits,
+        })
     }
 }
 

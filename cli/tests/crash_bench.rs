@@ -475,6 +475,14 @@ fn bench_json_rows_carry_the_required_keys() {
         "p99_us",
         "flushes_per_op",
         "bytes_written_per_op",
+        "vs_journal",
+        "guest_bytes_written",
+        "file_bytes_start",
+        "file_bytes_end",
+        "file_growth_per_guest_byte",
+        "dedup_hits_per_op",
+        "hash_per_cluster_us",
+        "compare_per_match_us",
     ] {
         for row in &rows {
             assert!(row.get(key).is_some(), "{key} missing: {row}");
@@ -493,6 +501,130 @@ fn bench_json_rows_carry_the_required_keys() {
             row["bytes_written_per_op"].as_f64().unwrap() >= 4096.0,
             "{row}"
         );
+        assert_eq!(row["guest_bytes_written"], 20 * 4096, "{row}");
+        // Neither deduplicates.
+        assert!(row["dedup_hits_per_op"].is_null(), "{row}");
+        assert!(row["hash_per_cluster_us"].is_null(), "{row}");
+    }
+    // Each 4 KiB write allocates a whole 64 KiB cluster of the image; a raw
+    // file's length is its disk size, so it has no growth to report.
+    let growth = rows[0]["file_growth_per_guest_byte"].as_f64().unwrap();
+    assert!(growth >= 16.0, "{}", rows[0]);
+    assert!(rows[1]["file_bytes_end"].is_null(), "{}", rows[1]);
+}
+
+/// `(end - start) / guest` of a row, checked against its keys.
+fn file_growth(row: &Value) -> f64 {
+    let start = row["file_bytes_start"].as_u64().unwrap();
+    let end = row["file_bytes_end"].as_u64().unwrap();
+    let guest = row["guest_bytes_written"].as_u64().unwrap();
+    let growth = end.saturating_sub(start) as f64 / guest as f64;
+    let reported = row["file_growth_per_guest_byte"].as_f64().unwrap();
+    assert!((growth - reported).abs() < 1e-9, "{row}");
+    growth
+}
+
+#[test]
+fn bench_dedup_workloads_store_each_content_once_on_journal_dedup() {
+    let rows = bench_json(&[
+        "bench",
+        "--workload",
+        "dedup-0,dedup-50,dedup-90,dedup-90-sync",
+        "--target",
+        "journal-dedup,journal-dedup-trust,journal,ordered",
+        "--ops",
+        "40",
+        "--batch-ops",
+        "100",
+        "--rounds",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(rows.len(), 16, "{rows:?}");
+    for row in &rows {
+        let workload = row["workload"].as_str().unwrap();
+        let target = row["target"].as_str().unwrap();
+        let ops: u64 = if workload.ends_with("-sync") { 40 } else { 100 };
+        assert_eq!(row["ops"], ops, "{row}");
+        assert!(row["note"].is_null(), "{row}");
+        assert_eq!(row["guest_bytes_written"], ops * 65536, "{row}");
+        let percent: u64 = workload
+            .trim_start_matches("dedup-")
+            .trim_end_matches("-sync")
+            .parse()
+            .unwrap();
+        let growth = file_growth(row);
+        let bytes_per_op = row["bytes_written_per_op"].as_f64().unwrap();
+        if target.starts_with("journal-dedup") {
+            // Every repeat is found: exactly the workload's share of writes
+            // maps an existing cluster and stores nothing.
+            let hits = row["dedup_hits_per_op"].as_f64().unwrap();
+            assert!((hits - percent as f64 / 100.0).abs() < 1e-9, "{row}");
+            assert!(row["hash_per_cluster_us"].as_f64().unwrap() > 0.0, "{row}");
+            let compared = &row["compare_per_match_us"];
+            match (target, percent) {
+                ("journal-dedup-trust", _) | (_, 0) => assert!(compared.is_null(), "{row}"),
+                _ => assert!(compared.as_f64().unwrap() > 0.0, "{row}"),
+            }
+            // The file grows by the new contents (plus metadata), and the
+            // device sees about as little.
+            let stored = (100 - percent) as f64 / 100.0;
+            assert!(growth >= stored, "{row}");
+            assert!(growth < stored + 0.15, "{row}");
+            assert!(bytes_per_op < 65536.0 * (stored + 0.15), "{row}");
+            assert!(row["vs_journal"].as_f64().unwrap() > 0.0, "{row}");
+        } else {
+            assert!(row["dedup_hits_per_op"].is_null(), "{row}");
+            // Every write is stored.
+            assert!(growth >= 1.0, "{row}");
+            assert!(bytes_per_op >= 65536.0, "{row}");
+        }
+    }
+    // 90% repeats: the deduplicated file grows by well under a fifth of
+    // what the guest wrote.
+    for row in rows.iter().filter(|r| r["workload"] == "dedup-90") {
+        if row["target"] == "journal-dedup" {
+            assert!(file_growth(row) < 0.2, "{row}");
+        }
+    }
+}
+
+#[test]
+fn bench_a_dedup_workload_adds_the_dedup_targets_to_the_defaults() {
+    let rows = bench_json(&[
+        "bench",
+        "--workload",
+        "dedup-50",
+        "--batch-ops",
+        "64",
+        "--rounds",
+        "1",
+        "--output",
+        "json",
+    ]);
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(
+        targets,
+        [
+            "journal",
+            "journal-draft",
+            "journal-logged",
+            "ordered",
+            "qemu",
+            "qemu-lazy",
+            "qemu-prealloc",
+            "raw",
+            "journal-dedup",
+            "journal-dedup-trust",
+        ],
+        "{rows:?}"
+    );
+    for row in &rows {
+        // QEMU's tools are part of the test environment: every row ran.
+        // (Its rate may be missing: `qemu-img bench` prints whole
+        // milliseconds, and 64 writes into the page cache can take less.)
+        assert_eq!(row["ops"], 64, "{row}");
     }
 }
 
@@ -551,7 +683,7 @@ fn bench_repeated_flags_thread_counts_and_an_own_directory() {
 fn bench_bad_names_zero_threads_and_bad_sizes_are_usage_errors() {
     expect_usage_error(
         &["bench", "--workload", "alloc,read"],
-        &["alloc-sync-4k", "threads-sync"],
+        &["alloc-sync-4k", "threads-sync", "dedup-0-sync", "dedup-90"],
     );
     expect_usage_error(
         &["bench", "--target", "qcow2"],
@@ -562,6 +694,8 @@ fn bench_bad_names_zero_threads_and_bad_sizes_are_usage_errors() {
             "ordered",
             "qemu",
             "raw",
+            "journal-dedup",
+            "journal-dedup-trust",
         ],
     );
     expect_usage_error(&["bench", "--threads", "1,0"], &["--threads"]);

@@ -27,10 +27,13 @@ const ROUNDS_MAX: u32 = 1000;
 /// Arguments of `qj bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Workloads to run (repeatable or comma separated; default all).
+    /// Workloads to run (repeatable or comma separated; default all but the
+    /// dedup ones: dedup-0, dedup-50, dedup-90 and their -sync forms).
     #[arg(long, value_name = "NAME", value_delimiter = ',', value_parser = Workload::parse)]
     workload: Vec<Workload>,
-    /// Targets to compare (repeatable or comma separated; default all).
+    /// Targets to compare (repeatable or comma separated; default all but
+    /// the bitmap and dedup ones; a dedup workload adds journal-dedup and
+    /// journal-dedup-trust).
     #[arg(long, value_name = "NAME", value_delimiter = ',', value_parser = TargetKind::parse)]
     target: Vec<TargetKind>,
     /// Thread counts of the threads-sync workload (comma separated).
@@ -78,7 +81,7 @@ fn parse_cluster_size(text: &str) -> Result<u64, String> {
 
 /// `list` without repeats, first occurrence first (a repeat would be
 /// measured twice into one row).
-fn dedup<T: PartialEq + Copy>(list: &[T]) -> Vec<T> {
+fn without_repeats<T: PartialEq + Copy>(list: &[T]) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(list.len());
     for &item in list {
         if !out.contains(&item) {
@@ -93,7 +96,7 @@ fn options(args: &BenchArgs, dir: PathBuf) -> CliResult<BenchOptions> {
     let threads = if args.threads.is_empty() {
         defaults.threads
     } else {
-        dedup(&args.threads)
+        without_repeats(&args.threads)
             .into_iter()
             .map(|n| {
                 usize::try_from(n)
@@ -101,18 +104,19 @@ fn options(args: &BenchArgs, dir: PathBuf) -> CliResult<BenchOptions> {
             })
             .collect::<CliResult<Vec<usize>>>()?
     };
+    let workloads = if args.workload.is_empty() {
+        defaults.workloads
+    } else {
+        without_repeats(&args.workload)
+    };
     Ok(BenchOptions {
         dir,
-        workloads: if args.workload.is_empty() {
-            defaults.workloads
-        } else {
-            dedup(&args.workload)
-        },
         targets: if args.target.is_empty() {
-            defaults.targets
+            TargetKind::defaults_for(&workloads)
         } else {
-            dedup(&args.target)
+            without_repeats(&args.target)
         },
+        workloads,
         threads,
         sync_ops: args.ops.unwrap_or(defaults.sync_ops),
         batch_ops: args.batch_ops.unwrap_or(defaults.batch_ops),
@@ -179,8 +183,40 @@ mod tests {
         }
     }
 
+    /// The options `qj bench ARGS` would run.
+    fn options_of(args: &[&str]) -> BenchOptions {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("bench").chain(args.iter().copied()),
+        )
+        .expect("valid arguments");
+        options(&cli.bench, PathBuf::from("/nonexistent")).expect("valid options")
+    }
+
+    #[test]
+    fn the_default_run_leaves_dedup_out_and_a_dedup_workload_brings_its_targets() {
+        let plain = options_of(&[]);
+        assert_eq!(plain.workloads, Workload::ALL);
+        assert!(plain
+            .workloads
+            .iter()
+            .all(|w| w.duplicate_percent().is_none()));
+        assert_eq!(plain.targets, TargetKind::ALL);
+        let dedup = options_of(&["--workload", "alloc-sync-4k,dedup-90-sync"]);
+        let mut expected = TargetKind::ALL.to_vec();
+        expected.extend(TargetKind::DEDUP);
+        assert_eq!(dedup.targets, expected);
+        // Named targets are exactly what runs.
+        let named = options_of(&["--workload", "dedup-50", "--target", "journal,ordered"]);
+        assert_eq!(named.targets, [TargetKind::Journal, TargetKind::Ordered]);
+    }
+
     #[test]
     fn repeats_are_measured_once() {
-        assert_eq!(dedup(&[1, 2, 1, 4, 2]), vec![1, 2, 4]);
+        assert_eq!(without_repeats(&[1, 2, 1, 4, 2]), vec![1, 2, 4]);
     }
 }
