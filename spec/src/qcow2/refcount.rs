@@ -10,6 +10,9 @@
 /// # Panics
 /// If the entry lies outside `block` or the order is above 6: indices come
 /// from the geometry of a block we sized (a caller bug otherwise).
+// Inlined so that loops over a block's entries hoist the width dispatch
+// (opening an image reads every entry of every refcount block).
+#[inline]
 #[must_use]
 pub fn get_refcount(block: &[u8], index: u64, refcount_order: u32) -> u64 {
     assert!(refcount_order <= 6, "refcount_order {refcount_order}");
@@ -39,6 +42,32 @@ pub fn get_refcount(block: &[u8], index: u64, refcount_order: u32) -> u64 {
             u64::from_be_bytes(raw)
         }
     }
+}
+
+/// How many leading entries of a refcount block of `refcount_order` hold
+/// everything nonzero: one past the last entry with a nonzero count, 0 for
+/// a block of zeros. Found from the last nonzero byte, so the zero tail of
+/// a block (free clusters past the end of the file) costs one byte scan.
+///
+/// # Panics
+/// If the order is above 6.
+#[must_use]
+pub fn used_entries(block: &[u8], refcount_order: u32) -> u64 {
+    assert!(refcount_order <= 6, "refcount_order {refcount_order}");
+    let Some(last_byte) = block.iter().rposition(|&b| b != 0) else {
+        return 0;
+    };
+    let width_bits = 1u32 << refcount_order;
+    let entry = if width_bits >= 8 {
+        last_byte / (width_bits / 8) as usize
+    } else {
+        // Entries pack least significant first: the highest set bit of the
+        // byte belongs to the last nonzero entry in it.
+        let per_byte = (8 / width_bits) as usize;
+        let high_bit = 7 - block[last_byte].leading_zeros();
+        last_byte * per_byte + (high_bit / width_bits) as usize
+    };
+    entry as u64 + 1
 }
 
 /// Sets entry `index` of a refcount block of `refcount_order` to `value`.
