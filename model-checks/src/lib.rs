@@ -39,6 +39,7 @@ pub mod engine_target;
 pub mod error;
 pub mod explore;
 pub mod guest_model;
+mod image_memo;
 pub mod log_replay;
 pub mod medium;
 mod plan;

@@ -208,6 +208,36 @@ impl Medium {
         &page[in_page..in_page + chunk]
     }
 
+    /// A checksum of what this medium holds that `base` does not: the
+    /// length and every page whose bytes differ from `base`'s. Media with
+    /// the same content have the same fingerprint against one base however
+    /// their pages are shared; pages shared with `base` cost a pointer
+    /// comparison, so crash images built from one durable medium are
+    /// fingerprinted in time proportional to the pages their writes touch.
+    #[must_use]
+    pub fn fingerprint_against(&self, base: &Medium) -> u32 {
+        let zero: &Page = &[0u8; PAGE_BYTES];
+        let mut crc = crc32c::crc32c(&self.len_bytes.to_le_bytes());
+        let pages = self.pages.len().max(base.pages.len());
+        // Bounded by the longer page vector.
+        for index in 0..pages {
+            let mine = self.pages.get(index).and_then(Option::as_ref);
+            let theirs = base.pages.get(index).and_then(Option::as_ref);
+            if let (Some(a), Some(b)) = (mine, theirs) {
+                if Arc::ptr_eq(a, b) {
+                    continue;
+                }
+            }
+            let mine = mine.map_or(zero, |p| &**p);
+            if mine == theirs.map_or(zero, |p| &**p) {
+                continue;
+            }
+            crc = crc32c::crc32c_append(crc, &(index as u64).to_le_bytes());
+            crc = crc32c::crc32c_append(crc, mine);
+        }
+        crc
+    }
+
     fn page_at(&self, offset: u64) -> Option<&Arc<Page>> {
         usize::try_from(offset / PAGE_BYTES as u64)
             .ok()
@@ -285,6 +315,39 @@ mod tests {
         let short = Medium::from_bytes(&[3u8; 10]);
         assert!(!a.same_range(&short, 0, 20));
         assert!(Medium::new().same_range(&Medium::from_bytes(&[0u8; 64]), 0, 64));
+    }
+
+    #[test]
+    fn equal_content_has_one_fingerprint_however_pages_are_shared() {
+        let base = Medium::from_bytes(&[5u8; 4 * PAGE_BYTES]);
+        let unchanged = base.clone();
+        let mut rewritten = base.clone();
+        // The same bytes written again: a fresh page, the same content.
+        rewritten.write(&[5u8; 100], PAGE_BYTES as u64).unwrap();
+        let mut changed = base.clone();
+        changed.write(&[6u8; 1], 2 * PAGE_BYTES as u64).unwrap();
+        let mut changed_alike = base.clone();
+        changed_alike
+            .write(&[6u8; 1], 2 * PAGE_BYTES as u64)
+            .unwrap();
+        let mut longer = base.clone();
+        longer.set_len(5 * PAGE_BYTES as u64).unwrap();
+        let print = |m: &Medium| m.fingerprint_against(&base);
+        assert_eq!(print(&unchanged), print(&rewritten));
+        assert_eq!(print(&changed), print(&changed_alike));
+        assert_ne!(print(&changed), print(&unchanged));
+        assert_ne!(print(&longer), print(&unchanged), "the length counts");
+        // A page the base lacks that holds zeros is no difference.
+        let mut grown = Medium::from_bytes(&[5u8; 4 * PAGE_BYTES]);
+        grown.set_len(6 * PAGE_BYTES as u64).unwrap();
+        let mut grown_written = grown.clone();
+        grown_written
+            .write(&[0u8; 8], 5 * PAGE_BYTES as u64)
+            .unwrap();
+        assert_eq!(
+            grown.fingerprint_against(&base),
+            grown_written.fingerprint_against(&base)
+        );
     }
 
     #[test]
