@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use qj_journal::{MemStorage, Storage};
 
+use crate::check_memo::CheckMemo;
 use crate::checks::{compare_recoveries, observe, observe_changed, Reference};
 use crate::config::ExploreConfig;
 use crate::crash_states::{CrashUnits, StateSpace};
@@ -119,6 +120,32 @@ struct Recovered {
     leaks: u64,
     /// Whether the target checked the image before recovery.
     unrecovered_checked: bool,
+}
+
+/// What the states of one crash point share: all are judged against the
+/// same model, so what one state's checks found serves the others where
+/// their bytes agree.
+struct PointCache {
+    /// The first state fully read (see [`observe_changed`]).
+    reference: Option<Reference>,
+    /// Whole recoveries, by crash image content.
+    images: ImageMemo<Recovered>,
+    /// Checks of the crash images before recovery, by the bytes they read.
+    unrecovered_checks: CheckMemo<Option<CheckSummary>>,
+    /// Check (a) of the recovered images, by the bytes it read.
+    recovered_checks: CheckMemo<CheckSummary>,
+}
+
+impl PointCache {
+    /// An empty cache for the crash images built from `durable`.
+    fn new(durable: Medium) -> Self {
+        Self {
+            reference: None,
+            images: ImageMemo::new(durable),
+            unrecovered_checks: CheckMemo::new(),
+            recovered_checks: CheckMemo::new(),
+        }
+    }
 }
 
 /// The workload being explored, for reproducer lines.
@@ -480,8 +507,7 @@ impl Inner {
         };
         let point_seed = mix(level.seed, snapshot.op_index);
         // Every state of this point is judged against the same model.
-        let mut reference = None;
-        let mut memo = ImageMemo::new(snapshot.durable.clone());
+        let mut cache = PointCache::new(snapshot.durable.clone());
         for state in states {
             if self.stopped() {
                 break;
@@ -495,15 +521,7 @@ impl Inner {
                 point: snapshot.op_index,
                 state: Some(state),
             });
-            self.explore_image(
-                &image,
-                model,
-                &path,
-                level,
-                &plan.next,
-                &mut reference,
-                &mut memo,
-            )?;
+            self.explore_image(&image, model, &path, level, &plan.next, &mut cache)?;
         }
         Ok(())
     }
@@ -515,9 +533,9 @@ impl Inner {
         image: &Medium,
         model: &GuestModel,
         path: &CrashPath,
-        reference: &mut Option<Reference>,
+        cache: &mut PointCache,
     ) -> Result<Option<Recovered>, HarnessError> {
-        let Some(unrecovered_checked) = self.check_unrecovered(image, path) else {
+        let Some(unrecovered_checked) = self.check_unrecovered(image, path, cache) else {
             return Ok(None);
         };
         let dev = self.new_device(image.clone());
@@ -538,7 +556,7 @@ impl Inner {
             // (b), (c) on the recovered disk, then (a) on the image its
             // clean close leaves; a failed check is reported before bad
             // content, as when the check runs first.
-            let observed = observe_changed(&*disk, model, &dev.latest(), reference);
+            let observed = observe_changed(&*disk, model, &dev.latest(), &mut cache.reference);
             if let Err(error) = disk.close() {
                 self.violation(
                     CheckKind::RecoveryFailed,
@@ -547,18 +565,22 @@ impl Inner {
                 );
                 return Ok(None);
             }
-            let closed = self.new_device(dev.latest());
-            let Some(leaks) = self.judge_check(self.target.check_closed(closed), path) else {
+            let closed = cache
+                .recovered_checks
+                .run(&dev.latest(), |closed| self.target.check_closed(closed));
+            let Some(leaks) = self.judge_check(closed, path) else {
                 return Ok(None);
             };
             (observed, leaks)
         } else {
             // (a) on a copy, so a check that writes cannot disturb the rest.
-            let check_dev = self.new_device(recovered.clone());
-            let Some(leaks) = self.judge_check(self.target.check(check_dev), path) else {
+            let checked = cache
+                .recovered_checks
+                .run(&recovered, |check_dev| self.target.check(check_dev));
+            let Some(leaks) = self.judge_check(checked, path) else {
                 return Ok(None);
             };
-            let observed = observe_changed(&*disk, model, &dev.latest(), reference);
+            let observed = observe_changed(&*disk, model, &dev.latest(), &mut cache.reference);
             drop(disk);
             (observed, leaks)
         };
@@ -658,10 +680,15 @@ impl Inner {
     /// whether the target checked the image (`Some(false)`: it has no such
     /// check) when it passed, `None` when it did not (a violation was
     /// recorded).
-    fn check_unrecovered(&self, image: &Medium, path: &CrashPath) -> Option<bool> {
-        let summary = match self
-            .target
-            .check_unrecovered(self.new_device(image.clone()))
+    fn check_unrecovered(
+        &self,
+        image: &Medium,
+        path: &CrashPath,
+        cache: &mut PointCache,
+    ) -> Option<bool> {
+        let summary = match cache
+            .unrecovered_checks
+            .run(image, |dev| self.target.check_unrecovered(dev))
         {
             Ok(None) => return Some(false),
             Ok(Some(summary)) => summary,
@@ -723,23 +750,24 @@ impl Inner {
         path: &CrashPath,
         level: &Level,
         next: &Plan,
-        reference: &mut Option<Reference>,
-        memo: &mut ImageMemo<Recovered>,
+        cache: &mut PointCache,
     ) -> Result<(), HarnessError> {
         self.count_state(level.depth, false);
         // An image identical to one of this point that passed would pass
         // the same way: recovery and checks depend on its bytes alone.
-        let fingerprint = memo.fingerprint(image);
-        let recovered = match memo.get(fingerprint, image) {
+        let fingerprint = cache.images.fingerprint(image);
+        let recovered = match cache.images.get(fingerprint, image) {
             Some(known) => {
                 self.count_known(known);
                 known.clone()
             }
             None => {
-                let Some(recovered) = self.recover_and_check(image, model, path, reference)? else {
+                let Some(recovered) = self.recover_and_check(image, model, path, cache)? else {
                     return Ok(());
                 };
-                memo.insert(fingerprint, image.clone(), recovered.clone());
+                cache
+                    .images
+                    .insert(fingerprint, image.clone(), recovered.clone());
                 recovered
             }
         };
@@ -771,7 +799,7 @@ impl Inner {
         };
         if let Some((point, state, exact)) = recovery_crash {
             self.crash_recovery(
-                image, model, path, level, &observed, point, state, exact, image_seed, reference,
+                image, model, path, level, &observed, point, state, exact, image_seed, cache,
             )?;
         }
         // (e) continuation.
@@ -806,7 +834,7 @@ impl Inner {
         state: Option<u64>,
         exact: bool,
         image_seed: u64,
-        reference: &mut Option<Reference>,
+        cache: &mut PointCache,
     ) -> Result<(), HarnessError> {
         let dev = self.new_device(image.clone());
         dev.crash_after(point)?;
@@ -846,7 +874,7 @@ impl Inner {
             }
         };
         // The states of a crash during recovery are judged against the
-        // model of the crash point being recovered: `reference` is that
+        // model of the crash point being recovered: `cache` is that
         // point's.
         for s in states {
             if self.stopped() {
@@ -863,7 +891,7 @@ impl Inner {
             });
             self.count_state(level.depth, true);
             if let Some(second) =
-                self.recover_and_check(&second_image, model, &second_path, reference)?
+                self.recover_and_check(&second_image, model, &second_path, cache)?
             {
                 self.sample_qemu(&second, &second_path)?;
                 if let Err(problem) = compare_recoveries(first_recovery, &second.observed) {

@@ -31,6 +31,7 @@
 
 pub mod bitmap_check;
 pub mod campaign;
+mod check_memo;
 pub mod checks;
 pub mod config;
 pub mod content_map;
