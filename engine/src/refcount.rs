@@ -28,7 +28,9 @@
 use std::collections::BTreeSet;
 
 use qj_journal::Storage;
-use qj_spec::qcow2::{get_refcount, read_table_entry, set_refcount, write_table_entry};
+use qj_spec::qcow2::{
+    get_refcount, read_table_entry, set_refcount, used_entries, write_table_entry,
+};
 use qj_spec::units::{Geometry, HostCluster, HostOffset};
 
 use crate::backend::{MetadataBackend, MetadataWrite};
@@ -194,12 +196,18 @@ impl RefcountState {
                     o.existing
                 )));
             }
-            for i in 0..rpb {
+            // Only the entries up to the last nonzero count need a look:
+            // the rest of the block is one hole.
+            let used = used_entries(&block, geometry.refcount_order);
+            for i in 0..used {
                 if get_refcount(&block, i, geometry.refcount_order) == 0 {
                     add_hole(first + i, first + i + 1);
                 } else {
                     used_end = first + i + 1;
                 }
+            }
+            if used < rpb {
+                add_hole(first + used, first + rpb);
             }
         }
         let mut free = FreeIndex::new(used_end);

@@ -26,11 +26,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use qj_journal::{MemStorage, Storage};
 
+use crate::check_memo::CheckMemo;
 use crate::checks::{compare_recoveries, observe, observe_changed, Reference};
 use crate::config::ExploreConfig;
 use crate::crash_states::{CrashUnits, StateSpace};
 use crate::error::HarnessError;
 use crate::guest_model::{GuestModel, Observed};
+use crate::image_memo::ImageMemo;
 use crate::medium::{Medium, SECTOR_BYTES};
 use crate::plan::{choose_points, Plan, PointPlan};
 use crate::qemu::qemu_img_check;
@@ -101,6 +103,49 @@ struct Outcome {
     /// The last crash point (after close).
     last: u64,
     trace: Vec<TraceEntry>,
+}
+
+/// What recovering a crash image that passed checks (a), (b), (c) left:
+/// what the later checks of it need, and all a byte-identical image of
+/// the same crash point would give (see [`crate::image_memo`]).
+#[derive(Clone)]
+struct Recovered {
+    /// The guest content after recovery.
+    observed: Arc<Observed>,
+    /// Device operations recovery took.
+    recovery_ops: u64,
+    /// The device as recovery left it (for check (f)).
+    image: Medium,
+    /// Leaked clusters check (a) counted.
+    leaks: u64,
+    /// Whether the target checked the image before recovery.
+    unrecovered_checked: bool,
+}
+
+/// What the states of one crash point share: all are judged against the
+/// same model, so what one state's checks found serves the others where
+/// their bytes agree.
+struct PointCache {
+    /// The first state fully read (see [`observe_changed`]).
+    reference: Option<Reference>,
+    /// Whole recoveries, by crash image content.
+    images: ImageMemo<Recovered>,
+    /// Checks of the crash images before recovery, by the bytes they read.
+    unrecovered_checks: CheckMemo<Option<CheckSummary>>,
+    /// Check (a) of the recovered images, by the bytes it read.
+    recovered_checks: CheckMemo<CheckSummary>,
+}
+
+impl PointCache {
+    /// An empty cache for the crash images built from `durable`.
+    fn new(durable: Medium) -> Self {
+        Self {
+            reference: None,
+            images: ImageMemo::new(durable),
+            unrecovered_checks: CheckMemo::new(),
+            recovered_checks: CheckMemo::new(),
+        }
+    }
 }
 
 /// The workload being explored, for reproducer lines.
@@ -462,7 +507,7 @@ impl Inner {
         };
         let point_seed = mix(level.seed, snapshot.op_index);
         // Every state of this point is judged against the same model.
-        let mut reference = None;
+        let mut cache = PointCache::new(snapshot.durable.clone());
         for state in states {
             if self.stopped() {
                 break;
@@ -476,23 +521,23 @@ impl Inner {
                 point: snapshot.op_index,
                 state: Some(state),
             });
-            self.explore_image(&image, model, &path, level, &plan.next, &mut reference)?;
+            self.explore_image(&image, model, &path, level, &plan.next, &mut cache)?;
         }
         Ok(())
     }
 
-    /// Recovers `image` and runs (a), (b), (c), (f). `None` when a
-    /// violation was recorded (the image is not explored further).
+    /// Recovers `image` and runs (a), (b), (c). `None` when a violation
+    /// was recorded (the image is not explored further).
     fn recover_and_check(
         &self,
         image: &Medium,
         model: &GuestModel,
         path: &CrashPath,
-        reference: &mut Option<Reference>,
-    ) -> Result<Option<(Observed, u64)>, HarnessError> {
-        if !self.check_unrecovered(image, path) {
+        cache: &mut PointCache,
+    ) -> Result<Option<Recovered>, HarnessError> {
+        let Some(unrecovered_checked) = self.check_unrecovered(image, path, cache) else {
             return Ok(None);
-        }
+        };
         let dev = self.new_device(image.clone());
         let disk = match self.target.open(dev.clone(), self.backing.clone()) {
             Ok(disk) => disk,
@@ -507,11 +552,11 @@ impl Inner {
         };
         let recovery_ops = dev.ops_done();
         let recovered = dev.latest();
-        let observed = if self.target.check_after_close() {
+        let (observed, leaks) = if self.target.check_after_close() {
             // (b), (c) on the recovered disk, then (a) on the image its
             // clean close leaves; a failed check is reported before bad
             // content, as when the check runs first.
-            let observed = observe_changed(&*disk, model, &dev.latest(), reference);
+            let observed = observe_changed(&*disk, model, &dev.latest(), &mut cache.reference);
             if let Err(error) = disk.close() {
                 self.violation(
                     CheckKind::RecoveryFailed,
@@ -520,20 +565,24 @@ impl Inner {
                 );
                 return Ok(None);
             }
-            let closed = self.new_device(dev.latest());
-            if !self.judge_check(self.target.check_closed(closed), path) {
+            let closed = cache
+                .recovered_checks
+                .run(&dev.latest(), |closed| self.target.check_closed(closed));
+            let Some(leaks) = self.judge_check(closed, path) else {
                 return Ok(None);
-            }
-            observed
+            };
+            (observed, leaks)
         } else {
             // (a) on a copy, so a check that writes cannot disturb the rest.
-            let check_dev = self.new_device(recovered.clone());
-            if !self.judge_check(self.target.check(check_dev), path) {
+            let checked = cache
+                .recovered_checks
+                .run(&recovered, |check_dev| self.target.check(check_dev));
+            let Some(leaks) = self.judge_check(checked, path) else {
                 return Ok(None);
-            }
-            let observed = observe_changed(&*disk, model, &dev.latest(), reference);
+            };
+            let observed = observe_changed(&*disk, model, &dev.latest(), &mut cache.reference);
             drop(disk);
-            observed
+            (observed, leaks)
         };
         let observed = match observed {
             Ok(observed) => observed,
@@ -542,18 +591,50 @@ impl Inner {
                 return Ok(None);
             }
         };
-        // (f) on a sample.
+        Ok(Some(Recovered {
+            observed: Arc::new(observed),
+            recovery_ops,
+            image: recovered,
+            leaks,
+            unrecovered_checked,
+        }))
+    }
+
+    /// Counts a state whose image is byte-identical to one of the same
+    /// crash point that passed: as recovering and checking it would.
+    fn count_known(&self, known: &Recovered) {
+        if known.unrecovered_checked {
+            self.stats.lock().unrecovered_checks += 1;
+        }
+        self.count_leaks(known.leaks);
+    }
+
+    /// (f) on a sample of the recovered images (chosen by crash path).
+    fn sample_qemu(&self, recovered: &Recovered, path: &CrashPath) -> Result<(), HarnessError> {
         let every = self.config.qemu_every;
         if every > 0 && mix(path_seed(self.config.seed, path), 0x7165).is_multiple_of(every) {
-            self.qemu_check(recovered, path)?;
+            self.qemu_check(recovered.image.clone(), path)?;
         }
-        Ok(Some((observed, recovery_ops)))
+        Ok(())
+    }
+
+    fn count_leaks(&self, leaks: u64) {
+        if leaks > 0 {
+            let mut stats = self.stats.lock();
+            stats.states_with_leaks += 1;
+            stats.leaked_clusters += leaks;
+            stats.leaked_clusters_max = stats.leaked_clusters_max.max(leaks);
+        }
     }
 
     /// Records what check (a) of a recovered image found: leaks counted,
     /// corruption (and leaks where none are allowed) a violation. Returns
-    /// whether the image passed.
-    fn judge_check(&self, result: Result<CheckSummary, TargetError>, path: &CrashPath) -> bool {
+    /// the leaks when the image passed, `None` when it did not.
+    fn judge_check(
+        &self,
+        result: Result<CheckSummary, TargetError>,
+        path: &CrashPath,
+    ) -> Option<u64> {
         let summary = match result {
             Ok(summary) => summary,
             Err(error) => {
@@ -562,15 +643,10 @@ impl Inner {
                     format!("check failed: {error}"),
                     path.clone(),
                 );
-                return false;
+                return None;
             }
         };
-        if summary.leaks > 0 {
-            let mut stats = self.stats.lock();
-            stats.states_with_leaks += 1;
-            stats.leaked_clusters += summary.leaks;
-            stats.leaked_clusters_max = stats.leaked_clusters_max.max(summary.leaks);
-        }
+        self.count_leaks(summary.leaks);
         if summary.corruptions > 0 {
             self.violation(
                 CheckKind::Corruption,
@@ -580,7 +656,7 @@ impl Inner {
                 ),
                 path.clone(),
             );
-            return false;
+            return None;
         }
         if summary.leaks > 0 && !self.target.leaks_allowed() {
             self.violation(
@@ -591,9 +667,9 @@ impl Inner {
                 ),
                 path.clone(),
             );
-            return false;
+            return None;
         }
-        true
+        Some(summary.leaks)
     }
 
     /// Checks `image` as the crash left it, read-only, before recovery:
@@ -601,13 +677,20 @@ impl Inner {
     /// read-write first (a `qj check` run right after the power cut). Only
     /// failures and corruptions count here; leaks are judged after
     /// recovery, which may free what the crash left allocated. Returns
-    /// whether the image passed (a violation was recorded if not).
-    fn check_unrecovered(&self, image: &Medium, path: &CrashPath) -> bool {
-        let summary = match self
-            .target
-            .check_unrecovered(self.new_device(image.clone()))
+    /// whether the target checked the image (`Some(false)`: it has no such
+    /// check) when it passed, `None` when it did not (a violation was
+    /// recorded).
+    fn check_unrecovered(
+        &self,
+        image: &Medium,
+        path: &CrashPath,
+        cache: &mut PointCache,
+    ) -> Option<bool> {
+        let summary = match cache
+            .unrecovered_checks
+            .run(image, |dev| self.target.check_unrecovered(dev))
         {
-            Ok(None) => return true,
+            Ok(None) => return Some(false),
             Ok(Some(summary)) => summary,
             Err(error) => {
                 self.violation(
@@ -615,7 +698,7 @@ impl Inner {
                     format!("check of the unrecovered image failed: {error}"),
                     path.clone(),
                 );
-                return false;
+                return None;
             }
         };
         self.stats.lock().unrecovered_checks += 1;
@@ -628,9 +711,9 @@ impl Inner {
                 ),
                 path.clone(),
             );
-            return false;
+            return None;
         }
-        true
+        Some(true)
     }
 
     fn qemu_check(&self, recovered: Medium, path: &CrashPath) -> Result<(), HarnessError> {
@@ -659,6 +742,7 @@ impl Inner {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn explore_image(
         self: &Arc<Self>,
         image: &Medium,
@@ -666,14 +750,33 @@ impl Inner {
         path: &CrashPath,
         level: &Level,
         next: &Plan,
-        reference: &mut Option<Reference>,
+        cache: &mut PointCache,
     ) -> Result<(), HarnessError> {
         self.count_state(level.depth, false);
-        let Some((observed, recovery_ops)) =
-            self.recover_and_check(image, model, path, reference)?
-        else {
-            return Ok(());
+        // An image identical to one of this point that passed would pass
+        // the same way: recovery and checks depend on its bytes alone.
+        let fingerprint = cache.images.fingerprint(image);
+        let recovered = match cache.images.get(fingerprint, image) {
+            Some(known) => {
+                self.count_known(known);
+                known.clone()
+            }
+            None => {
+                let Some(recovered) = self.recover_and_check(image, model, path, cache)? else {
+                    return Ok(());
+                };
+                cache
+                    .images
+                    .insert(fingerprint, image.clone(), recovered.clone());
+                recovered
+            }
         };
+        self.sample_qemu(&recovered, path)?;
+        let Recovered {
+            observed,
+            recovery_ops,
+            ..
+        } = recovered;
         let image_seed = path_seed(level.seed, path);
         // (d) crash during recovery.
         let recovery_crash = match next {
@@ -696,7 +799,7 @@ impl Inner {
         };
         if let Some((point, state, exact)) = recovery_crash {
             self.crash_recovery(
-                image, model, path, level, &observed, point, state, exact, image_seed, reference,
+                image, model, path, level, &observed, point, state, exact, image_seed, cache,
             )?;
         }
         // (e) continuation.
@@ -731,7 +834,7 @@ impl Inner {
         state: Option<u64>,
         exact: bool,
         image_seed: u64,
-        reference: &mut Option<Reference>,
+        cache: &mut PointCache,
     ) -> Result<(), HarnessError> {
         let dev = self.new_device(image.clone());
         dev.crash_after(point)?;
@@ -771,7 +874,7 @@ impl Inner {
             }
         };
         // The states of a crash during recovery are judged against the
-        // model of the crash point being recovered: `reference` is that
+        // model of the crash point being recovered: `cache` is that
         // point's.
         for s in states {
             if self.stopped() {
@@ -787,10 +890,11 @@ impl Inner {
                 state: Some(s),
             });
             self.count_state(level.depth, true);
-            if let Some((second, _)) =
-                self.recover_and_check(&second_image, model, &second_path, reference)?
+            if let Some(second) =
+                self.recover_and_check(&second_image, model, &second_path, cache)?
             {
-                if let Err(problem) = compare_recoveries(first_recovery, &second) {
+                self.sample_qemu(&second, &second_path)?;
+                if let Err(problem) = compare_recoveries(first_recovery, &second.observed) {
                     self.violation(problem.kind, problem.detail, second_path);
                 }
             }

@@ -31,6 +31,7 @@
 
 pub mod bitmap_check;
 pub mod campaign;
+mod check_memo;
 pub mod checks;
 pub mod config;
 pub mod content_map;
@@ -40,6 +41,7 @@ pub mod engine_target;
 pub mod error;
 pub mod explore;
 pub mod guest_model;
+mod image_memo;
 pub mod log_replay;
 pub mod medium;
 mod plan;

@@ -193,4 +193,18 @@ proptest! {
             prop_assert_eq!(get_refcount(&block, i, order), 0);
         }
     }
+
+    #[test]
+    fn used_entries_is_one_past_the_last_nonzero_count(order in 0u32..=6, counts in proptest::collection::vec((0u64..4096, any::<u64>()), 0..6)) {
+        let g = Geometry { cluster_bits: 9, refcount_order: order };
+        let mut block = vec![0u8; 512];
+        for (index, value) in counts {
+            set_refcount(&mut block, index % g.refcounts_per_block(), order, value & g.refcount_max());
+        }
+        let expected = (0..g.refcounts_per_block())
+            .rev()
+            .find(|&i| get_refcount(&block, i, order) != 0)
+            .map_or(0, |last| last + 1);
+        prop_assert_eq!(used_entries(&block, order), expected);
+    }
 }

@@ -11,7 +11,7 @@
 use std::io;
 
 use qj_journal::{DedupConsumer, Journal, JournalOptions, NoDedup, Overlay, ReplayMode, Storage};
-use qj_spec::qcow2::{get_refcount, Header};
+use qj_spec::qcow2::{used_entries, Header};
 
 use super::error::CheckError;
 use super::image::{Image, REFT_OFFSET_MASK};
@@ -162,11 +162,9 @@ pub(crate) fn counted_end(storage: &dyn Storage, image: &Image) -> Result<u64, C
             .map_err(CheckError::io(format!(
                 "reading the refcount block at {offset:#x}"
             )))?;
-        if let Some(last) = (0..per_block)
-            .rev()
-            .find(|i| get_refcount(&block, *i, g.refcount_order) != 0)
-        {
-            let cluster = index as u64 * per_block + last;
+        let used = used_entries(&block, g.refcount_order).min(per_block);
+        if used > 0 {
+            let cluster = index as u64 * per_block + used - 1;
             return Ok((cluster + 1).saturating_mul(g.cluster_size()));
         }
     }

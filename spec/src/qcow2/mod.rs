@@ -22,7 +22,7 @@ pub use features::{qjournal_feature_names, FeatureKind, FeatureName};
 pub use header::*;
 pub use l1::L1Entry;
 pub use l2::*;
-pub use refcount::{get_refcount, set_refcount};
+pub use refcount::{get_refcount, set_refcount, used_entries};
 pub use snapshot::*;
 pub use table::*;
 

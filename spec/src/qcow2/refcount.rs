@@ -10,6 +10,9 @@
 /// # Panics
 /// If the entry lies outside `block` or the order is above 6: indices come
 /// from the geometry of a block we sized (a caller bug otherwise).
+// Inlined so that loops over a block's entries hoist the width dispatch
+// (opening an image reads every entry of every refcount block).
+#[inline]
 #[must_use]
 pub fn get_refcount(block: &[u8], index: u64, refcount_order: u32) -> u64 {
     assert!(refcount_order <= 6, "refcount_order {refcount_order}");
@@ -39,6 +42,50 @@ pub fn get_refcount(block: &[u8], index: u64, refcount_order: u32) -> u64 {
             u64::from_be_bytes(raw)
         }
     }
+}
+
+/// How many leading entries of a refcount block of `refcount_order` hold
+/// everything nonzero: one past the last entry with a nonzero count, 0 for
+/// a block of zeros. Found from the last nonzero byte, so the zero tail of
+/// a block (free clusters past the end of the file) costs one byte scan.
+///
+/// # Panics
+/// If the order is above 6.
+#[must_use]
+pub fn used_entries(block: &[u8], refcount_order: u32) -> u64 {
+    assert!(refcount_order <= 6, "refcount_order {refcount_order}");
+    let Some(last_byte) = last_nonzero_byte(block) else {
+        return 0;
+    };
+    let width_bits = 1u32 << refcount_order;
+    let entry = if width_bits >= 8 {
+        last_byte / (width_bits / 8) as usize
+    } else {
+        // Entries pack least significant first: the highest set bit of the
+        // byte belongs to the last nonzero entry in it.
+        let per_byte = (8 / width_bits) as usize;
+        let high_bit = 7 - block[last_byte].leading_zeros();
+        last_byte * per_byte + (high_bit / width_bits) as usize
+    };
+    entry as u64 + 1
+}
+
+/// The index of the last nonzero byte of `block`. Whole 64-byte chunks are
+/// tested first: an OR over a fixed-size chunk vectorises, where a search
+/// byte by byte does not.
+fn last_nonzero_byte(block: &[u8]) -> Option<usize> {
+    const CHUNK_BYTES: usize = 64;
+    let mut end = block.len();
+    // Bounded by the block: one chunk per step, towards its start.
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK_BYTES);
+        let chunk = &block[start..end];
+        if chunk.iter().fold(0u8, |any, &b| any | b) != 0 {
+            return chunk.iter().rposition(|&b| b != 0).map(|i| start + i);
+        }
+        end = start;
+    }
+    None
 }
 
 /// Sets entry `index` of a refcount block of `refcount_order` to `value`.
