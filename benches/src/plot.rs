@@ -60,7 +60,9 @@ pub fn workload_chart(rows: &[BenchRow], workload: &str, title: &str) -> Option<
         return None;
     }
     let (bar_w, gap, left, top, height) = (22.0, 6.0, 70.0, 40.0, 220.0);
-    let width = left + bars.len() as f64 * (bar_w + gap) + 20.0;
+    // Wide enough for the title too (about 7.5 px a character at 14 px).
+    let width =
+        (left + bars.len() as f64 * (bar_w + gap) + 20.0).max(left + title.len() as f64 * 7.5);
     let mut svg = String::new();
     let _ = writeln!(
         svg,
