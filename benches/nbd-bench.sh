@@ -9,13 +9,28 @@
 # names: `writeback`, the page cache; `none`, O_DIRECT, what production
 # guests use): `qj serve --cache MODE` and `qemu-nbd --cache=MODE`.
 #
+# The server's fdatasync and fsync calls are counted with `perf stat`
+# (tracepoints, no slowdown worth naming) when perf can count them: the
+# `flushes_per_op` of each row (null without perf).
+#
+# The serve overhead: job `overwrite-sync-seq` is the in-process
+# `qj bench --workload overwrite-sync` pattern (a 4 KiB write at the start
+# of each of OPS clusters, filled first, each write flushed) driven by fio,
+# and the `inproc-NAME` targets run that workload in process with
+# `qj bench --target NAME` (same image size, backend and cache mode), so
+# `-J overwrite-sync-seq -T qj-journal,inproc-journal` puts both in one
+# interleaved table and prints the ratio (`vs_inproc`).
+#
 # Usage: benches/nbd-bench.sh [-r REPEATS] [-s SECONDS] [-o ROWS.json]
 #                             [-T target,target] [-J job,job] [-c mode,mode]
-#                             [-d DIR]
+#                             [-n OPS] [-d DIR]
 #   targets: qj-ordered qj-journal qj-journal-logged qemu-default qemu-lazy
-#            qemu-prealloc raw-sparse raw-prealloc
+#            qemu-prealloc raw-sparse raw-prealloc, and (overwrite-sync-seq
+#            only) inproc-ordered inproc-journal inproc-journal-logged
 #   jobs:    randwrite-sync randwrite-sync-8jobs seqwrite-64k-sync
-#            randread overwrite-sync
+#            randread overwrite-sync overwrite-sync-seq
+#   -n:      operations of overwrite-sync-seq (default 3000)
+# The defaults produce the whole table of RFC.md section 6.2.
 # Environment: QJ (the qj binary; default target/release/qj, built when
 # missing).
 # Needs: fio (with the nbd engine), qemu-img, qemu-nbd, python3.
@@ -26,15 +41,19 @@ REPEATS=3
 SECONDS_PER_RUN=3
 ROWS_OUT=""
 DIR=""
-TARGETS="qj-ordered,qj-journal,qj-journal-logged,qemu-default,qemu-lazy,qemu-prealloc,raw-sparse,raw-prealloc"
-JOBS="randwrite-sync,randwrite-sync-8jobs,seqwrite-64k-sync,randread,overwrite-sync"
+TARGETS="qj-ordered,qj-journal,qj-journal-logged,qemu-default,qemu-lazy,qemu-prealloc,raw-sparse,raw-prealloc,inproc-journal,inproc-journal-logged"
+JOBS="randwrite-sync,randwrite-sync-8jobs,seqwrite-64k-sync,randread,overwrite-sync,overwrite-sync-seq"
 CACHES="writeback,none"
 IMAGE_SIZE=1G
 # Region that the read and overwrite jobs fill first and then work on.
 FILLED=64M
+# overwrite-sync-seq: operations, and the stride (the cluster size of
+# every image here, and of `qj bench`'s).
+SEQ_OPS=3000
+STRIDE=65536
 
-usage() { sed -n '2,24p' "$0" >&2; exit 2; }
-while getopts "r:s:o:T:J:c:d:h" opt; do
+usage() { sed -n '2,41p' "$0" >&2; exit 2; }
+while getopts "r:s:o:T:J:c:n:d:h" opt; do
     case "$opt" in
         r) REPEATS="$OPTARG" ;;
         s) SECONDS_PER_RUN="$OPTARG" ;;
@@ -42,12 +61,14 @@ while getopts "r:s:o:T:J:c:d:h" opt; do
         T) TARGETS="$OPTARG" ;;
         J) JOBS="$OPTARG" ;;
         c) CACHES="$OPTARG" ;;
+        n) SEQ_OPS="$OPTARG" ;;
         d) DIR="$OPTARG" ;;
         *) usage ;;
     esac
 done
 [[ "$REPEATS" =~ ^[1-9][0-9]?$ ]] || { echo "nbd-bench: -r takes 1..99" >&2; exit 2; }
 [[ "$SECONDS_PER_RUN" =~ ^[1-9][0-9]*$ ]] || { echo "nbd-bench: -s takes whole seconds" >&2; exit 2; }
+[[ "$SEQ_OPS" =~ ^[1-9][0-9]{0,4}$ ]] || { echo "nbd-bench: -n takes 1..99999" >&2; exit 2; }
 
 for tool in fio qemu-img qemu-nbd python3; do
     command -v "$tool" >/dev/null || { echo "nbd-bench: $tool is required" >&2; exit 1; }
@@ -58,6 +79,14 @@ if [[ ! -x "$QJ" ]]; then
     cargo build --release --locked -p qj-cli >&2
 fi
 QJ="$(realpath "$QJ")"
+# Counting the server's flushes needs perf and the syscall tracepoints.
+PERF=""
+if command -v perf >/dev/null &&
+    perf stat -e syscalls:sys_enter_fdatasync -o /dev/null true 2>/dev/null; then
+    PERF=perf
+else
+    echo "nbd-bench: perf cannot count system calls here: flushes_per_op will be null" >&2
+fi
 
 if [[ -z "$DIR" ]]; then
     DIR="$(mktemp -d)"
@@ -89,14 +118,28 @@ make_image() {
     esac
 }
 
+# The server of a target, as a command line.
+server_command() {
+    local target="$1" img="$2" cache="$3"
+    case "$target" in
+        qj-*) echo "$QJ serve -t -e 16 --cache $cache -k $SOCK $img" ;;
+        qemu-*) echo "qemu-nbd -t -e 16 --cache=$cache -f qcow2 -k $SOCK $img" ;;
+        raw-*) echo "qemu-nbd -t -e 16 --cache=$cache -f raw -k $SOCK $img" ;;
+    esac
+}
+
+# Starts the server; under perf, SERVER_PID is perf's and the server is its
+# only child.
 start_server() {
     local target="$1" img="$2" cache="$3"
-    rm -f "$SOCK"
-    case "$target" in
-        qj-*) "$QJ" serve -t -e 16 --cache "$cache" -k "$SOCK" "$img" >/dev/null & ;;
-        qemu-*) qemu-nbd -t -e 16 --cache="$cache" -f qcow2 -k "$SOCK" "$img" & ;;
-        raw-*) qemu-nbd -t -e 16 --cache="$cache" -f raw -k "$SOCK" "$img" & ;;
-    esac
+    rm -f "$SOCK" "$DIR/perf.txt"
+    # shellcheck disable=SC2046 # a word list on purpose (no spaces in paths)
+    if [[ -n "$PERF" ]]; then
+        perf stat -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
+            -o "$DIR/perf.txt" -- $(server_command "$target" "$img" "$cache") >/dev/null &
+    else
+        $(server_command "$target" "$img" "$cache") >/dev/null &
+    fi
     SERVER_PID=$!
     local i
     for i in $(seq 1 500); do
@@ -109,10 +152,22 @@ start_server() {
 
 stop_server() {
     if [[ -n "$SERVER_PID" ]]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        # Under perf, the server gets the signal and perf writes its counts
+        # when the server has ended.
+        if [[ -n "$PERF" ]]; then
+            pkill -TERM -P "$SERVER_PID" 2>/dev/null || true
+        else
+            kill -TERM "$SERVER_PID" 2>/dev/null || true
+        fi
         wait "$SERVER_PID" 2>/dev/null || true
         SERVER_PID=""
     fi
+}
+
+# Flushes the server made since it started (empty without perf).
+server_flushes() {
+    [[ -n "$PERF" && -s "$DIR/perf.txt" ]] || return 0
+    awk -F, '/syscalls:sys_enter_f(data)?sync/ { n += $1 } END { print n + 0 }' "$DIR/perf.txt"
 }
 
 # fio arguments of a job (after the common ones).
@@ -123,11 +178,41 @@ job_args() {
         seqwrite-64k-sync) echo "--rw=write --bs=64k --iodepth=1 --fsync=1 --time_based --runtime=$SECONDS_PER_RUN" ;;
         randread) echo "--rw=randread --bs=4k --iodepth=1 --size=$FILLED --time_based --runtime=$SECONDS_PER_RUN" ;;
         overwrite-sync) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1 --size=$FILLED --time_based --runtime=$SECONDS_PER_RUN" ;;
+        # qj bench's overwrite-sync: 4 KiB at the start of each cluster.
+        overwrite-sync-seq) echo "--rw=write:$((STRIDE - 4096)) --bs=4k --iodepth=1 --fsync=1 --size=$((SEQ_OPS * STRIDE))" ;;
         *) echo "nbd-bench: unknown job $1" >&2; exit 2 ;;
     esac
 }
 
-needs_fill() { [[ "$1" == randread || "$1" == overwrite-sync ]]; }
+needs_fill() { [[ "$1" == randread || "$1" == overwrite-sync || "$1" == overwrite-sync-seq ]]; }
+
+# The fill of a job that works on written clusters.
+fill_args() {
+    case "$1" in
+        overwrite-sync-seq) echo "--rw=write:$((STRIDE - 4096)) --bs=4k --size=$((SEQ_OPS * STRIDE)) --end_fsync=1" ;;
+        *) echo "--rw=write --bs=1M --size=$FILLED --end_fsync=1" ;;
+    esac
+}
+
+# Runs `qj bench` in process on the overwrite-sync-seq workload; writes a
+# result line like the fio cells'.
+run_inproc() {
+    local target="$1" cache="$2" rep="$3"
+    "$QJ" bench --workload overwrite-sync --target "${target#inproc-}" --ops "$SEQ_OPS" \
+        --rounds 1 --cache "$cache" --dir "$DIR" --output json > "$DIR/inproc.json"
+    python3 - "$DIR/inproc.json" "$target" "$rep" "$cache" >> "$RESULTS" <<'EOF'
+import json, sys
+path, target, rep, cache = sys.argv[1:5]
+r = json.load(open(path))[0]
+print(json.dumps({
+    "job": "overwrite-sync-seq", "target": target, "cache": cache, "repeat": int(rep),
+    "ops": r["ops"], "ops_per_s": r["ops_per_s"], "mb_per_s": r["mb_per_s"],
+    "lat_p50_us": r["p50_us"], "flushes": r["flushes_per_op"] * r["ops"]
+        if r["flushes_per_op"] is not None else None,
+    "error": 0 if r["ops_per_s"] else 1,
+}))
+EOF
+}
 
 run_fio() {
     local name="$1" out="$2"; shift 2
@@ -143,26 +228,44 @@ for j in "${job_list[@]}"; do job_args "$j" >/dev/null; done
 for c in "${cache_list[@]}"; do
     [[ "$c" == writeback || "$c" == none ]] || { echo "nbd-bench: -c takes writeback and none" >&2; exit 2; }
 done
-cells=$(( REPEATS * ${#job_list[@]} * ${#target_list[@]} * ${#cache_list[@]} ))
+# In-process targets run only the job that mirrors their workload.
+applies() { [[ "$2" != inproc-* || "$1" == overwrite-sync-seq ]]; }
+cells=0
+for job in "${job_list[@]}"; do
+    for target in "${target_list[@]}"; do
+        if applies "$job" "$target"; then
+            cells=$((cells + REPEATS * ${#cache_list[@]}))
+        fi
+    done
+done
 n=0
 for rep in $(seq 1 "$REPEATS"); do
     for job in "${job_list[@]}"; do
         for cache in "${cache_list[@]}"; do
         for target in "${target_list[@]}"; do
+            applies "$job" "$target" || continue
             n=$((n + 1))
             echo "nbd-bench: [$n/$cells] repeat $rep, $job on $target, cache=$cache" >&2
+            if [[ "$target" == inproc-* ]]; then
+                run_inproc "$target" "$cache" "$rep"
+                continue
+            fi
             img="$DIR/img-$target"
             make_image "$target" "$img"
             start_server "$target" "$img" "$cache"
             if needs_fill "$job"; then
-                run_fio fill "$DIR/fill.json" --rw=write --bs=1M --size="$FILLED" --end_fsync=1
+                # shellcheck disable=SC2046 # a word list on purpose
+                run_fio fill "$DIR/fill.json" $(fill_args "$job")
+                # The fill's flushes are not the job's.
+                stop_server
+                start_server "$target" "$img" "$cache"
             fi
             # shellcheck disable=SC2046 # job_args is a word list on purpose
             run_fio "$job" "$DIR/run.json" $(job_args "$job")
             stop_server
-            python3 - "$DIR/run.json" "$job" "$target" "$rep" "$cache" >> "$RESULTS" <<'EOF'
+            python3 - "$DIR/run.json" "$job" "$target" "$rep" "$cache" "$(server_flushes)" >> "$RESULTS" <<'EOF'
 import json, sys
-path, job, target, rep, cache = sys.argv[1:6]
+path, job, target, rep, cache, flushes = sys.argv[1:7]
 report = json.load(open(path))
 j = report["jobs"][0]
 side = "read" if j["read"]["total_ios"] > 0 and j["write"]["total_ios"] == 0 else "write"
@@ -171,6 +274,7 @@ print(json.dumps({
     "job": job, "target": target, "cache": cache, "repeat": int(rep),
     "ops": s["total_ios"], "ops_per_s": s["iops"], "mb_per_s": s["bw_bytes"] / 1e6,
     "lat_p50_us": s["clat_ns"]["percentile"].get("50.000000", 0) / 1000 if "percentile" in s["clat_ns"] else None,
+    "flushes": int(flushes) if flushes else None,
     "error": j["error"],
 }))
 EOF
@@ -209,13 +313,24 @@ for job in jobs:
             "vs_raw": round(med / medians["raw-prealloc"], 2) if medians.get("raw-prealloc") else None,
             "note": "fio reported errors" if any(x["error"] for x in c) else None,
         }
+        flushes = [x["flushes"] / x["ops"] for x in c if x.get("flushes") is not None and x["ops"]]
+        row["flushes_per_op"] = round(statistics.median(flushes), 3) if flushes else None
+        if t.startswith("inproc-"):
+            row["via"] = "in-process"
+        inproc = medians.get("inproc-" + t[len("qj-"):]) if t.startswith("qj-") else None
+        row["vs_inproc"] = round(med / inproc, 2) if inproc else None
         rows.append(row)
-print(f"{'workload':<22}{'cache':<10}{'target':<19}{'ops/s':>10}{'min..max':>20}{'MB/s':>9}{'vs qemu':>9}{'vs raw':>8}")
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+print(f"{'workload':<22}{'cache':<10}{'target':<22}{'ops/s':>10}{'min..max':>20}{'MB/s':>9}{'flush/op':>9}{'vs qemu':>9}{'vs raw':>8}{'vs inproc':>10}")
 for r in rows:
     spread = f"{r['ops_per_s_min']:.0f}..{r['ops_per_s_max']:.0f}"
-    vq = f"{r['vs_qemu']:.2f}" if r["vs_qemu"] is not None else "-"
-    vr = f"{r['vs_raw']:.2f}" if r["vs_raw"] is not None else "-"
-    print(f"{r['workload']:<22}{r['cache']:<10}{r['target']:<19}{r['ops_per_s']:>10.0f}{spread:>20}{r['mb_per_s']:>9.1f}{vq:>9}{vr:>8}")
+    print(f"{r['workload']:<22}{r['cache']:<10}{r['target']:<22}{r['ops_per_s']:>10.0f}{spread:>20}{r['mb_per_s']:>9.1f}"
+          f"{fmt(r['flushes_per_op'], '.3f'):>9}{fmt(r['vs_qemu'], '.2f'):>9}{fmt(r['vs_raw'], '.2f'):>8}{fmt(r['vs_inproc'], '.2f'):>10}")
+for r in rows:
+    if r["vs_inproc"] is not None:
+        print(f"serve overhead, {r['target']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
+              f"= {r['vs_inproc']:.2f} of in process (target: 0.87 or more, at most 15% slower)")
 if rows_out:
     with open(rows_out, "w") as f:
         json.dump(rows, f, indent=2)

@@ -1,13 +1,17 @@
 //! SVG bar charts of `qj bench --output json` rows, for RFC.md: one chart
 //! per workload, one bar per target (and thread count), operations per
-//! second on a linear axis. Hand-written SVG keeps the dependency list short.
+//! second on a linear axis; and of `benches/nbd-bench.sh -o` rows (the same
+//! shape plus `via` and `cache`): one chart per fio job and cache mode.
+//! Hand-written SVG keeps the dependency list short.
 
 use std::fmt::Write;
 
 use crate::report::BenchRow;
 
-/// Colours per target, in `TargetKind::ALL` order, then the dedup targets.
-const COLOURS: [(&str, &str); 10] = [
+/// Colours per target: `TargetKind::ALL` order, the dedup targets, then
+/// the NBD targets (the same colour for the same engine whichever way it
+/// is driven).
+const COLOURS: [(&str, &str); 20] = [
     ("journal", "#1b9e77"),
     ("journal-draft", "#66a61e"),
     ("journal-logged", "#e6ab02"),
@@ -18,6 +22,16 @@ const COLOURS: [(&str, &str); 10] = [
     ("raw", "#999999"),
     ("journal-dedup", "#e7298a"),
     ("journal-dedup-trust", "#f4a6cf"),
+    ("qj-journal", "#1b9e77"),
+    ("qj-journal-logged", "#e6ab02"),
+    ("qj-ordered", "#d95f02"),
+    ("qemu-default", "#7570b3"),
+    ("raw-sparse", "#bbbbbb"),
+    ("raw-prealloc", "#999999"),
+    ("inproc-journal", "#76d7b9"),
+    ("inproc-journal-logged", "#f5d77a"),
+    ("inproc-ordered", "#f0a56b"),
+    ("inproc-raw", "#cccccc"),
 ];
 
 fn colour(target: &str) -> &'static str {
@@ -49,7 +63,9 @@ pub fn workload_chart(rows: &[BenchRow], workload: &str, title: &str) -> Option<
         return None;
     }
     let (bar_w, gap, left, top, height) = (22.0, 6.0, 70.0, 40.0, 220.0);
-    let width = left + bars.len() as f64 * (bar_w + gap) + 20.0;
+    // Wide enough for the title too (about 7.5 px a character at 14 px).
+    let width =
+        (left + bars.len() as f64 * (bar_w + gap) + 20.0).max(left + title.len() as f64 * 7.5);
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -106,6 +122,43 @@ pub fn workload_chart(rows: &[BenchRow], workload: &str, title: &str) -> Option<
     Some(svg)
 }
 
+/// The charts of `benches/nbd-bench.sh -o` rows: one per (job, cache
+/// mode) in the order the rows come, as (file name, SVG). Rows of other
+/// shapes are refused with the reason.
+pub fn nbd_charts(json: &str) -> Result<Vec<(String, String)>, String> {
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(json).map_err(|e| format!("not a JSON array of rows: {e}"))?;
+    let mut rows = Vec::with_capacity(values.len());
+    let mut groups: Vec<(String, String)> = Vec::new();
+    for (i, mut v) in values.into_iter().enumerate() {
+        let field = |v: &serde_json::Value, k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("row {i} has no string {k:?}: not nbd-bench output"))
+        };
+        let (job, cache) = (field(&v, "workload")?, field(&v, "cache")?);
+        field(&v, "via")?;
+        // One chart per job and cache mode: key the row by both.
+        let key = format!("{job}, cache={cache}");
+        v["workload"] = serde_json::Value::String(key.clone());
+        if !groups.iter().any(|(k, _)| *k == key) {
+            groups.push((key, format!("nbd-{job}-{cache}.svg")));
+        }
+        rows.push(
+            serde_json::from_value::<BenchRow>(v)
+                .map_err(|e| format!("row {i} does not have the row shape: {e}"))?,
+        );
+    }
+    Ok(groups
+        .into_iter()
+        .filter_map(|(key, file)| {
+            let title = format!("fio over NBD, {key}: ops/s (higher is better)");
+            workload_chart(&rows, &key, &title).map(|svg| (file, svg))
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +197,39 @@ mod tests {
         assert!(svg.contains(r##"height="110.0" fill="#d95f02""##), "{svg}");
         assert!(!svg.contains("qemu"), "rows without a rate are left out");
         assert!(workload_chart(&rows, "read", "t").is_none());
+    }
+
+    #[test]
+    fn nbd_rows_get_one_chart_per_job_and_cache_mode() {
+        let json = r#"[
+          {"via": "nbd", "workload": "randwrite-sync", "target": "qj-journal", "cache": "writeback",
+           "threads": 1, "ops": 10, "ops_per_s": 300.0, "ops_per_s_min": 250.0, "flushes_per_op": 1.0},
+          {"via": "nbd", "workload": "randwrite-sync", "target": "raw-prealloc", "cache": "writeback",
+           "threads": 1, "ops": 10, "ops_per_s": 150.0},
+          {"via": "nbd", "workload": "randwrite-sync", "target": "qj-journal", "cache": "none",
+           "threads": 1, "ops": 10, "ops_per_s": 100.0}
+        ]"#;
+        let charts = nbd_charts(json).unwrap();
+        let names: Vec<&str> = charts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "nbd-randwrite-sync-writeback.svg",
+                "nbd-randwrite-sync-none.svg"
+            ]
+        );
+        let (_, writeback) = &charts[0];
+        assert!(
+            writeback.contains(r##"height="220.0" fill="#1b9e77""##),
+            "{writeback}"
+        );
+        assert!(
+            writeback.contains(r##"height="110.0" fill="#999999""##),
+            "{writeback}"
+        );
+        assert!(writeback.contains("cache=writeback"));
+        let err = nbd_charts(r#"[{"workload": "read", "target": "raw"}]"#).unwrap_err();
+        assert!(err.contains("not nbd-bench output"), "{err}");
+        assert!(nbd_charts("{}").is_err());
     }
 }

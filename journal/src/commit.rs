@@ -35,11 +35,22 @@ pub(crate) struct Planned {
 
 type Results = Vec<Option<Result<u64, JournalError>>>;
 
+/// What a committer queues for group commit.
+#[derive(Debug)]
+pub(crate) enum Queued {
+    /// A transaction to commit.
+    Commit(Transaction),
+    /// No transaction: only the batch's flush ([`Journal::flush_enqueue`]).
+    Flush,
+}
+
 /// A batch between its stages.
 pub(crate) struct WrittenBatch {
     results: Results,
     /// Written, not yet durable.
     planned: Vec<Planned>,
+    /// Item indexes of the flush-only items: answered at finish.
+    flushes: Vec<usize>,
     /// The first device error of the batch.
     failure: Option<JournalError>,
 }
@@ -49,21 +60,29 @@ pub(crate) struct CommitPipeline<'a, S: Storage> {
     pub journal: &'a Journal<S>,
 }
 
-impl<S: Storage> BatchPipeline<Transaction, Result<u64, JournalError>> for CommitPipeline<'_, S> {
+impl<S: Storage> BatchPipeline<Queued, Result<u64, JournalError>> for CommitPipeline<'_, S> {
     type Batch = WrittenBatch;
 
     /// Plans every transaction into the ring and writes the batch (for the
     /// two-flush protocol, up to and including the commit blocks' first
     /// flush).
-    fn write(&self, items: Vec<Transaction>) -> WrittenBatch {
+    fn write(&self, items: Vec<Queued>) -> WrittenBatch {
         let journal = self.journal;
         let first_seq = journal.state.lock().next_seq;
         let mut batch = WrittenBatch {
             results: items.iter().map(|_| None).collect(),
             planned: Vec::new(),
+            flushes: Vec::new(),
             failure: None,
         };
-        for (index, tx) in items.into_iter().enumerate() {
+        for (index, item) in items.into_iter().enumerate() {
+            let tx = match item {
+                Queued::Commit(tx) => tx,
+                Queued::Flush => {
+                    batch.flushes.push(index);
+                    continue;
+                }
+            };
             if let Err(e) =
                 journal.plan(index, tx, first_seq, &mut batch.planned, &mut batch.results)
             {
@@ -77,7 +96,7 @@ impl<S: Storage> BatchPipeline<Transaction, Result<u64, JournalError>> for Commi
     }
 
     fn flush(&self, batch: &mut WrittenBatch) {
-        if batch.failure.is_some() || batch.planned.is_empty() {
+        if batch.failure.is_some() || (batch.planned.is_empty() && batch.flushes.is_empty()) {
             return;
         }
         // Ordering: one flush makes the whole batch durable (for two-flush,
@@ -86,7 +105,9 @@ impl<S: Storage> BatchPipeline<Transaction, Result<u64, JournalError>> for Commi
         // then finds a block or transaction checksum that fails and drops
         // that transaction and all after it, none of which was
         // acknowledged. This flush may overlap the next batch's writes:
-        // they are not acknowledged before this batch finishes.
+        // they are not acknowledged before this batch finishes. It also
+        // covers every storage write that completed before a flush-only
+        // item was queued: that is the whole of such an item's promise.
         if let Err(e) = self.journal.region().flush() {
             batch.failure = Some(e);
         } else {
@@ -96,11 +117,30 @@ impl<S: Storage> BatchPipeline<Transaction, Result<u64, JournalError>> for Commi
 
     fn finish(&self, mut batch: WrittenBatch) -> Vec<Result<u64, JournalError>> {
         let outcome = match batch.failure.take() {
+            // A failed flush with nothing planned still broke a promise
+            // (flush-only items): poison as a failed commit does.
+            Some(e) if batch.planned.is_empty() => Err(self.journal.poison(e)),
             Some(e) => Err(e),
             None => Ok(()),
         };
         self.journal
             .finish_planned(outcome, &mut batch.planned, &mut batch.results);
+        // Batches finish in order, so every transaction queued before a
+        // flush-only item is committed now, unless the journal failed.
+        let flushed = {
+            let state = self.journal.state.lock();
+            match &state.poisoned {
+                Some(reason) => Err(reason.clone()),
+                None => Ok(state.committed_seq),
+            }
+        };
+        for index in batch.flushes.drain(..) {
+            batch.results[index] = Some(
+                flushed
+                    .clone()
+                    .map_err(|reason| JournalError::Poisoned { reason }),
+            );
+        }
         batch
             .results
             .into_iter()
@@ -176,7 +216,19 @@ impl<S: Storage> Journal<S> {
                 ring_blocks,
             });
         }
-        Ok(CommitTicket(self.group.enqueue(tx)))
+        Ok(CommitTicket(self.group.enqueue(Queued::Commit(tx))))
+    }
+
+    /// Queues a flush without a transaction; [`Journal::commit_wait`]
+    /// returns the committed sequence number once every storage write that
+    /// completed before this call, and every transaction enqueued before
+    /// it, is durable. It shares the flush of the batch it lands in, so a
+    /// caller with only data to make durable joins other threads' commits
+    /// instead of flushing on its own (and cannot return before an earlier
+    /// transaction that its data depends on is committed).
+    pub fn flush_enqueue(&self) -> Result<CommitTicket, JournalError> {
+        self.check_usable()?;
+        Ok(CommitTicket(self.group.enqueue(Queued::Flush)))
     }
 
     /// Waits for a transaction queued by [`Journal::commit_enqueue`] and

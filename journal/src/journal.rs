@@ -6,6 +6,7 @@ use qj_spec::journal::{
 };
 
 use crate::apply::{DeviceTarget, OverlayTarget};
+use crate::commit::Queued;
 use crate::dedup::DedupConsumer;
 use crate::error::JournalError;
 use crate::group_commit::GroupCommit;
@@ -120,7 +121,7 @@ pub struct Journal<S: Storage> {
     /// Merged target ranges written by checkpoints that commits ran by
     /// themselves (ring full), until the engine takes them.
     pub(crate) auto_checkpoint_ranges: Mutex<Vec<(u64, u64)>>,
-    pub(crate) group: GroupCommit<Transaction, Result<u64, JournalError>>,
+    pub(crate) group: GroupCommit<Queued, Result<u64, JournalError>>,
     pub(crate) counters: Counters,
 }
 

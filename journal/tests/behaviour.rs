@@ -1086,6 +1086,10 @@ fn in_memory_replay_writes_nothing() {
         journal.commit(Transaction::new()),
         Err(JournalError::ReadOnly)
     ));
+    assert!(matches!(
+        journal.flush_enqueue(),
+        Err(JournalError::ReadOnly)
+    ));
     assert!(matches!(journal.checkpoint(), Err(JournalError::ReadOnly)));
 }
 
@@ -1385,4 +1389,27 @@ proptest::proptest! {
         proptest::prop_assert!(storage.len().unwrap() <= limit);
         let _ = dump(&storage, 0, SIZE).map(|d| d.to_string());
     }
+}
+
+#[test]
+fn a_flush_only_item_returns_after_the_transactions_queued_before_it() {
+    // A flush queued behind a transaction is answered in the same batch,
+    // with one device flush, and only once that transaction is committed:
+    // a caller whose data depends on it cannot return before it.
+    let device = CountingDevice::default();
+    let journal = create(&device);
+    let flushes_before = device.flushes.load(Ordering::Relaxed);
+    let tx = journal
+        .commit_enqueue(tx_write(AREA, &pattern(1, 512)))
+        .unwrap();
+    let flush = journal.flush_enqueue().unwrap();
+    let flushed_through = journal.commit_wait(flush).unwrap();
+    assert_eq!(journal.committed_seq(), flushed_through);
+    assert_eq!(journal.commit_wait(tx).unwrap(), flushed_through);
+    assert_eq!(device.flushes.load(Ordering::Relaxed) - flushes_before, 1);
+    // Alone, a flush still reaches the device and commits nothing.
+    let alone = journal.flush_enqueue().unwrap();
+    assert_eq!(journal.commit_wait(alone).unwrap(), flushed_through);
+    assert_eq!(device.flushes.load(Ordering::Relaxed) - flushes_before, 2);
+    assert_eq!(journal.committed_seq(), flushed_through);
 }

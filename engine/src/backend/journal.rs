@@ -487,10 +487,23 @@ impl MetadataBackend for JournalBackend {
         let logged_dirty =
             self.logged_count.load(Ordering::SeqCst) > 0 && self.logged.lock().has_dirty();
         if epoch.is_empty() && !logged_dirty {
-            // Only guest data to make durable: no transaction needed.
-            counters.flush();
-            storage.flush().ctx(|| "flushing guest data".into())?;
-            return Ok(0);
+            // Only guest data to make durable: no transaction needed, but
+            // a flush of its own would be wrong as well as costly. Wrong:
+            // the metadata of this caller's writes may sit in an earlier
+            // epoch whose transaction is still in group commit (another
+            // thread's persist gathered it), and returning before that
+            // transaction is durable would acknowledge a write a crash
+            // loses. Costly: every concurrent flusher would issue one. A
+            // flush-only item returns after the batch it joins is durable,
+            // and batches finish in order (rule 2 for the data: that
+            // batch's flush follows every data write that completed before
+            // this call).
+            let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst);
+            let commit = self.journal.flush_enqueue().map_err(journal_err)?;
+            // Counted in flight like a transaction (wait_durable ends it).
+            self.pending.lock().in_flight += 1;
+            self.tickets.lock().insert(ticket, (commit, Vec::new()));
+            return Ok(ticket);
         }
         // Rule 1.
         if !self.dirty_bit_on_disk.load(Ordering::SeqCst)
