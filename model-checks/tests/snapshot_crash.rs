@@ -86,5 +86,12 @@ fn a_snapshot_operation_split_into_transactions_is_caught() {
             report.summary
         )
     });
-    assert_eq!(v.kind, CheckKind::Leak, "{v}");
+    // Half an operation shows as a leak (a create's raised counts without
+    // its table) or as a corruption (an apply or delete without its COPIED
+    // flags); which one a seed meets first depends on the crash points it
+    // samples. Lost or foreign guest data would be another bug.
+    assert!(
+        matches!(v.kind, CheckKind::Leak | CheckKind::Corruption),
+        "{v}"
+    );
 }

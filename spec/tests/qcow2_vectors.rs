@@ -217,12 +217,13 @@ fn journal_extension_without_flags_word_decodes_with_flags_zero() {
             flags: 0
         })
     );
-    // Bits 0 and 1 are known; bit 2 is reserved and refused.
-    data.extend_from_slice(&3u64.to_be_bytes());
+    // Bits 0 to 2 are known (bit 2: deduplication); bit 3 is reserved and
+    // refused.
+    data.extend_from_slice(&7u64.to_be_bytes());
     let ext = HeaderExtension::decode(0x716a_726e, &data, 200).unwrap();
-    assert!(matches!(ext, HeaderExtension::Journal(j) if j.flags == 3));
+    assert!(matches!(ext, HeaderExtension::Journal(j) if j.flags == 7));
     data.truncate(16);
-    data.extend_from_slice(&4u64.to_be_bytes());
+    data.extend_from_slice(&8u64.to_be_bytes());
     let err = HeaderExtension::decode(0x716a_726e, &data, 200).unwrap_err();
     assert!(err.to_string().contains("flags"), "{err}");
 }
