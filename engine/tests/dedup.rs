@@ -812,3 +812,49 @@ fn after_an_unclean_shutdown_persisted_entries_are_rehashed() {
     image.close().unwrap();
     assert_engine_check_clean(&*storage);
 }
+
+#[test]
+fn an_entry_only_a_snapshot_maps_leaves_the_persisted_index_too() {
+    // Found in review: X is indexed, then only a snapshot maps it. The
+    // next clean open drops X from memory (nothing to share through), so
+    // when the snapshot's deletion frees X no deletion is logged. Unless
+    // that open rewrites the persisted index, X's cluster, reused by an
+    // unindexed partial write, would come back at the following clean
+    // open (persisted entries are trusted then), and a write of X's bytes
+    // would be mapped onto other data (the hash is trusted here).
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    Image::create_shared(storage.clone(), &dedup_create_options(8 * CLUSTER as u64)).unwrap();
+    let opts = OpenOptions {
+        dedup_trust_hash: true,
+        ..OpenOptions::read_write()
+    };
+    let x = pattern(0x58, CLUSTER);
+    let image = Image::open(storage.clone(), &opts).unwrap();
+    image.write(&x, 0).unwrap();
+    let x_host = image.map().unwrap()[0].offset.unwrap();
+    image.snapshot_create("s").unwrap();
+    image.write(&pattern(0x59, CLUSTER), 0).unwrap();
+    image.close().unwrap();
+
+    let image = Image::open(storage.clone(), &opts).unwrap();
+    assert!(image.dedup_entries().iter().all(|(o, _)| *o != x_host));
+    image.snapshot_delete("s").unwrap();
+    // Frees are reusable once durable; partial writes fill fresh clusters.
+    image.flush().unwrap();
+    for i in 1..6 {
+        image.write(&[0x5a; 512], (i * CLUSTER) as u64).unwrap();
+    }
+    image.close().unwrap();
+    // The persisted index names the guest's overwrite alone, not X.
+    assert_eq!(persisted_index(&*storage).unwrap().entries, 1);
+
+    let image = Image::open(storage.clone(), &opts).unwrap();
+    assert!(
+        image.dedup_entries().iter().all(|(o, _)| *o != x_host),
+        "a clean open brought back an entry the last session dropped"
+    );
+    image.write(&x, 6 * CLUSTER as u64).unwrap();
+    assert_eq!(read(&image, 6 * CLUSTER as u64, CLUSTER), x);
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}

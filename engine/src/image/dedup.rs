@@ -536,9 +536,10 @@ impl Image {
                 }
             }
         }
-        self.dedup_find_owners(&mut index)?;
+        let unowned_dropped = self.dedup_find_owners(&mut index)?;
         let changed = replayed_any
             || persisted.ignored.is_some()
+            || unowned_dropped > 0
             || index.counters.dropped_at_open + index.counters.persisted_stale_at_open > 0;
         let dedup = ImageDedup::new(index, trust_hash, mutation);
         *dedup.persisted.lock() = persisted.clusters;
@@ -548,8 +549,12 @@ impl Image {
 
     /// Records, for every indexed cluster, the guest clusters of the active
     /// tables that map it; entries no active table maps are dropped (only
-    /// a snapshot holds them: nothing to share through).
-    fn dedup_find_owners(&self, index: &mut DedupIndex) -> Result<()> {
+    /// a snapshot holds them: nothing to share through). Returns how many
+    /// were dropped: the persisted index still names them, and must be
+    /// rewritten, or a later clean open would trust an entry whose cluster
+    /// was freed (no deletion is logged for an entry not in memory) and
+    /// reused for other bytes.
+    fn dedup_find_owners(&self, index: &mut DedupIndex) -> Result<u64> {
         let l1_len = self.l1.read().entries.len() as u64;
         let per_table = self.geometry.l2_entries();
         for i in 0..l1_len {
@@ -571,11 +576,13 @@ impl Image {
                 }
             }
         }
+        let mut dropped = 0;
         for (cluster, _) in index.entries() {
             if index.owners(cluster).is_empty() {
                 index.forget(cluster);
+                dropped += 1;
             }
         }
-        Ok(())
+        Ok(dropped)
     }
 }
