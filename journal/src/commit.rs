@@ -86,17 +86,6 @@ impl<S: Storage> BatchPipeline<Queued, Result<u64, JournalError>> for CommitPipe
             if let Err(e) =
                 journal.plan(index, tx, first_seq, &mut batch.planned, &mut batch.results)
             {
-                // Items queued after this one may depend on it (a flush-only
-                // item promises that every transaction queued before it is
-                // durable; a later transaction may link what this one
-                // allocated), so a transaction that fails here poisons the
-                // journal, and they fail with it. The one exception is a
-                // full ring under `WhenFull::Fail`: refusing for lack of
-                // room is that mode's contract, and its caller orders what
-                // it queues after a refusal.
-                let recoverable = matches!(e, JournalError::Full { .. })
-                    && journal.options.when_full == WhenFull::Fail;
-                let e = if recoverable { e } else { journal.poison(e) };
                 batch.results[index] = Some(Err(e));
             }
         }
