@@ -1,8 +1,8 @@
 //! The NBD server's protocol engine (`qj serve` without its socket), fed a
 //! client byte stream, on an in-memory image. The first input byte picks
-//! the setup: the image's backend (flush ordering or journal), a read-only
-//! export, and whether the fuzzer's bytes are the whole client stream (the
-//! handshake fuzzed) or follow a well-formed handshake (the requests
+//! the setup: the image's backend (flush ordering, journal, or journal with
+//! deduplication), a read-only export, and whether the fuzzer's bytes are
+//! the whole client stream (the handshake fuzzed) or follow a well-formed handshake (the requests
 //! fuzzed), with simple or structured replies. In the second case the rest
 //! of the input is read as a list of requests (command, flags, offset,
 //! length, a magic that may be wrong), each sent with a payload when it is
@@ -37,13 +37,15 @@ const PAYLOAD_BYTES_MAX: u32 = 128 << 10;
 
 struct Setup {
     journal: bool,
+    /// Deduplicate whole clusters (journal images only).
+    dedup: bool,
     read_only: bool,
     handshake_fuzzed: bool,
     structured: bool,
 }
 
 /// A new image, and its bytes before the server opens it.
-fn image(journal: bool, read_only: bool) -> (Arc<MemStorage>, Image, Vec<u8>) {
+fn image(journal: bool, dedup: bool, read_only: bool) -> (Arc<MemStorage>, Image, Vec<u8>) {
     let storage = Arc::new(MemStorage::new());
     let opts = CreateOptions {
         virtual_size: DISK_BYTES,
@@ -52,6 +54,7 @@ fn image(journal: bool, read_only: bool) -> (Arc<MemStorage>, Image, Vec<u8>) {
             size_bytes: 256 << 10,
             two_flush: false,
             log_data: false,
+            dedup,
         }),
         ..CreateOptions::default()
     };
@@ -264,8 +267,9 @@ fuzz_target!(|data: &[u8]| {
         read_only: mode & 2 != 0,
         handshake_fuzzed: mode & 4 != 0,
         structured: mode & 8 != 0,
+        dedup: mode & 1 != 0 && mode & 16 != 0,
     };
-    let (storage, image, before) = image(setup.journal, setup.read_only);
+    let (storage, image, before) = image(setup.journal, setup.dedup, setup.read_only);
     let image = Arc::new(image);
     let export = Export {
         name: String::new(),
