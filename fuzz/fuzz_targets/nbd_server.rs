@@ -2,8 +2,8 @@
 //! client byte stream, on an in-memory image. The first input byte picks
 //! the setup: the image's backend (flush ordering, journal, or journal with
 //! deduplication), a read-only export, and whether the fuzzer's bytes are
-//! the whole client stream (the handshake fuzzed) or follow a well-formed handshake (the requests
-//! fuzzed), with simple or structured replies. In the second case the rest
+//! the whole client stream (the handshake fuzzed) or follow a well-formed
+//! handshake (the requests fuzzed), with simple or structured replies. In the second case the rest
 //! of the input is read as a list of requests (command, flags, offset,
 //! length, a magic that may be wrong), each sent with a payload when it is
 //! a write. Asserted beyond "no panic":
