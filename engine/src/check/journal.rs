@@ -10,8 +10,11 @@
 
 use std::io;
 
-use qj_journal::{DedupConsumer, Journal, JournalOptions, NoDedup, Overlay, ReplayMode, Storage};
-use qj_spec::qcow2::{used_entries, Header};
+use qj_journal::{
+    DedupConsumer, Journal, JournalError, JournalOptions, NoDedup, Overlay, ReplayMode,
+    ReplayReport, Storage,
+};
+use qj_spec::qcow2::{used_entries, Header, JournalExtension};
 
 use super::error::CheckError;
 use super::image::{Image, REFT_OFFSET_MASK};
@@ -55,16 +58,7 @@ pub(crate) fn replay_dirty_journal(storage: &dyn Storage, header: &Header) -> Jo
     let mut options = JournalOptions::new(DEVICE_LIMIT_BYTES);
     options.commit_protocol = commit_protocol(&ext);
     options.replay_mode = ReplayMode::InMemory;
-    // Check reads the metadata only: a dedup image's index entries are
-    // taken (and left to the engine's open), anything else refuses them.
-    let mut dedup_entries = Vec::new();
-    let consumer: &mut dyn DedupConsumer =
-        if ext.flags & qj_spec::qcow2::JournalExtension::FLAG_DEDUP != 0 {
-            &mut dedup_entries
-        } else {
-            &mut NoDedup
-        };
-    match Journal::open(storage, ext.offset, ext.size, options, consumer) {
+    match open_for_check(storage, &ext, options) {
         Ok((journal, report)) => JournalState::Replayed {
             overlay: journal.overlay().clone(),
             transactions: report.transactions_replayed,
@@ -169,4 +163,22 @@ pub(crate) fn counted_end(storage: &dyn Storage, image: &Image) -> Result<u64, C
         }
     }
     Ok(0)
+}
+
+/// Opens (replays) the journal that `ext` names, for check and salvage.
+/// They read the metadata only: a dedup image's index entries are taken
+/// and dropped (the engine's open rebuilds its index), any other image
+/// refuses them.
+pub(super) fn open_for_check<S: Storage>(
+    storage: S,
+    ext: &JournalExtension,
+    options: JournalOptions,
+) -> Result<(Journal<S>, ReplayReport), JournalError> {
+    let mut dedup_entries = Vec::new();
+    let consumer: &mut dyn DedupConsumer = if ext.flags & JournalExtension::FLAG_DEDUP != 0 {
+        &mut dedup_entries
+    } else {
+        &mut NoDedup
+    };
+    Journal::open(storage, ext.offset, ext.size, options, consumer)
 }

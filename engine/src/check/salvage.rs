@@ -13,16 +13,14 @@
 //! idempotent); after it, the journal's clusters are leaks, which the
 //! repair frees.
 
-use qj_journal::{
-    DedupConsumer, Journal, JournalError, JournalOptions, NoDedup, ReplayMode, Storage,
-};
+use qj_journal::{JournalError, JournalOptions, ReplayMode, Storage};
 use qj_spec::qcow2::features::{
     AUTOCLEAR_JOURNAL_VALID_MASK, INCOMPAT_JOURNAL_DIRTY_BIT, INCOMPAT_JOURNAL_DIRTY_MASK,
 };
 
 use super::error::CheckError;
 use super::image::Image;
-use super::journal::{replay_dirty_journal, JournalState};
+use super::journal::{open_for_check, replay_dirty_journal, JournalState};
 use crate::backend::journal::{commit_protocol, DEVICE_LIMIT_BYTES};
 use crate::backend::journal_usable::extension_inside_file;
 
@@ -85,16 +83,7 @@ fn replay_valid_prefix(
     options.commit_protocol = commit_protocol(&ext);
     options.replay_mode = ReplayMode::Apply;
     options.salvage = true;
-    // Check reads the metadata only: a dedup image's index entries are
-    // taken (and left to the engine's open), anything else refuses them.
-    let mut dedup_entries = Vec::new();
-    let consumer: &mut dyn DedupConsumer =
-        if ext.flags & qj_spec::qcow2::JournalExtension::FLAG_DEDUP != 0 {
-            &mut dedup_entries
-        } else {
-            &mut NoDedup
-        };
-    match Journal::open(storage, ext.offset, ext.size, options, consumer) {
+    match open_for_check(storage, &ext, options) {
         Ok((_, report)) => {
             let first = report.synced_seq_before + 1;
             let replayed = if report.transactions_replayed == 0 {
