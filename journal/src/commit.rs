@@ -126,21 +126,41 @@ impl<S: Storage> BatchPipeline<Queued, Result<u64, JournalError>> for CommitPipe
         self.journal
             .finish_planned(outcome, &mut batch.planned, &mut batch.results);
         // Batches finish in order, so every transaction queued before a
-        // flush-only item is committed now, unless the journal failed.
-        let flushed = {
-            let state = self.journal.state.lock();
-            match &state.poisoned {
-                Some(reason) => Err(reason.clone()),
-                None => Ok(state.committed_seq),
+        // flush-only item has its answer now: walk the batch in queue
+        // order. A flush-only item promises every transaction queued before
+        // it durable. One refused at plan time (a guard, a full ring) is
+        // not, and its owner may not even have seen the error yet: a
+        // caller that flushes for another thread's transaction (the engine
+        // does, when that thread gathered its metadata) must not hear Ok.
+        // So a flush-only item fails once any earlier transaction failed.
+        let mut state = self.journal.state.lock();
+        let mut flushes = batch.flushes.iter().copied().peekable();
+        for index in 0..batch.results.len() {
+            if flushes.next_if_eq(&index).is_none() {
+                if !matches!(batch.results[index], Some(Ok(_))) {
+                    let (count, first) = &mut state.failed_commits;
+                    *count += 1;
+                    if first.is_none() {
+                        *first = Some(match &batch.results[index] {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "transaction lost by an earlier failure in its batch".into(),
+                        });
+                    }
+                }
+                continue;
             }
-        };
-        for index in batch.flushes.drain(..) {
-            batch.results[index] = Some(
-                flushed
-                    .clone()
-                    .map_err(|reason| JournalError::Poisoned { reason }),
-            );
+            batch.results[index] = Some(match (&state.poisoned, &state.failed_commits) {
+                (Some(reason), _) => Err(JournalError::Poisoned {
+                    reason: reason.clone(),
+                }),
+                (None, (0, _)) => Ok(state.committed_seq),
+                (None, (failed, first)) => Err(JournalError::EarlierCommitFailed {
+                    failed: *failed,
+                    first: first.clone().unwrap_or_default(),
+                }),
+            });
         }
+        drop(state);
         batch
             .results
             .into_iter()
@@ -222,13 +242,26 @@ impl<S: Storage> Journal<S> {
     /// Queues a flush without a transaction; [`Journal::commit_wait`]
     /// returns the committed sequence number once every storage write that
     /// completed before this call, and every transaction enqueued before
-    /// it, is durable. It shares the flush of the batch it lands in, so a
+    /// it, is durable. If any transaction enqueued before it failed (since
+    /// the journal opened, even one refused without effect), it fails with
+    /// [`JournalError::EarlierCommitFailed`]: that transaction will never
+    /// be durable, and the caller may be flushing on its behalf. It shares the flush of the batch it lands in, so a
     /// caller with only data to make durable joins other threads' commits
     /// instead of flushing on its own (and cannot return before an earlier
     /// transaction that its data depends on is committed).
     pub fn flush_enqueue(&self) -> Result<CommitTicket, JournalError> {
         self.check_usable()?;
         Ok(CommitTicket(self.group.enqueue(Queued::Flush)))
+    }
+
+    /// How many transactions were answered with an error since the journal
+    /// opened. Counted in queue order before any later item is answered:
+    /// a caller whose `Ok` must also cover transactions other threads
+    /// queued earlier checks this after its wait (the count may include
+    /// later failures too, which only makes it stricter).
+    #[must_use]
+    pub fn failed_commits(&self) -> u64 {
+        self.state.lock().failed_commits.0
     }
 
     /// Waits for a transaction queued by [`Journal::commit_enqueue`] and

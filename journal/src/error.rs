@@ -145,6 +145,19 @@ pub enum JournalError {
         /// The first failure.
         reason: String,
     },
+    /// A flush-only item ([`crate::Journal::flush_enqueue`]) promises every
+    /// transaction queued before it durable; one of them failed and never
+    /// will be, so the flush cannot be acknowledged.
+    #[error(
+        "flush refused: {failed} transaction(s) queued before it failed and will never be \
+         durable (the first: {first})"
+    )]
+    EarlierCommitFailed {
+        /// Transactions answered with an error since the journal opened.
+        failed: u64,
+        /// The first one's error.
+        first: String,
+    },
     /// The dedup consumer refused an entry during replay.
     #[error("dedup consumer failed on transaction {seq}: {reason}")]
     Dedup {

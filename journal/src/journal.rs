@@ -57,6 +57,11 @@ pub(crate) struct State {
     pub guards: Vec<Guard>,
     /// The first device failure; the journal refuses work after it.
     pub poisoned: Option<String>,
+    /// Transactions answered with an error (refused at plan time or lost
+    /// with a failed batch), counted in queue order as batches finish, and
+    /// the first one's error: a flush-only item queued after any of them
+    /// fails ([`JournalError::EarlierCommitFailed`]).
+    pub failed_commits: (u64, Option<String>),
 }
 
 /// What the header lock protects: header writes are serialized so that
@@ -399,6 +404,7 @@ impl<S: Storage> Journal<S> {
                 anchored_seq: synced_seq,
                 guards: Vec::new(),
                 poisoned: None,
+                failed_commits: (0, None),
             }),
             committed: Condvar::new(),
             header: Mutex::new(HeaderState { generation }),

@@ -136,18 +136,31 @@ impl Transaction {
     /// transaction, and every later one, if `bytes` is not what
     /// `target..target + len` holds. See the spec for the writer's rules.
     pub fn data_checksum(&mut self, target: u64, bytes: &[u8]) -> Result<&mut Self, JournalError> {
-        let length = u32::try_from(bytes.len())
+        self.data_checksum_of(target, bytes.len() as u64, checksum::crc32c(bytes))
+    }
+
+    /// [`Transaction::data_checksum`] with the CRC-32C of the `length`
+    /// bytes at `target` already known (taken from the buffer that was
+    /// written there). The caller answers for it matching the device:
+    /// if it does not, replay drops this transaction and every later one.
+    pub fn data_checksum_of(
+        &mut self,
+        target: u64,
+        length: u64,
+        crc32c: u32,
+    ) -> Result<&mut Self, JournalError> {
+        let length = u32::try_from(length)
             .ok()
             .filter(|length| *length > 0)
             .ok_or(JournalError::Refused {
                 reason: "checksummed range is empty or over 4 GiB",
                 offset: target,
-                length: bytes.len() as u64,
+                length,
             })?;
         let chunk = DataChecksumChunk {
             target,
             length,
-            crc32c: checksum::crc32c(bytes),
+            crc32c,
         };
         match self.descriptors.last_mut() {
             Some(Descriptor::DataChecksum(chunks)) => chunks.push(chunk),

@@ -779,6 +779,40 @@ fn copy_sources_and_checksummed_ranges_are_protected_until_synced() {
 }
 
 #[test]
+fn a_flush_queued_after_a_refused_transaction_is_not_acknowledged() {
+    let storage = MemStorage::new();
+    let journal = create(&storage);
+    let mut copy = Transaction::new();
+    copy.copy(AREA + 0x1000, AREA, 512).unwrap();
+    journal.commit(copy).unwrap();
+    assert_eq!(journal.failed_commits(), 0);
+    // Queued together, they land in one batch: the write into the copy's
+    // source is refused at plan time, and the flush-only item queued after
+    // it (its owner may be flushing for that write) must not hear Ok.
+    let refused = journal.commit_enqueue(tx_write(AREA + 10, b"x")).unwrap();
+    let flush = journal.flush_enqueue().unwrap();
+    let err = journal.commit_wait(flush).unwrap_err();
+    assert!(
+        matches!(&err, JournalError::EarlierCommitFailed { failed: 1, first } if first.contains("refused")),
+        "{err}"
+    );
+    assert!(matches!(
+        journal.commit_wait(refused),
+        Err(JournalError::Refused { .. })
+    ));
+    assert_eq!(journal.failed_commits(), 1);
+    // A later batch too: the refused transaction will never be durable.
+    let later = journal.flush_enqueue().unwrap();
+    assert!(matches!(
+        journal.commit_wait(later),
+        Err(JournalError::EarlierCommitFailed { .. })
+    ));
+    // The refusal had no effect: a transaction's own commit still works.
+    assert_eq!(journal.commit(tx_write(AREA + 0x8000, b"y")).unwrap(), 2);
+    assert_eq!(journal.failed_commits(), 1);
+}
+
+#[test]
 fn bad_input_is_a_typed_error_naming_the_field() {
     // Nothing there: bad magic in both slots.
     let storage = MemStorage::from_bytes(vec![0; SIZE as usize]);

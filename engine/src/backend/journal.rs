@@ -65,14 +65,14 @@ use qj_journal::{
     CommitProtocol, CommitTicket, DedupConsumer, DedupEvent, DedupOp, Journal, JournalError,
     JournalOptions, JournalStats, NoDedup, Overlay, ReplayMode, ReplayReport, Storage, Transaction,
 };
-use qj_spec::journal::DedupEntry;
+use qj_spec::journal::{checksum, DedupEntry};
 use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_MASK;
 use qj_spec::qcow2::JournalExtension;
 use qj_spec::units::{HostCluster, HostOffset};
 
 use super::delayed_cow::{CopyState, PendingCopies};
 use super::logged_data::LoggedData;
-use super::{BackendKind, DelayedCopy, Epoch, MetadataBackend};
+use super::{BackendKind, DelayedCopy, Epoch, MetadataBackend, NewData};
 use crate::error::{Error, IoContext, Result};
 pub use crate::mutation::JournalMutation;
 use crate::stats::Counters;
@@ -569,16 +569,42 @@ impl MetadataBackend for JournalBackend {
         {
             let mut data = vec![0u8; self.cluster_size as usize];
             let logged = (self.logged_count.load(Ordering::SeqCst) > 0).then(|| self.logged.lock());
-            for &(offset, len) in epoch.new_data.iter().chain(&copied_in_place) {
+            let copied = copied_in_place.iter().map(|&(offset, length)| NewData {
+                offset,
+                length,
+                crc32c: None,
+            });
+            for range in epoch.new_data.iter().copied().chain(copied) {
+                let NewData { offset, length, .. } = range;
                 // Rule 7: logged bytes are in the transaction itself.
                 if logged.as_ref().is_some_and(|l| l.holds(offset.0)) {
                     continue;
                 }
-                let buf = &mut data[..len as usize];
-                storage
-                    .read_at(buf, offset.0)
-                    .ctx(|| format!("reading data at {offset} to checksum"))?;
-                tx.data_checksum(offset.0, buf).map_err(journal_err)?;
+                // The write's own checksum when nothing wrote into the
+                // cluster since (`image/new_data.rs`); else the bytes are
+                // read back. Either way they are the bytes on the device
+                // now: the gate is held exclusively, so no write is in
+                // flight, and rule 3 keeps them until the commit.
+                let crc32c = match range.crc32c {
+                    Some(crc32c) if !cfg!(debug_assertions) => crc32c,
+                    known => {
+                        let buf = &mut data[..length as usize];
+                        storage
+                            .read_at(buf, offset.0)
+                            .ctx(|| format!("reading data at {offset} to checksum"))?;
+                        let read = checksum::crc32c(buf);
+                        // Tests (debug builds) hold the write-time checksum
+                        // to the device's bytes: a stale one would make
+                        // replay drop an acknowledged transaction.
+                        assert!(
+                            known.is_none_or(|k| k == read),
+                            "write-time checksum of {offset}+{length} is stale"
+                        );
+                        read
+                    }
+                };
+                tx.data_checksum_of(offset.0, length, crc32c)
+                    .map_err(journal_err)?;
                 // Guards are per cluster: a range never crosses one.
                 guarded.push(offset.0 - offset.0 % self.cluster_size);
             }
@@ -614,6 +640,18 @@ impl MetadataBackend for JournalBackend {
         let result = self.journal.commit_wait(commit);
         self.pending.lock().in_flight -= 1;
         let seq = result.map_err(journal_err)?;
+        // Ordering: an epoch's Ok also promises every earlier epoch durable
+        // (this caller's metadata may sit in one another thread gathered).
+        // If an earlier transaction failed, its owner may not have seen the
+        // error and poisoned the image yet; the journal counts it before
+        // answering anything queued later, so refuse here. Later failures
+        // counted too only make this stricter: the image is poisoned anyway.
+        let failed = self.journal.failed_commits();
+        if failed > 0 {
+            return Err(Error::Poisoned(format!(
+                "{failed} journal transaction(s) failed; an earlier epoch may not be durable"
+            )));
+        }
         if self.copy_count.load(Ordering::SeqCst) > 0 {
             self.copies.lock().committed(ticket, seq);
         }
@@ -724,6 +762,12 @@ impl MetadataBackend for JournalBackend {
             self.pending.lock().overlay.patch(buf, offset.0);
         }
         Ok(())
+    }
+
+    fn checksums_new_data(&self) -> bool {
+        // The condition rule 2's checksums are written under in `submit`.
+        self.protocol == CommitProtocol::SingleFlush
+            && self.mutation != JournalMutation::SkipDataChecksums
     }
 
     fn log_fresh_data(&self, cluster: HostOffset, in_cluster: u64, data: &[u8]) -> bool {

@@ -52,6 +52,20 @@ impl fmt::Debug for MetadataWrite {
     }
 }
 
+/// A range of guest data an epoch newly references (never across a
+/// cluster boundary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewData {
+    /// Where the range starts.
+    pub offset: HostOffset,
+    /// Its length in bytes.
+    pub length: u64,
+    /// CRC-32C of the bytes on disk there, taken from the buffer that was
+    /// written if nothing has written into the cluster since (only when
+    /// [`MetadataBackend::checksums_new_data`]); `None`: read them back.
+    pub crc32c: Option<u32>,
+}
+
 /// Every metadata change of one epoch (the span between two persists),
 /// grouped by what it depends on.
 ///
@@ -87,8 +101,8 @@ pub struct Epoch {
     pub fresh_tables: Vec<MetadataWrite>,
     /// Changed existing L2 tables, L1 table chunks, and the header.
     pub tables: Vec<MetadataWrite>,
-    /// Newly referenced guest data ranges (offset, length in bytes).
-    pub new_data: Vec<(HostOffset, u64)>,
+    /// Newly referenced guest data ranges.
+    pub new_data: Vec<NewData>,
     /// Freed metadata clusters.
     pub freed_metadata: Vec<HostCluster>,
     /// Dedup index changes (`dedup/`): insertions for clusters this epoch
@@ -231,6 +245,13 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
     /// are in place; the image writes nothing. False: write in place.
     fn log_fresh_data(&self, cluster: HostOffset, in_cluster: u64, data: &[u8]) -> bool {
         let _ = (cluster, in_cluster, data);
+        false
+    }
+
+    /// Whether `submit` checksums [`Epoch::new_data`]: if so, the image
+    /// takes each range's checksum from the buffer it wrote, so the submit
+    /// need not read the bytes back.
+    fn checksums_new_data(&self) -> bool {
         false
     }
 

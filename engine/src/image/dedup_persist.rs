@@ -296,9 +296,8 @@ impl Image {
             {
                 // Rule 2 of the journal: data the transaction depends on is
                 // checksummed (one range per cluster).
-                let mut new_data = self.new_data.lock();
                 for i in 0..clusters {
-                    new_data.push((HostOffset(offset.0 + i * cs), cs));
+                    self.record_new_data(HostOffset(offset.0 + i * cs), cs, None);
                 }
             }
             *d.persisted.lock() = Some(PersistedClusters {

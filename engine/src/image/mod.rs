@@ -37,6 +37,7 @@ mod guard;
 mod inspect;
 mod journal_admin;
 mod lookup;
+mod new_data;
 mod open;
 mod persist;
 mod read;
@@ -64,7 +65,7 @@ use crate::mutation::{JournalMutation, OrderingMutation};
 use crate::options::{CreateOptions, OpenOptions};
 use crate::refcount::{RefcountState, SharedMetadataMap};
 use crate::stats::{Counters, Stats};
-use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering, RwLock};
 
 /// The header as it is in memory and as it was last made durable.
 #[derive(Debug)]
@@ -103,8 +104,13 @@ pub struct Image {
     metadata: SharedMetadataMap,
     gate: RwLock<()>,
     backing: Option<Backing>,
-    /// Host ranges newly referenced since the last persist.
-    new_data: Mutex<Vec<(HostOffset, u64)>>,
+    /// Host ranges newly referenced since the last persist (`new_data.rs`).
+    new_data: Mutex<new_data::NewDataLog>,
+    /// How many ranges `new_data` holds: lets a guest write skip its lock
+    /// when it is empty (every overwrite between persists).
+    new_data_held: AtomicUsize,
+    /// Whether the backend checksums new data (so writes take checksums).
+    checksums_new_data: bool,
     /// Whole clusters of metadata that no cache holds (a snapshot's L1
     /// copy, a new snapshot table), written into fresh clusters: the next
     /// epoch carries them with the fresh tables.

@@ -10,6 +10,7 @@ use qj_spec::qcow2::{features, read_table_entry, Header, JournalExtension, L1Ent
 use qj_spec::units::{Geometry, HostOffset};
 
 use super::backing::ChainWalk;
+use super::new_data::NewDataLog;
 use super::{HeaderState, Image, L1State};
 use crate::backend::journal::JournalBackend;
 use crate::backend::journal_usable;
@@ -22,7 +23,7 @@ use crate::metadata_map::MetadataMap;
 use crate::options::{BackingSource, CreateOptions, OpenOptions};
 use crate::refcount::{RefcountState, SharedMetadataMap};
 use crate::stats::Counters;
-use crate::sync::{AtomicBool, AtomicU64, Mutex, RwLock};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, RwLock};
 
 /// The header cluster is read in two steps: the fixed part names the
 /// cluster size, then the whole cluster (extensions, backing name) is read.
@@ -397,6 +398,7 @@ impl Image {
             storage,
             geometry,
             writable: opts.writable,
+            checksums_new_data: backend.checksums_new_data(),
             backend,
             counters: Arc::new(Counters::default()),
             virtual_size: AtomicU64::new(header.size),
@@ -417,7 +419,8 @@ impl Image {
             metadata,
             gate: RwLock::new(()),
             backing,
-            new_data: Mutex::new(Vec::new()),
+            new_data: Mutex::new(NewDataLog::default()),
+            new_data_held: AtomicUsize::new(0),
             fresh_metadata: Mutex::new(Vec::new()),
             ordering_mutation: opts.ordering_mutation,
             journal_mutation: opts.journal_mutation,

@@ -60,13 +60,31 @@ impl Image {
         // gate is released first: guest operations go on while this epoch
         // is written and flushed, and gather the next one.
         let order = self.submit_order.lock();
-        let ticket = if self.backend.submits_under_gate() {
-            let ticket = self.backend.submit(&*self.storage, epoch, &self.counters);
+        // Ordering: a later persist's Ok promises this epoch durable too
+        // (its writes' metadata may be in this epoch). A failed submit
+        // poisons the image before the order lock is released, and each
+        // submit checks the poison under it, so no later epoch is
+        // acknowledged after a failed one. (A failure seen only in
+        // `wait_durable` is the backend's to order: see the journal's.)
+        if let Some(why) = self.poison.lock().clone() {
+            return Err(Error::Poisoned(why));
+        }
+        let submitted = if self.backend.submits_under_gate() {
+            let submitted = self.backend.submit(&*self.storage, epoch, &self.counters);
             drop(gate);
-            ticket?
+            submitted
         } else {
             drop(gate);
-            self.backend.submit(&*self.storage, epoch, &self.counters)?
+            self.backend.submit(&*self.storage, epoch, &self.counters)
+        };
+        let ticket = match submitted {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                self.poison.lock().get_or_insert_with(|| e.to_string());
+                // Released first: marking an image corrupt takes it.
+                drop(order);
+                return self.poisoned(Err(e));
+            }
         };
         drop(order);
         self.backend
@@ -184,7 +202,7 @@ impl Image {
             h.dirty = false;
         }
         drop(h);
-        epoch.new_data = std::mem::take(&mut *self.new_data.lock());
+        epoch.new_data = self.new_data.lock().take(&self.new_data_held);
         epoch.dedup = self.take_dedup_changes();
         Ok((epoch, pins))
     }

@@ -5,7 +5,7 @@ use qj_spec::qcow2::{L1Entry, L2Entry};
 use qj_spec::units::{GuestCluster, HostCluster, HostOffset};
 
 use super::Image;
-use crate::backend::DelayedCopy;
+use crate::backend::{DelayedCopy, NewData};
 use crate::cache::CachedTable;
 use crate::error::{Error, IoContext, Result};
 use crate::metadata_map::MetadataKind;
@@ -149,7 +149,8 @@ impl Image {
                     // drops it, and everything after, if they never
                     // reached the device). Else a link committed by it or
                     // a later one would map the cluster's old bytes.
-                    self.new_data.lock().push((offset, data.len() as u64));
+                    let written = HostOffset(offset.0 + in_cluster as u64);
+                    self.record_new_data(written, data.len() as u64, Some(data));
                     self.dedup_insert(offset, hash, cluster);
                 }
                 return Ok(());
@@ -196,25 +197,27 @@ impl Image {
             }
             _ => false,
         };
-        let written: (HostOffset, u64) = if delayed {
+        let at = HostOffset(host.0 + in_cluster as u64);
+        let len = data.len() as u64;
+        if delayed {
             // The untouched bytes come from the copy in the transaction
             // that links this cluster; only the guest's bytes are ours to
             // write (and to checksum).
-            self.write_data(data, host.0 + in_cluster as u64)?;
-            (HostOffset(host.0 + in_cluster as u64), data.len() as u64)
+            self.write_data(data, at.0)?;
+            self.record_new_data(at, len, Some(data));
         } else if (whole || old_reads_zero)
             && past_eof
             && self.backend.log_fresh_data(host, in_cluster as u64, data)
         {
             // Logged data: the transaction that links the cluster carries
             // the bytes; the file reaches them at checkpoint.
-            (HostOffset(host.0 + in_cluster as u64), data.len() as u64)
+            self.record_new_data(at, len, None);
         } else if whole || (old_reads_zero && past_eof) {
             // A cluster past the end of the file reads as zeros already, so
             // zero padding around the data need not be written (QEMU skips
             // it too); the data write extends the file.
-            self.write_data(data, host.0 + in_cluster as u64)?;
-            (HostOffset(host.0 + in_cluster as u64), data.len() as u64)
+            self.write_data(data, at.0)?;
+            self.record_new_data(at, len, Some(data));
         } else {
             // Copy-on-write: the new cluster gets the old content around the
             // written bytes (from backing, a shared cluster, a compressed
@@ -223,8 +226,8 @@ impl Image {
             self.old_content(cluster, old, &mut full)?;
             full[in_cluster..in_cluster + data.len()].copy_from_slice(data);
             self.write_data(&full, host.0)?;
-            (host, cs as u64)
-        };
+            self.record_new_data(host, cs as u64, Some(&full));
+        }
         self.entries_changed.fetch_add(1, Ordering::Relaxed);
         t.set_entry(
             index,
@@ -234,7 +237,6 @@ impl Image {
             }
             .encode(self.geometry.cluster_bits),
         );
-        self.new_data.lock().push(written);
         if let Some(hash) = index_as {
             self.dedup_insert(host, hash, cluster);
         }
@@ -255,7 +257,34 @@ impl Image {
             .write_at(data, host)
             .ctx(|| format!("writing guest data at host {host:#x}"))?;
         self.counters.data_write(data.len());
+        // A checksum taken from an earlier write into this cluster no
+        // longer describes its bytes (`new_data.rs`). Checked after the
+        // write and under the L2 table lock (shared or exclusive), so a
+        // range recorded before it is seen; the gather waits for both.
+        if self.new_data_held.load(Ordering::SeqCst) > 0 {
+            let cs = self.geometry.cluster_size();
+            self.new_data.lock().overwritten(host - host % cs);
+        }
         Ok(())
+    }
+
+    /// Records a range of guest data newly referenced by this epoch, with
+    /// the checksum of `written` (the bytes just written there) if the
+    /// backend wants checksums.
+    pub(super) fn record_new_data(&self, offset: HostOffset, length: u64, written: Option<&[u8]>) {
+        let crc32c = written
+            .filter(|_| self.checksums_new_data)
+            .map(qj_spec::journal::checksum::crc32c);
+        debug_assert!(written.is_none_or(|w| w.len() as u64 == length));
+        self.new_data.lock().push(
+            self.geometry.cluster_size(),
+            NewData {
+                offset,
+                length,
+                crc32c,
+            },
+            &self.new_data_held,
+        );
     }
 
     /// The host clusters an entry holds a reference on: a data cluster, or
