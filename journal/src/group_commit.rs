@@ -10,9 +10,9 @@
 //! groups that alternate between flushes: those released by one flush
 //! arrive while the next is already being written. So a new writer gathers
 //! first: it waits until as many committers as were recently active have
-//! queued, but never longer than a quarter of the last batch's duration
-//! nor the configured maximum, and not at all while only one committer is
-//! active.
+//! queued, but never longer than the last batch took (jbd2 waits about one
+//! commit time too) nor the configured maximum, and not at all while only
+//! one committer is active.
 //!
 //! All of the coordination state lives in [`GroupCommit`] and the I/O is a
 //! [`BatchPipeline`], so a loom model can drive this exact code with a fake
@@ -37,6 +37,15 @@ pub trait BatchPipeline<T, R> {
     fn finish(&self, batch: Self::Batch) -> Vec<R>;
 }
 
+/// How many batches' peaks say how many committers are active. One batch's
+/// peak is a poor estimate: batches that gather too few committers release
+/// too few at once, so the next peak is small again, and the estimate
+/// locks in small batches (eight NBD connections each flushing measured
+/// about two ops per batch). The maximum over several rounds finds the
+/// real number, and falls back within as many batches when load drops (a
+/// lone committer then stops waiting to gather).
+const PEAK_ROUNDS: usize = 16;
+
 /// The state shared by committers.
 #[derive(Debug)]
 struct Queue<T, R> {
@@ -53,9 +62,9 @@ struct Queue<T, R> {
     pending: usize,
     /// The largest `pending` seen since the last batch finished.
     peak_this_round: usize,
-    /// The largest `pending` seen during the last batch: how many
-    /// committers are active.
-    active_committers: usize,
+    /// The largest `pending` of each of the last [`PEAK_ROUNDS`] batches
+    /// (a ring): their maximum is how many committers are active.
+    recent_peaks: [usize; PEAK_ROUNDS],
     /// How long the last batch took from write to finish.
     last_batch: Duration,
 }
@@ -87,7 +96,7 @@ impl<T, R> GroupCommit<T, R> {
                 batches_finished: 0,
                 pending: 0,
                 peak_this_round: 0,
-                active_committers: 0,
+                recent_peaks: [0; PEAK_ROUNDS],
                 last_batch: Duration::ZERO,
             }),
             changed: Condvar::new(),
@@ -182,7 +191,8 @@ impl<T, R> GroupCommit<T, R> {
             queue.finished.extend(tickets.into_iter().zip(results));
             queue.batches_finished += 1;
             queue.last_batch = started.elapsed();
-            queue.active_committers = queue.peak_this_round;
+            let slot = (batch_number % PEAK_ROUNDS as u64) as usize;
+            queue.recent_peaks[slot] = queue.peak_this_round;
             queue.peak_this_round = queue.pending;
             self.changed.notify_all();
             // A writer may be waiting for this flush (`await_flush_in_flight`).
@@ -215,11 +225,12 @@ impl<T, R> GroupCommit<T, R> {
 
     /// Waits (bounded) for the recently active committers to queue.
     fn gather<'a>(&self, mut queue: MutexGuard<'a, Queue<T, R>>) -> MutexGuard<'a, Queue<T, R>> {
-        let want = queue.active_committers.min(self.capacity);
+        let active = queue.recent_peaks.iter().copied().max().unwrap_or(0);
+        let want = active.min(self.capacity);
         // Gathering only delays a batch and never changes any result, and
         // loom cannot model a timed wait (it would wait for an arrival that
         // may never come): under loom the writer does not gather.
-        let window = (queue.last_batch / 4).min(self.gather_max);
+        let window = queue.last_batch.min(self.gather_max);
         if want <= 1 || window.is_zero() || cfg!(loom) {
             return queue;
         }
