@@ -333,7 +333,7 @@ impl RawDisk {
             drop(file);
             Box::new(DirectFileStorage::open(path, true)?)
         } else {
-            Box::new(FileStorage::from_file(file, true))
+            Box::new(FileStorage::from_file(file, true)?)
         };
         Ok(Self {
             file,

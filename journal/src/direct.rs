@@ -21,7 +21,7 @@ use std::path::Path;
 
 use parking_lot::RwLock;
 
-use crate::storage::Storage;
+use crate::storage::{KnownLength, Storage};
 
 /// Memory alignment of every buffer handed to the kernel: a page, which
 /// satisfies any logical block size up to it.
@@ -68,6 +68,7 @@ pub struct DirectFileStorage {
     block_bytes: u64,
     /// Shared by aligned writes, exclusive for a read-modify-write.
     rmw: RwLock<()>,
+    len: KnownLength,
 }
 
 impl DirectFileStorage {
@@ -87,11 +88,13 @@ impl DirectFileStorage {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => 4096,
             Err(e) => return Err(e),
         };
+        let len = KnownLength::of(&file, writable)?;
         Ok(Self {
             file,
             writable,
             block_bytes,
             rmw: RwLock::new(()),
+            len,
         })
     }
 
@@ -156,7 +159,9 @@ impl Storage for DirectFileStorage {
         }
         if self.is_aligned(offset, buf) {
             let _shared = self.rmw.read();
-            return self.file.write_all_at(buf, offset);
+            self.file.write_all_at(buf, offset)?;
+            self.len.wrote(offset + buf.len() as u64);
+            return Ok(());
         }
         let (start, len) = self.covering(offset, buf.len());
         let mut bounce = AlignedBuf::zeroed(len)?;
@@ -174,7 +179,10 @@ impl Storage for DirectFileStorage {
             blocks[at..at + buf.len()].copy_from_slice(buf);
             Ok(exclusive)
         };
-        self.file.write_all_at(blocks, start)
+        self.file.write_all_at(blocks, start)?;
+        // Whole blocks were written: the file may now end past `buf`.
+        self.len.wrote(start + len as u64);
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -185,7 +193,7 @@ impl Storage for DirectFileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        self.len.get(&self.file)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -196,7 +204,9 @@ impl Storage for DirectFileStorage {
             ));
         }
         let _exclusive = self.rmw.write();
-        self.file.set_len(len)
+        self.file.set_len(len)?;
+        self.len.set(len);
+        Ok(())
     }
 }
 
@@ -226,8 +236,15 @@ mod tests {
         assert!(all[8192..9_900].iter().all(|&b| b == 7));
         assert!(all[9_900..10_600].iter().all(|&b| b == 5));
         storage.flush().unwrap();
+        // The length kept in memory is the file's, though the unaligned
+        // write past the end wrote whole blocks.
+        let on_disk = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(storage.len().unwrap(), on_disk);
+        assert_eq!(on_disk, 10_600u64.next_multiple_of(storage.block_bytes));
+        storage.set_len(6_000).unwrap();
+        assert_eq!(storage.len().unwrap(), 6_000);
         drop(storage);
         let plain = std::fs::read(&path).unwrap();
-        assert_eq!(&plain[..10_600], &all[..]);
+        assert_eq!(&plain[..6_000], &all[..6_000]);
     }
 }
