@@ -5,14 +5,11 @@
 
 mod support;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use support::{assert_one_line_error, ok, qemu_img, qemu_io, qj, text, tmp};
-
-/// How long a test waits for another process to have opened an image.
-const OPEN_WAIT_MS_MAX: u64 = 10_000;
 
 fn bytes(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
@@ -20,27 +17,31 @@ fn bytes(path: &Path) -> Vec<u8> {
 
 /// `qemu-io` holding `image` open read-write until killed: it reads
 /// commands from a pipe that stays open. Returns once QEMU has the file
-/// locked (a qj reader is then refused), within a bounded wait.
+/// open, and so locked: it has answered a `length` command. (Probing with
+/// a qj reader instead raced: a probe holding its shared lock at the
+/// moment qemu-io opened made QEMU's open fail, and it never locked.)
 fn qemu_holding(dir: &Path, image: &str) -> Child {
-    let child = Command::new("qemu-io")
+    let mut child = Command::new("qemu-io")
         .args(["-f", "qcow2", image])
         .current_dir(dir)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("qemu-io must be installed");
-    let started = Instant::now();
-    while qj(dir, &["io", "-r", image, "-c", "length"])
-        .status
-        .success()
-    {
-        assert!(
-            started.elapsed() < Duration::from_millis(OPEN_WAIT_MS_MAX),
-            "qemu-io never locked {image}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let stdin = child.stdin.as_mut().expect("piped stdin");
+    stdin.write_all(b"length\n").unwrap();
+    stdin.flush().unwrap();
+    // Bounded: qemu-io answers the command or exits (end of output).
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("MiB"),
+        "qemu-io did not open {image}: {line:?}"
+    );
+    // Kept open: a closed pipe would kill qemu-io at its next prompt.
+    child.stdout = Some(out.into_inner());
     child
 }
 
@@ -91,26 +92,30 @@ fn a_qj_writer_and_a_qemu_writer_exclude_each_other_both_ways() {
             "sleep 3000",
         ])
         .current_dir(dir)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    loop {
-        let out = qemu_io(
-            dir,
-            &["-f", "qcow2", "-c", "write -P 0x22 0 4k", "img.qcow2"],
-        );
-        if !out.status.success() {
-            assert!(
-                text(&out.stderr).contains("Failed to get \"write\" lock"),
-                "{}",
-                text(&out.stderr)
-            );
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_millis(OPEN_WAIT_MS_MAX));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Once it reports its write, qj has the image open and locked (probing
+    // with QEMU writers instead raced with qj's own open).
+    let mut line = String::new();
+    let mut out = BufReader::new(holder.stdout.take().expect("piped stdout"));
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("wrote"),
+        "qj io did not open the image: {line:?}"
+    );
+    // Kept open: a closed pipe would fail qj's later output.
+    holder.stdout = Some(out.into_inner());
+    let out = qemu_io(
+        dir,
+        &["-f", "qcow2", "-c", "write -P 0x22 0 4k", "img.qcow2"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Failed to get \"write\" lock"),
+        "{}",
+        text(&out.stderr)
+    );
     // A reader that wants a consistent view is refused too (qemu-img info
     // does not read data and takes no such lock).
     let out = qemu_io(dir, &["-f", "qcow2", "-r", "-c", "read 0 4k", "img.qcow2"]);
