@@ -32,17 +32,20 @@ fn qemu_holding(dir: &Path, image: &str) -> Child {
     let stdin = child.stdin.as_mut().expect("piped stdin");
     stdin.write_all(b"length\n").unwrap();
     stdin.flush().unwrap();
-    // Bounded: qemu-io answers the command or exits (end of output).
+    await_first_line(&mut child, "MiB", "qemu-io opening the image");
+    child
+}
+
+/// Reads `child`'s first line of output and asserts it contains `expected`
+/// (the child got that far: `what`). Bounded: the child prints it or exits
+/// (end of output). The pipe is kept open afterwards: closing it would fail
+/// the child's next output.
+fn await_first_line(child: &mut Child, expected: &str, what: &str) {
     let mut line = String::new();
     let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
     out.read_line(&mut line).unwrap();
-    assert!(
-        line.contains("MiB"),
-        "qemu-io did not open {image}: {line:?}"
-    );
-    // Kept open: a closed pipe would kill qemu-io at its next prompt.
+    assert!(line.contains(expected), "{what}: {line:?}");
     child.stdout = Some(out.into_inner());
-    child
 }
 
 #[test]
@@ -97,15 +100,7 @@ fn a_qj_writer_and_a_qemu_writer_exclude_each_other_both_ways() {
         .unwrap();
     // Once it reports its write, qj has the image open and locked (probing
     // with QEMU writers instead raced with qj's own open).
-    let mut line = String::new();
-    let mut out = BufReader::new(holder.stdout.take().expect("piped stdout"));
-    out.read_line(&mut line).unwrap();
-    assert!(
-        line.contains("wrote"),
-        "qj io did not open the image: {line:?}"
-    );
-    // Kept open: a closed pipe would fail qj's later output.
-    holder.stdout = Some(out.into_inner());
+    await_first_line(&mut holder, "wrote", "qj io writing the image");
     let out = qemu_io(
         dir,
         &["-f", "qcow2", "-c", "write -P 0x22 0 4k", "img.qcow2"],

@@ -50,13 +50,7 @@ fn journalled_image_reads_back_and_checks_clean() {
     }
     image.discard(0, 65536 * 4).unwrap();
     image.close().unwrap();
-    let report = check(&*storage, RepairMode::None, &[]).unwrap();
-    assert_eq!(
-        (report.corruptions, report.leaks),
-        (0, 0),
-        "{:?}",
-        report.messages
-    );
+    assert_checks_clean(&*storage);
     let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
     for i in 4..64u64 {
         assert_eq!(
@@ -163,13 +157,7 @@ fn committed_writes_survive_abandon_and_replay_cleanly() {
             assert_eq!(read(&image, i * 8192, 8192), pattern(i as u8, 8192));
         }
         image.close().unwrap();
-        let report = check(&*storage, RepairMode::None, &[]).unwrap();
-        assert_eq!(
-            (report.corruptions, report.leaks),
-            (0, 0),
-            "{:?}",
-            report.messages
-        );
+        assert_checks_clean(&*storage);
         assert!(
             !Image::read_header(&*storage).unwrap().has_incompatible(60),
             "clean close clears the bit"
@@ -214,7 +202,12 @@ fn data_rewritten_before_its_persist_replays_with_its_newest_bytes() {
         );
     }
     image.close().unwrap();
-    let report = check(&*storage, RepairMode::None, &[]).unwrap();
+    assert_checks_clean(&*storage);
+}
+
+/// Our check finds no corruption and no leak.
+fn assert_checks_clean(storage: &dyn Storage) {
+    let report = check(storage, RepairMode::None, &[]).unwrap();
     assert_eq!(
         (report.corruptions, report.leaks),
         (0, 0),
@@ -439,13 +432,7 @@ fn unflushed_writes_larger_than_the_journal_persist_early_instead_of_failing() {
         );
     }
     image.close().unwrap();
-    let report = check(&*storage, RepairMode::None, &[]).unwrap();
-    assert_eq!(
-        (report.corruptions, report.leaks),
-        (0, 0),
-        "{:?}",
-        report.messages
-    );
+    assert_checks_clean(&*storage);
 }
 
 #[test]
