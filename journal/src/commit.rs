@@ -242,13 +242,15 @@ impl<S: Storage> Journal<S> {
     /// Queues a flush without a transaction; [`Journal::commit_wait`]
     /// returns the committed sequence number once every storage write that
     /// completed before this call, and every transaction enqueued before
-    /// it, is durable. If any transaction enqueued before it failed (since
-    /// the journal opened, even one refused without effect), it fails with
-    /// [`JournalError::EarlierCommitFailed`]: that transaction will never
-    /// be durable, and the caller may be flushing on its behalf. It shares the flush of the batch it lands in, so a
+    /// it, is durable. It shares the flush of the batch it lands in, so a
     /// caller with only data to make durable joins other threads' commits
     /// instead of flushing on its own (and cannot return before an earlier
     /// transaction that its data depends on is committed).
+    ///
+    /// If any transaction enqueued before it failed (since the journal
+    /// opened, even one refused without effect), it fails with
+    /// [`JournalError::EarlierCommitFailed`]: that transaction will never
+    /// be durable, and the caller may be flushing on its behalf.
     pub fn flush_enqueue(&self) -> Result<CommitTicket, JournalError> {
         self.check_usable()?;
         Ok(CommitTicket(self.group.enqueue(Queued::Flush)))

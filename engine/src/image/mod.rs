@@ -109,8 +109,6 @@ pub struct Image {
     /// How many ranges `new_data` holds: lets a guest write skip its lock
     /// when it is empty (every overwrite between persists).
     new_data_held: AtomicUsize,
-    /// Whether the backend checksums new data (so writes take checksums).
-    checksums_new_data: bool,
     /// Whole clusters of metadata that no cache holds (a snapshot's L1
     /// copy, a new snapshot table), written into fresh clusters: the next
     /// epoch carries them with the fresh tables.

@@ -398,7 +398,6 @@ impl Image {
             storage,
             geometry,
             writable: opts.writable,
-            checksums_new_data: backend.checksums_new_data(),
             backend,
             counters: Arc::new(Counters::default()),
             virtual_size: AtomicU64::new(header.size),

@@ -273,7 +273,7 @@ impl Image {
     /// backend wants checksums.
     pub(super) fn record_new_data(&self, offset: HostOffset, length: u64, written: Option<&[u8]>) {
         let crc32c = written
-            .filter(|_| self.checksums_new_data)
+            .filter(|_| self.backend.checksums_new_data())
             .map(qj_spec::journal::checksum::crc32c);
         debug_assert!(written.is_none_or(|w| w.len() as u64 == length));
         self.new_data.lock().push(
