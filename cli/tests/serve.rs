@@ -400,6 +400,17 @@ fn cache_none_and_directsync_serve_through_o_direct() {
             );
             server.stop();
             assert_clean(d, &image);
+            // The zeros reserved past the file's length (O_DIRECT only)
+            // were given back at the clean close.
+            let check = run("qemu-img", &["check", "--output=json", "a.qcow2"], d);
+            let end = serde_json::from_slice::<Value>(&check.stdout).unwrap()["image-end-offset"]
+                .as_u64()
+                .unwrap();
+            let file_len = std::fs::metadata(&image).unwrap().len();
+            assert!(
+                file_len <= end,
+                "{backend} {cache}: the file ({file_len} bytes) ends past the image ({end})"
+            );
             let out = qemu_img_io(d, &image, "read -P 0xb2 1536 512");
             assert!(
                 out.status.success(),

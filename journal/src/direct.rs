@@ -21,7 +21,11 @@ use std::path::Path;
 
 use parking_lot::RwLock;
 
-use crate::storage::{KnownLength, Storage};
+use crate::file_length::{write_zeros_with, FileLength};
+use crate::storage::Storage;
+
+/// The largest buffer of zeros the reservation is written from.
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
 
 /// Memory alignment of every buffer handed to the kernel: a page, which
 /// satisfies any logical block size up to it.
@@ -68,7 +72,7 @@ pub struct DirectFileStorage {
     block_bytes: u64,
     /// Shared by aligned writes, exclusive for a read-modify-write.
     rmw: RwLock<()>,
-    len: KnownLength,
+    len: FileLength,
 }
 
 impl DirectFileStorage {
@@ -88,7 +92,7 @@ impl DirectFileStorage {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => 4096,
             Err(e) => return Err(e),
         };
-        let len = KnownLength::of(&file, writable)?;
+        let len = FileLength::of(&file, writable, true)?;
         Ok(Self {
             file,
             writable,
@@ -157,13 +161,25 @@ impl Storage for DirectFileStorage {
         if buf.is_empty() {
             return Ok(());
         }
+        let (start, len) = self.covering(offset, buf.len());
+        let extending = self.len.reserve(start + len as u64, |at, len| {
+            // From the next block on: the rest of the block the file ends
+            // in reads as zeros once the file is longer.
+            let at_block = at.next_multiple_of(self.block_bytes);
+            let end = at + len;
+            let mut zeros = AlignedBuf::zeroed(
+                (end - at_block).clamp(self.block_bytes, ZERO_CHUNK_BYTES) as usize,
+            )?;
+            write_zeros_with(zeros.as_mut_slice(), at_block, end - at_block, |z, at| {
+                self.file.write_all_at(z, at)
+            })
+        });
         if self.is_aligned(offset, buf) {
             let _shared = self.rmw.read();
             self.file.write_all_at(buf, offset)?;
-            self.len.wrote(offset + buf.len() as u64);
+            self.len.wrote(offset + buf.len() as u64, extending);
             return Ok(());
         }
-        let (start, len) = self.covering(offset, buf.len());
         let mut bounce = AlignedBuf::zeroed(len)?;
         let blocks = bounce.as_mut_slice();
         let at = (offset - start) as usize;
@@ -181,7 +197,7 @@ impl Storage for DirectFileStorage {
         };
         self.file.write_all_at(blocks, start)?;
         // Whole blocks were written: the file may now end past `buf`.
-        self.len.wrote(start + len as u64);
+        self.len.wrote(start + len as u64, extending);
         Ok(())
     }
 
@@ -203,10 +219,16 @@ impl Storage for DirectFileStorage {
                 "storage opened read-only",
             ));
         }
-        let _exclusive = self.rmw.write();
-        self.file.set_len(len)?;
-        self.len.set(len);
-        Ok(())
+        self.len.set_len(len, || {
+            let _exclusive = self.rmw.write();
+            self.file.set_len(len)
+        })
+    }
+}
+
+impl Drop for DirectFileStorage {
+    fn drop(&mut self) {
+        self.len.release(&self.file);
     }
 }
 
@@ -236,15 +258,77 @@ mod tests {
         assert!(all[8192..9_900].iter().all(|&b| b == 7));
         assert!(all[9_900..10_600].iter().all(|&b| b == 5));
         storage.flush().unwrap();
-        // The length kept in memory is the file's, though the unaligned
-        // write past the end wrote whole blocks.
-        let on_disk = std::fs::metadata(&path).unwrap().len();
-        assert_eq!(storage.len().unwrap(), on_disk);
-        assert_eq!(on_disk, 10_600u64.next_multiple_of(storage.block_bytes));
+        // The unaligned write past the end wrote whole blocks: the length
+        // kept in memory counts them (the file may hold more, reserved).
+        let whole_blocks = 10_600u64.next_multiple_of(storage.block_bytes);
+        assert_eq!(storage.len().unwrap(), whole_blocks);
+        assert!(std::fs::metadata(&path).unwrap().len() >= whole_blocks);
         storage.set_len(6_000).unwrap();
         assert_eq!(storage.len().unwrap(), 6_000);
+        storage.write_at(&vec![3u8; 4096], 8192).unwrap();
         drop(storage);
         let plain = std::fs::read(&path).unwrap();
+        assert_eq!(plain.len(), 12_288, "the reservation was given back");
         assert_eq!(&plain[..6_000], &all[..6_000]);
+        assert!(plain[6_000..8192].iter().all(|&b| b == 0));
+        assert!(plain[8192..].iter().all(|&b| b == 3));
+    }
+
+    #[test]
+    fn a_write_past_the_end_reserves_zeros_that_later_writes_fill_and_drop_gives_back() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        let on_disk = || std::fs::metadata(&path).unwrap().len();
+        let storage = DirectFileStorage::open(&path, true).expect("O_DIRECT on the project's disk");
+        let reader = crate::storage::FileStorage::open(&path, false).unwrap();
+        storage.write_at(&vec![1u8; 4096], 16_384).unwrap();
+        assert_eq!(
+            storage.len().unwrap(),
+            20_480,
+            "the length is what was written"
+        );
+        let reserved = on_disk();
+        assert_eq!(reserved, 1 << 20, "one step of the smallest size, rounded");
+        let mut all = vec![0xffu8; reserved as usize];
+        reader.read_at(&mut all, 0).unwrap();
+        assert!(
+            all[..10_000].iter().all(|&b| b == 7),
+            "nothing stored is overwritten"
+        );
+        assert!(all[10_000..16_384].iter().all(|&b| b == 0));
+        assert!(all[16_384..20_480].iter().all(|&b| b == 1));
+        assert!(
+            all[20_480..].iter().all(|&b| b == 0),
+            "the reservation reads as zeros"
+        );
+        storage
+            .write_at(&vec![2u8; 4096], 900_000 - 900_000 % 4096)
+            .unwrap();
+        assert_eq!(
+            on_disk(),
+            reserved,
+            "a write inside the reservation does not grow it"
+        );
+        storage.write_at(&[3u8; 100], reserved + 50).unwrap();
+        assert!(on_disk() > reserved + 150, "the next step is reserved");
+        assert_eq!(
+            storage.len().unwrap(),
+            (reserved + 150).next_multiple_of(storage.block_bytes)
+        );
+        storage.set_len(30_000).unwrap();
+        assert_eq!(
+            (storage.len().unwrap(), on_disk()),
+            (30_000, 30_000),
+            "set_len drops it"
+        );
+        storage.write_at(&vec![4u8; 4096], 40_960).unwrap();
+        assert!(on_disk() > 45_056);
+        drop(storage);
+        assert_eq!(
+            on_disk(),
+            45_056,
+            "dropping the writer gives the reservation back"
+        );
     }
 }

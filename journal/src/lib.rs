@@ -20,6 +20,7 @@ mod dedup;
 mod direct;
 mod dump;
 mod error;
+mod file_length;
 mod group_commit;
 mod journal;
 mod options;

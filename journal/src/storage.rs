@@ -15,10 +15,11 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+
+use crate::file_length::{Extending, FileLength};
 
 /// A byte-addressed device with a volatile write cache.
 pub trait Storage: Send + Sync + fmt::Debug {
@@ -99,53 +100,12 @@ impl<T: Storage + ?Sized> Storage for &T {
     }
 }
 
-/// The length of a file this process alone writes, kept in memory: the
-/// engine asks for it on every cluster allocation (is the new cluster past
-/// the end of the file?), and asking the file system is a system call
-/// (`statx`, about 10 us) each time. Writable handles hold the image lock,
-/// so no one else changes the length under them; a read-only handle may
-/// share the file with a writer and asks the file system every time.
-#[derive(Debug)]
-pub(crate) struct KnownLength(Option<AtomicU64>);
-
-impl KnownLength {
-    /// Starts from the file's length now if `writable`.
-    pub(crate) fn of(file: &File, writable: bool) -> io::Result<Self> {
-        Ok(Self(match writable {
-            true => Some(AtomicU64::new(file.metadata()?.len())),
-            false => None,
-        }))
-    }
-
-    /// The length: every completed write and `set_len` counted.
-    pub(crate) fn get(&self, file: &File) -> io::Result<u64> {
-        match &self.0 {
-            Some(len) => Ok(len.load(Ordering::Acquire)),
-            None => Ok(file.metadata()?.len()),
-        }
-    }
-
-    /// A write ending at `end` completed.
-    pub(crate) fn wrote(&self, end: u64) {
-        if let Some(len) = &self.0 {
-            len.fetch_max(end, Ordering::AcqRel);
-        }
-    }
-
-    /// The file was truncated or extended to `new_len`.
-    pub(crate) fn set(&self, new_len: u64) {
-        if let Some(len) = &self.0 {
-            len.store(new_len, Ordering::Release);
-        }
-    }
-}
-
 /// A regular file; flush is `fdatasync`.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     writable: bool,
-    len: KnownLength,
+    len: FileLength,
 }
 
 impl FileStorage {
@@ -172,7 +132,7 @@ impl FileStorage {
     /// Wraps an already open file. Writable: this handle must be the only
     /// one that changes the file's length (its length is kept in memory).
     pub fn from_file(file: File, writable: bool) -> io::Result<Self> {
-        let len = KnownLength::of(&file, writable)?;
+        let len = FileLength::of(&file, writable, false)?;
         Ok(Self {
             file,
             writable,
@@ -210,7 +170,7 @@ impl Storage for FileStorage {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
         self.file.write_all_at(buf, offset)?;
-        self.len.wrote(offset + buf.len() as u64);
+        self.len.wrote(offset + buf.len() as u64, Extending::NOT);
         Ok(())
     }
 
@@ -227,9 +187,7 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.file.set_len(len)?;
-        self.len.set(len);
-        Ok(())
+        self.len.set_len(len, || self.file.set_len(len))
     }
 }
 
@@ -352,7 +310,11 @@ mod tests {
         file.write_at(b"x", 10).unwrap();
         assert_eq!((file.len().unwrap(), on_disk()), (100, 100));
         file.write_at(b"tail", 70_000).unwrap();
-        assert_eq!((file.len().unwrap(), on_disk()), (70_004, 70_004));
+        assert_eq!(
+            (file.len().unwrap(), on_disk()),
+            (70_004, 70_004),
+            "a buffered file reserves nothing past its length"
+        );
         assert_eq!(reader.len().unwrap(), 70_004, "a reader asks the file");
         file.set_len(5_000).unwrap();
         assert_eq!((file.len().unwrap(), on_disk()), (5_000, 5_000));
