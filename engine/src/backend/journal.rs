@@ -481,6 +481,26 @@ impl JournalBackend {
     }
 }
 
+impl JournalBackend {
+    /// Only guest data to make durable: no transaction needed, but a flush
+    /// of its own would be wrong as well as costly. Wrong: the metadata of
+    /// the caller's writes may sit in an earlier epoch whose transaction is
+    /// still in group commit (another thread's persist gathered it), and
+    /// returning before that transaction is durable would acknowledge a
+    /// write a crash loses. Costly: every concurrent flusher would issue
+    /// one. A flush-only item returns after the batch it joins is durable,
+    /// and batches finish in order (rule 2 for the data: that batch's flush
+    /// follows every data write that completed before this call).
+    fn enqueue_flush_only(&self) -> Result<u64> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst);
+        let commit = self.journal.flush_enqueue().map_err(journal_err)?;
+        // Counted in flight like a transaction (wait_durable ends it).
+        self.pending.lock().in_flight += 1;
+        self.tickets.lock().insert(ticket, (commit, Vec::new()));
+        Ok(ticket)
+    }
+}
+
 impl MetadataBackend for JournalBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Journal
@@ -494,23 +514,7 @@ impl MetadataBackend for JournalBackend {
         let logged_dirty =
             self.logged_count.load(Ordering::SeqCst) > 0 && self.logged.lock().has_dirty();
         if epoch.is_empty() && !logged_dirty {
-            // Only guest data to make durable: no transaction needed, but
-            // a flush of its own would be wrong as well as costly. Wrong:
-            // the metadata of this caller's writes may sit in an earlier
-            // epoch whose transaction is still in group commit (another
-            // thread's persist gathered it), and returning before that
-            // transaction is durable would acknowledge a write a crash
-            // loses. Costly: every concurrent flusher would issue one. A
-            // flush-only item returns after the batch it joins is durable,
-            // and batches finish in order (rule 2 for the data: that
-            // batch's flush follows every data write that completed before
-            // this call).
-            let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst);
-            let commit = self.journal.flush_enqueue().map_err(journal_err)?;
-            // Counted in flight like a transaction (wait_durable ends it).
-            self.pending.lock().in_flight += 1;
-            self.tickets.lock().insert(ticket, (commit, Vec::new()));
-            return Ok(ticket);
+            return self.enqueue_flush_only();
         }
         // Rule 1.
         if !self.dirty_bit_on_disk.load(Ordering::SeqCst)
@@ -855,6 +859,14 @@ impl MetadataBackend for JournalBackend {
             Some(DataGuard::Committed(seq)) => *seq <= synced,
             Some(DataGuard::Submitted(_)) => false,
         }
+    }
+
+    fn flush_only(&self) -> Option<Result<u64>> {
+        // Logged data needs no transaction here: the caller's writes into
+        // logged clusters completed before the epoch that holds them was
+        // gathered, which took their bytes (rule 7). Bytes other threads
+        // logged since are theirs to flush.
+        Some(self.enqueue_flush_only())
     }
 
     fn submits_under_gate(&self) -> bool {

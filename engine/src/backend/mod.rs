@@ -200,6 +200,17 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
     /// epochs of many threads into one commit.
     fn wait_durable(&self, storage: &dyn Storage, ticket: u64, counters: &Counters) -> Result<()>;
 
+    /// A ticket for [`MetadataBackend::wait_durable`] that is durable once
+    /// every epoch submitted before this call is, and every guest data
+    /// write that completed before it: what a flush needs whose operations
+    /// an earlier epoch already holds. Unlike [`MetadataBackend::submit`],
+    /// called without the gate, under the image's submit order only. `None`
+    /// where the backend has no such ticket, or needs an epoch after all
+    /// (the flush then gathers one under the gate, as usual).
+    fn flush_only(&self) -> Option<Result<u64>> {
+        None
+    }
+
     /// Called before guest data is written to `[offset, offset + len)` of
     /// a data cluster (never across clusters). A journal may first have to
     /// make an earlier transaction's data checksum unnecessary.

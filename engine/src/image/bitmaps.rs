@@ -466,7 +466,8 @@ impl Image {
             && self.backend.kind() == BackendKind::Journal
             && self.overwrites_in_place(offset, len)?
         {
-            self.op_gen.fetch_add(1, Ordering::SeqCst);
+            // The bit changed is the operation: done before the persist.
+            drop(self.begin_op());
             let r = self.persist(None);
             self.poisoned(r)?;
         }
@@ -692,7 +693,7 @@ impl Image {
                 st.problem.as_deref().unwrap_or("unknown reason")
             )));
         }
-        self.op_gen.fetch_add(1, Ordering::SeqCst);
+        let _op = self.begin_op();
         op(&mut st)
     }
 

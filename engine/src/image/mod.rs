@@ -141,21 +141,60 @@ pub struct Image {
     /// L2 entries changed since the last gather: with `fresh_tables`, what
     /// bounds the size of the next epoch (pure overwrites change none).
     entries_changed: AtomicU64,
+    /// One persist at a time waits for the gate and gathers. Without it,
+    /// every concurrent flusher queues for the gate exclusively, and each
+    /// waiting writer of a reader-writer lock stops new readers: guest
+    /// writes stalled behind a row of gathers, most of which find their
+    /// operations already gathered by the one before. With it, those find
+    /// that out before taking the gate (`submitted_gen`). Lock order: this,
+    /// then the gate, then `submit_order`.
+    gather_order: Mutex<()>,
     /// Serialises submits in gather order; held without the gate during an
     /// ordered persist's I/O. Lock order: gate, then this.
     submit_order: Mutex<()>,
     /// The dedup index (`dedup.rs`), on a journalled image with dedup on
     /// opened for writing.
     dedup: Option<dedup::ImageDedup>,
-    /// Bumped by every guest operation that changed data or metadata, while
-    /// it holds the gate.
+    /// Bumped by every guest operation that changes data or metadata as it
+    /// starts, while it holds the gate ([`Image::begin_op`]).
     op_gen: AtomicU64,
+    /// The highest `op_gen` of an operation that has completed: what a
+    /// flush must cover (operations still running when it starts are not
+    /// its to wait for, and may finish in any order).
+    done_gen: AtomicU64,
     /// The `op_gen` a completed persist started at: every operation counted
     /// up to it is durable. Lets concurrent flushes share one persist.
     flushed_gen: AtomicU64,
+    /// The `op_gen` at the gather of the last epoch handed to the backend
+    /// (raised under `submit_order`, after the submit): every operation
+    /// counted up to it is in that epoch or an earlier one.
+    submitted_gen: AtomicU64,
+}
+
+/// An operation counted in `op_gen` while it runs; dropped, it counts as
+/// done (`done_gen`). Hold it for the whole operation, inside the gate.
+#[must_use = "the operation counts as done when this is dropped"]
+pub(super) struct OpGen<'a> {
+    image: &'a Image,
+    gen: u64,
+}
+
+impl Drop for OpGen<'_> {
+    fn drop(&mut self) {
+        self.image.done_gen.fetch_max(self.gen, Ordering::SeqCst);
+    }
 }
 
 impl Image {
+    /// Counts an operation that changes data or metadata; the caller holds
+    /// the gate (shared or exclusive) for as long as it holds the result.
+    pub(super) fn begin_op(&self) -> OpGen<'_> {
+        OpGen {
+            image: self,
+            gen: self.op_gen.fetch_add(1, Ordering::SeqCst) + 1,
+        }
+    }
+
     /// The guest-visible size in bytes.
     pub fn virtual_size(&self) -> u64 {
         self.virtual_size.load(Ordering::Acquire)

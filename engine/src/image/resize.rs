@@ -17,9 +17,10 @@ impl Image {
         let new_size = new_size.next_multiple_of(512);
         self.refuse_resize_for_bitmaps(new_size)?;
         let _gate = self.gate.write();
-        self.op_gen.fetch_add(1, Ordering::SeqCst);
+        let op = self.begin_op();
         let r = self.resize_locked(new_size);
         self.poisoned(r)?;
+        drop(op);
         drop(_gate);
         self.maybe_evict()?;
         self.sync_if_writethrough()

@@ -353,7 +353,7 @@ impl Image {
         if atomic {
             {
                 let _gate = self.gate.write();
-                self.op_gen.fetch_add(1, Ordering::SeqCst);
+                let _op = self.begin_op();
                 for i in 0..phases {
                     let r = phase(i);
                     self.poisoned(r)?;
@@ -365,7 +365,7 @@ impl Image {
         for i in 0..phases {
             {
                 let _gate = self.gate.write();
-                self.op_gen.fetch_add(1, Ordering::SeqCst);
+                let _op = self.begin_op();
                 let r = phase(i);
                 self.poisoned(r)?;
             }

@@ -26,7 +26,7 @@ impl Image {
         self.mark_bitmaps(offset, buf.len() as u64)?;
         for (cluster, in_cluster, n, at) in self.pieces(offset, buf.len() as u64) {
             let _gate = self.gate.read();
-            self.op_gen.fetch_add(1, Ordering::SeqCst);
+            let _op = self.begin_op();
             let r = self.write_piece(cluster, in_cluster, &buf[at..at + n]);
             self.poisoned(r)?;
         }
@@ -383,7 +383,7 @@ impl Image {
         self.mark_bitmaps(offset, len)?;
         for (cluster, in_cluster, n, _) in self.pieces(offset, len) {
             let _gate = self.gate.read();
-            self.op_gen.fetch_add(1, Ordering::SeqCst);
+            let _op = self.begin_op();
             let r = self.zero_piece(cluster, in_cluster, n, discard);
             self.poisoned(r)?;
         }
