@@ -117,3 +117,73 @@ fn writethrough_makes_each_write_durable_before_it_returns() {
         image.close().unwrap();
     }
 }
+
+#[test]
+fn an_open_that_waited_for_the_lock_sees_what_the_last_holder_wrote() {
+    // The second open reads the file before the lock is free (to name a
+    // missing file or a file system without O_DIRECT), then waits for the
+    // holder. The holder grows the file and closes; had the second open
+    // kept the length it saw first, its O_DIRECT file would write its zeros
+    // ahead of that length, over the holder's last clusters.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    for journal in [false, true] {
+        // A slow machine may close the holder after the second open gave
+        // up waiting (200 ms): that attempt shows nothing; try again.
+        let got = (0..5)
+            .find_map(|attempt| holder_then_waiter(dir.path(), journal, attempt))
+            .expect("the second open got the lock in one of 5 attempts");
+        assert!(
+            got.iter().all(|&b| b == 0x55),
+            "journal {journal}: the holder's flushed write was lost to the next open"
+        );
+    }
+}
+
+/// One try of the scenario above: what the second open reads of the
+/// holder's write, or `None` if it gave up waiting for the lock.
+fn holder_then_waiter(dir: &std::path::Path, journal: bool, attempt: u32) -> Option<Vec<u8>> {
+    let path = dir.join(format!("waited-{journal}-{attempt}.qcow2"));
+    let opts = CreateOptions {
+        virtual_size: 64 << 20,
+        journal: journal.then(|| JournalConfig {
+            size_bytes: 1 << 20,
+            ..JournalConfig::default()
+        }),
+        ..CreateOptions::default()
+    };
+    Image::create_path(&path, &opts).unwrap();
+    let direct = OpenOptions {
+        cache: CacheMode::None,
+        ..OpenOptions::read_write()
+    };
+    let holder = Image::open_path(&path, &direct).unwrap();
+    let (path2, direct2) = (path.clone(), direct.clone());
+    let second = std::thread::spawn(move || {
+        let image = match Image::open_path(&path2, &direct2) {
+            Ok(image) => image,
+            Err(qj_engine::Error::Locked { .. }) => return None,
+            Err(e) => panic!("second open: {e}"),
+        };
+        image.write(&[0x77; 4096], 40 << 20).unwrap();
+        image.flush().unwrap();
+        let mut got = vec![0u8; 4096];
+        image.read(&mut got, (20 << 20) + 7 * 65536).unwrap();
+        image.close().unwrap();
+        Some(got)
+    });
+    // The second open is waiting for the lock by now; the holder's writes
+    // grow the file past the length it read.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    for i in 0..8u64 {
+        holder.write(&[0x55; 4096], (20 << 20) + i * 65536).unwrap();
+    }
+    holder.close().unwrap();
+    let got = second.join().unwrap()?;
+    let check = qemu_check_json(&path);
+    assert!(
+        matches!(check.exit, Some(0 | 3)),
+        "journal {journal}: qemu-img check found corruption: {}",
+        check.json
+    );
+    Some(got)
+}

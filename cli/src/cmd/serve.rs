@@ -50,7 +50,9 @@ pub struct ServeArgs {
     /// Cache mode, as QEMU names it: writeback (a write is durable after
     /// the next FLUSH or with FUA), writethrough (every write is durable
     /// before its reply), none (O_DIRECT, durable at FLUSH or FUA) or
-    /// directsync (O_DIRECT and writethrough).
+    /// directsync (O_DIRECT and writethrough). With O_DIRECT the file grows
+    /// in steps of zeros (up to 8 MiB past what is written), given back at
+    /// a clean stop.
     #[arg(long = "cache", value_name = "MODE", default_value = "writeback", value_parser = parse_cache)]
     cache: CacheMode,
     /// Image format (only qcow2; accepted for qemu-nbd compatibility).

@@ -105,19 +105,33 @@ impl Image {
     /// is read or written, and stays locked until the image is dropped.
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let opened = || format!("opening {}", path.display());
-        let mut storage: Arc<dyn Storage> = if opts.cache.direct() {
-            Arc::new(DirectFileStorage::open(path, opts.writable).ctx(|| {
-                format!(
-                    "{} with O_DIRECT (cache=none needs a file system that has it)",
-                    opened()
-                )
-            })?)
-        } else {
-            Arc::new(FileStorage::open(path, opts.writable).ctx(opened)?)
+        let open_storage = || -> Result<Arc<dyn Storage>> {
+            Ok(if opts.cache.direct() {
+                Arc::new(DirectFileStorage::open(path, opts.writable).ctx(|| {
+                    format!(
+                        "{} with O_DIRECT (cache=none needs a file system that has it)",
+                        opened()
+                    )
+                })?)
+            } else {
+                Arc::new(FileStorage::open(path, opts.writable).ctx(opened)?)
+            })
         };
+        // Opened before the lock, so that a missing file or a file system
+        // without O_DIRECT is named as such.
+        let mut storage = open_storage()?;
         let mut chain = ChainWalk::default();
         chain.enter(path, &path.display().to_string())?;
         let lock = ImageLock::acquire(path, opts.writable, opts.lock)?;
+        if opts.writable {
+            // Ordering: a writable handle keeps the file's length from its
+            // open and writes zeros past it (`journal/src/file_length.rs`).
+            // Read before the lock, the length may predate the last
+            // holder's final writes, and zeros would land on them: open
+            // again now that no one else writes.
+            drop(storage);
+            storage = open_storage()?;
+        }
         if let Some(log) = &opts.log_writes {
             storage = Arc::new(
                 crate::log_writes::LogWritesStorage::create(storage, log)

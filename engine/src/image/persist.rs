@@ -41,6 +41,23 @@ impl Image {
         self.poisoned(r)
     }
 
+    /// With `covering`: `Some` once this persist is done without an epoch
+    /// of its own (already durable, or a flush-only ticket waited for).
+    fn flush_if_submitted(&self, covering: Option<u64>) -> Option<Result<()>> {
+        let wanted = covering?;
+        if self.flushed_gen.load(Ordering::SeqCst) >= wanted {
+            return Some(Ok(()));
+        }
+        if self.submitted_gen.load(Ordering::SeqCst) < wanted {
+            return None;
+        }
+        let submitted = self.submit_flush_only(wanted)?;
+        Some(submitted.and_then(|ticket| {
+            self.backend
+                .wait_durable(&*self.storage, ticket, &self.counters)
+        }))
+    }
+
     /// For a flush whose operations an epoch already handed to the backend
     /// holds (another thread's persist gathered them): a ticket that needs
     /// no epoch of its own, so the flush does not take the gate, which
@@ -76,24 +93,30 @@ impl Image {
     /// `covering`, returns early if another persist already made every
     /// operation up to that generation durable.
     pub(super) fn persist(&self, covering: Option<u64>) -> Result<()> {
+        // Checked before and after waiting to gather: the gatherer ahead
+        // may have taken this flush's operations.
+        if let Some(r) = self.flush_if_submitted(covering) {
+            return r;
+        }
         let gathering = self.gather_order.lock();
-        if let Some(wanted) = covering {
-            if self.flushed_gen.load(Ordering::SeqCst) >= wanted {
-                return Ok(());
-            }
-            if self.submitted_gen.load(Ordering::SeqCst) >= wanted {
-                if let Some(submitted) = self.submit_flush_only(wanted) {
-                    drop(gathering);
-                    return self
-                        .backend
-                        .wait_durable(&*self.storage, submitted?, &self.counters);
-                }
-            }
+        if let Some(r) = self.flush_if_submitted(covering) {
+            return r;
         }
         let gate = self.gate.write();
         let started_gen = self.op_gen.load(Ordering::SeqCst);
-        self.dedup_persist_after_checkpoint()?;
-        let (epoch, pins) = self.gather_epoch()?;
+        // A failed gather has taken part of the epoch: poisoned before the
+        // gate is released, or a later persist would acknowledge without it.
+        let gathered = self
+            .dedup_persist_after_checkpoint()
+            .and_then(|()| self.gather_epoch());
+        let (epoch, pins) = match gathered {
+            Ok(gathered) => gathered,
+            Err(e) => {
+                self.poison.lock().get_or_insert_with(|| e.to_string());
+                drop(gate);
+                return Err(e);
+            }
+        };
         let releases = self.refcounts.lock().take_releases();
         let dedup_epoch = self.dedup_epoch_gathered();
         // Epochs reach the backend in the order they were gathered (a later
@@ -113,12 +136,13 @@ impl Image {
         let submitted = if self.backend.submits_under_gate() {
             let submitted = self.backend.submit(&*self.storage, epoch, &self.counters);
             drop(gate);
+            drop(gathering);
             submitted
         } else {
             drop(gate);
+            drop(gathering);
             self.backend.submit(&*self.storage, epoch, &self.counters)
         };
-        drop(gathering);
         let ticket = match submitted {
             Ok(ticket) => ticket,
             Err(e) => {
