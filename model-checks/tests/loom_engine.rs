@@ -24,7 +24,9 @@ use loom::thread;
 use qj_engine::cache::TableCache;
 use qj_engine::check::{check, RepairMode};
 use qj_engine::sync::Mutex;
-use qj_engine::{BackingSource, CreateOptions, Image, MemStorage, OpenOptions, Storage};
+use qj_engine::{
+    BackingSource, CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage,
+};
 use qj_spec::qcow2::read_table_entry;
 use qj_spec::units::HostOffset;
 
@@ -471,13 +473,20 @@ fn fresh_image() -> (std::sync::Arc<LoomDisk>, Image) {
 
 /// A fresh image of `virtual_size` bytes on a [`LoomDisk`], opened with `opts`.
 fn image_with(virtual_size: u64, opts: OpenOptions) -> (std::sync::Arc<LoomDisk>, Image) {
+    image_created(
+        CreateOptions {
+            virtual_size,
+            cluster_size: CLUSTER_BYTES as u64,
+            ..CreateOptions::default()
+        },
+        opts,
+    )
+}
+
+/// A fresh image created with `create` on a [`LoomDisk`], opened with `opts`.
+fn image_created(create: CreateOptions, opts: OpenOptions) -> (std::sync::Arc<LoomDisk>, Image) {
     let disk = std::sync::Arc::new(LoomDisk::default());
-    let create = CreateOptions {
-        virtual_size,
-        cluster_size: CLUSTER_BYTES as u64,
-        ..CreateOptions::default()
-    };
-    Image::create(&*disk, &create).expect("creating the model's image");
+    Image::create_shared(disk.clone(), &create).expect("creating the model's image");
     disk.flush().unwrap();
     let image = Image::open(disk.clone(), &opts).expect("opening it");
     (disk, image)
@@ -756,8 +765,36 @@ fn reader_never_sees_a_reused_cluster() {
 /// flush returns keeps the write.
 #[test]
 fn flush_makes_completed_writes_durable() {
+    check_model(|| flushes_make_completed_writes_durable(fresh_image()));
+}
+
+/// The same on a journal image, where a flush whose write another thread's
+/// persist already gathered and submitted does not gather at all: it
+/// queues a flush-only ticket behind that transaction
+/// (`Image::submit_flush_only`), which must not be durable before it.
+#[test]
+fn journal_flush_makes_completed_writes_durable() {
     check_model(|| {
-        let (disk, image) = fresh_image();
+        flushes_make_completed_writes_durable(image_created(
+            CreateOptions {
+                virtual_size: DISK_BYTES,
+                cluster_size: CLUSTER_BYTES as u64,
+                journal: Some(JournalConfig {
+                    // The smallest journal: 8 clusters and 64 KiB.
+                    size_bytes: (8 * CLUSTER_BYTES as u64 + (64 << 10)).next_multiple_of(4096),
+                    ..JournalConfig::default()
+                }),
+                ..CreateOptions::default()
+            },
+            OpenOptions::read_write(),
+        ))
+    });
+}
+
+/// Two threads each write a cluster and flush; a power cut right after
+/// either flush returns keeps that thread's write.
+fn flushes_make_completed_writes_durable((disk, image): (std::sync::Arc<LoomDisk>, Image)) {
+    {
         // The L2 table exists, so that each write is one allocation.
         image
             .write(&[9; CLUSTER_BYTES], 2 * CLUSTER_BYTES as u64)
@@ -799,5 +836,5 @@ fn flush_makes_completed_writes_durable() {
             w.join().unwrap();
         }
         close_and_check(&disk, image);
-    });
+    }
 }

@@ -68,9 +68,10 @@ impl Image {
     /// Ordering: the backend's flush-only ticket is durable only after
     /// every epoch submitted before it. It is taken under `submit_order`,
     /// and `submitted_gen` is raised under that lock only after the submit
-    /// of the epoch it names, so that epoch is ahead of the ticket (test
-    /// `flush_waits_for_commit.rs`, where a flush that returned without it
-    /// is caught).
+    /// of the epoch it names, so that epoch is ahead of the ticket. Caught
+    /// when broken: the loom model `journal_flush_makes_completed_writes_durable`
+    /// (the raise moved before the submit, or the ticket not waited for)
+    /// and `engine/tests/flush_waits_for_commit.rs` (the latter).
     fn submit_flush_only(&self, wanted: u64) -> Option<Result<u64>> {
         let order = self.submit_order.lock();
         if let Some(why) = self.poison.lock().clone() {
