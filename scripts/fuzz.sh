@@ -10,7 +10,8 @@
 #
 # Prints, per target, the executions and libFuzzer's final coverage (cov:
 # edges reached, ft: features). One core: -workers=1 -jobs=1, because the
-# machine is shared. Inputs that crash land in fuzz/artifacts/TARGET/; the
+# machine is shared. Past findings, once fixed, go to fuzz/regressions/TARGET/
+# and run at the start of every run. Inputs that crash land in fuzz/artifacts/TARGET/; the
 # corpus grown by a run stays in fuzz/target/corpus/TARGET/ (the seeds in
 # fuzz/corpus/ are only read). Needs cargo-fuzz
 # (`cargo install cargo-fuzz --locked`); the instrumentation flags are
@@ -62,9 +63,16 @@ run() {
     mkdir -p "$work" "$artifacts" "$log"
     rm -f "$log"/fuzz-*.log
     local status=0
+    # Past findings (fuzz/regressions/TARGET/, kept out of the regenerated
+    # seeds) run first as part of the corpus, so every run retries them.
+    local regressions=()
+    if [ -d "regressions/$target" ]; then
+        regressions=("../../../regressions/$target")
+    fi
     # -jobs=1 runs the fuzzer in one child process whose output goes to
     # fuzz-0.log in the current directory.
     (cd "$log" && "../../../$(binary "$target")" "../../../$work" "../../../corpus/$target" \
+        "${regressions[@]}" \
         -workers=1 -jobs=1 -max_total_time="$seconds" -max_len="$(max_len "$target")" \
         -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
         -artifact_prefix="../../../$artifacts/" >/dev/null 2>&1) || status=$?

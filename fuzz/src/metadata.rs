@@ -31,6 +31,8 @@ pub struct Layout {
     pub metadata: MetadataClusters,
     /// The clusters L2 entries (active or of a snapshot) map guest data to.
     pub data: BTreeSet<u64>,
+    /// Whether two entries of the active L2 tables map one data cluster.
+    pub active_data_shared: bool,
 }
 
 impl Layout {
@@ -41,6 +43,18 @@ impl Layout {
     #[must_use]
     pub fn metadata_is_data(&self) -> bool {
         self.data.iter().any(|c| self.metadata.contains_key(c))
+    }
+
+    /// Whether one data cluster is mapped twice by the active tables (not
+    /// by a snapshot: that sharing is what snapshots are). `check` and
+    /// qemu-img check call that consistent with a refcount of 2, but a
+    /// write to either entry copies it, and the other entry is left with
+    /// a refcount of 1 and no COPIED flag: an `OFLAG_COPIED` error, which
+    /// QEMU's own writes leave the same way (qemu-io replaying the target's
+    /// writes on the finding's image gave the same three errors).
+    #[must_use]
+    pub fn active_data_is_shared(&self) -> bool {
+        self.active_data_shared
     }
 }
 
@@ -54,6 +68,8 @@ pub fn layout(image: &[u8]) -> Option<Layout> {
         cluster_bits: header.cluster_bits,
         clusters: MetadataClusters::new(),
         data: BTreeSet::new(),
+        active_data: BTreeSet::new(),
+        active_data_shared: false,
     };
     let cluster_size = 1u64 << header.cluster_bits;
     walk.range(0, cluster_size, "header");
@@ -129,6 +145,7 @@ pub fn layout(image: &[u8]) -> Option<Layout> {
         cluster_bits: header.cluster_bits,
         metadata: walk.clusters,
         data: walk.data,
+        active_data_shared: walk.active_data_shared,
     })
 }
 
@@ -137,6 +154,9 @@ struct Walk<'a> {
     cluster_bits: u32,
     clusters: MetadataClusters,
     data: BTreeSet<u64>,
+    /// The data clusters the active tables map, so far.
+    active_data: BTreeSet<u64>,
+    active_data_shared: bool,
 }
 
 impl Walk<'_> {
@@ -186,6 +206,9 @@ impl Walk<'_> {
                     };
                     if let Some(host) = host {
                         self.data.insert(host >> self.cluster_bits);
+                        if l1 == "L1 table" && !self.active_data.insert(host >> self.cluster_bits) {
+                            self.active_data_shared = true;
+                        }
                     }
                 }
             }
