@@ -41,21 +41,28 @@ impl Image {
         self.poisoned(r)
     }
 
-    /// With `covering`: `Some` once this persist is done without an epoch
-    /// of its own (already durable, or a flush-only ticket waited for).
-    fn flush_if_submitted(&self, covering: Option<u64>) -> Option<Result<()>> {
+    /// With `covering`: `Some` when this persist needs no epoch of its own:
+    /// `Ok(None)` when its operations are durable already, `Ok(Some(ticket))`
+    /// for a flush-only ticket to wait for.
+    fn covered_without_epoch(&self, covering: Option<u64>) -> Option<Result<Option<u64>>> {
         let wanted = covering?;
         if self.flushed_gen.load(Ordering::SeqCst) >= wanted {
-            return Some(Ok(()));
+            return Some(Ok(None));
         }
         if self.submitted_gen.load(Ordering::SeqCst) < wanted {
             return None;
         }
-        let submitted = self.submit_flush_only(wanted)?;
-        Some(submitted.and_then(|ticket| {
-            self.backend
-                .wait_durable(&*self.storage, ticket, &self.counters)
-        }))
+        Some(self.submit_flush_only(wanted)?.map(Some))
+    }
+
+    /// Waits for what [`Self::covered_without_epoch`] returned.
+    fn wait_covered(&self, covered: Result<Option<u64>>) -> Result<()> {
+        match covered? {
+            None => Ok(()),
+            Some(ticket) => self
+                .backend
+                .wait_durable(&*self.storage, ticket, &self.counters),
+        }
     }
 
     /// For a flush whose operations an epoch already handed to the backend
@@ -95,13 +102,18 @@ impl Image {
     /// operation up to that generation durable.
     pub(super) fn persist(&self, covering: Option<u64>) -> Result<()> {
         // Checked before and after waiting to gather: the gatherer ahead
-        // may have taken this flush's operations.
-        if let Some(r) = self.flush_if_submitted(covering) {
-            return r;
+        // may have taken this flush's operations. The wait is without
+        // `gather_order`: held across it, the flushers behind could not
+        // gather while this one's batch flushed, and their epochs missed
+        // the next batch (8 connections in writeback went from 0.13 to
+        // 0.23 flushes per op, and from 1.3x to 0.7x raw).
+        if let Some(covered) = self.covered_without_epoch(covering) {
+            return self.wait_covered(covered);
         }
         let gathering = self.gather_order.lock();
-        if let Some(r) = self.flush_if_submitted(covering) {
-            return r;
+        if let Some(covered) = self.covered_without_epoch(covering) {
+            drop(gathering);
+            return self.wait_covered(covered);
         }
         let gate = self.gate.write();
         let started_gen = self.op_gen.load(Ordering::SeqCst);
