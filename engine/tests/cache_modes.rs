@@ -17,6 +17,18 @@ const MODES: [CacheMode; 4] = [
     CacheMode::Directsync,
 ];
 
+/// An image of `virtual_size` bytes, with a 1 MiB journal if `journal`.
+fn create_options(virtual_size: u64, journal: bool) -> CreateOptions {
+    CreateOptions {
+        virtual_size,
+        journal: journal.then(|| JournalConfig {
+            size_bytes: 1 << 20,
+            ..JournalConfig::default()
+        }),
+        ..CreateOptions::default()
+    }
+}
+
 #[test]
 fn every_cache_mode_writes_images_qemu_reads_back() {
     // On the project's disk: /tmp may be tmpfs, which has no O_DIRECT.
@@ -24,15 +36,7 @@ fn every_cache_mode_writes_images_qemu_reads_back() {
     for journal in [false, true] {
         for mode in MODES {
             let path = dir.path().join(format!("{mode:?}-{journal}.qcow2"));
-            let opts = CreateOptions {
-                virtual_size: 8 << 20,
-                journal: journal.then(|| JournalConfig {
-                    size_bytes: 1 << 20,
-                    ..JournalConfig::default()
-                }),
-                ..CreateOptions::default()
-            };
-            Image::create_path(&path, &opts).unwrap();
+            Image::create_path(&path, &create_options(8 << 20, journal)).unwrap();
             let open = OpenOptions {
                 cache: mode,
                 ..OpenOptions::read_write()
@@ -143,15 +147,7 @@ fn an_open_that_waited_for_the_lock_sees_what_the_last_holder_wrote() {
 /// holder's write, or `None` if it gave up waiting for the lock.
 fn holder_then_waiter(dir: &std::path::Path, journal: bool, attempt: u32) -> Option<Vec<u8>> {
     let path = dir.join(format!("waited-{journal}-{attempt}.qcow2"));
-    let opts = CreateOptions {
-        virtual_size: 64 << 20,
-        journal: journal.then(|| JournalConfig {
-            size_bytes: 1 << 20,
-            ..JournalConfig::default()
-        }),
-        ..CreateOptions::default()
-    };
-    Image::create_path(&path, &opts).unwrap();
+    Image::create_path(&path, &create_options(64 << 20, journal)).unwrap();
     let direct = OpenOptions {
         cache: CacheMode::None,
         ..OpenOptions::read_write()

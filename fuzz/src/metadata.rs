@@ -84,12 +84,7 @@ pub fn layout(image: &[u8]) -> Option<Layout> {
         );
     }
 
-    walk.l1(
-        header.l1_table_offset,
-        header.l1_size,
-        "L1 table",
-        "L2 table",
-    );
+    walk.l1(header.l1_table_offset, header.l1_size, true);
 
     if header.nb_snapshots > 0 {
         if let Some(table) = image.get(usize::try_from(header.snapshots_offset).ok()?..) {
@@ -97,12 +92,7 @@ pub fn layout(image: &[u8]) -> Option<Layout> {
                 let len = snapshots.iter().map(|s| s.encoded_len() as u64 + 8).sum();
                 walk.range(header.snapshots_offset, len, "snapshot table");
                 for s in &snapshots {
-                    walk.l1(
-                        s.l1_table_offset,
-                        s.l1_size,
-                        "snapshot L1 table",
-                        "snapshot L2 table",
-                    );
+                    walk.l1(s.l1_table_offset, s.l1_size, false);
                 }
             }
         }
@@ -192,8 +182,14 @@ impl Walk<'_> {
     }
 
     /// An L1 table of `size` entries, the L2 tables it points at and the
-    /// data clusters they map.
-    fn l1(&mut self, offset: u64, size: u32, l1: &'static str, l2: &'static str) {
+    /// data clusters they map; `active` for the image's own L1 table, not a
+    /// snapshot's.
+    fn l1(&mut self, offset: u64, size: u32, active: bool) {
+        let (l1, l2) = if active {
+            ("L1 table", "L2 table")
+        } else {
+            ("snapshot L1 table", "snapshot L2 table")
+        };
         let len = u64::from(size) * 8;
         self.range(offset, len, l1);
         for raw in self.entries(offset, len) {
@@ -206,7 +202,7 @@ impl Walk<'_> {
                     };
                     if let Some(host) = host {
                         self.data.insert(host >> self.cluster_bits);
-                        if l1 == "L1 table" && !self.active_data.insert(host >> self.cluster_bits) {
+                        if active && !self.active_data.insert(host >> self.cluster_bits) {
                             self.active_data_shared = true;
                         }
                     }

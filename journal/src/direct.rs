@@ -92,7 +92,7 @@ impl DirectFileStorage {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => 4096,
             Err(e) => return Err(e),
         };
-        let len = FileLength::of(&file, writable, true)?;
+        let len = FileLength::of(&file, writable)?;
         Ok(Self {
             file,
             writable,

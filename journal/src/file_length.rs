@@ -11,8 +11,11 @@
 //!   changes the file under them; a read-only handle may share the file
 //!   with a writer and asks the file system every time.
 //! - the *reserved end*, the file's real size, at or past the length. Only
-//!   an `O_DIRECT` handle reserves (see [`Reserved::reserving`] for why a
-//!   buffered one does not).
+//!   an `O_DIRECT` handle reserves (calls [`FileLength::reserve`]). A
+//!   buffered write past the end costs no more than any other (the page
+//!   cache allocates blocks in bulk at writeback), and a step of zeros
+//!   would be dirty pages that the next `fdatasync` must write out:
+//!   measured, it halved 8 fio jobs' flushed writes in writeback mode.
 //!
 //! Why reserve: on the file systems images live on, writing a block the
 //! file has never held is the expensive kind of direct write. ext4 runs an
@@ -68,15 +71,9 @@ struct Reserved {
     /// At or past `length`; the bytes between are zeros. Raised only with
     /// `grow` held.
     reserved_end: AtomicU64,
-    /// Whether this handle reserves at all: only `O_DIRECT` ones do. A
-    /// buffered write past the end costs no more than any other (the page
-    /// cache allocates blocks in bulk at writeback), and a step of zeros
-    /// would be dirty pages that the next `fdatasync` must write out:
-    /// measured, it halved 8 fio jobs' flushed writes in writeback mode.
-    reserving: bool,
     /// Held while zeros are written past the reserved end, and by a write
     /// that goes past it: a step of zeros must never land on bytes a
-    /// concurrent write is putting there.
+    /// concurrent write is putting there. False once growing failed.
     grow: Mutex<bool>,
 }
 
@@ -88,15 +85,14 @@ pub(crate) struct Extending<'a> {
 }
 
 impl Extending<'_> {
-    /// For a write that did not ask [`FileLength::reserve`] (a handle that
-    /// never reserves).
+    /// For a write that did not ask [`FileLength::reserve`] (a buffered
+    /// handle, which never reserves).
     pub(crate) const NOT: Self = Self { _held: None };
 }
 
 impl FileLength {
-    /// Starts from the file's length now if `writable`; reserves space
-    /// past it only if `reserving`.
-    pub(crate) fn of(file: &File, writable: bool, reserving: bool) -> io::Result<Self> {
+    /// Starts from the file's length now if `writable`.
+    pub(crate) fn of(file: &File, writable: bool) -> io::Result<Self> {
         if !writable {
             return Ok(Self(None));
         }
@@ -104,8 +100,7 @@ impl FileLength {
         Ok(Self(Some(Reserved {
             length: AtomicU64::new(len),
             reserved_end: AtomicU64::new(len),
-            reserving,
-            grow: Mutex::new(reserving),
+            grow: Mutex::new(true),
         })))
     }
 
@@ -133,7 +128,7 @@ impl FileLength {
         let Some(r) = &self.0 else {
             return Extending::NOT;
         };
-        if !r.reserving || end <= r.reserved_end.load(Ordering::Acquire) {
+        if end <= r.reserved_end.load(Ordering::Acquire) {
             return Extending::NOT;
         }
         let mut grow = r.grow.lock();

@@ -132,7 +132,7 @@ impl FileStorage {
     /// Wraps an already open file. Writable: this handle must be the only
     /// one that changes the file's length (its length is kept in memory).
     pub fn from_file(file: File, writable: bool) -> io::Result<Self> {
-        let len = FileLength::of(&file, writable, false)?;
+        let len = FileLength::of(&file, writable)?;
         Ok(Self {
             file,
             writable,
@@ -169,6 +169,7 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_writable()?;
+        // No reservation for a buffered file (`file_length.rs` says why).
         self.file.write_all_at(buf, offset)?;
         self.len.wrote(offset + buf.len() as u64, Extending::NOT);
         Ok(())
