@@ -40,6 +40,19 @@ impl<S: Storage> Journal<S> {
         self.checkpoint_locked()
     }
 
+    /// [`Self::checkpoint`] unless one is running already (`None`): for a
+    /// caller that only wants ring space or memory back, which the running
+    /// one gives. Waiting for it instead, every committer that finds the
+    /// ring past its threshold queues behind the running checkpoint's
+    /// in-place writes, only to find little left to sync.
+    pub fn try_checkpoint(&self) -> Option<Result<CheckpointReport, JournalError>> {
+        if let Err(e) = self.check_usable() {
+            return Some(Err(e));
+        }
+        let _checkpointing = self.checkpoint_lock.try_lock()?;
+        Some(self.checkpoint_locked())
+    }
+
     /// [`Self::checkpoint`] with the checkpoint lock held by the caller.
     pub(crate) fn checkpoint_locked(&self) -> Result<CheckpointReport, JournalError> {
         self.check_usable()?;

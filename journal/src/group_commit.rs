@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::sync::{Condvar, Mutex, MutexGuard};
+use crate::sync::{AtomicU64, Condvar, Mutex, MutexGuard, Ordering};
 
 /// The three stages of a batch.
 pub trait BatchPipeline<T, R> {
@@ -77,6 +77,10 @@ pub struct GroupCommit<T, R> {
     arrivals: Condvar,
     capacity: usize,
     gather_max: Duration,
+    /// `batches_finished`, readable without the queue's lock: statistics
+    /// are read after every commit, and taking the lock for them made
+    /// every flusher queue behind the committers.
+    batches_finished: AtomicU64,
 }
 
 impl<T, R> GroupCommit<T, R> {
@@ -103,13 +107,14 @@ impl<T, R> GroupCommit<T, R> {
             arrivals: Condvar::new(),
             capacity,
             gather_max,
+            batches_finished: AtomicU64::new(0),
         }
     }
 
     /// Number of batches finished so far.
     #[must_use]
     pub fn batches(&self) -> u64 {
-        self.queue.lock().batches_finished
+        self.batches_finished.load(Ordering::Acquire)
     }
 
     /// Queues `item` and returns its result. If no writer is active, this
@@ -190,6 +195,8 @@ impl<T, R> GroupCommit<T, R> {
             queue = self.queue.lock();
             queue.finished.extend(tickets.into_iter().zip(results));
             queue.batches_finished += 1;
+            self.batches_finished
+                .store(queue.batches_finished, Ordering::Release);
             queue.last_batch = started.elapsed();
             let slot = (batch_number % PEAK_ROUNDS as u64) as usize;
             queue.recent_peaks[slot] = queue.peak_this_round;

@@ -57,6 +57,22 @@ impl<T> Mutex<T> {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
         }
     }
+
+    /// Locks if the lock is free, else `None` at once.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        #[cfg(not(loom))]
+        {
+            self.inner.try_lock()
+        }
+        #[cfg(loom)]
+        {
+            match self.inner.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
+    }
 }
 
 /// A condition variable working with [`Mutex`].

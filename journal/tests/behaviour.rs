@@ -216,6 +216,74 @@ fn dedup_entries_without_a_consumer_refuse_the_open() {
     check_everything_applied(&storage);
 }
 
+/// A device whose in-place writes (at `AREA` and past) wait, while held,
+/// until released: a checkpoint stays inside its writes meanwhile.
+#[derive(Debug, Default)]
+struct HeldDevice {
+    inner: MemStorage,
+    held: std::sync::Mutex<bool>,
+    released: std::sync::Condvar,
+    writes_waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Storage for HeldDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if offset >= AREA {
+            let mut held = self.held.lock().unwrap();
+            self.writes_waiting.fetch_add(1, Ordering::SeqCst);
+            while *held {
+                held = self.released.wait(held).unwrap();
+            }
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn try_checkpoint_does_not_wait_for_a_running_checkpoint() {
+    let device = HeldDevice::default();
+    let journal = create(&device);
+    assert_eq!(journal.commit(tx_write(AREA, b"first")).unwrap(), 1);
+    *device.held.lock().unwrap() = true;
+    std::thread::scope(|scope| {
+        let running = scope.spawn(|| journal.checkpoint().unwrap());
+        let started = std::time::Instant::now();
+        while device.writes_waiting.load(Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "the checkpoint never reached its in-place write"
+            );
+            std::thread::yield_now();
+        }
+        assert!(
+            journal.try_checkpoint().is_none(),
+            "try_checkpoint waited for, or ran beside, the running checkpoint"
+        );
+        *device.held.lock().unwrap() = false;
+        device.released.notify_all();
+        assert_eq!(running.join().unwrap().synced_seq, 1);
+    });
+    assert_eq!(journal.commit(tx_write(AREA, b"second")).unwrap(), 2);
+    let report = journal
+        .try_checkpoint()
+        .expect("no checkpoint is running")
+        .unwrap();
+    assert_eq!(report.synced_seq, 2);
+    assert_eq!(read(&device.inner, AREA, 6), b"second");
+}
+
 #[test]
 fn checkpoint_applies_in_place_and_reports_ranges() {
     let storage = MemStorage::new();
