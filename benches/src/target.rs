@@ -255,6 +255,9 @@ impl EngineDisk {
             log_fresh_data: kind == TargetKind::JournalLogged,
             dedup_trust_hash: kind == TargetKind::JournalDedupTrust,
             cache,
+            // As `qj serve` opens images: the serve-overhead comparison
+            // runs the same engine on both sides.
+            background_checkpoint: true,
             ..OpenOptions::read_write()
         };
         let image = Image::open_path(path, &opts).map_err(io_err)?;

@@ -196,6 +196,13 @@ pub struct OpenOptions {
     /// On an image with dedup: memory the index may hold; clusters written
     /// once it is full are not indexed.
     pub dedup_memory_bytes_max: u64,
+    /// On a journalled image opened for writing, make checkpoints on a
+    /// thread of the image's own instead of in the flush whose commit
+    /// found the ring past its threshold (`backend/checkpointer.rs`): no
+    /// guest flush then waits for in-place writes. Off by default: the
+    /// crash harness and the models want every write issued by the threads
+    /// they drive. `qj serve` and `qj bench` turn it on.
+    pub background_checkpoint: bool,
 }
 
 impl Default for OpenOptions {
@@ -214,6 +221,7 @@ impl Default for OpenOptions {
             cache: CacheMode::Writeback,
             dedup_trust_hash: false,
             dedup_memory_bytes_max: 64 << 20,
+            background_checkpoint: false,
         }
     }
 }

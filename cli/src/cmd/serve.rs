@@ -103,6 +103,8 @@ pub fn run(args: ServeArgs) -> CliResult<u8> {
     };
     opts.log_writes = args.log_writes.clone();
     opts.cache = args.cache;
+    // No client's flush waits for a checkpoint (`checkpointer.rs`).
+    opts.background_checkpoint = true;
     let image = Image::open_path(&args.image, &opts)
         .map_err(engine(format!("opening {}", quoted(&args.image))))?;
     let export = Export {

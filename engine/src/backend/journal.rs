@@ -62,14 +62,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use qj_journal::{
-    CommitProtocol, CommitTicket, DedupConsumer, DedupEvent, DedupOp, Journal, JournalError,
-    JournalOptions, JournalStats, NoDedup, Overlay, ReplayMode, ReplayReport, Storage, Transaction,
+    CheckpointReport, CommitProtocol, CommitTicket, DedupConsumer, DedupEvent, DedupOp, Journal,
+    JournalError, JournalOptions, JournalStats, NoDedup, Overlay, ReplayMode, ReplayReport,
+    Storage, Transaction,
 };
 use qj_spec::journal::{checksum, DedupEntry};
 use qj_spec::qcow2::features::INCOMPAT_JOURNAL_DIRTY_MASK;
 use qj_spec::qcow2::JournalExtension;
 use qj_spec::units::{HostCluster, HostOffset};
 
+use super::checkpointer::{Checkpointer, Next};
 use super::delayed_cow::{CopyState, PendingCopies};
 use super::logged_data::LoggedData;
 use super::{BackendKind, DelayedCopy, Epoch, MetadataBackend, NewData};
@@ -153,6 +155,8 @@ pub struct JournalBackend {
     /// Logged data not yet synced (rule 7).
     logged: Mutex<LoggedData>,
     logged_count: AtomicUsize,
+    /// The background checkpoint thread's requests, when it runs.
+    checkpointer: Checkpointer,
     /// Dedup entries replay found, until the image takes them.
     replayed_dedup: Mutex<Vec<DedupEvent>>,
 }
@@ -272,6 +276,7 @@ impl JournalBackend {
                 size_bytes / 8,
             )),
             logged_count: AtomicUsize::new(0),
+            checkpointer: Checkpointer::default(),
             replayed_dedup: Mutex::new(events),
         };
         Ok((backend, report))
@@ -346,6 +351,24 @@ impl JournalBackend {
     /// image's gate; the journal serialises it with commits.
     pub fn checkpoint(&self, counters: &Counters) -> Result<()> {
         let report = self.journal.checkpoint().map_err(journal_err)?;
+        self.after_checkpoint(report, counters);
+        Ok(())
+    }
+
+    /// [`Self::checkpoint`] unless another thread is making one: that one
+    /// gives back the ring space and logged memory this caller wants.
+    fn checkpoint_unless_running(&self, counters: &Counters) -> Result<()> {
+        match self.journal.try_checkpoint() {
+            Some(report) => {
+                self.after_checkpoint(report.map_err(journal_err)?, counters);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a checkpoint and drops the state it made unnecessary.
+    fn after_checkpoint(&self, report: CheckpointReport, counters: &Counters) {
         self.checkpoints.fetch_add(1, Ordering::SeqCst);
         self.checkpoint_bytes
             .fetch_add(report.bytes_written, Ordering::Relaxed);
@@ -357,7 +380,6 @@ impl JournalBackend {
             .fetch_add(report.ranges_written.len() as u64, Ordering::Relaxed);
         self.fold_stats(counters);
         self.forget_synced();
-        Ok(())
     }
 
     /// Drops what a checkpoint made unnecessary: guards of synced
@@ -656,6 +678,11 @@ impl MetadataBackend for JournalBackend {
                 "{failed} journal transaction(s) failed; an earlier epoch may not be durable"
             )));
         }
+        if let Some(why) = self.checkpointer.failure() {
+            return Err(Error::Poisoned(format!(
+                "a background checkpoint failed: {why}"
+            )));
+        }
         if self.copy_count.load(Ordering::SeqCst) > 0 {
             self.copies.lock().committed(ticket, seq);
         }
@@ -681,7 +708,11 @@ impl MetadataBackend for JournalBackend {
             held >= max / 4 * 3
         };
         if self.journal.needs_checkpoint() || logged_full {
-            self.checkpoint(counters)?;
+            if self.checkpointer.is_running() {
+                self.checkpointer.request();
+            } else {
+                self.checkpoint_unless_running(counters)?;
+            }
         }
         Ok(())
     }
@@ -921,5 +952,32 @@ impl MetadataBackend for JournalBackend {
 
     fn shutdown(&self, storage: &dyn Storage, counters: &Counters) -> Result<()> {
         self.clean_shutdown(storage, counters)
+    }
+
+    fn start_background_checkpoints(self: Arc<Self>, counters: Arc<Counters>) -> Result<()> {
+        if self.journal.is_read_only() {
+            return Ok(());
+        }
+        let backend = Arc::clone(&self);
+        let thread = std::thread::Builder::new()
+            .name("qj-checkpoint".into())
+            .spawn(move || {
+                while backend.checkpointer.next() == Next::Checkpoint {
+                    if let Err(e) = backend.checkpoint_unless_running(&counters) {
+                        backend.checkpointer.failed(e.to_string());
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::Io {
+                context: "starting the checkpoint thread".into(),
+                source: e,
+            })?;
+        self.checkpointer.started(thread);
+        Ok(())
+    }
+
+    fn stop_background_checkpoints(&self) {
+        self.checkpointer.stop();
     }
 }

@@ -16,6 +16,7 @@
 //! Both see exactly the same epochs, which is what makes their flush counts,
 //! bytes and crash behaviour comparable.
 
+pub(crate) mod checkpointer;
 pub mod delayed_cow;
 pub mod journal;
 pub(crate) mod journal_usable;
@@ -23,6 +24,7 @@ pub mod logged_data;
 pub mod ordered;
 
 use std::fmt;
+use std::sync::Arc;
 
 use qj_journal::Storage;
 use qj_spec::units::{HostCluster, HostOffset};
@@ -325,6 +327,18 @@ pub trait MetadataBackend: Send + Sync + fmt::Debug {
         let _ = (storage, counters);
         Ok(())
     }
+
+    /// Starts a thread that makes this backend's checkpoints, so that no
+    /// flush waits for one (`checkpointer.rs`). Nothing to do where nothing
+    /// is checkpointed.
+    fn start_background_checkpoints(self: Arc<Self>, counters: Arc<Counters>) -> Result<()> {
+        let _ = counters;
+        Ok(())
+    }
+
+    /// Ends that thread, after any checkpoint it is making, and waits for
+    /// it. Idempotent.
+    fn stop_background_checkpoints(&self) {}
 
     /// Leaves the image clean for programs that do not know this backend
     /// (called by a clean close after the last persist).

@@ -93,7 +93,9 @@ pub struct Image {
     storage: Arc<dyn Storage>,
     geometry: Geometry,
     writable: bool,
-    backend: Box<dyn MetadataBackend>,
+    /// Shared with the backend's own thread, if it has one
+    /// ([`OpenOptions::background_checkpoint`](crate::OpenOptions::background_checkpoint)).
+    backend: Arc<dyn MetadataBackend>,
     counters: Arc<Counters>,
     header: Mutex<HeaderState>,
     l1: RwLock<L1State>,
@@ -274,6 +276,8 @@ impl Image {
     /// decrements are written too, so `check` finds no leak.
     pub fn close(self) -> Result<()> {
         self.finished.store(true, Ordering::Release);
+        // The last checkpoint is the close's own, made inline below.
+        self.backend.stop_background_checkpoints();
         if !self.writable || self.poison.lock().is_some() {
             return Ok(());
         }
@@ -289,11 +293,14 @@ impl Image {
     /// the last completed flush could leave.
     pub fn abandon(self) {
         self.finished.store(true, Ordering::Release);
+        self.backend.stop_background_checkpoints();
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
+        // Always: the thread holds the backend, and with it the file.
+        self.backend.stop_background_checkpoints();
         if self.finished.load(Ordering::Acquire) || !self.writable {
             return;
         }

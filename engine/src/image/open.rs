@@ -173,7 +173,7 @@ impl Image {
         if opts.writable {
             refuse_writing(&header)?;
         }
-        let ordered = || Box::new(FlushOrdering::with_mutation(opts.ordering_mutation));
+        let ordered = || Arc::new(FlushOrdering::with_mutation(opts.ordering_mutation));
         let Some(ext) = header.journal() else {
             return Self::open_with_backend_in(storage, opts, ordered(), chain);
         };
@@ -276,7 +276,7 @@ impl Image {
             opts.log_fresh_data || ext.flags & JournalExtension::FLAG_LOG_DATA != 0,
             ext.flags & JournalExtension::FLAG_DEDUP != 0,
         )?;
-        Self::open_with_backend_in(storage, opts, Box::new(backend), chain)
+        Self::open_with_backend_in(storage, opts, Arc::new(backend), chain)
     }
 
     /// Reads and validates the header of the image on `storage`, without
@@ -318,14 +318,14 @@ impl Image {
         opts: &OpenOptions,
         backend: Box<dyn MetadataBackend>,
     ) -> Result<Image> {
-        Self::open_with_backend_in(storage, opts, backend, &mut ChainWalk::default())
+        Self::open_with_backend_in(storage, opts, Arc::from(backend), &mut ChainWalk::default())
     }
 
     /// [`Image::open_with_backend`] as one layer of a backing chain.
     fn open_with_backend_in(
         storage: Arc<dyn Storage>,
         opts: &OpenOptions,
-        backend: Box<dyn MetadataBackend>,
+        backend: Arc<dyn MetadataBackend>,
         chain: &mut ChainWalk,
     ) -> Result<Image> {
         // A journal replayed in memory may hold tables past the end of the
@@ -462,6 +462,9 @@ impl Image {
         }
         if opts.writable {
             image.start_bitmaps()?;
+        }
+        if opts.writable && opts.background_checkpoint {
+            Arc::clone(&image.backend).start_background_checkpoints(Arc::clone(&image.counters))?;
         }
         Ok(image)
     }
