@@ -233,3 +233,181 @@ fn a_failed_background_checkpoint_fails_a_later_flush_and_loses_nothing_acknowle
     image.close().unwrap();
     assert_clean(&*storage);
 }
+
+/// The cluster size of the race test: small, so that its image has many
+/// L2 tables and the cache (at least four tables) can lose one.
+const SMALL_CLUSTER: u64 = 4096;
+/// Guest bytes one L2 table maps at that cluster size.
+const TABLE_SPAN: u64 = SMALL_CLUSTER / 8 * SMALL_CLUSTER;
+/// The thread that reads the table the checkpoint races with.
+const READER_THREAD: &str = "reader";
+/// Bound of every wait in the race test.
+const RACE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A disk that stages one race: the checkpoint thread's first write waits
+/// until the reader thread has read a table from the disk, and that read
+/// returns only when the test releases it, so the whole checkpoint falls
+/// between the reader's read and its look at the journal's overlay.
+#[derive(Debug, Default)]
+struct RacingDisk {
+    inner: MemStorage,
+    armed: AtomicBool,
+    checkpoint_waiting: AtomicBool,
+    /// (reader has read, test released the reader)
+    stage: Mutex<(bool, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl RacingDisk {
+    fn wait_for(&self, what: &str, done: impl Fn(&(bool, bool)) -> bool) {
+        let started = std::time::Instant::now();
+        let mut stage = self.stage.lock().unwrap();
+        while !done(&stage) {
+            assert!(
+                started.elapsed() < RACE_WAIT_MAX,
+                "waited too long for {what}"
+            );
+            stage = self
+                .changed
+                .wait_timeout(stage, std::time::Duration::from_millis(10))
+                .unwrap()
+                .0;
+        }
+    }
+}
+
+impl Storage for RacingDisk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)?;
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        if self.armed.load(Ordering::SeqCst)
+            && thread == READER_THREAD
+            && buf.len() as u64 == SMALL_CLUSTER
+            && !self.stage.lock().unwrap().0
+        {
+            self.stage.lock().unwrap().0 = true;
+            self.changed.notify_all();
+            self.wait_for("the test to release the reader", |s| s.1);
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        if self.armed.load(Ordering::SeqCst) && thread == CHECKPOINT_THREAD {
+            self.checkpoint_waiting.store(true, Ordering::SeqCst);
+            self.wait_for("the reader to read the table", |s| s.0);
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// A table read from the disk just before a checkpoint writes that table in
+/// place and empties the journal's overlay must not come back without the
+/// committed entries: the read must see the overlay of its own moment, or
+/// read again (`JournalBackend::read_metadata`). Without that, the guest
+/// read below returns zeros for a written, flushed cluster.
+#[test]
+fn a_table_read_across_a_checkpoint_keeps_its_committed_entries() {
+    let disk = Arc::new(RacingDisk::default());
+    let storage: Arc<dyn Storage> = disk.clone();
+    Image::create_shared(
+        storage.clone(),
+        &CreateOptions {
+            virtual_size: 8 * TABLE_SPAN,
+            cluster_size: SMALL_CLUSTER,
+            journal: Some(JournalConfig {
+                size_bytes: 1 << 20,
+                two_flush: false,
+                log_data: false,
+                dedup: false,
+            }),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    // Table 0 in place, as a checkpoint at close leaves it.
+    let image = open(&storage, false);
+    image.write(&pattern(1, 4096), 0).unwrap();
+    image.close().unwrap();
+
+    let opts = OpenOptions {
+        background_checkpoint: true,
+        cache_bytes_max: 0,
+        ..OpenOptions::read_write()
+    };
+    let image = Arc::new(Image::open(storage.clone(), &opts).unwrap());
+    // A new entry in table 0, committed: in the journal's overlay only.
+    let written = pattern(7, 4096);
+    image.write(&written, SMALL_CLUSTER).unwrap();
+    image.flush().unwrap();
+    // Tables 1..=5 push table 0 out of the cache (it holds four).
+    for table in 1..=5 {
+        image.write(&pattern(2, 4096), table * TABLE_SPAN).unwrap();
+        image.flush().unwrap();
+    }
+    // Commits until one asks the thread for a checkpoint (the ring at half).
+    disk.armed.store(true, Ordering::SeqCst);
+    let mut cluster = 1;
+    while image.info().unwrap().journal.unwrap().used_percent < 50 {
+        assert!(
+            cluster < TABLE_SPAN / SMALL_CLUSTER,
+            "the ring never filled"
+        );
+        image
+            .write(&pattern(3, 4096), TABLE_SPAN + cluster * SMALL_CLUSTER)
+            .unwrap();
+        image.flush().unwrap();
+        cluster += 1;
+    }
+    let started = std::time::Instant::now();
+    while !disk.checkpoint_waiting.load(Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < RACE_WAIT_MAX,
+            "no background checkpoint started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let reader = {
+        let image = Arc::clone(&image);
+        std::thread::Builder::new()
+            .name(READER_THREAD.into())
+            .spawn(move || read(&image, SMALL_CLUSTER, 4096))
+            .unwrap()
+    };
+    // The checkpoint goes on once the reader has read table 0; wait until
+    // it synced everything, then (its last step) emptied the overlay.
+    let started = std::time::Instant::now();
+    loop {
+        let journal = image.info().unwrap().journal.unwrap();
+        if journal.synced_seq == journal.committed_seq {
+            break;
+        }
+        assert!(
+            started.elapsed() < RACE_WAIT_MAX,
+            "the checkpoint never finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    disk.stage.lock().unwrap().1 = true;
+    disk.changed.notify_all();
+    let got = reader.join().unwrap();
+    assert!(
+        got == written,
+        "a committed L2 entry was lost: the flushed cluster reads {:02x?}..., not {:02x?}...",
+        &got[..8],
+        &written[..8]
+    );
+    disk.armed.store(false, Ordering::SeqCst);
+    Arc::try_unwrap(image).unwrap().close().unwrap();
+    assert_clean(&*storage);
+}

@@ -64,12 +64,15 @@ impl Checkpointer {
         assert!(previous.is_none(), "one checkpoint thread per image");
     }
 
-    /// Whether a thread serves the requests.
+    /// Whether a thread serves the requests: started, and not ended by a
+    /// failure (its flushers then checkpoint themselves again, and the
+    /// failure is refused by [`Self::failure`]).
     pub(crate) fn is_running(&self) -> bool {
         self.thread
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+            .as_ref()
+            .is_some_and(|thread| !thread.is_finished())
     }
 
     /// Asks for a checkpoint; returns at once. Requests made while one is

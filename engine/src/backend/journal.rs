@@ -114,7 +114,15 @@ struct Pending {
     overlay: Overlay,
     /// Epochs submitted and not yet waited for.
     in_flight: u64,
+    /// How many times `overlay` was emptied (`forget_synced`): a metadata
+    /// read that saw it change re-reads (`read_metadata`).
+    overlay_resets: u64,
 }
+
+/// Tries of a metadata read outside the `pending` lock before it reads
+/// under it (`read_metadata`): each retry means a checkpoint finished
+/// while the read was in flight, which takes far longer than the read.
+const METADATA_READ_TRIES_MAX: u32 = 3;
 
 /// The journalled backend.
 #[derive(Debug)]
@@ -248,6 +256,7 @@ impl JournalBackend {
             pending: Mutex::new(Pending {
                 overlay,
                 in_flight: 0,
+                overlay_resets: 0,
             }),
             tickets: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(1),
@@ -367,6 +376,19 @@ impl JournalBackend {
         }
     }
 
+    /// Whether the ring, or the logged bytes held, are past the point
+    /// where a checkpoint should make room.
+    fn checkpoint_wanted(&self) -> bool {
+        // Rule 7's memory bound: logged bytes leave memory only at a
+        // checkpoint, so make one at three quarters of the bound (else new
+        // clusters would go in place until the ring fills).
+        let logged_full = self.logged_count.load(Ordering::SeqCst) > 0 && {
+            let (held, max) = self.logged.lock().held_bytes();
+            held >= max / 4 * 3
+        };
+        self.journal.needs_checkpoint() || logged_full
+    }
+
     /// Counts a checkpoint and drops the state it made unnecessary.
     fn after_checkpoint(&self, report: CheckpointReport, counters: &Counters) {
         self.checkpoints.fetch_add(1, Ordering::SeqCst);
@@ -404,6 +426,7 @@ impl JournalBackend {
         let mut pending = self.pending.lock();
         if pending.in_flight == 0 && !self.journal.has_unsynced() && !self.journal.is_read_only() {
             pending.overlay = Overlay::new();
+            pending.overlay_resets += 1;
         }
     }
 
@@ -700,14 +723,7 @@ impl MetadataBackend for JournalBackend {
             }
         }
         self.fold_stats(counters);
-        // Rule 7's memory bound: logged bytes leave memory only at a
-        // checkpoint, so make one at three quarters of the bound (else new
-        // clusters would go in place until the ring fills).
-        let logged_full = self.logged_count.load(Ordering::SeqCst) > 0 && {
-            let (held, max) = self.logged.lock().held_bytes();
-            held >= max / 4 * 3
-        };
-        if self.journal.needs_checkpoint() || logged_full {
+        if self.checkpoint_wanted() {
             if self.checkpointer.is_running() {
                 self.checkpointer.request();
             } else {
@@ -723,10 +739,29 @@ impl MetadataBackend for JournalBackend {
         buf: &mut [u8],
         offset: HostOffset,
     ) -> Result<()> {
+        // Ordering: the bytes read in place and the overlay must be of one
+        // moment. A checkpoint that writes the newer bytes in place and then
+        // empties the overlay between this read and its patch would leave
+        // the read with the older bytes and nothing to patch them: a table
+        // loaded into a cache like that loses committed entries. So a read
+        // that saw the overlay emptied reads again, and the last try reads
+        // under the lock (no checkpoint can empty it meanwhile).
+        for _ in 1..METADATA_READ_TRIES_MAX {
+            let resets = self.pending.lock().overlay_resets;
+            storage
+                .read_at(buf, offset.0)
+                .ctx(|| format!("reading metadata at {offset}"))?;
+            let pending = self.pending.lock();
+            if pending.overlay_resets == resets {
+                pending.overlay.patch(buf, offset.0);
+                return Ok(());
+            }
+        }
+        let pending = self.pending.lock();
         storage
             .read_at(buf, offset.0)
             .ctx(|| format!("reading metadata at {offset}"))?;
-        self.pending.lock().overlay.patch(buf, offset.0);
+        pending.overlay.patch(buf, offset.0);
         Ok(())
     }
 
@@ -962,11 +997,27 @@ impl MetadataBackend for JournalBackend {
         let thread = std::thread::Builder::new()
             .name("qj-checkpoint".into())
             .spawn(move || {
-                while backend.checkpointer.next() == Next::Checkpoint {
-                    if let Err(e) = backend.checkpoint_unless_running(&counters) {
-                        backend.checkpointer.failed(e.to_string());
-                        return;
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    while backend.checkpointer.next() == Next::Checkpoint {
+                        // Requests made while the last checkpoint ran may
+                        // have been answered by it: checkpoints back to back
+                        // each cost two flushes and a header write.
+                        if !backend.checkpoint_wanted() {
+                            continue;
+                        }
+                        // Blocking, not `try_checkpoint`: a checkpoint made
+                        // meanwhile by a commit that found the ring full
+                        // does not forget what it synced (`forget_synced`).
+                        backend.checkpoint(&counters)?;
                     }
+                    Ok::<(), Error>(())
+                }));
+                match served {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => backend.checkpointer.failed(e.to_string()),
+                    Err(_) => backend
+                        .checkpointer
+                        .failed("the checkpoint thread panicked".into()),
                 }
             })
             .map_err(|e| Error::Io {

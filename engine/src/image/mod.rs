@@ -290,7 +290,9 @@ impl Image {
 
     /// Drops the image without writing anything back, as a process killed
     /// at this instant would: what is on the device is what a crash after
-    /// the last completed flush could leave.
+    /// the last completed flush could leave. A background checkpoint in
+    /// progress (`OpenOptions::background_checkpoint`) is finished first:
+    /// its writes, like a killed process's last ones, are of that kind.
     pub fn abandon(self) {
         self.finished.store(true, Ordering::Release);
         self.backend.stop_background_checkpoints();
