@@ -128,7 +128,7 @@ impl<S: Storage> Journal<S> {
             state.ring.release_through(last_seq);
             assert!(last_seq > state.synced_seq && last_seq <= state.committed_seq);
             state.synced_seq = last_seq;
-            state.guards.retain(|g| g.seq > last_seq);
+            state.guards.forget_through(last_seq);
         }
         self.revokes.write().forget_through(last_seq);
         Counters::add(&self.counters.checkpoints, 1);

@@ -10,6 +10,7 @@ use crate::commit::Queued;
 use crate::dedup::DedupConsumer;
 use crate::error::JournalError;
 use crate::group_commit::GroupCommit;
+use crate::guards::GuardSet;
 use crate::options::{JournalOptions, ReplayMode};
 use crate::overlay::Overlay;
 use crate::region::Region;
@@ -30,16 +31,6 @@ pub(crate) struct LiveTx {
     pub data: Vec<u8>,
 }
 
-/// A range later transactions must leave alone until the transaction that
-/// guards it is synced.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Guard {
-    pub seq: u64,
-    pub start: u64,
-    pub length: u64,
-    pub what: &'static str,
-}
-
 /// Mutable journal state, under one lock.
 #[derive(Debug)]
 pub(crate) struct State {
@@ -54,7 +45,7 @@ pub(crate) struct State {
     /// The largest `durable_seq` of a committed transaction.
     pub anchored_seq: u64,
     /// Copy sources and checksummed ranges of unsynced transactions.
-    pub guards: Vec<Guard>,
+    pub guards: GuardSet,
     /// The first device failure; the journal refuses work after it.
     pub poisoned: Option<String>,
     /// Transactions answered with an error (refused at plan time or lost
@@ -402,7 +393,7 @@ impl<S: Storage> Journal<S> {
                 committed_seq: synced_seq,
                 synced_seq,
                 anchored_seq: synced_seq,
-                guards: Vec::new(),
+                guards: GuardSet::default(),
                 poisoned: None,
                 failed_commits: (0, None),
             }),

@@ -22,6 +22,7 @@ mod dump;
 mod error;
 mod file_length;
 mod group_commit;
+mod guards;
 mod journal;
 mod options;
 mod overlay;
