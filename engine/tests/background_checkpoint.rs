@@ -8,13 +8,12 @@
 
 mod common;
 
-use common::{pattern, read};
+use common::{assert_engine_check_clean, pattern, read};
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use qj_engine::check::{check, RepairMode};
 use qj_engine::{CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage};
 
 const CLUSTER: u64 = 64 << 10;
@@ -104,16 +103,6 @@ fn open(storage: &Arc<dyn Storage>, background_checkpoint: bool) -> Image {
     Image::open(storage.clone(), &opts).unwrap()
 }
 
-fn assert_clean(storage: &dyn Storage) {
-    let report = check(storage, RepairMode::None, &[]).unwrap();
-    assert_eq!(
-        (report.corruptions, report.leaks, report.check_errors),
-        (0, 0, 0),
-        "{:?}",
-        report.messages
-    );
-}
-
 /// 4 KiB into cluster `i` (a fresh cluster each: logged data), flushed.
 fn write_flushed(image: &Image, i: u64) -> io::Result<()> {
     image
@@ -161,7 +150,7 @@ fn checkpoints_run_on_their_own_thread_and_every_flushed_write_reads_back() {
     );
     assert_reads_back(&image, WRITES);
     image.close().unwrap();
-    assert_clean(&*storage);
+    assert_engine_check_clean(&*storage);
     let image = open(&storage, false);
     assert_reads_back(&image, WRITES);
     image.close().unwrap();
@@ -179,7 +168,7 @@ fn without_the_option_flushers_make_the_checkpoints() {
     assert_eq!(disk.writes_by_checkpoint_thread(), 0);
     assert!(image.info().unwrap().journal.unwrap().synced_seq > 0);
     image.close().unwrap();
-    assert_clean(&*storage);
+    assert_engine_check_clean(&*storage);
 }
 
 #[test]
@@ -195,7 +184,7 @@ fn a_crash_while_the_thread_runs_keeps_every_flushed_write() {
     let image = open(&storage, false);
     assert_reads_back(&image, WRITES);
     image.close().unwrap();
-    assert_clean(&*storage);
+    assert_engine_check_clean(&*storage);
 }
 
 #[test]
@@ -231,7 +220,7 @@ fn a_failed_background_checkpoint_fails_a_later_flush_and_loses_nothing_acknowle
     let image = open(&storage, false);
     assert_reads_back(&image, acknowledged);
     image.close().unwrap();
-    assert_clean(&*storage);
+    assert_engine_check_clean(&*storage);
 }
 
 /// The cluster size of the race test: small, so that its image has many
@@ -409,5 +398,5 @@ fn a_table_read_across_a_checkpoint_keeps_its_committed_entries() {
     );
     disk.armed.store(false, Ordering::SeqCst);
     Arc::try_unwrap(image).unwrap().close().unwrap();
-    assert_clean(&*storage);
+    assert_engine_check_clean(&*storage);
 }

@@ -7,7 +7,10 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_qemu_io_sees, in_dir, pattern, qemu_check_json, qemu_io, read, temp_dir};
+use common::{
+    assert_engine_check_clean, assert_qemu_io_sees, in_dir, pattern, qemu_check_json, qemu_io,
+    read, temp_dir,
+};
 use qj_engine::check::{check, RepairMode};
 use qj_engine::{CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage};
 
@@ -33,17 +36,6 @@ fn dedup_image(virtual_size: u64) -> (Arc<dyn Storage>, Image) {
     Image::create_shared(storage.clone(), &dedup_create_options(virtual_size)).unwrap();
     let image = Image::open(storage.clone(), &OpenOptions::read_write()).unwrap();
     (storage, image)
-}
-
-/// Our check and the refcounts agree with the mappings (COPIED flags too).
-fn assert_engine_check_clean(storage: &dyn Storage) {
-    let report = check(storage, RepairMode::None, &[]).unwrap();
-    assert_eq!(
-        (report.corruptions, report.leaks, report.check_errors),
-        (0, 0, 0),
-        "check: {:?}",
-        report.messages
-    );
 }
 
 /// `qemu-img check` finds no corruption, and no leak but the clusters of

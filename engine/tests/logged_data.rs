@@ -7,12 +7,11 @@
 
 mod common;
 
-use common::{pattern, read};
+use common::{assert_engine_check_clean, pattern, read};
 
 use std::process::Command;
 use std::sync::Arc;
 
-use qj_engine::check::{check, RepairMode};
 use qj_engine::{CreateOptions, Image, JournalConfig, MemStorage, OpenOptions, Storage};
 
 const CLUSTER: u64 = 64 << 10;
@@ -51,16 +50,6 @@ fn host_of(image: &Image, guest: u64) -> Option<u64> {
         .iter()
         .find(|e| e.start <= guest && guest < e.start + e.length && e.data)
         .and_then(|e| e.offset.map(|o| o + (guest - e.start)))
-}
-
-fn assert_clean(storage: &dyn Storage) {
-    let report = check(storage, RepairMode::None, &[]).unwrap();
-    assert_eq!(
-        (report.corruptions, report.leaks, report.check_errors),
-        (0, 0, 0),
-        "{:?}",
-        report.messages
-    );
 }
 
 #[test]
@@ -102,7 +91,7 @@ fn synced_allocating_writes_flush_once_and_write_no_data_in_place() {
             assert_eq!(read(&image, i * CLUSTER + 4096, 512), vec![0; 512]);
         }
         image.close().unwrap();
-        assert_clean(&*storage);
+        assert_engine_check_clean(&*storage);
         let image = open(&storage);
         for i in 0..33u64 {
             let seed = (i as u8).max(1);
@@ -156,7 +145,7 @@ fn later_writes_into_logged_clusters_win_after_a_crash() {
             "replay in place, two_flush {two_flush}"
         );
         image.close().unwrap();
-        assert_clean(&*storage);
+        assert_engine_check_clean(&*storage);
     }
 }
 
@@ -183,7 +172,7 @@ fn a_discarded_logged_cluster_is_not_reused_before_its_bytes_are_synced() {
     assert_eq!(read(&image, 0, 4096), vec![0; 4096]);
     assert_eq!(read(&image, 5 * CLUSTER, 4096), pattern(2, 4096));
     image.close().unwrap();
-    assert_clean(&*storage);
+    assert_engine_check_clean(&*storage);
 }
 
 #[test]

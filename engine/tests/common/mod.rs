@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use qj_engine::Image;
+use qj_engine::check::{check, RepairMode};
+use qj_engine::{Image, Storage};
 
 /// Most `read -P` commands handed to one `qemu-io` process: bounds the
 /// command line, and a verification of a whole disk needs only a few runs.
@@ -306,4 +307,16 @@ pub fn journal_image_in_memory(
     Image::create_shared(storage.clone(), &opts).unwrap();
     let image = Image::open(storage.clone(), &qj_engine::OpenOptions::read_write()).unwrap();
     (storage, image)
+}
+
+/// Our check finds no corruption, no leak and no error on the image on
+/// `storage` (refcounts, mappings and COPIED flags agree).
+pub fn assert_engine_check_clean(storage: &dyn Storage) {
+    let report = check(storage, RepairMode::None, &[]).unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks, report.check_errors),
+        (0, 0, 0),
+        "check: {:?}",
+        report.messages
+    );
 }
