@@ -26,22 +26,27 @@ const WRITES: u64 = 200;
 /// to have finished: 10 s.
 const SYNC_POLLS_MAX: u32 = 1000;
 
-/// A disk that notes which threads wrote to it, and that can fail every
-/// write made by the checkpoint thread.
-#[derive(Debug)]
+/// A disk that notes which threads wrote to it, can fail every write made
+/// by the checkpoint thread, and can stage one race: armed, the checkpoint
+/// thread's first write waits until the reader thread has read a table
+/// from the disk, and that read returns only when the test releases it, so
+/// the whole checkpoint falls between the reader's read and its look at
+/// the journal's overlay.
+#[derive(Debug, Default)]
 struct WatchedDisk {
     inner: MemStorage,
     writers: Mutex<Vec<String>>,
     fail_checkpoint_writes: AtomicBool,
+    race_armed: AtomicBool,
+    checkpoint_waiting: AtomicBool,
+    /// (reader has read, test released the reader)
+    stage: Mutex<(bool, bool)>,
+    changed: std::sync::Condvar,
 }
 
 impl WatchedDisk {
     fn new() -> Arc<Self> {
-        Arc::new(Self {
-            inner: MemStorage::new(),
-            writers: Mutex::new(Vec::new()),
-            fail_checkpoint_writes: AtomicBool::new(false),
-        })
+        Arc::new(Self::default())
     }
 
     fn writes_by_checkpoint_thread(&self) -> usize {
@@ -52,16 +57,49 @@ impl WatchedDisk {
             .filter(|w| *w == CHECKPOINT_THREAD)
             .count()
     }
+
+    fn wait_for(&self, what: &str, done: impl Fn(&(bool, bool)) -> bool) {
+        let started = std::time::Instant::now();
+        let mut stage = self.stage.lock().unwrap();
+        while !done(&stage) {
+            assert!(
+                started.elapsed() < RACE_WAIT_MAX,
+                "waited too long for {what}"
+            );
+            stage = self
+                .changed
+                .wait_timeout(stage, std::time::Duration::from_millis(10))
+                .unwrap()
+                .0;
+        }
+    }
 }
 
 impl Storage for WatchedDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
+        self.inner.read_at(buf, offset)?;
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        if self.race_armed.load(Ordering::SeqCst)
+            && thread == READER_THREAD
+            && buf.len() as u64 == SMALL_CLUSTER
+            && !self.stage.lock().unwrap().0
+        {
+            self.stage.lock().unwrap().0 = true;
+            self.changed.notify_all();
+            self.wait_for("the test to release the reader", |s| s.1);
+        }
+        Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let thread = std::thread::current().name().unwrap_or("").to_string();
-        if thread == CHECKPOINT_THREAD && self.fail_checkpoint_writes.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(5)); // EIO
+        if thread == CHECKPOINT_THREAD {
+            if self.fail_checkpoint_writes.load(Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(5)); // EIO
+            }
+            if self.race_armed.load(Ordering::SeqCst) {
+                self.checkpoint_waiting.store(true, Ordering::SeqCst);
+                self.wait_for("the reader to read the table", |s| s.0);
+            }
         }
         self.writers.lock().unwrap().push(thread);
         self.inner.write_at(buf, offset)
@@ -233,72 +271,6 @@ const READER_THREAD: &str = "reader";
 /// Bound of every wait in the race test.
 const RACE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A disk that stages one race: the checkpoint thread's first write waits
-/// until the reader thread has read a table from the disk, and that read
-/// returns only when the test releases it, so the whole checkpoint falls
-/// between the reader's read and its look at the journal's overlay.
-#[derive(Debug, Default)]
-struct RacingDisk {
-    inner: MemStorage,
-    armed: AtomicBool,
-    checkpoint_waiting: AtomicBool,
-    /// (reader has read, test released the reader)
-    stage: Mutex<(bool, bool)>,
-    changed: std::sync::Condvar,
-}
-
-impl RacingDisk {
-    fn wait_for(&self, what: &str, done: impl Fn(&(bool, bool)) -> bool) {
-        let started = std::time::Instant::now();
-        let mut stage = self.stage.lock().unwrap();
-        while !done(&stage) {
-            assert!(
-                started.elapsed() < RACE_WAIT_MAX,
-                "waited too long for {what}"
-            );
-            stage = self
-                .changed
-                .wait_timeout(stage, std::time::Duration::from_millis(10))
-                .unwrap()
-                .0;
-        }
-    }
-}
-
-impl Storage for RacingDisk {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)?;
-        let thread = std::thread::current().name().unwrap_or("").to_string();
-        if self.armed.load(Ordering::SeqCst)
-            && thread == READER_THREAD
-            && buf.len() as u64 == SMALL_CLUSTER
-            && !self.stage.lock().unwrap().0
-        {
-            self.stage.lock().unwrap().0 = true;
-            self.changed.notify_all();
-            self.wait_for("the test to release the reader", |s| s.1);
-        }
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let thread = std::thread::current().name().unwrap_or("").to_string();
-        if self.armed.load(Ordering::SeqCst) && thread == CHECKPOINT_THREAD {
-            self.checkpoint_waiting.store(true, Ordering::SeqCst);
-            self.wait_for("the reader to read the table", |s| s.0);
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
 /// A table read from the disk just before a checkpoint writes that table in
 /// place and empties the journal's overlay must not come back without the
 /// committed entries: the read must see the overlay of its own moment, or
@@ -306,7 +278,7 @@ impl Storage for RacingDisk {
 /// read below returns zeros for a written, flushed cluster.
 #[test]
 fn a_table_read_across_a_checkpoint_keeps_its_committed_entries() {
-    let disk = Arc::new(RacingDisk::default());
+    let disk = WatchedDisk::new();
     let storage: Arc<dyn Storage> = disk.clone();
     Image::create_shared(
         storage.clone(),
@@ -344,7 +316,7 @@ fn a_table_read_across_a_checkpoint_keeps_its_committed_entries() {
         image.flush().unwrap();
     }
     // Commits until one asks the thread for a checkpoint (the ring at half).
-    disk.armed.store(true, Ordering::SeqCst);
+    disk.race_armed.store(true, Ordering::SeqCst);
     let mut cluster = 1;
     while image.info().unwrap().journal.unwrap().used_percent < 50 {
         assert!(
@@ -396,7 +368,7 @@ fn a_table_read_across_a_checkpoint_keeps_its_committed_entries() {
         &got[..8],
         &written[..8]
     );
-    disk.armed.store(false, Ordering::SeqCst);
+    disk.race_armed.store(false, Ordering::SeqCst);
     Arc::try_unwrap(image).unwrap().close().unwrap();
     assert_engine_check_clean(&*storage);
 }
