@@ -7,6 +7,12 @@
 //! shared region a 512-byte sector may hold any value some thread wrote to
 //! it (or zero), but never a mix: every write and zeroing there is
 //! sector-aligned. QEMU must find the closed image clean and see the same.
+//!
+//! The same load runs on a journalled image with logged data, a small ring
+//! and checkpoints on their own thread (`OpenOptions::background_checkpoint`,
+//! as `qj serve` opens images): checkpoints then write tables in place and
+//! empty the journal's overlay while the threads allocate, read tables the
+//! cache evicted, and flush.
 
 mod common;
 
@@ -16,7 +22,7 @@ use std::sync::Arc;
 use std::thread;
 
 use common::*;
-use qj_engine::{CreateOptions, Image, OpenOptions};
+use qj_engine::{CreateOptions, Image, JournalConfig, OpenOptions};
 
 const THREADS: u64 = 8;
 const CLUSTER: u64 = 4096;
@@ -179,12 +185,26 @@ fn assert_disk_consistent(disk: &[u8], logs: &[ThreadLog], allowed: &[BTreeSet<u
 /// One session: open, run every thread from the disk content `before`,
 /// check, close. Returns the logs and each shared sector's allowed values
 /// (what it held before, zero, and what any thread wrote there).
-fn run_threads(path: &Path, session: u64, before: &[u8]) -> (Vec<ThreadLog>, Vec<BTreeSet<u8>>) {
+fn run_threads(
+    path: &Path,
+    session: u64,
+    before: &[u8],
+    journalled: bool,
+) -> (Vec<ThreadLog>, Vec<BTreeSet<u8>>) {
     let mut opts = OpenOptions::read_write();
+    opts.background_checkpoint = journalled;
     // A handful of tables per cache: eviction and write-back run while
     // other threads allocate, look up and free.
     opts.cache_bytes_max = 8 * CLUSTER;
     let image = Arc::new(Image::open_path(path, &opts).expect("open"));
+    let synced_seq = |image: &Image| {
+        image
+            .info()
+            .expect("info")
+            .journal
+            .map_or(0, |journal| journal.synced_seq)
+    };
+    let synced_at_open = synced_seq(&image);
     let logs: Vec<ThreadLog> = thread::scope(|scope| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
@@ -209,6 +229,10 @@ fn run_threads(path: &Path, session: u64, before: &[u8]) -> (Vec<ThreadLog>, Vec
         }
     }
     assert_disk_consistent(&read_all(&image), &logs, &allowed, "before close");
+    assert!(
+        !journalled || synced_seq(&image) > synced_at_open,
+        "no checkpoint ran during the load, so none raced it"
+    );
     let image = Arc::into_inner(image).expect("every thread is done");
     image.close().expect("close");
     (logs, allowed)
@@ -216,6 +240,22 @@ fn run_threads(path: &Path, session: u64, before: &[u8]) -> (Vec<ThreadLog>, Vec
 
 #[test]
 fn eight_threads_on_one_image() {
+    eight_threads(None);
+}
+
+#[test]
+fn eight_threads_on_a_journalled_image_with_background_checkpoints() {
+    eight_threads(Some(JournalConfig {
+        // Small, so that the load makes many checkpoints.
+        size_bytes: 256 << 10,
+        two_flush: false,
+        log_data: true,
+        dedup: false,
+    }));
+}
+
+fn eight_threads(journal: Option<JournalConfig>) {
+    let journalled = journal.is_some();
     let dir = temp_dir();
     let path = in_dir(&dir, "shared.qcow2");
     Image::create_path(
@@ -224,15 +264,16 @@ fn eight_threads_on_one_image() {
             virtual_size: DISK,
             cluster_size: CLUSTER,
             refcount_bits: 16,
+            journal,
             ..CreateOptions::default()
         },
     )
     .expect("create");
     let mut disk = vec![0u8; DISK as usize];
     for session in 0..SESSIONS {
-        let (logs, allowed) = run_threads(&path, session, &disk);
+        let (logs, allowed) = run_threads(&path, session, &disk, journalled);
         let when = |what: &str| format!("session {session}: {what}");
-        assert_check_clean(&path);
+        assert_checks_clean(&path, &when("after close"));
         let qemu = convert_raw(&path, None);
         assert_disk_consistent(&qemu, &logs, &allowed, &when("qemu-img convert"));
         let reopened = Image::open_path(&path, &OpenOptions::read_only()).expect("reopen");
