@@ -19,6 +19,7 @@
 //!
 //! [`OpenOptions::background_checkpoint`]: crate::OpenOptions::background_checkpoint
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -49,6 +50,9 @@ pub(crate) enum Next {
 #[derive(Debug, Default)]
 pub(crate) struct Checkpointer {
     requests: Mutex<Requests>,
+    /// Whether `requests.failure` is set: every flush asks
+    /// ([`Self::failure`]), and this spares it the lock.
+    failed: AtomicBool,
     wake: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -108,10 +112,14 @@ impl Checkpointer {
     pub(crate) fn failed(&self, why: String) {
         let mut requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
         requests.failure.get_or_insert(why);
+        self.failed.store(true, Ordering::Release);
     }
 
     /// The first failed background checkpoint's error, if any.
     pub(crate) fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.requests
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

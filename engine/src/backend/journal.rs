@@ -119,9 +119,9 @@ struct Pending {
     overlay_resets: u64,
 }
 
-/// Tries of a metadata read outside the `pending` lock before it reads
-/// under it (`read_metadata`): each retry means a checkpoint finished
-/// while the read was in flight, which takes far longer than the read.
+/// Tries of a metadata read (`read_metadata`), the last under the `pending`
+/// lock: each retry means a checkpoint finished while the read was in
+/// flight, which takes far longer than the read.
 const METADATA_READ_TRIES_MAX: u32 = 3;
 
 /// The journalled backend.
