@@ -30,7 +30,12 @@
 #   jobs:    randwrite-sync randwrite-sync-8jobs seqwrite-64k-sync
 #            randread overwrite-sync overwrite-sync-seq
 #   -n:      operations of overwrite-sync-seq (default 3000)
-# The defaults produce the whole table of RFC.md section 6.2.
+#   -k:      check the arguments only (exit 2 with a message if bad)
+# The defaults produce the whole table of RFC.md section 6.2. The -o rows
+# have the keys of `qj bench --output json` rows (p50_us and p99_us are
+# fio's per-request latency; bytes_written_per_op only in process)
+# and this runner's own: via, cache, repeats, the spread, flush latency.
+# `qj bench --via nbd` runs this script (the binary carries a copy).
 # Environment: QJ (the qj binary; default target/release/qj, built when
 # missing).
 # Needs: fio (with the nbd engine), qemu-img, qemu-nbd, python3.
@@ -52,8 +57,9 @@ FILLED=64M
 SEQ_OPS=3000
 STRIDE=65536
 
-usage() { sed -n '2,41p' "$0" >&2; exit 2; }
-while getopts "r:s:o:T:J:c:n:d:h" opt; do
+usage() { sed -n '2,46p' "$0" >&2; exit 2; }
+CHECK_ONLY=""
+while getopts "r:s:o:T:J:c:n:d:kh" opt; do
     case "$opt" in
         r) REPEATS="$OPTARG" ;;
         s) SECONDS_PER_RUN="$OPTARG" ;;
@@ -63,6 +69,7 @@ while getopts "r:s:o:T:J:c:n:d:h" opt; do
         c) CACHES="$OPTARG" ;;
         n) SEQ_OPS="$OPTARG" ;;
         d) DIR="$OPTARG" ;;
+        k) CHECK_ONLY=1 ;;
         *) usage ;;
     esac
 done
@@ -170,6 +177,12 @@ server_flushes() {
     awk -F, '/syscalls:sys_enter_f(data)?sync/ { n += $1 } END { print n + 0 }' "$DIR/perf.txt"
 }
 
+# The image file's length, as the in-process rows report it: for qcow2
+# targets only (a raw file's length is the disk size).
+file_bytes() {
+    [[ "$1" == raw-* ]] || stat -c %s "$2"
+}
+
 # fio arguments of a job (after the common ones).
 job_args() {
     case "$1" in
@@ -207,7 +220,11 @@ r = json.load(open(path))[0]
 print(json.dumps({
     "job": "overwrite-sync-seq", "target": target, "cache": cache, "repeat": int(rep),
     "ops": r["ops"], "ops_per_s": r["ops_per_s"], "mb_per_s": r["mb_per_s"],
-    "lat_p50_us": r["p50_us"], "flushes": r["flushes_per_op"] * r["ops"]
+    "lat_p50_us": r["p50_us"], "lat_p99_us": r["p99_us"],
+    "flush_p50_us": None, "flush_p99_us": None,
+    "guest_bytes": r["guest_bytes_written"], "bytes_per_op": r["bytes_written_per_op"],
+    "file_bytes_start": r["file_bytes_start"], "file_bytes_end": r["file_bytes_end"],
+    "flushes": r["flushes_per_op"] * r["ops"]
         if r["flushes_per_op"] is not None else None,
     "error": 0 if r["ops_per_s"] else 1,
 }))
@@ -225,11 +242,19 @@ IFS=, read -r -a target_list <<< "$TARGETS"
 IFS=, read -r -a job_list <<< "$JOBS"
 IFS=, read -r -a cache_list <<< "$CACHES"
 for j in "${job_list[@]}"; do job_args "$j" >/dev/null; done
+for t in "${target_list[@]}"; do
+    case "$t" in
+        qj-ordered|qj-journal|qj-journal-logged|qemu-default|qemu-lazy|qemu-prealloc|raw-sparse|raw-prealloc) ;;
+        inproc-ordered|inproc-journal|inproc-journal-logged) ;;
+        *) echo "nbd-bench: unknown target $t; valid: qj-ordered, qj-journal, qj-journal-logged, qemu-default, qemu-lazy, qemu-prealloc, raw-sparse, raw-prealloc, inproc-ordered, inproc-journal, inproc-journal-logged" >&2; exit 2 ;;
+    esac
+done
 for c in "${cache_list[@]}"; do
     [[ "$c" == writeback || "$c" == none ]] || { echo "nbd-bench: -c takes writeback and none" >&2; exit 2; }
 done
 # In-process targets run only the job that mirrors their workload.
 applies() { [[ "$2" != inproc-* || "$1" == overwrite-sync-seq ]]; }
+[[ -z "$CHECK_ONLY" ]] || exit 0
 cells=0
 for job in "${job_list[@]}"; do
     for target in "${target_list[@]}"; do
@@ -261,19 +286,28 @@ for rep in $(seq 1 "$REPEATS"); do
                 start_server "$target" "$img" "$cache"
             fi
             # shellcheck disable=SC2046 # job_args is a word list on purpose
+            start_bytes="$(file_bytes "$target" "$img")"
             run_fio "$job" "$DIR/run.json" $(job_args "$job")
             stop_server
-            python3 - "$DIR/run.json" "$job" "$target" "$rep" "$cache" "$(server_flushes)" >> "$RESULTS" <<'EOF'
+            python3 - "$DIR/run.json" "$job" "$target" "$rep" "$cache" "$(server_flushes)" \
+                "$start_bytes" "$(file_bytes "$target" "$img")" >> "$RESULTS" <<'EOF'
 import json, sys
-path, job, target, rep, cache, flushes = sys.argv[1:7]
+path, job, target, rep, cache, flushes, start, end = sys.argv[1:9]
 report = json.load(open(path))
 j = report["jobs"][0]
+def pct(lat, key):
+    p = lat.get("percentile", {})
+    return p[key] / 1000 if key in p else None
 side = "read" if j["read"]["total_ios"] > 0 and j["write"]["total_ios"] == 0 else "write"
 s = j[side]
 print(json.dumps({
     "job": job, "target": target, "cache": cache, "repeat": int(rep),
     "ops": s["total_ios"], "ops_per_s": s["iops"], "mb_per_s": s["bw_bytes"] / 1e6,
-    "lat_p50_us": s["clat_ns"]["percentile"].get("50.000000", 0) / 1000 if "percentile" in s["clat_ns"] else None,
+    "lat_p50_us": pct(s["clat_ns"], "50.000000"), "lat_p99_us": pct(s["clat_ns"], "99.000000"),
+    "flush_p50_us": pct(j["sync"]["lat_ns"], "50.000000") if j.get("sync", {}).get("total_ios") else None,
+    "flush_p99_us": pct(j["sync"]["lat_ns"], "99.000000") if j.get("sync", {}).get("total_ios") else None,
+    "guest_bytes": s["io_bytes"] if side == "write" else None,
+    "file_bytes_start": int(start) if start else None, "file_bytes_end": int(end) if end else None,
     "flushes": int(flushes) if flushes else None,
     "error": j["error"],
 }))
@@ -302,16 +336,37 @@ for job in jobs:
             continue
         ops = [x["ops_per_s"] for x in c]
         med = statistics.median(ops)
+        def vs(base):
+            return round(med / medians[base], 2) if medians.get(base) else None
+        def median_of(key, digits=1):
+            values = [x[key] for x in c if x.get(key) is not None]
+            return round(statistics.median(values), digits) if values else None
+        guest = median_of("guest_bytes", 0)
+        start, end = median_of("file_bytes_start", 0), median_of("file_bytes_end", 0)
+        # The keys of `qj bench --output json` rows (the same shape, so one
+        # reader takes both), then this runner's own.
         row = {
-            "via": "nbd", "workload": job, "target": t, "cache": cache,
+            "workload": job, "target": t,
             "threads": 8 if job.endswith("8jobs") else 1,
-            "repeats": len(c), "ops": int(statistics.median(x["ops"] for x in c)),
-            "ops_per_s": round(med, 1), "ops_per_s_min": round(min(ops), 1),
-            "ops_per_s_max": round(max(ops), 1),
+            "ops": int(statistics.median(x["ops"] for x in c)),
+            "ops_per_s": round(med, 1),
             "mb_per_s": round(statistics.median(x["mb_per_s"] for x in c), 2),
-            "vs_qemu": round(med / medians["qemu-default"], 2) if medians.get("qemu-default") else None,
-            "vs_raw": round(med / medians["raw-prealloc"], 2) if medians.get("raw-prealloc") else None,
+            "p50_us": median_of("lat_p50_us"), "p99_us": median_of("lat_p99_us"),
+            "flushes_per_op": None,
+            # Counted in process only (the server's writes are not).
+            "bytes_written_per_op": median_of("bytes_per_op"),
+            "vs_raw": vs("raw-prealloc"), "vs_qemu": vs("qemu-default"),
+            "vs_ordered": vs("qj-ordered"), "vs_journal": vs("qj-journal"),
+            "guest_bytes_written": int(guest) if guest is not None else None,
+            "file_bytes_start": int(start) if start is not None else None,
+            "file_bytes_end": int(end) if end is not None else None,
+            "file_growth_per_guest_byte": round((end - start) / guest, 3)
+                if None not in (start, end, guest) and guest > 0 else None,
+            "dedup_hits_per_op": None, "hash_per_cluster_us": None, "compare_per_match_us": None,
             "note": "fio reported errors" if any(x["error"] for x in c) else None,
+            "via": "nbd", "cache": cache, "repeats": len(c),
+            "ops_per_s_min": round(min(ops), 1), "ops_per_s_max": round(max(ops), 1),
+            "flush_p50_us": median_of("flush_p50_us"), "flush_p99_us": median_of("flush_p99_us"),
         }
         flushes = [x["flushes"] / x["ops"] for x in c if x.get("flushes") is not None and x["ops"]]
         row["flushes_per_op"] = round(statistics.median(flushes), 3) if flushes else None

@@ -17,3 +17,8 @@ pub use report::{render_table, BenchRow};
 pub use run::{run_bench, BenchOptions, Progress};
 pub use target::{DedupCounts, TargetKind};
 pub use workload::Workload;
+
+/// `benches/nbd-bench.sh`, the like-for-like benchmark: the same fio jobs
+/// over NBD against `qj serve` and `qemu-nbd`. The binary carries it, so
+/// `qj bench --via nbd` runs this exact script from any directory.
+pub const NBD_BENCH_SCRIPT: &str = include_str!("../nbd-bench.sh");

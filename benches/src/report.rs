@@ -131,6 +131,15 @@ pub struct BenchRow {
     pub compare_per_match_us: Option<f64>,
     /// Why a value is missing.
     pub note: Option<String>,
+    /// How the operations reached the target: `in-process` for these rows
+    /// (`nbd` for the rows of `qj bench --via nbd`, which have these keys
+    /// and more).
+    #[serde(default = "in_process")]
+    pub via: String,
+}
+
+fn in_process() -> String {
+    "in-process".into()
 }
 
 /// `part / whole`, when `whole` is not zero.
@@ -180,6 +189,7 @@ pub fn build_rows(cells: Vec<Cell>) -> Vec<BenchRow> {
                     .and_then(|d| ratio(d.compare_ns, d.compared))
                     .map(|ns| ns / 1e3),
                 note: c.note.clone(),
+                via: in_process(),
             }
         })
         .collect();

@@ -444,6 +444,40 @@ fn bad_names_numbers_and_crash_points_are_usage_errors_listing_what_is_valid() {
     expect_usage_error(&["crash", "--cluster-size", "3000"], &["cluster_bytes"]);
 }
 
+/// Asserts that every row has every key of a `qj bench --output json` row
+/// (null where not measured).
+fn assert_row_keys(rows: &[Value]) {
+    for key in [
+        "via",
+        "workload",
+        "target",
+        "threads",
+        "ops",
+        "ops_per_s",
+        "mb_per_s",
+        "p50_us",
+        "p99_us",
+        "flushes_per_op",
+        "bytes_written_per_op",
+        "vs_journal",
+        "guest_bytes_written",
+        "file_bytes_start",
+        "file_bytes_end",
+        "file_growth_per_guest_byte",
+        "dedup_hits_per_op",
+        "hash_per_cluster_us",
+        "compare_per_match_us",
+        "vs_raw",
+        "vs_qemu",
+        "vs_ordered",
+        "note",
+    ] {
+        for row in rows {
+            assert!(row.get(key).is_some(), "{key} missing: {row}");
+        }
+    }
+}
+
 fn bench_json(args: &[&str]) -> Vec<Value> {
     let stdout = expect_exit(&qj(args), 0);
     let json: Value = serde_json::from_str(&stdout).expect("a JSON array");
@@ -466,31 +500,11 @@ fn bench_json_rows_carry_the_required_keys() {
         "json",
     ]);
     assert_eq!(rows.len(), 2, "{rows:?}");
-    for key in [
-        "workload",
-        "target",
-        "threads",
-        "ops_per_s",
-        "p50_us",
-        "p99_us",
-        "flushes_per_op",
-        "bytes_written_per_op",
-        "vs_journal",
-        "guest_bytes_written",
-        "file_bytes_start",
-        "file_bytes_end",
-        "file_growth_per_guest_byte",
-        "dedup_hits_per_op",
-        "hash_per_cluster_us",
-        "compare_per_match_us",
-    ] {
-        for row in &rows {
-            assert!(row.get(key).is_some(), "{key} missing: {row}");
-        }
-    }
+    assert_row_keys(&rows);
     let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
     assert_eq!(targets, ["ordered", "raw"]);
     for row in &rows {
+        assert_eq!(row["via"], "in-process");
         assert_eq!(row["workload"], "alloc-sync-4k");
         assert_eq!(row["threads"], 1);
         assert_eq!(row["ops"], 20, "{row}");
@@ -511,6 +525,59 @@ fn bench_json_rows_carry_the_required_keys() {
     let growth = rows[0]["file_growth_per_guest_byte"].as_f64().unwrap();
     assert!(growth >= 16.0, "{}", rows[0]);
     assert!(rows[1]["file_bytes_end"].is_null(), "{}", rows[1]);
+}
+
+/// `qj bench --via nbd`: fio over NBD against `qj serve` and `qemu-nbd`, from
+/// the copy of `benches/nbd-bench.sh` the binary carries, run from another
+/// directory than the checkout. Its rows have the in-process rows' keys.
+#[test]
+fn bench_via_nbd_drives_qj_serve_and_qemu_nbd_with_fio() {
+    let rows = bench_json(&[
+        "bench",
+        "--via",
+        "nbd",
+        "--workload",
+        "randwrite-sync",
+        "--target",
+        "qj-journal,qemu-default",
+        "--cache",
+        "writeback",
+        "--rounds",
+        "1",
+        "--seconds",
+        "1",
+        "--output",
+        "json",
+    ]);
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["qj-journal", "qemu-default"]);
+    assert_row_keys(&rows);
+    for row in &rows {
+        // One reader takes both kinds of rows.
+        let parsed: qj_benches::BenchRow =
+            serde_json::from_value(row.clone()).expect("the shape of a qj bench row");
+        assert_eq!(parsed.via, "nbd", "{row}");
+        assert_eq!(parsed.workload, "randwrite-sync");
+        assert_eq!(row["cache"], "writeback", "{row}");
+        assert_eq!(row["repeats"], 1, "{row}");
+        assert!(parsed.ops > 0, "{row}");
+        assert!(parsed.ops_per_s.unwrap() > 0.0, "{row}");
+        assert!(parsed.p50_us.unwrap() > 0.0, "{row}");
+        assert!(row["flush_p50_us"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(parsed.guest_bytes_written, Some(parsed.ops * 4096), "{row}");
+        // Every 4 KiB write was flushed; counted when perf can count.
+        if let Some(flushes) = parsed.flushes_per_op {
+            assert!(flushes >= 1.0, "{row}");
+        }
+        let (start, end) = (
+            parsed.file_bytes_start.unwrap(),
+            parsed.file_bytes_end.unwrap(),
+        );
+        assert!(end > start, "fresh clusters grew the image: {row}");
+        assert!(parsed.note.is_none(), "{row}");
+    }
+    assert_eq!(rows[1]["vs_qemu"], 1.0);
+    assert_eq!(rows[0]["vs_journal"], 1.0);
 }
 
 /// `(end - start) / guest` of a row, checked against its keys.
@@ -699,6 +766,31 @@ fn bench_bad_names_zero_threads_and_bad_sizes_are_usage_errors() {
         ],
     );
     expect_usage_error(&["bench", "--threads", "1,0"], &["--threads"]);
+    expect_usage_error(&["bench", "--seconds", "2"], &["--seconds", "--via nbd"]);
+    expect_usage_error(&["bench", "--cache", "none,writeback"], &["one --cache"]);
+    // With --via nbd: the runner's own names, and no in-process options.
+    expect_usage_error(
+        &["bench", "--via", "nbd", "--target", "qcow2"],
+        &[
+            "unknown target qcow2",
+            "qj-journal",
+            "raw-prealloc",
+            "inproc-journal",
+        ],
+    );
+    expect_usage_error(
+        &["bench", "--via", "nbd", "--workload", "alloc-sync-4k"],
+        &["unknown job alloc-sync-4k"],
+    );
+    expect_usage_error(&["bench", "--via", "nbd", "--threads", "4"], &["--threads"]);
+    expect_usage_error(
+        &["bench", "--via", "nbd", "--cache", "directsync"],
+        &["writeback and none"],
+    );
+    expect_usage_error(
+        &["bench", "--via", "nbd", "--rounds", "100"],
+        &["--rounds 100"],
+    );
     expect_usage_error(&["bench", "--cluster-size", "12Q"], &["12Q"]);
     expect_usage_error(&["bench", "--cluster-size", "48k"], &["power of two"]);
     expect_usage_error(&["bench", "--ops", "many"], &["--ops"]);
