@@ -76,10 +76,44 @@ done
 [[ "$REPEATS" =~ ^[1-9][0-9]?$ ]] || { echo "nbd-bench: -r takes 1..99" >&2; exit 2; }
 [[ "$SECONDS_PER_RUN" =~ ^[1-9][0-9]*$ ]] || { echo "nbd-bench: -s takes whole seconds" >&2; exit 2; }
 [[ "$SEQ_OPS" =~ ^[1-9][0-9]{0,4}$ ]] || { echo "nbd-bench: -n takes 1..99999" >&2; exit 2; }
+# The names, checked before anything else is looked at or made, so that
+# -k answers for the arguments alone.
+IFS=, read -r -a target_list <<< "$TARGETS"
+IFS=, read -r -a job_list <<< "$JOBS"
+IFS=, read -r -a cache_list <<< "$CACHES"
+for list in target_list job_list cache_list; do
+    declare -n names="$list"
+    (( ${#names[@]} > 0 )) || { echo "nbd-bench: -T, -J and -c each take at least one name" >&2; exit 2; }
+    for name in "${names[@]}"; do
+        [[ -n "$name" ]] || { echo "nbd-bench: an empty name in -T, -J or -c" >&2; exit 2; }
+    done
+    unset -n names
+done
+for j in "${job_list[@]}"; do
+    case "$j" in
+        randwrite-sync|randwrite-sync-8jobs|seqwrite-64k-sync|randread|overwrite-sync|overwrite-sync-seq) ;;
+        *) echo "nbd-bench: unknown job $j; valid: randwrite-sync, randwrite-sync-8jobs, seqwrite-64k-sync, randread, overwrite-sync, overwrite-sync-seq" >&2; exit 2 ;;
+    esac
+done
+for t in "${target_list[@]}"; do
+    case "$t" in
+        qj-ordered|qj-journal|qj-journal-logged|qemu-default|qemu-lazy|qemu-prealloc|raw-sparse|raw-prealloc) ;;
+        inproc-ordered|inproc-journal|inproc-journal-logged) ;;
+        *) echo "nbd-bench: unknown target $t; valid: qj-ordered, qj-journal, qj-journal-logged, qemu-default, qemu-lazy, qemu-prealloc, raw-sparse, raw-prealloc, inproc-ordered, inproc-journal, inproc-journal-logged" >&2; exit 2 ;;
+    esac
+done
+for c in "${cache_list[@]}"; do
+    [[ "$c" == writeback || "$c" == none ]] || { echo "nbd-bench: -c takes writeback and none" >&2; exit 2; }
+done
+[[ -z "$CHECK_ONLY" ]] || exit 0
 
 for tool in fio qemu-img qemu-nbd python3; do
     command -v "$tool" >/dev/null || { echo "nbd-bench: $tool is required" >&2; exit 1; }
 done
+if [[ -n "${QJ:-}" && ! -x "$QJ" ]]; then
+    echo "nbd-bench: QJ=$QJ is not an executable" >&2
+    exit 1
+fi
 QJ="${QJ:-target/release/qj}"
 if [[ ! -x "$QJ" ]]; then
     echo "nbd-bench: building $QJ" >&2
@@ -125,13 +159,13 @@ make_image() {
     esac
 }
 
-# The server of a target, as a command line.
+# The server of a target, as the array SERVER_COMMAND.
 server_command() {
     local target="$1" img="$2" cache="$3"
     case "$target" in
-        qj-*) echo "$QJ serve -t -e 16 --cache $cache -k $SOCK $img" ;;
-        qemu-*) echo "qemu-nbd -t -e 16 --cache=$cache -f qcow2 -k $SOCK $img" ;;
-        raw-*) echo "qemu-nbd -t -e 16 --cache=$cache -f raw -k $SOCK $img" ;;
+        qj-*) SERVER_COMMAND=("$QJ" serve -t -e 16 --cache "$cache" -k "$SOCK" "$img") ;;
+        qemu-*) SERVER_COMMAND=(qemu-nbd -t -e 16 --cache="$cache" -f qcow2 -k "$SOCK" "$img") ;;
+        raw-*) SERVER_COMMAND=(qemu-nbd -t -e 16 --cache="$cache" -f raw -k "$SOCK" "$img") ;;
     esac
 }
 
@@ -140,12 +174,12 @@ server_command() {
 start_server() {
     local target="$1" img="$2" cache="$3"
     rm -f "$SOCK" "$DIR/perf.txt"
-    # shellcheck disable=SC2046 # a word list on purpose (no spaces in paths)
+    server_command "$target" "$img" "$cache"
     if [[ -n "$PERF" ]]; then
         perf stat -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
-            -o "$DIR/perf.txt" -- $(server_command "$target" "$img" "$cache") >/dev/null &
+            -o "$DIR/perf.txt" -- "${SERVER_COMMAND[@]}" >/dev/null &
     else
-        $(server_command "$target" "$img" "$cache") >/dev/null &
+        "${SERVER_COMMAND[@]}" >/dev/null &
     fi
     SERVER_PID=$!
     local i
@@ -238,23 +272,8 @@ run_fio() {
         --group_reporting --output-format=json --output="$out" "$@" >/dev/null
 }
 
-IFS=, read -r -a target_list <<< "$TARGETS"
-IFS=, read -r -a job_list <<< "$JOBS"
-IFS=, read -r -a cache_list <<< "$CACHES"
-for j in "${job_list[@]}"; do job_args "$j" >/dev/null; done
-for t in "${target_list[@]}"; do
-    case "$t" in
-        qj-ordered|qj-journal|qj-journal-logged|qemu-default|qemu-lazy|qemu-prealloc|raw-sparse|raw-prealloc) ;;
-        inproc-ordered|inproc-journal|inproc-journal-logged) ;;
-        *) echo "nbd-bench: unknown target $t; valid: qj-ordered, qj-journal, qj-journal-logged, qemu-default, qemu-lazy, qemu-prealloc, raw-sparse, raw-prealloc, inproc-ordered, inproc-journal, inproc-journal-logged" >&2; exit 2 ;;
-    esac
-done
-for c in "${cache_list[@]}"; do
-    [[ "$c" == writeback || "$c" == none ]] || { echo "nbd-bench: -c takes writeback and none" >&2; exit 2; }
-done
 # In-process targets run only the job that mirrors their workload.
 applies() { [[ "$2" != inproc-* || "$1" == overwrite-sync-seq ]]; }
-[[ -z "$CHECK_ONLY" ]] || exit 0
 cells=0
 for job in "${job_list[@]}"; do
     for target in "${target_list[@]}"; do
@@ -341,6 +360,11 @@ for job in jobs:
         def median_of(key, digits=1):
             values = [x[key] for x in c if x.get(key) is not None]
             return round(statistics.median(values), digits) if values else None
+        def growth(runs):
+            each = [max(0, x["file_bytes_end"] - x["file_bytes_start"]) / x["guest_bytes"]
+                    for x in runs if x.get("file_bytes_start") is not None
+                    and x.get("file_bytes_end") is not None and x.get("guest_bytes")]
+            return round(statistics.median(each), 3) if each else None
         guest = median_of("guest_bytes", 0)
         start, end = median_of("file_bytes_start", 0), median_of("file_bytes_end", 0)
         # The keys of `qj bench --output json` rows (the same shape, so one
@@ -360,8 +384,7 @@ for job in jobs:
             "guest_bytes_written": int(guest) if guest is not None else None,
             "file_bytes_start": int(start) if start is not None else None,
             "file_bytes_end": int(end) if end is not None else None,
-            "file_growth_per_guest_byte": round((end - start) / guest, 3)
-                if None not in (start, end, guest) and guest > 0 else None,
+            "file_growth_per_guest_byte": growth(c),
             "dedup_hits_per_op": None, "hash_per_cluster_us": None, "compare_per_match_us": None,
             "note": "fio reported errors" if any(x["error"] for x in c) else None,
             "via": "nbd", "cache": cache, "repeats": len(c),

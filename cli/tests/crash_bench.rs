@@ -780,7 +780,23 @@ fn bench_bad_names_zero_threads_and_bad_sizes_are_usage_errors() {
     );
     expect_usage_error(
         &["bench", "--via", "nbd", "--workload", "alloc-sync-4k"],
-        &["unknown job alloc-sync-4k"],
+        &[
+            "unknown job alloc-sync-4k",
+            "randwrite-sync-8jobs",
+            "overwrite-sync-seq",
+        ],
+    );
+    expect_usage_error(
+        &["bench", "--via", "nbd", "--target", ""],
+        &["empty name in --target"],
+    );
+    expect_usage_error(
+        &["bench", "--via", "nbd", "--ops", "100000"],
+        &["--ops 100000"],
+    );
+    expect_usage_error(
+        &["bench", "--via", "nbd", "--dir", "/tmp/a b"],
+        &["--dir", "URI"],
     );
     expect_usage_error(&["bench", "--via", "nbd", "--threads", "4"], &["--threads"]);
     expect_usage_error(

@@ -29,6 +29,8 @@ const THREADS_MAX: u64 = 1024;
 const ROUNDS_MAX: u32 = 1000;
 /// Most repeats of one NBD cell (the runner's own limit).
 const NBD_ROUNDS_MAX: u32 = 99;
+/// Most operations of the NBD runner's overwrite-sync-seq (its own limit).
+const NBD_OPS_MAX: u64 = 99_999;
 
 /// How the operations reach the targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -268,7 +270,21 @@ fn nbd_runner_args(args: &BenchArgs, rows: &Path) -> CliResult<Vec<OsString>> {
         runner.extend(["-s".into(), seconds.to_string().into()]);
     }
     if let Some(ops) = args.ops {
+        if ops > NBD_OPS_MAX {
+            return Err(CliError::Usage(format!(
+                "bench: --ops {ops} is over {NBD_OPS_MAX}, the most with --via nbd"
+            )));
+        }
         runner.extend(["-n".into(), ops.to_string().into()]);
+    }
+    if let Some(empty) = [("--workload", &args.workload), ("--target", &args.target)]
+        .iter()
+        .find(|(_, names)| names.iter().any(String::is_empty))
+    {
+        return Err(CliError::Usage(format!(
+            "bench: an empty name in {}",
+            empty.0
+        )));
     }
     let list = |names: &[String]| {
         without_repeats(&names.iter().map(String::as_str).collect::<Vec<_>>()).join(",")
@@ -300,6 +316,18 @@ fn nbd_runner_args(args: &BenchArgs, rows: &Path) -> CliResult<Vec<OsString>> {
         // The runner changes directory; a relative path would move with it.
         let dir = std::path::absolute(dir)
             .map_err(crate::error::io("bench: resolving the --dir path"))?;
+        // The socket's path goes into fio's NBD URI as it is.
+        let uri_safe = dir.to_str().is_some_and(|path| {
+            path.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b))
+        });
+        if !uri_safe {
+            return Err(CliError::Usage(format!(
+                "bench: with --via nbd, --dir {} must be a path of letters, digits and / . _ - + \
+                 (the NBD socket in it goes into fio's URI)",
+                dir.display()
+            )));
+        }
         runner.extend(["-d".into(), dir.into()]);
     }
     Ok(runner)
