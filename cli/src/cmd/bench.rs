@@ -372,9 +372,23 @@ fn run_via_nbd(args: &BenchArgs) -> CliResult<u8> {
         // The table would mix with the JSON: it goes to stderr.
         command.stdout(std::process::Stdio::from(std::io::stderr()));
     }
-    let status = command
-        .status()
-        .map_err(crate::error::io("bench: running bash for the NBD runner"))?;
+    // Ctrl-C reaches the runner too (one process group): it stops its
+    // server and removes its run directory. This process only notes the
+    // signal, so that it lives on to remove the scratch directory.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = signal_hook::flag::register(
+        signal_hook::consts::SIGINT,
+        std::sync::Arc::clone(&interrupted),
+    )
+    .map_err(crate::error::io(
+        "bench: handling Ctrl-C during the NBD runner",
+    ))?;
+    let status = command.status();
+    signal_hook::low_level::unregister(handler);
+    let status = status.map_err(crate::error::io("bench: running bash for the NBD runner"))?;
+    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(CliError::failed("bench --via nbd", "interrupted"));
+    }
     match status.code() {
         Some(0) => {}
         _ => {
