@@ -769,44 +769,37 @@ fn bench_bad_names_zero_threads_and_bad_sizes_are_usage_errors() {
     expect_usage_error(&["bench", "--seconds", "2"], &["--seconds", "--via nbd"]);
     expect_usage_error(&["bench", "--cache", "none,writeback"], &["one --cache"]);
     // With --via nbd: the runner's own names, and no in-process options.
-    expect_usage_error(
-        &["bench", "--via", "nbd", "--target", "qcow2"],
-        &[
-            "unknown target qcow2",
-            "qj-journal",
-            "raw-prealloc",
-            "inproc-journal",
-        ],
-    );
-    expect_usage_error(
-        &["bench", "--via", "nbd", "--workload", "alloc-sync-4k"],
-        &[
-            "unknown job alloc-sync-4k",
-            "randwrite-sync-8jobs",
-            "overwrite-sync-seq",
-        ],
-    );
-    expect_usage_error(
-        &["bench", "--via", "nbd", "--target", ""],
-        &["empty name in --target"],
-    );
-    expect_usage_error(
-        &["bench", "--via", "nbd", "--ops", "100000"],
-        &["--ops 100000"],
-    );
-    expect_usage_error(
-        &["bench", "--via", "nbd", "--dir", "/tmp/a b"],
-        &["--dir", "URI"],
-    );
-    expect_usage_error(&["bench", "--via", "nbd", "--threads", "4"], &["--threads"]);
-    expect_usage_error(
-        &["bench", "--via", "nbd", "--cache", "directsync"],
-        &["writeback and none"],
-    );
-    expect_usage_error(
-        &["bench", "--via", "nbd", "--rounds", "100"],
-        &["--rounds 100"],
-    );
+    let nbd_cases: [(&[&str], &[&str]); 9] = [
+        (
+            &["--target", "qcow2"],
+            &[
+                "unknown target qcow2",
+                "qj-journal",
+                "raw-prealloc",
+                "inproc-journal",
+            ],
+        ),
+        (
+            &["--workload", "alloc-sync-4k"],
+            &[
+                "unknown job alloc-sync-4k",
+                "randwrite-sync-8jobs",
+                "overwrite-sync-seq",
+            ],
+        ),
+        (&["--target", ""], &["empty name in --target"]),
+        (&["--ops", "100000"], &["--ops 100000"]),
+        (&["--dir", "/tmp/a b"], &["--dir", "URI"]),
+        (&["--threads", "4"], &["--threads"]),
+        (&["--cluster-size", "4k"], &["--cluster-size"]),
+        (&["--cache", "directsync"], &["writeback and none"]),
+        (&["--rounds", "100"], &["--rounds 100"]),
+    ];
+    for (args, expected) in nbd_cases {
+        let mut all = vec!["bench", "--via", "nbd"];
+        all.extend_from_slice(args);
+        expect_usage_error(&all, expected);
+    }
     expect_usage_error(&["bench", "--cluster-size", "12Q"], &["12Q"]);
     expect_usage_error(&["bench", "--cluster-size", "48k"], &["power of two"]);
     expect_usage_error(&["bench", "--ops", "many"], &["--ops"]);
