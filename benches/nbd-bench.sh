@@ -48,6 +48,9 @@ ROWS_OUT=""
 DIR=""
 TARGETS="qj-ordered,qj-journal,qj-journal-logged,qemu-default,qemu-lazy,qemu-prealloc,raw-sparse,raw-prealloc,inproc-journal,inproc-journal-logged"
 JOBS="randwrite-sync,randwrite-sync-8jobs,seqwrite-64k-sync,randread,overwrite-sync,overwrite-sync-seq"
+# Every name -T and -J take (the default jobs are all of them).
+KNOWN_TARGETS="qj-ordered,qj-journal,qj-journal-logged,qemu-default,qemu-lazy,qemu-prealloc,raw-sparse,raw-prealloc,inproc-ordered,inproc-journal,inproc-journal-logged"
+KNOWN_JOBS="$JOBS"
 CACHES="writeback,none"
 IMAGE_SIZE=1G
 # Region that the read and overwrite jobs fill first and then work on.
@@ -89,19 +92,12 @@ for list in target_list job_list cache_list; do
     done
     unset -n names
 done
-for j in "${job_list[@]}"; do
-    case "$j" in
-        randwrite-sync|randwrite-sync-8jobs|seqwrite-64k-sync|randread|overwrite-sync|overwrite-sync-seq) ;;
-        *) echo "nbd-bench: unknown job $j; valid: randwrite-sync, randwrite-sync-8jobs, seqwrite-64k-sync, randread, overwrite-sync, overwrite-sync-seq" >&2; exit 2 ;;
-    esac
-done
-for t in "${target_list[@]}"; do
-    case "$t" in
-        qj-ordered|qj-journal|qj-journal-logged|qemu-default|qemu-lazy|qemu-prealloc|raw-sparse|raw-prealloc) ;;
-        inproc-ordered|inproc-journal|inproc-journal-logged) ;;
-        *) echo "nbd-bench: unknown target $t; valid: qj-ordered, qj-journal, qj-journal-logged, qemu-default, qemu-lazy, qemu-prealloc, raw-sparse, raw-prealloc, inproc-ordered, inproc-journal, inproc-journal-logged" >&2; exit 2 ;;
-    esac
-done
+# known KIND NAME LIST: exits 2 unless NAME is one of the comma-separated LIST.
+known() {
+    [[ ",$3," == *",$2,"* ]] || { echo "nbd-bench: unknown $1 $2; valid: ${3//,/, }" >&2; exit 2; }
+}
+for j in "${job_list[@]}"; do known job "$j" "$KNOWN_JOBS"; done
+for t in "${target_list[@]}"; do known target "$t" "$KNOWN_TARGETS"; done
 for c in "${cache_list[@]}"; do
     [[ "$c" == writeback || "$c" == none ]] || { echo "nbd-bench: -c takes writeback and none" >&2; exit 2; }
 done

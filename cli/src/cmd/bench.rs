@@ -389,14 +389,11 @@ fn run_via_nbd(args: &BenchArgs) -> CliResult<u8> {
     if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(CliError::failed("bench --via nbd", "interrupted"));
     }
-    match status.code() {
-        Some(0) => {}
-        _ => {
-            return Err(CliError::failed(
-                "bench --via nbd",
-                format!("the runner failed ({status}); its message is above"),
-            ))
-        }
+    if !status.success() {
+        return Err(CliError::failed(
+            "bench --via nbd",
+            format!("the runner failed ({status}); its message is above"),
+        ));
     }
     if args.output == OutputFormat::Json {
         let rows = std::fs::read_to_string(&rows_path)
