@@ -21,14 +21,27 @@
 # `-J overwrite-sync-seq -T qj-journal,inproc-journal` puts both in one
 # interleaved table and prints the ratio (`vs_inproc`).
 #
+# The transport's own cost: target `local-raw` runs each fio job on the
+# preallocated raw file itself (fio's psync engine, `--direct=1` in cache
+# mode none, each write followed by fdatasync as qemu-nbd's flush does),
+# with no NBD at all, so `vs_local` of the raw-prealloc row is how much of
+# the device's rate qemu-nbd keeps: the serve overhead of QEMU's server,
+# beside qj serve's `vs_inproc`.
+#
+# Group commit without allocation: `overwrite-sync-8jobs` is
+# `randwrite-sync-8jobs` on clusters written first, so no write allocates
+# (in the qcow2 image or in the file system) and the raw preallocated file
+# is the like-for-like limit.
+#
 # Usage: benches/nbd-bench.sh [-r REPEATS] [-s SECONDS] [-o ROWS.json]
 #                             [-T target,target] [-J job,job] [-c mode,mode]
 #                             [-n OPS] [-d DIR]
 #   targets: qj-ordered qj-journal qj-journal-logged qemu-default qemu-lazy
-#            qemu-prealloc raw-sparse raw-prealloc, and (overwrite-sync-seq
-#            only) inproc-ordered inproc-journal inproc-journal-logged
+#            qemu-prealloc raw-sparse raw-prealloc local-raw, and
+#            (overwrite-sync-seq only) inproc-ordered inproc-journal
+#            inproc-journal-logged
 #   jobs:    randwrite-sync randwrite-sync-8jobs seqwrite-64k-sync
-#            randread overwrite-sync overwrite-sync-seq
+#            randread overwrite-sync overwrite-sync-8jobs overwrite-sync-seq
 #   -n:      operations of overwrite-sync-seq (default 3000)
 #   -k:      check the arguments only (exit 2 with a message if bad)
 # The defaults produce the whole table of RFC.md section 6.2. The -o rows
@@ -46,21 +59,23 @@ REPEATS=3
 SECONDS_PER_RUN=3
 ROWS_OUT=""
 DIR=""
-TARGETS="qj-ordered,qj-journal,qj-journal-logged,qemu-default,qemu-lazy,qemu-prealloc,raw-sparse,raw-prealloc,inproc-journal,inproc-journal-logged"
-JOBS="randwrite-sync,randwrite-sync-8jobs,seqwrite-64k-sync,randread,overwrite-sync,overwrite-sync-seq"
+TARGETS="qj-ordered,qj-journal,qj-journal-logged,qemu-default,qemu-lazy,qemu-prealloc,raw-sparse,raw-prealloc,local-raw,inproc-journal,inproc-journal-logged"
+JOBS="randwrite-sync,randwrite-sync-8jobs,seqwrite-64k-sync,randread,overwrite-sync,overwrite-sync-8jobs,overwrite-sync-seq"
 # Every name -T and -J take (the default jobs are all of them).
-KNOWN_TARGETS="qj-ordered,qj-journal,qj-journal-logged,qemu-default,qemu-lazy,qemu-prealloc,raw-sparse,raw-prealloc,inproc-ordered,inproc-journal,inproc-journal-logged"
+KNOWN_TARGETS="qj-ordered,qj-journal,qj-journal-logged,qemu-default,qemu-lazy,qemu-prealloc,raw-sparse,raw-prealloc,local-raw,inproc-ordered,inproc-journal,inproc-journal-logged"
 KNOWN_JOBS="$JOBS"
 CACHES="writeback,none"
 IMAGE_SIZE=1G
-# Region that the read and overwrite jobs fill first and then work on.
-FILLED=64M
+# Region that the read and overwrite jobs fill first and then work on
+# (overwrite-sync-8jobs: an eighth of it per job).
+FILLED_MB=64
+FILLED="${FILLED_MB}M"
 # overwrite-sync-seq: operations, and the stride (the cluster size of
 # every image here, and of `qj bench`'s).
 SEQ_OPS=3000
 STRIDE=65536
 
-usage() { sed -n '2,46p' "$0" >&2; exit 2; }
+usage() { sed -n '2,54p' "$0" >&2; exit 2; }
 CHECK_ONLY=""
 while getopts "r:s:o:T:J:c:n:d:kh" opt; do
     case "$opt" in
@@ -150,7 +165,7 @@ make_image() {
         qemu-prealloc) qemu-img create -q -f qcow2 -o preallocation=metadata "$img" "$IMAGE_SIZE" ;;
         raw-sparse) qemu-img create -q -f raw "$img" "$IMAGE_SIZE" ;;
         # Blocks really written: the only kind an fdatasync finds cheap.
-        raw-prealloc) qemu-img create -q -f raw -o preallocation=full "$img" "$IMAGE_SIZE" ;;
+        raw-prealloc | local-raw) qemu-img create -q -f raw -o preallocation=full "$img" "$IMAGE_SIZE" ;;
         *) echo "nbd-bench: unknown target $target" >&2; exit 2 ;;
     esac
 }
@@ -170,6 +185,8 @@ server_command() {
 start_server() {
     local target="$1" img="$2" cache="$3"
     rm -f "$SOCK" "$DIR/perf.txt"
+    # fio opens the file itself (run_fio).
+    [[ "$target" != local-* ]] || return 0
     server_command "$target" "$img" "$cache"
     if [[ -n "$PERF" ]]; then
         perf stat -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
@@ -210,7 +227,7 @@ server_flushes() {
 # The image file's length, as the in-process rows report it: for qcow2
 # targets only (a raw file's length is the disk size).
 file_bytes() {
-    [[ "$1" == raw-* ]] || stat -c %s "$2"
+    [[ "$1" == raw-* || "$1" == local-* ]] || stat -c %s "$2"
 }
 
 # fio arguments of a job (after the common ones).
@@ -221,13 +238,14 @@ job_args() {
         seqwrite-64k-sync) echo "--rw=write --bs=64k --iodepth=1 --fsync=1 --time_based --runtime=$SECONDS_PER_RUN" ;;
         randread) echo "--rw=randread --bs=4k --iodepth=1 --size=$FILLED --time_based --runtime=$SECONDS_PER_RUN" ;;
         overwrite-sync) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1 --size=$FILLED --time_based --runtime=$SECONDS_PER_RUN" ;;
+        overwrite-sync-8jobs) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1 --numjobs=8 --size=$((FILLED_MB / 8))M --offset_increment=$((FILLED_MB / 8))M --time_based --runtime=$SECONDS_PER_RUN" ;;
         # qj bench's overwrite-sync: 4 KiB at the start of each cluster.
         overwrite-sync-seq) echo "--rw=write:$((STRIDE - 4096)) --bs=4k --iodepth=1 --fsync=1 --size=$((SEQ_OPS * STRIDE))" ;;
         *) echo "nbd-bench: unknown job $1" >&2; exit 2 ;;
     esac
 }
 
-needs_fill() { [[ "$1" == randread || "$1" == overwrite-sync || "$1" == overwrite-sync-seq ]]; }
+needs_fill() { [[ "$1" == randread || "$1" == overwrite-sync* ]]; }
 
 # The fill of a job that works on written clusters.
 fill_args() {
@@ -261,11 +279,30 @@ print(json.dumps({
 EOF
 }
 
+# run_fio TARGET CACHE NAME OUT ARGS...: one fio run against the target's
+# server, or (local-raw) on its file, fio counting its own flushes there.
 run_fio() {
-    local name="$1" out="$2"; shift 2
-    # fio prints a line on stdout even with --output: keep it quiet.
-    fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" \
-        --group_reporting --output-format=json --output="$out" "$@" >/dev/null
+    local target="$1" cache="$2" name="$3" out="$4"; shift 4
+    local common=(--name="$name" --group_reporting --output-format=json --output="$out")
+    if [[ "$target" != local-* ]]; then
+        # fio prints a line on stdout even with --output: keep it quiet.
+        fio "${common[@]}" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" "$@" >/dev/null
+        return
+    fi
+    # Over NBD `fsync=1` is the NBD flush, which qemu-nbd serves with
+    # fdatasync; on a file fio's fsync=1 would be fsync(2), which also
+    # commits the file's times on every write.
+    local args=("${@/#--fsync=1/--fdatasync=1}")
+    local direct=0
+    [[ "$cache" == none ]] && direct=1
+    local run=(fio "${common[@]}" --ioengine=psync --direct="$direct" --filename="$DIR/img-$target" "${args[@]}")
+    rm -f "$DIR/perf.txt"
+    if [[ -n "$PERF" ]]; then
+        perf stat -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
+            -o "$DIR/perf.txt" -- "${run[@]}" >/dev/null
+    else
+        "${run[@]}" >/dev/null
+    fi
 }
 
 # In-process targets run only the job that mirrors their workload.
@@ -295,14 +332,14 @@ for rep in $(seq 1 "$REPEATS"); do
             start_server "$target" "$img" "$cache"
             if needs_fill "$job"; then
                 # shellcheck disable=SC2046 # a word list on purpose
-                run_fio fill "$DIR/fill.json" $(fill_args "$job")
+                run_fio "$target" "$cache" fill "$DIR/fill.json" $(fill_args "$job")
                 # The fill's flushes are not the job's.
                 stop_server
                 start_server "$target" "$img" "$cache"
             fi
             # shellcheck disable=SC2046 # job_args is a word list on purpose
             start_bytes="$(file_bytes "$target" "$img")"
-            run_fio "$job" "$DIR/run.json" $(job_args "$job")
+            run_fio "$target" "$cache" "$job" "$DIR/run.json" $(job_args "$job")
             stop_server
             python3 - "$DIR/run.json" "$job" "$target" "$rep" "$cache" "$(server_flushes)" \
                 "$start_bytes" "$(file_bytes "$target" "$img")" >> "$RESULTS" <<'EOF'
@@ -376,6 +413,8 @@ for job in jobs:
             # Counted in process only (the server's writes are not).
             "bytes_written_per_op": median_of("bytes_per_op"),
             "vs_raw": vs("raw-prealloc"), "vs_qemu": vs("qemu-default"),
+            # Of the same job on the raw file without NBD (local-raw).
+            "vs_local": vs("local-raw"),
             "vs_ordered": vs("qj-ordered"), "vs_journal": vs("qj-journal"),
             "guest_bytes_written": int(guest) if guest is not None else None,
             "file_bytes_start": int(start) if start is not None else None,
@@ -391,6 +430,8 @@ for job in jobs:
         row["flushes_per_op"] = round(statistics.median(flushes), 3) if flushes else None
         if t.startswith("inproc-"):
             row["via"] = "in-process"
+        elif t.startswith("local-"):
+            row["via"] = "local"
         inproc = medians.get("inproc-" + t[len("qj-"):]) if t.startswith("qj-") else None
         row["vs_inproc"] = round(med / inproc, 2) if inproc else None
         rows.append(row)
@@ -403,8 +444,11 @@ for r in rows:
           f"{fmt(r['flushes_per_op'], '.3f'):>9}{fmt(r['vs_qemu'], '.2f'):>9}{fmt(r['vs_raw'], '.2f'):>8}{fmt(r['vs_inproc'], '.2f'):>10}")
 for r in rows:
     if r["vs_inproc"] is not None:
-        print(f"serve overhead, {r['target']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
+        print(f"serve overhead, {r['target']} {r['workload']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
               f"= {r['vs_inproc']:.2f} of in process (target: 0.87 or more, at most 15% slower)")
+    if r["target"] == "raw-prealloc" and r["vs_local"] is not None:
+        print(f"qemu-nbd's own overhead, {r['workload']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
+              f"= {r['vs_local']:.2f} of fio on the file")
 if rows_out:
     with open(rows_out, "w") as f:
         json.dump(rows, f, indent=2)

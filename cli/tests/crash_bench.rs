@@ -580,6 +580,59 @@ fn bench_via_nbd_drives_qj_serve_and_qemu_nbd_with_fio() {
     assert_eq!(rows[0]["vs_journal"], 1.0);
 }
 
+/// `local-raw` runs the same fio job on the raw file with no NBD (the
+/// transport's own cost), and `overwrite-sync-8jobs` works on clusters
+/// written first, so the qcow2 image does not grow.
+#[test]
+fn bench_via_nbd_local_raw_and_overwrite_8jobs_on_filled_clusters() {
+    let rows = bench_json(&[
+        "bench",
+        "--via",
+        "nbd",
+        "--workload",
+        "overwrite-sync-8jobs",
+        "--target",
+        "qj-journal,local-raw",
+        "--cache",
+        "none",
+        "--rounds",
+        "1",
+        "--seconds",
+        "1",
+        "--output",
+        "json",
+    ]);
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["qj-journal", "local-raw"]);
+    assert_row_keys(&rows);
+    for row in &rows {
+        let parsed: qj_benches::BenchRow =
+            serde_json::from_value(row.clone()).expect("the shape of a qj bench row");
+        assert_eq!(parsed.workload, "overwrite-sync-8jobs");
+        assert_eq!(parsed.threads, 8, "{row}");
+        assert_eq!(row["cache"], "none", "{row}");
+        assert!(parsed.ops > 0, "{row}");
+        assert_eq!(parsed.guest_bytes_written, Some(parsed.ops * 4096), "{row}");
+        assert!(row["vs_local"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(parsed.note.is_none(), "{row}");
+    }
+    let (journal, local) = (&rows[0], &rows[1]);
+    assert_eq!(journal["via"], "nbd");
+    // Every write lands on a cluster the fill allocated.
+    assert_eq!(
+        journal["file_bytes_end"], journal["file_bytes_start"],
+        "an overwrite grew the image: {journal}"
+    );
+    assert_eq!(local["via"], "local");
+    assert_eq!(local["vs_local"], 1.0);
+    // A raw file's length is its disk size: not reported, as for raw-*.
+    assert!(local["file_bytes_start"].is_null(), "{local}");
+    // fio on the file syncs after each write itself (counted when perf can).
+    if let Some(flushes) = local["flushes_per_op"].as_f64() {
+        assert!(flushes >= 1.0, "{local}");
+    }
+}
+
 /// `(end - start) / guest` of a row, checked against its keys.
 fn file_growth(row: &Value) -> f64 {
     let start = row["file_bytes_start"].as_u64().unwrap();

@@ -53,15 +53,17 @@ pub struct BenchArgs {
     /// Workloads to run (repeatable or comma separated; default all but the
     /// dedup ones: dedup-0, dedup-50, dedup-90 and their -sync forms). With
     /// `--via nbd`, fio jobs: randwrite-sync, randwrite-sync-8jobs,
-    /// seqwrite-64k-sync, randread, overwrite-sync, overwrite-sync-seq.
+    /// seqwrite-64k-sync, randread, overwrite-sync, overwrite-sync-8jobs,
+    /// overwrite-sync-seq.
     #[arg(long, value_name = "NAME", value_delimiter = ',')]
     workload: Vec<String>,
     /// Targets to compare (repeatable or comma separated; default all but
     /// the bitmap and dedup ones; a dedup workload adds journal-dedup and
     /// journal-dedup-trust). With `--via nbd`: qj-ordered, qj-journal,
     /// qj-journal-logged, qemu-default, qemu-lazy, qemu-prealloc,
-    /// raw-sparse, raw-prealloc, and inproc-ordered, inproc-journal,
-    /// inproc-journal-logged (the in-process rate of overwrite-sync-seq).
+    /// raw-sparse, raw-prealloc, local-raw (fio on the raw file itself, no
+    /// NBD), and inproc-ordered, inproc-journal, inproc-journal-logged (the
+    /// in-process rate of overwrite-sync-seq).
     #[arg(long, value_name = "NAME", value_delimiter = ',')]
     target: Vec<String>,
     /// Thread counts of the threads-sync workload (comma separated).
