@@ -532,30 +532,12 @@ fn bench_json_rows_carry_the_required_keys() {
 /// directory than the checkout. Its rows have the in-process rows' keys.
 #[test]
 fn bench_via_nbd_drives_qj_serve_and_qemu_nbd_with_fio() {
-    let rows = bench_json(&[
-        "bench",
-        "--via",
-        "nbd",
-        "--workload",
+    let rows = nbd_bench_rows(
         "randwrite-sync",
-        "--target",
-        "qj-journal,qemu-default",
-        "--cache",
+        &["qj-journal", "qemu-default"],
         "writeback",
-        "--rounds",
-        "1",
-        "--seconds",
-        "1",
-        "--output",
-        "json",
-    ]);
-    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
-    assert_eq!(targets, ["qj-journal", "qemu-default"]);
-    assert_row_keys(&rows);
-    for row in &rows {
-        // One reader takes both kinds of rows.
-        let parsed: qj_benches::BenchRow =
-            serde_json::from_value(row.clone()).expect("the shape of a qj bench row");
+    );
+    for (row, parsed) in &rows {
         assert_eq!(parsed.via, "nbd", "{row}");
         assert_eq!(parsed.workload, "randwrite-sync");
         assert_eq!(row["cache"], "writeback", "{row}");
@@ -576,25 +558,29 @@ fn bench_via_nbd_drives_qj_serve_and_qemu_nbd_with_fio() {
         assert!(end > start, "fresh clusters grew the image: {row}");
         assert!(parsed.note.is_none(), "{row}");
     }
-    assert_eq!(rows[1]["vs_qemu"], 1.0);
-    assert_eq!(rows[0]["vs_journal"], 1.0);
+    assert_eq!(rows[1].0["vs_qemu"], 1.0);
+    assert_eq!(rows[0].0["vs_journal"], 1.0);
 }
 
-/// `local-raw` runs the same fio job on the raw file with no NBD (the
-/// transport's own cost), and `overwrite-sync-8jobs` works on clusters
-/// written first, so the qcow2 image does not grow.
-#[test]
-fn bench_via_nbd_local_raw_and_overwrite_8jobs_on_filled_clusters() {
+/// Runs one `qj bench --via nbd` job (1 round of 1 s) on `targets` in
+/// `cache` mode; checks that the rows come in target order with every key
+/// of an in-process row, and parses each (one reader takes both kinds).
+fn nbd_bench_rows(
+    workload: &str,
+    targets: &[&str],
+    cache: &str,
+) -> Vec<(Value, qj_benches::BenchRow)> {
+    let target_list = targets.join(",");
     let rows = bench_json(&[
         "bench",
         "--via",
         "nbd",
         "--workload",
-        "overwrite-sync-8jobs",
+        workload,
         "--target",
-        "qj-journal,local-raw",
+        &target_list,
         "--cache",
-        "none",
+        cache,
         "--rounds",
         "1",
         "--seconds",
@@ -602,12 +588,24 @@ fn bench_via_nbd_local_raw_and_overwrite_8jobs_on_filled_clusters() {
         "--output",
         "json",
     ]);
-    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
-    assert_eq!(targets, ["qj-journal", "local-raw"]);
+    let got: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(got, targets);
     assert_row_keys(&rows);
-    for row in &rows {
-        let parsed: qj_benches::BenchRow =
-            serde_json::from_value(row.clone()).expect("the shape of a qj bench row");
+    rows.into_iter()
+        .map(|row| {
+            let parsed = serde_json::from_value(row.clone()).expect("the shape of a qj bench row");
+            (row, parsed)
+        })
+        .collect()
+}
+
+/// `local-raw` runs the same fio job on the raw file with no NBD (the
+/// transport's own cost), and `overwrite-sync-8jobs` works on clusters
+/// written first, so the qcow2 image does not grow.
+#[test]
+fn bench_via_nbd_local_raw_and_overwrite_8jobs_on_filled_clusters() {
+    let rows = nbd_bench_rows("overwrite-sync-8jobs", &["qj-journal", "local-raw"], "none");
+    for (row, parsed) in &rows {
         assert_eq!(parsed.workload, "overwrite-sync-8jobs");
         assert_eq!(parsed.threads, 8, "{row}");
         assert_eq!(row["cache"], "none", "{row}");
@@ -616,7 +614,7 @@ fn bench_via_nbd_local_raw_and_overwrite_8jobs_on_filled_clusters() {
         assert!(row["vs_local"].as_f64().unwrap() > 0.0, "{row}");
         assert!(parsed.note.is_none(), "{row}");
     }
-    let (journal, local) = (&rows[0], &rows[1]);
+    let (journal, local) = (&rows[0].0, &rows[1].0);
     assert_eq!(journal["via"], "nbd");
     // Every write lands on a cluster the fill allocated.
     assert_eq!(
