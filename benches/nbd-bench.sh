@@ -9,9 +9,10 @@
 # names: `writeback`, the page cache; `none`, O_DIRECT, what production
 # guests use): `qj serve --cache MODE` and `qemu-nbd --cache=MODE`.
 #
-# The server's fdatasync and fsync calls are counted with `perf stat`
-# (tracepoints, no slowdown worth naming) when perf can count them: the
-# `flushes_per_op` of each row (null without perf).
+# The server's fdatasync and fsync calls (fio's own, for local-raw) are
+# counted with `perf stat` (tracepoints, no slowdown worth naming) when
+# perf can count them: the `flushes_per_op` of each row (null without
+# perf).
 #
 # The serve overhead: job `overwrite-sync-seq` is the in-process
 # `qj bench --workload overwrite-sync` pattern (a 4 KiB write at the start
@@ -75,7 +76,7 @@ FILLED="${FILLED_MB}M"
 SEQ_OPS=3000
 STRIDE=65536
 
-usage() { sed -n '2,54p' "$0" >&2; exit 2; }
+usage() { sed -n '2,55p' "$0" >&2; exit 2; }
 CHECK_ONLY=""
 while getopts "r:s:o:T:J:c:n:d:kh" opt; do
     case "$opt" in
