@@ -4,10 +4,11 @@
 
 use qj_spec::journal::JournalHeader;
 
-use crate::apply::{apply_transaction, merge_ranges, DeviceTarget};
+use crate::apply::{apply_transaction, merge_ranges, OverlayTarget};
 use crate::error::JournalError;
 use crate::journal::{Journal, LiveTx};
 use crate::options::Mutation;
+use crate::overlay::Overlay;
 use crate::stats::Counters;
 use crate::sync::Arc;
 use crate::Storage;
@@ -19,7 +20,8 @@ pub struct CheckpointReport {
     pub synced_seq: u64,
     /// Transactions applied.
     pub transactions: u64,
-    /// Bytes written in place.
+    /// Bytes written in place: the last version of each range, once (a
+    /// range that several transactions wrote counts once).
     pub bytes_written: u64,
     /// Bytes skipped because later transactions revoked them.
     pub bytes_revoked: u64,
@@ -79,22 +81,32 @@ impl<S: Storage> Journal<S> {
             ..CheckpointReport::default()
         };
         let mut ranges = Vec::new();
+        // The revoke table stays read-locked until the in-place writes are
+        // issued: a commit carrying a revoke publishes it under the write
+        // lock before returning, so a range is either skipped here or
+        // reused by the caller only after these writes.
+        let revokes = self.revokes.read();
+        // The transactions are applied in order to an overlay, and only
+        // its result reaches the device: each range once, with the bytes
+        // of the last transaction that wrote it (jbd2 writes a buffer's
+        // last version, too). A table sector that every commit changed is
+        // written once per checkpoint, not once per commit. Which version
+        // lands first does not matter: until the header below names
+        // `last_seq` synced, replay re-applies all of these transactions
+        // in order over whatever a crash left in place.
+        let mut overlay = Overlay::new();
         for (seq, tx) in &batch {
-            // The revoke table stays read-locked while this transaction's
-            // writes are issued: a commit carrying a revoke publishes it
-            // under the write lock before returning, so a range is either
-            // skipped here or reused by the caller only after this write.
-            let revokes = self.revokes.read();
-            let mut target = DeviceTarget {
+            let mut target = OverlayTarget {
                 storage: &self.storage,
+                overlay: &mut overlay,
             };
             let applied = apply_transaction(&mut target, *seq, &tx.descriptors, &tx.data, &revokes)
                 .map_err(|e| self.poison(e))?;
-            drop(revokes);
-            report.bytes_written += applied.bytes_written;
             report.bytes_revoked += applied.bytes_revoked;
             ranges.extend(applied.ranges);
         }
+        report.bytes_written = self.write_in_place(&overlay).map_err(|e| self.poison(e))?;
+        drop(revokes);
         let region = self.region();
         // Ordering: the in-place writes must be durable before the header
         // says they are synced; after that header, replay no longer
@@ -136,4 +148,42 @@ impl<S: Storage> Journal<S> {
         report.ranges_written = merge_ranges(ranges);
         Ok(report)
     }
+
+    /// Writes a checkpoint's overlay in place, in offset order, joining
+    /// extents that touch into writes of up to [`IN_PLACE_WRITE_BYTES_MAX`]
+    /// (an overlay keeps a range that later writes split as several
+    /// extents). Returns the bytes written.
+    fn write_in_place(&self, overlay: &Overlay) -> Result<u64, JournalError> {
+        let mut written = 0;
+        let mut pending: Option<(u64, Vec<u8>)> = None;
+        let issue = |(offset, bytes): (u64, Vec<u8>)| {
+            self.storage
+                .write_at(&bytes, offset)
+                .map_err(|e| JournalError::io("write", offset, e))
+                .map(|()| bytes.len() as u64)
+        };
+        // Bounded by the overlay's extents.
+        for (offset, bytes) in overlay.extents() {
+            match &mut pending {
+                Some((start, joined))
+                    if *start + joined.len() as u64 == offset
+                        && joined.len() + bytes.len() <= IN_PLACE_WRITE_BYTES_MAX =>
+                {
+                    joined.extend_from_slice(bytes);
+                }
+                _ => {
+                    if let Some(done) = pending.replace((offset, bytes.to_vec())) {
+                        written += issue(done)?;
+                    }
+                }
+            }
+        }
+        if let Some(done) = pending {
+            written += issue(done)?;
+        }
+        Ok(written)
+    }
 }
+
+/// The largest in-place write a checkpoint joins from touching extents.
+const IN_PLACE_WRITE_BYTES_MAX: usize = 1 << 20;

@@ -325,6 +325,82 @@ fn checkpoint_applies_in_place_and_reports_ranges() {
     );
 }
 
+/// A device that records its in-place writes (at `AREA` and past) as
+/// (offset, length).
+#[derive(Debug, Default)]
+struct InPlaceLog {
+    inner: MemStorage,
+    writes: std::sync::Mutex<Vec<(u64, usize)>>,
+}
+
+impl Storage for InPlaceLog {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if offset >= AREA {
+            self.writes.lock().unwrap().push((offset, buf.len()));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// A sector that every commit rewrote is written once per checkpoint,
+/// with the last commit's bytes; ranges that touch go as one write; a
+/// copy reads its source as the transactions before it left it (in the
+/// checkpoint's overlay, not yet on the device).
+#[test]
+fn checkpoint_writes_each_range_once_with_its_last_version() {
+    let device = InPlaceLog::default();
+    let journal = create(&device);
+    for version in 1..=3u8 {
+        journal.commit(tx_write(AREA, &[version; 512])).unwrap();
+    }
+    journal.commit(tx_write(AREA + 512, &[6; 512])).unwrap();
+    journal.commit(tx_write(AREA + 0x4000, &[7; 100])).unwrap();
+    let mut copy = Transaction::new();
+    copy.copy(AREA + 0x8000, AREA + 0x4000, 100).unwrap();
+    journal.commit(copy).unwrap();
+    assert!(
+        device.writes.lock().unwrap().is_empty(),
+        "nothing in place before the checkpoint"
+    );
+
+    let report = journal.checkpoint().unwrap();
+    assert_eq!(report.transactions, 6);
+    assert_eq!(
+        *device.writes.lock().unwrap(),
+        vec![(AREA, 1024), (AREA + 0x4000, 100), (AREA + 0x8000, 100)],
+        "each range once, touching ranges joined, in offset order"
+    );
+    assert_eq!(report.bytes_written, 1024 + 100 + 100);
+    assert_eq!(
+        report.ranges_written,
+        vec![(AREA, 1024), (AREA + 0x4000, 100), (AREA + 0x8000, 100)]
+    );
+    assert_eq!(read(&device.inner, AREA, 512), vec![3; 512]);
+    assert_eq!(read(&device.inner, AREA + 512, 512), vec![6; 512]);
+    assert_eq!(read(&device.inner, AREA + 0x4000, 100), vec![7; 100]);
+    assert_eq!(
+        read(&device.inner, AREA + 0x8000, 100),
+        vec![7; 100],
+        "the copy read its source as the transaction before it wrote it, \
+         though those bytes were not in place yet"
+    );
+    drop(journal);
+    let (_, replayed) = reopen(&device);
+    assert_eq!(replayed.transactions_replayed, 0, "all synced");
+}
+
 #[test]
 fn wraparound_pads_and_keeps_every_commit() {
     let storage = MemStorage::new();
