@@ -4,7 +4,7 @@
 
 use qj_spec::journal::JournalHeader;
 
-use crate::apply::{apply_transaction, merge_ranges, OverlayTarget};
+use crate::apply::{apply_transaction, merge_ranges, ApplyTarget};
 use crate::error::JournalError;
 use crate::journal::{Journal, LiveTx};
 use crate::options::Mutation;
@@ -94,18 +94,15 @@ impl<S: Storage> Journal<S> {
         // lands first does not matter: until the header below names
         // `last_seq` synced, replay re-applies all of these transactions
         // in order over whatever a crash left in place.
-        let mut overlay = Overlay::new();
+        let mut target = CoalescingTarget::new(&self.storage, OVERLAY_BYTES_MAX);
         for (seq, tx) in &batch {
-            let mut target = OverlayTarget {
-                storage: &self.storage,
-                overlay: &mut overlay,
-            };
             let applied = apply_transaction(&mut target, *seq, &tx.descriptors, &tx.data, &revokes)
                 .map_err(|e| self.poison(e))?;
             report.bytes_revoked += applied.bytes_revoked;
             ranges.extend(applied.ranges);
         }
-        report.bytes_written = self.write_in_place(&overlay).map_err(|e| self.poison(e))?;
+        target.spill().map_err(|e| self.poison(e))?;
+        report.bytes_written = target.written_bytes;
         drop(revokes);
         let region = self.region();
         // Ordering: the in-place writes must be durable before the header
@@ -148,42 +145,143 @@ impl<S: Storage> Journal<S> {
         report.ranges_written = merge_ranges(ranges);
         Ok(report)
     }
+}
 
-    /// Writes a checkpoint's overlay in place, in offset order, joining
-    /// extents that touch into writes of up to [`IN_PLACE_WRITE_BYTES_MAX`]
-    /// (an overlay keeps a range that later writes split as several
-    /// extents). Returns the bytes written.
-    fn write_in_place(&self, overlay: &Overlay) -> Result<u64, JournalError> {
-        let mut written = 0;
-        let mut pending: Option<(u64, Vec<u8>)> = None;
-        let issue = |(offset, bytes): (u64, Vec<u8>)| {
-            self.storage
-                .write_at(&bytes, offset)
-                .map_err(|e| JournalError::io("write", offset, e))
-                .map(|()| bytes.len() as u64)
-        };
-        // Bounded by the overlay's extents.
-        for (offset, bytes) in overlay.extents() {
-            match &mut pending {
-                Some((start, joined))
-                    if *start + joined.len() as u64 == offset
-                        && joined.len() + bytes.len() <= IN_PLACE_WRITE_BYTES_MAX =>
-                {
-                    joined.extend_from_slice(bytes);
+/// Most bytes a checkpoint's overlay holds before it is written in place
+/// and started again. Copies make the bound needed: a copy descriptor
+/// takes 24 bytes of the ring but puts its whole target (up to a cluster)
+/// in the overlay. Writing part of the batch early changes nothing: the
+/// overlay is applied in order, and a crash before the header is replayed
+/// from the start of the batch either way.
+const OVERLAY_BYTES_MAX: u64 = 64 << 20;
+
+/// The largest in-place write a checkpoint joins from touching extents
+/// (an overlay keeps a range that later writes split as several).
+const IN_PLACE_WRITE_BYTES_MAX: usize = 1 << 20;
+
+/// Where a checkpoint applies its batch: an overlay over the device,
+/// written in place when it holds `held_bytes_max` and at the end.
+struct CoalescingTarget<'a, S: Storage> {
+    storage: &'a S,
+    overlay: Overlay,
+    /// Bytes written into the overlay since it was last written in place:
+    /// at least what it holds.
+    held_bytes: u64,
+    /// [`OVERLAY_BYTES_MAX`] (smaller in tests).
+    held_bytes_max: u64,
+    /// Bytes written in place so far.
+    written_bytes: u64,
+}
+
+impl<'a, S: Storage> CoalescingTarget<'a, S> {
+    fn new(storage: &'a S, held_bytes_max: u64) -> Self {
+        Self {
+            storage,
+            overlay: Overlay::new(),
+            held_bytes: 0,
+            held_bytes_max,
+            written_bytes: 0,
+        }
+    }
+
+    /// Writes the overlay in place, in offset order, touching extents
+    /// joined into writes of up to [`IN_PLACE_WRITE_BYTES_MAX`], and starts
+    /// an empty one.
+    fn spill(&mut self) -> Result<(), JournalError> {
+        let overlay = std::mem::take(&mut self.overlay);
+        self.held_bytes = 0;
+        let extents: Vec<(u64, &[u8])> = overlay.extents().collect();
+        let mut first = 0;
+        // Bounded by the extents: each round writes at least one.
+        while first < extents.len() {
+            let (offset, bytes) = extents[first];
+            let mut end = first + 1;
+            let mut joined_len = bytes.len();
+            while let Some(&(next, next_bytes)) = extents.get(end) {
+                let touches = offset + joined_len as u64 == next;
+                if !touches || joined_len + next_bytes.len() > IN_PLACE_WRITE_BYTES_MAX {
+                    break;
                 }
-                _ => {
-                    if let Some(done) = pending.replace((offset, bytes.to_vec())) {
-                        written += issue(done)?;
-                    }
-                }
+                joined_len += next_bytes.len();
+                end += 1;
             }
+            let write = |buf: &[u8]| {
+                self.storage
+                    .write_at(buf, offset)
+                    .map_err(|e| JournalError::io("write", offset, e))
+            };
+            if end == first + 1 {
+                write(bytes)?;
+            } else {
+                write(
+                    &extents[first..end]
+                        .iter()
+                        .flat_map(|(_, b)| b.iter().copied())
+                        .collect::<Vec<u8>>(),
+                )?;
+            }
+            self.written_bytes += joined_len as u64;
+            first = end;
         }
-        if let Some(done) = pending {
-            written += issue(done)?;
-        }
-        Ok(written)
+        Ok(())
     }
 }
 
-/// The largest in-place write a checkpoint joins from touching extents.
-const IN_PLACE_WRITE_BYTES_MAX: usize = 1 << 20;
+impl<S: Storage> ApplyTarget for CoalescingTarget<'_, S> {
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<(), JournalError> {
+        self.overlay
+            .read_through(self.storage, buf, offset)
+            .map_err(|e| JournalError::io("read", offset, e))
+    }
+    fn write(&mut self, bytes: &[u8], offset: u64) -> Result<(), JournalError> {
+        self.overlay.write(offset, bytes);
+        self.held_bytes += bytes.len() as u64;
+        if self.held_bytes > self.held_bytes_max {
+            self.spill()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::MemStorage;
+
+    fn read(storage: &MemStorage, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        storage.read_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    /// Past its budget the overlay goes to the device early, and what
+    /// follows still lands as if each write went there in order: a later
+    /// write wins, and a read (a copy's source) sees both halves.
+    #[test]
+    fn an_overlay_past_its_budget_is_written_early_with_the_same_result() {
+        let storage = MemStorage::new();
+        let mut target = CoalescingTarget::new(&storage, 1000);
+        target.write(&[1; 600], 0).unwrap();
+        target.write(&[2; 100], 100).unwrap();
+        assert_eq!(read(&storage, 0, 700), vec![0; 700], "under the budget");
+        target.write(&[3; 400], 600).unwrap();
+        assert_eq!(target.held_bytes, 0, "past the budget: written");
+        let mut want = vec![1u8; 1000];
+        want[100..200].fill(2);
+        want[600..1000].fill(3);
+        assert_eq!(read(&storage, 0, 1000), want);
+        assert_eq!(
+            target.written_bytes, 1000,
+            "touching extents, each byte once"
+        );
+        target.write(&[4; 50], 950).unwrap();
+        let mut seen = vec![0u8; 100];
+        target.read(&mut seen, 900).unwrap();
+        assert_eq!(seen[..50], [3; 50]);
+        assert_eq!(seen[50..], [4; 50]);
+        target.spill().unwrap();
+        want[950..1000].fill(4);
+        assert_eq!(read(&storage, 0, 1000), want);
+        assert_eq!(target.written_bytes, 1050);
+    }
+}
