@@ -4,7 +4,7 @@
 
 use qj_spec::journal::JournalHeader;
 
-use crate::apply::{apply_transaction, merge_ranges, ApplyTarget};
+use crate::apply::{apply_transaction, merge_ranges, ApplyTarget, OverlayTarget};
 use crate::error::JournalError;
 use crate::journal::{Journal, LiveTx};
 use crate::options::Mutation;
@@ -229,9 +229,11 @@ impl<'a, S: Storage> CoalescingTarget<'a, S> {
 
 impl<S: Storage> ApplyTarget for CoalescingTarget<'_, S> {
     fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<(), JournalError> {
-        self.overlay
-            .read_through(self.storage, buf, offset)
-            .map_err(|e| JournalError::io("read", offset, e))
+        OverlayTarget {
+            storage: self.storage,
+            overlay: &mut self.overlay,
+        }
+        .read(buf, offset)
     }
     fn write(&mut self, bytes: &[u8], offset: u64) -> Result<(), JournalError> {
         self.overlay.write(offset, bytes);

@@ -217,13 +217,15 @@ fn dedup_entries_without_a_consumer_refuse_the_open() {
 }
 
 /// A device whose in-place writes (at `AREA` and past) wait, while held,
-/// until released: a checkpoint stays inside its writes meanwhile.
+/// until released (a checkpoint stays inside its writes meanwhile), and
+/// are logged as (offset, length).
 #[derive(Debug, Default)]
 struct HeldDevice {
     inner: MemStorage,
     held: std::sync::Mutex<bool>,
     released: std::sync::Condvar,
     writes_waiting: std::sync::atomic::AtomicUsize,
+    writes: std::sync::Mutex<Vec<(u64, usize)>>,
 }
 
 impl Storage for HeldDevice {
@@ -232,6 +234,7 @@ impl Storage for HeldDevice {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         if offset >= AREA {
+            self.writes.lock().unwrap().push((offset, buf.len()));
             let mut held = self.held.lock().unwrap();
             self.writes_waiting.fetch_add(1, Ordering::SeqCst);
             while *held {
@@ -325,42 +328,13 @@ fn checkpoint_applies_in_place_and_reports_ranges() {
     );
 }
 
-/// A device that records its in-place writes (at `AREA` and past) as
-/// (offset, length).
-#[derive(Debug, Default)]
-struct InPlaceLog {
-    inner: MemStorage,
-    writes: std::sync::Mutex<Vec<(u64, usize)>>,
-}
-
-impl Storage for InPlaceLog {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if offset >= AREA {
-            self.writes.lock().unwrap().push((offset, buf.len()));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
 /// A sector that every commit rewrote is written once per checkpoint,
 /// with the last commit's bytes; ranges that touch go as one write; a
 /// copy reads its source as the transactions before it left it (in the
 /// checkpoint's overlay, not yet on the device).
 #[test]
 fn checkpoint_writes_each_range_once_with_its_last_version() {
-    let device = InPlaceLog::default();
+    let device = HeldDevice::default();
     let journal = create(&device);
     for version in 1..=3u8 {
         journal.commit(tx_write(AREA, &[version; 512])).unwrap();
