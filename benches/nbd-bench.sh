@@ -280,10 +280,11 @@ print(json.dumps({
 EOF
 }
 
-# run_fio TARGET CACHE NAME OUT ARGS...: one fio run against the target's
-# server, or (local-raw) on its file, fio counting its own flushes there.
+# run_fio TARGET IMAGE CACHE NAME OUT ARGS...: one fio run against the
+# target's server, or (local-raw) on its image file, fio counting its own
+# flushes there.
 run_fio() {
-    local target="$1" cache="$2" name="$3" out="$4"; shift 4
+    local target="$1" img="$2" cache="$3" name="$4" out="$5"; shift 5
     local common=(--name="$name" --group_reporting --output-format=json --output="$out")
     if [[ "$target" != local-* ]]; then
         # fio prints a line on stdout even with --output: keep it quiet.
@@ -296,7 +297,7 @@ run_fio() {
     local args=("${@/#--fsync=1/--fdatasync=1}")
     local direct=0
     [[ "$cache" == none ]] && direct=1
-    local run=(fio "${common[@]}" --ioengine=psync --direct="$direct" --filename="$DIR/img-$target" "${args[@]}")
+    local run=(fio "${common[@]}" --ioengine=psync --direct="$direct" --filename="$img" "${args[@]}")
     rm -f "$DIR/perf.txt"
     if [[ -n "$PERF" ]]; then
         perf stat -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
@@ -333,14 +334,14 @@ for rep in $(seq 1 "$REPEATS"); do
             start_server "$target" "$img" "$cache"
             if needs_fill "$job"; then
                 # shellcheck disable=SC2046 # a word list on purpose
-                run_fio "$target" "$cache" fill "$DIR/fill.json" $(fill_args "$job")
+                run_fio "$target" "$img" "$cache" fill "$DIR/fill.json" $(fill_args "$job")
                 # The fill's flushes are not the job's.
                 stop_server
                 start_server "$target" "$img" "$cache"
             fi
             # shellcheck disable=SC2046 # job_args is a word list on purpose
             start_bytes="$(file_bytes "$target" "$img")"
-            run_fio "$target" "$cache" "$job" "$DIR/run.json" $(job_args "$job")
+            run_fio "$target" "$img" "$cache" "$job" "$DIR/run.json" $(job_args "$job")
             stop_server
             python3 - "$DIR/run.json" "$job" "$target" "$rep" "$cache" "$(server_flushes)" \
                 "$start_bytes" "$(file_bytes "$target" "$img")" >> "$RESULTS" <<'EOF'

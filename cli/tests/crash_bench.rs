@@ -571,6 +571,10 @@ fn nbd_bench_rows(
     cache: &str,
 ) -> Vec<(Value, qj_benches::BenchRow)> {
     let target_list = targets.join(",");
+    // On the project's disk: /tmp may be tmpfs, which has no O_DIRECT
+    // (cache mode none).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
     let rows = bench_json(&[
         "bench",
         "--via",
@@ -585,6 +589,8 @@ fn nbd_bench_rows(
         "1",
         "--seconds",
         "1",
+        "--dir",
+        dir_arg,
         "--output",
         "json",
     ]);

@@ -1,6 +1,6 @@
 //! Applying a transaction's operations to their targets, honouring
-//! revokes; shared by checkpoint (device), replay (device) and in-memory
-//! replay (overlay).
+//! revokes; shared by checkpoint (an overlay written in place), replay
+//! (device) and in-memory replay (overlay).
 
 use qj_spec::journal::{checksum, DataChecksumChunk, Descriptor};
 
@@ -38,7 +38,8 @@ impl ApplyTarget for DeviceTarget<'_> {
     }
 }
 
-/// An overlay over a device that is never written.
+/// An overlay over a device that this target never writes (checkpoint
+/// writes its overlay in place itself).
 pub(crate) struct OverlayTarget<'a> {
     pub storage: &'a dyn Storage,
     pub overlay: &'a mut Overlay,

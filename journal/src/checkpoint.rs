@@ -20,8 +20,9 @@ pub struct CheckpointReport {
     pub synced_seq: u64,
     /// Transactions applied.
     pub transactions: u64,
-    /// Bytes written in place: the last version of each range, once (a
-    /// range that several transactions wrote counts once).
+    /// Bytes written in place: the last version of each range, once per
+    /// overlay (a range that several transactions wrote counts once, unless
+    /// the overlay was written out between them).
     pub bytes_written: u64,
     /// Bytes skipped because later transactions revoked them.
     pub bytes_revoked: u64,
@@ -156,11 +157,14 @@ impl<S: Storage> Journal<S> {
 const OVERLAY_BYTES_MAX: u64 = 64 << 20;
 
 /// The largest in-place write a checkpoint joins from touching extents
-/// (an overlay keeps a range that later writes split as several).
+/// (an overlay keeps a range that later writes split as several): large
+/// enough that a table or a logged cluster goes as one write, small
+/// enough that the joining buffer stays a small share of the overlay.
 const IN_PLACE_WRITE_BYTES_MAX: usize = 1 << 20;
 
 /// Where a checkpoint applies its batch: an overlay over the device,
-/// written in place when it holds `held_bytes_max` and at the end.
+/// written in place when it has taken more than `held_bytes_max` and at
+/// the end.
 struct CoalescingTarget<'a, S: Storage> {
     storage: &'a S,
     overlay: Overlay,

@@ -558,10 +558,10 @@ impl<S: Storage> Journal<S> {
         // as soon as its commit returns, and from then on no checkpoint may
         // write the old content there. A batch without revokes leaves the
         // table alone: a checkpoint holds it read-locked from applying its
-        // first transaction until its in-place writes are issued, and every
-        // batch would wait that out (batches finish in order, so one that
-        // carries revokes delays the ones behind it; with logged data, a
-        // transaction's writes took 60-100 us).
+        // first transaction until all of its in-place writes are issued
+        // (milliseconds with logged data), and every batch would wait that
+        // out. Batches finish in order, so one that carries revokes (freed
+        // metadata: rare) delays the ones behind it.
         if planned.iter().any(|p| !p.revokes.is_empty()) {
             let mut table = self.revokes.write();
             for p in planned.iter() {
