@@ -99,10 +99,7 @@ fn qemu_cache(workload: Workload, cache: CacheMode) -> &'static str {
     match (workload.synced(), cache) {
         (true, CacheMode::Writeback | CacheMode::Writethrough) => "writethrough",
         (true, CacheMode::None | CacheMode::Directsync) => "directsync",
-        (false, CacheMode::Writeback) => "writeback",
-        (false, CacheMode::Writethrough) => "writethrough",
-        (false, CacheMode::None) => "none",
-        (false, CacheMode::Directsync) => "directsync",
+        (false, mode) => mode.name(),
     }
 }
 

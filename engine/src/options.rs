@@ -137,6 +137,16 @@ impl CacheMode {
         }
     }
 
+    /// QEMU's name of the mode (what [`Self::parse`] takes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Writeback => "writeback",
+            Self::Writethrough => "writethrough",
+            Self::None => "none",
+            Self::Directsync => "directsync",
+        }
+    }
+
     /// Whether the image file is opened with `O_DIRECT`.
     pub fn direct(self) -> bool {
         matches!(self, Self::None | Self::Directsync)

@@ -298,21 +298,16 @@ fn nbd_runner_args(args: &BenchArgs, rows: &Path) -> CliResult<Vec<OsString>> {
         runner.extend(["-T".into(), list(&args.target).into()]);
     }
     if !args.cache.is_empty() {
-        let modes = without_repeats(&args.cache)
-            .iter()
-            .map(|mode| match mode {
-                qj_engine::CacheMode::Writeback => Ok("writeback"),
-                qj_engine::CacheMode::None => Ok("none"),
-                qj_engine::CacheMode::Writethrough | qj_engine::CacheMode::Directsync => {
-                    Err(CliError::Usage(
-                        "bench: with --via nbd, --cache takes writeback and none \
-                         (the modes the NBD runner compares)"
-                            .into(),
-                    ))
-                }
-            })
-            .collect::<CliResult<Vec<_>>>()?;
-        runner.extend(["-c".into(), modes.join(",").into()]);
+        let modes = without_repeats(&args.cache);
+        if modes.iter().any(|mode| mode.writethrough()) {
+            return Err(CliError::Usage(
+                "bench: with --via nbd, --cache takes writeback and none \
+                 (the modes the NBD runner compares)"
+                    .into(),
+            ));
+        }
+        let names: Vec<&str> = modes.iter().map(|mode| mode.name()).collect();
+        runner.extend(["-c".into(), names.join(",").into()]);
     }
     if let Some(dir) = &args.dir {
         // The runner changes directory; a relative path would move with it.
