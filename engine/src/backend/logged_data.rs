@@ -28,7 +28,7 @@
 //! - the cluster is not reused until then: a replay would write the old
 //!   bytes over its next owner's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The last transaction that carries a cluster's logged bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,8 +105,14 @@ pub struct LoggedData {
     /// Most bytes held; past it, fresh clusters are written in place as
     /// without logging.
     held_bytes_max: u64,
-    /// Clusters with bytes not yet submitted.
-    dirty_clusters: usize,
+    /// Clusters with bytes not yet submitted. An index beside `clusters`,
+    /// as is `submitted`: a submit and a commit each touch only the
+    /// clusters they concern. Scanning every held cluster instead (a few
+    /// thousand between checkpoints) put two walks of the whole map, under
+    /// its lock, on every commit's path.
+    dirty_clusters: BTreeSet<u64>,
+    /// The clusters each submitted, not yet committed, ticket carries.
+    submitted: BTreeMap<u64, Vec<u64>>,
     /// Bytes not yet submitted (the spans the next transaction carries).
     dirty_bytes: u64,
     /// Most bytes not yet submitted that fresh clusters may add: bounds
@@ -124,7 +130,8 @@ impl LoggedData {
             cluster_size,
             held_bytes: 0,
             held_bytes_max,
-            dirty_clusters: 0,
+            dirty_clusters: BTreeSet::new(),
+            submitted: BTreeMap::new(),
             dirty_bytes: 0,
             dirty_bytes_max,
         }
@@ -147,7 +154,7 @@ impl LoggedData {
 
     /// Whether some bytes wait for the next transaction.
     pub fn has_dirty(&self) -> bool {
-        self.dirty_clusters > 0
+        !self.dirty_clusters.is_empty()
     }
 
     /// Logs `data` written at `in_cluster` into the fresh cluster at
@@ -184,7 +191,7 @@ impl LoggedData {
         );
         self.held_bytes += data.len() as u64;
         self.dirty_bytes += data.len() as u64;
-        self.dirty_clusters += 1;
+        self.dirty_clusters.insert(cluster);
         true
     }
 
@@ -209,7 +216,7 @@ impl LoggedData {
                 (lo.min(at), hi.max(end))
             }
             None => {
-                self.dirty_clusters += 1;
+                self.dirty_clusters.insert(cluster);
                 (at, end)
             }
         };
@@ -221,25 +228,33 @@ impl LoggedData {
     /// Hands the bytes written since the last submit to the epoch with
     /// engine ticket `ticket`, as (file offset, bytes) writes.
     pub fn take_dirty(&mut self, ticket: u64) -> Vec<(u64, Vec<u8>)> {
-        let mut writes = Vec::with_capacity(self.dirty_clusters);
-        for (&cluster, logged) in &mut self.clusters {
-            if let Some((lo, hi)) = logged.dirty.take() {
-                logged.carrier = Some(Carrier::Submitted(ticket));
-                let mut bytes = vec![0u8; (hi - lo) as usize];
-                logged.read(lo, &mut bytes);
-                writes.push((cluster + lo, bytes));
-            }
+        let taken = std::mem::take(&mut self.dirty_clusters);
+        let mut writes = Vec::with_capacity(taken.len());
+        for &cluster in &taken {
+            let logged = self
+                .clusters
+                .get_mut(&cluster)
+                .expect("a dirty cluster is held");
+            let (lo, hi) = logged.dirty.take().expect("an indexed cluster is dirty");
+            logged.carrier = Some(Carrier::Submitted(ticket));
+            let mut bytes = vec![0u8; (hi - lo) as usize];
+            logged.read(lo, &mut bytes);
+            writes.push((cluster + lo, bytes));
         }
-        self.dirty_clusters = 0;
+        if !taken.is_empty() {
+            self.submitted.insert(ticket, taken.into_iter().collect());
+        }
         self.dirty_bytes = 0;
         writes
     }
 
     /// The epoch with `ticket` committed as transaction `seq`.
     pub fn committed(&mut self, ticket: u64, seq: u64) {
-        for logged in self.clusters.values_mut() {
-            if logged.carrier == Some(Carrier::Submitted(ticket)) {
-                logged.carrier = Some(Carrier::Committed(seq));
+        for cluster in self.submitted.remove(&ticket).unwrap_or_default() {
+            if let Some(logged) = self.clusters.get_mut(&cluster) {
+                if logged.carrier == Some(Carrier::Submitted(ticket)) {
+                    logged.carrier = Some(Carrier::Committed(seq));
+                }
             }
         }
     }
@@ -257,6 +272,13 @@ impl LoggedData {
             keep
         });
         self.held_bytes -= freed;
+        // A ticket whose commit failed is never `committed`: its entry
+        // goes once its clusters do (the image is poisoned by then).
+        let clusters = &self.clusters;
+        self.submitted.retain(|_, taken| {
+            taken.retain(|c| clusters.contains_key(c));
+            !taken.is_empty()
+        });
     }
 
     /// Whether the cluster holding file offset `offset` holds logged data
@@ -353,5 +375,30 @@ mod tests {
         let big = vec![1u8; LOGGED_WRITE_BYTES_MAX + 1];
         let mut l = LoggedData::new(2 * big.len() as u64, 1 << 20, 1 << 20);
         assert!(!l.log_fresh(0, 0, &big), "too big to log");
+    }
+
+    #[test]
+    fn each_submit_and_commit_concerns_only_its_own_clusters() {
+        let mut l = LoggedData::new(CS, 8 * CS, 8 * CS);
+        assert!(l.log_fresh(0, 0, &[1; 8]));
+        assert!(l.log_fresh(CS, 0, &[2; 8]));
+        let first = l.take_dirty(5);
+        assert_eq!(first.len(), 2);
+        assert!(l.take_dirty(6).is_empty(), "nothing dirty is left");
+        // A cluster of the first submit written again, and a fresh one.
+        assert!(l.absorb(CS + 8, &[3; 8]));
+        assert!(l.log_fresh(2 * CS, 0, &[4; 8]));
+        let second = l.take_dirty(7);
+        let offsets: Vec<u64> = second.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, [CS + 8, 2 * CS], "only the spans written since");
+        // The later transaction commits and syncs first: the clusters it
+        // carries last go; cluster 0 still waits for ticket 5.
+        l.committed(7, 12);
+        l.forget_synced(12);
+        assert!(l.holds(0) && !l.holds(CS) && !l.holds(2 * CS));
+        l.committed(5, 11);
+        l.forget_synced(12);
+        assert!(l.is_empty());
+        assert_eq!(l.held_bytes().0, 0);
     }
 }
