@@ -10,9 +10,9 @@
 //! groups that alternate between flushes: those released by one flush
 //! arrive while the next is already being written. So a new writer gathers
 //! first: it waits until as many committers as were recently active have
-//! queued, but never longer than the last batch took (jbd2 waits about one
-//! commit time too) nor the configured maximum, and not at all while only
-//! one committer is active.
+//! queued, but never longer than [`GATHER_BATCH_TIMES`] times the last
+//! batch took (jbd2 waits about one commit time) nor the configured
+//! maximum, and not at all while only one committer is active.
 //!
 //! All of the coordination state lives in [`GroupCommit`] and the I/O is a
 //! [`BatchPipeline`], so a loom model can drive this exact code with a fake
@@ -45,6 +45,17 @@ pub trait BatchPipeline<T, R> {
 /// real number, and falls back within as many batches when load drops (a
 /// lone committer then stops waiting to gather).
 const PEAK_ROUNDS: usize = 16;
+
+/// How many of the last batch's durations a writer gathers for at most.
+/// A batch's duration is its write and flush only, while a committer
+/// released by it needs a whole round trip to its client (an NBD reply,
+/// the next WRITE, its reply, the FLUSH) to come back: with one batch
+/// time, 8 flushing connections on a fresh image (`cache=none`) missed
+/// their batch often enough to make 0.19-0.21 flushes per op; with three,
+/// 0.13, at the same rate or better (and 0.16 against 0.23 on written
+/// clusters). A lone committer never gathers, so this costs QD1 nothing;
+/// a writer whose committers do not come waits at most `gather_max`.
+const GATHER_BATCH_TIMES: u32 = 3;
 
 /// The state shared by committers.
 #[derive(Debug)]
@@ -262,7 +273,7 @@ impl<T, R> GroupCommit<T, R> {
         // Gathering only delays a batch and never changes any result, and
         // loom cannot model a timed wait (it would wait for an arrival that
         // may never come): under loom the writer does not gather.
-        let window = queue.last_batch.min(self.gather_max);
+        let window = (queue.last_batch * GATHER_BATCH_TIMES).min(self.gather_max);
         if want <= 1 || window.is_zero() || cfg!(loom) {
             return queue;
         }
