@@ -124,6 +124,23 @@ impl Image {
             } = self.l2_entry(&t.bytes, cluster)?
             {
                 if !self.dedup_no_in_place(offset) {
+                    // The table is let go before the device write: held,
+                    // every allocating write into the clusters it maps
+                    // (8 NBD connections share the two L2 tables of a
+                    // 1 GiB image) waited for this write's device time.
+                    // The gate is what keeps the cluster this write's:
+                    // a cluster released by a concurrent discard is reused
+                    // only after a gather under the exclusive gate, which
+                    // waits for this write; and its new-data records and
+                    // the journal's guards are taken under the gate too.
+                    // An entry changed meanwhile (discard, zeroing) is a
+                    // concurrent request on the same range, which no
+                    // protocol orders. Deduplication keeps the table: a
+                    // cluster is hashed for the index under its write
+                    // lock, and no write may change the bytes meanwhile.
+                    if !self.dedups() {
+                        drop(t);
+                    }
                     return self.write_data(data, offset.0 + in_cluster as u64);
                 }
             }
