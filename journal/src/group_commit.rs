@@ -273,7 +273,10 @@ impl<T, R> GroupCommit<T, R> {
         // Gathering only delays a batch and never changes any result, and
         // loom cannot model a timed wait (it would wait for an arrival that
         // may never come): under loom the writer does not gather.
-        let window = (queue.last_batch * GATHER_BATCH_TIMES).min(self.gather_max);
+        let window = queue
+            .last_batch
+            .saturating_mul(GATHER_BATCH_TIMES)
+            .min(self.gather_max);
         if want <= 1 || window.is_zero() || cfg!(loom) {
             return queue;
         }

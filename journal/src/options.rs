@@ -76,8 +76,9 @@ pub struct JournalOptions {
     pub queue_capacity: usize,
     /// Longest a group-commit writer waits for the recently active
     /// committers to queue before writing a batch (also never more than
-    /// three times the last batch's duration; zero disables gathering). A
-    /// lone committer never waits.
+    /// `GATHER_BATCH_TIMES` times the last batch's duration,
+    /// `group_commit.rs`; zero disables gathering). A lone committer never
+    /// waits.
     pub group_commit_gather_max: std::time::Duration,
     /// What open does with a dirty log.
     pub replay_mode: ReplayMode,

@@ -851,9 +851,11 @@ impl MetadataBackend for JournalBackend {
     }
 
     fn absorb_data_write(&self, offset: HostOffset, data: &[u8]) -> bool {
-        // A cluster cannot become logged under a writer: logging needs the
-        // L2 table locked for its fresh entry, and writers into the cluster
-        // hold that table too.
+        // A cluster cannot become logged under a writer: only a fresh
+        // cluster is logged, before its entry is set, and a writer that
+        // found the entry set holds the gate, without which the cluster
+        // cannot be freed and reused as a fresh one (a reuse waits for a
+        // gather under the exclusive gate).
         if self.logged_count.load(Ordering::SeqCst) == 0 {
             return false;
         }

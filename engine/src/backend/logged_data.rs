@@ -272,8 +272,9 @@ impl LoggedData {
             keep
         });
         self.held_bytes -= freed;
-        // A ticket whose commit failed is never `committed`: its entry
-        // goes once its clusters do (the image is poisoned by then).
+        // A ticket whose commit failed is never `committed`: its clusters
+        // stay `Submitted` and are never forgotten, nor is its entry. The
+        // image is poisoned by then, so neither grows.
         let clusters = &self.clusters;
         self.submitted.retain(|_, taken| {
             taken.retain(|c| clusters.contains_key(c));

@@ -8,8 +8,11 @@
 //!    Reads do not take it.
 //! 2. `l1` (read for lookups, write to link a new or copied L2 table).
 //! 3. one L2 table's lock (read to read or overwrite an allocated cluster,
-//!    write to change an entry). Data I/O happens under this per-table lock
-//!    only, so that a concurrent discard cannot free a cluster mid-I/O.
+//!    write to change an entry). A read holds it across its data I/O, so
+//!    that a concurrent discard cannot free the cluster mid-read. An
+//!    in-place overwrite lets go of it before its data write and relies
+//!    on the gate instead: a freed cluster is reused only after a gather
+//!    under the exclusive gate (`write.rs`, `write_piece`).
 //! 4. `refcounts` (allocation and frees; metadata I/O only).
 //!
 //! Write-back: metadata changes stay in memory until the guest flushes or a

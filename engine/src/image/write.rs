@@ -92,6 +92,9 @@ impl Image {
         Ok(table)
     }
 
+    /// Writes `data` at byte `in_cluster` of guest cluster `cluster`.
+    /// Caller holds the gate (shared or exclusive): an in-place overwrite
+    /// relies on it, not on the L2 table's lock, to keep its cluster.
     pub(super) fn write_piece(
         &self,
         cluster: GuestCluster,
@@ -276,8 +279,12 @@ impl Image {
         self.counters.data_write(data.len());
         // A checksum taken from an earlier write into this cluster no
         // longer describes its bytes (`new_data.rs`). Checked after the
-        // write and under the L2 table lock (shared or exclusive), so a
-        // range recorded before it is seen; the gather waits for both.
+        // write, by a writer that read the cluster's entry under its L2
+        // table's lock, so after any range recorded for it (a range is
+        // recorded before its entry is set); and under the gate, so no
+        // range for it can be recorded meanwhile (that takes a free and a
+        // reuse, or deduplication, which keeps the table locked). The
+        // gather waits for the gate.
         if self.new_data_held.load(Ordering::SeqCst) > 0 {
             let cs = self.geometry.cluster_size();
             self.new_data.lock().overwritten(host - host % cs);
@@ -407,6 +414,8 @@ impl Image {
         self.maybe_evict()
     }
 
+    /// Zeroes or discards `n` bytes at byte `in_cluster` of guest cluster
+    /// `cluster`. Caller holds the gate, as for [`Self::write_piece`].
     pub(super) fn zero_piece(
         &self,
         cluster: GuestCluster,
