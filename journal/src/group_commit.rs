@@ -78,6 +78,10 @@ struct Queue<T, R> {
     recent_peaks: [usize; PEAK_ROUNDS],
     /// How long the last batch took from write to finish.
     last_batch: Duration,
+    /// Committers asleep in `wait` for their turn or their result: the
+    /// unit tests wait for them to be asleep before they act.
+    #[cfg(test)]
+    asleep: usize,
 }
 
 /// Batches items from many threads through a write-then-flush pipeline.
@@ -95,7 +99,11 @@ pub struct GroupCommit<T, R> {
     /// Liveness rests on the finish alone: whoever sleeps here has a batch
     /// in flight ahead of it (its own, the writer's, or an earlier one),
     /// and every finish notifies (loom model `loom_group_commit`
-    /// deadlocks without that notify).
+    /// deadlocks without that notify). The full-queue wakeups only take a
+    /// full queue early; the unit tests
+    /// `sleepers_take_a_queue_left_full_by_a_write_without_waiting_for_its_flush`
+    /// and `an_enqueue_that_fills_the_queue_wakes_a_sleeper_when_no_one_writes`
+    /// fail without them.
     changed: Condvar,
     /// A writer waits here for arrivals (gathering, or the flush ahead).
     arrivals: Condvar,
@@ -128,6 +136,8 @@ impl<T, R> GroupCommit<T, R> {
                 peak_this_round: 0,
                 recent_peaks: [0; PEAK_ROUNDS],
                 last_batch: Duration::ZERO,
+                #[cfg(test)]
+                asleep: 0,
             }),
             changed: Condvar::new(),
             arrivals: Condvar::new(),
@@ -190,7 +200,15 @@ impl<T, R> GroupCommit<T, R> {
             }
             if queue.writer_active || queue.waiting.iter().all(|(t, _)| *t != ticket) {
                 // Someone is writing, or our item is in a batch in flight.
+                #[cfg(test)]
+                {
+                    queue.asleep += 1;
+                }
                 queue = self.changed.wait(queue);
+                #[cfg(test)]
+                {
+                    queue.asleep -= 1;
+                }
                 continue;
             }
             queue.writer_active = true;
@@ -450,6 +468,143 @@ mod tests {
             assert_eq!(written_during_flush, 2, "a full queue waited for the flush");
             assert_eq!(waiter.join().unwrap(), 2);
             assert_eq!(group.wait(tickets[0], pipeline), 1);
+        });
+        assert_eq!(*pipeline.sizes.lock().unwrap(), vec![1, 2]);
+    }
+
+    /// Holds its first write and its first flush until told to go on.
+    struct GatedFirstWriteAndFlush {
+        sizes: std::sync::Mutex<Vec<usize>>,
+        writes: AtomicUsize,
+        flushes: AtomicUsize,
+        entered_first_write: std::sync::mpsc::SyncSender<()>,
+        open_first_write: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        entered_first_flush: std::sync::mpsc::SyncSender<()>,
+        open_first_flush: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl BatchPipeline<u64, u64> for GatedFirstWriteAndFlush {
+        type Batch = Vec<u64>;
+        fn write(&self, items: Vec<u64>) -> Self::Batch {
+            if self.writes.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.entered_first_write.send(()).unwrap();
+                self.open_first_write.lock().unwrap().recv().unwrap();
+            }
+            self.sizes.lock().unwrap().push(items.len());
+            items
+        }
+        fn flush(&self, _batch: &mut Self::Batch) {
+            if self.flushes.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.entered_first_flush.send(()).unwrap();
+                self.open_first_flush.lock().unwrap().recv().unwrap();
+            }
+        }
+        fn finish(&self, batch: Self::Batch) -> Vec<u64> {
+            batch
+        }
+    }
+
+    /// The gates of a [`GatedFirstWriteAndFlush`], held by the test.
+    struct Gates {
+        entered_first_write: std::sync::mpsc::Receiver<()>,
+        open_first_write: std::sync::mpsc::Sender<()>,
+        entered_first_flush: std::sync::mpsc::Receiver<()>,
+        open_first_flush: std::sync::mpsc::Sender<()>,
+    }
+
+    fn gated_pipeline() -> (GatedFirstWriteAndFlush, Gates) {
+        let (entered_write_tx, entered_write_rx) = std::sync::mpsc::sync_channel(1);
+        let (open_write_tx, open_write_rx) = std::sync::mpsc::channel();
+        let (entered_flush_tx, entered_flush_rx) = std::sync::mpsc::sync_channel(1);
+        let (open_flush_tx, open_flush_rx) = std::sync::mpsc::channel();
+        let pipeline = GatedFirstWriteAndFlush {
+            sizes: std::sync::Mutex::new(Vec::new()),
+            writes: AtomicUsize::new(0),
+            flushes: AtomicUsize::new(0),
+            entered_first_write: entered_write_tx,
+            open_first_write: std::sync::Mutex::new(open_write_rx),
+            entered_first_flush: entered_flush_tx,
+            open_first_flush: std::sync::Mutex::new(open_flush_rx),
+        };
+        let gates = Gates {
+            entered_first_write: entered_write_rx,
+            open_first_write: open_write_tx,
+            entered_first_flush: entered_flush_rx,
+            open_first_flush: open_flush_tx,
+        };
+        (pipeline, gates)
+    }
+
+    /// Waits (bounded) until `n` committers are asleep in `wait`.
+    fn until_asleep<T, R>(group: &GroupCommit<T, R>, n: usize) {
+        for _ in 0..10_000_000 {
+            if group.queue.lock().asleep == n {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        panic!("{n} committers never fell asleep");
+    }
+
+    /// Waits (bounded) for the second batch's write; how many batches
+    /// were written by then.
+    fn batches_written_soon(pipeline: &GatedFirstWriteAndFlush) -> usize {
+        for _ in 0..10_000_000 {
+            if pipeline.sizes.lock().unwrap().len() == 2 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        pipeline.sizes.lock().unwrap().len()
+    }
+
+    #[test]
+    fn sleepers_take_a_queue_left_full_by_a_write_without_waiting_for_its_flush() {
+        // Two committers queue and fall asleep while the first batch is
+        // written, filling the queue (capacity 2). When that write ends,
+        // one of them must be woken to take the full queue, while the
+        // first batch's flush is still held: nothing else would wake them
+        // before that flush ends.
+        let (pipeline, gates) = gated_pipeline();
+        let group: GroupCommit<u64, u64> = GroupCommit::new(2, Duration::ZERO);
+        std::thread::scope(|s| {
+            let (group, pipeline) = (&group, &pipeline);
+            s.spawn(move || assert_eq!(group.submit(0, pipeline), 0));
+            gates.entered_first_write.recv().unwrap();
+            for item in [1, 2] {
+                s.spawn(move || assert_eq!(group.submit(item, pipeline), item));
+            }
+            until_asleep(group, 2);
+            gates.open_first_write.send(()).unwrap();
+            gates.entered_first_flush.recv().unwrap();
+            let written = batches_written_soon(pipeline);
+            gates.open_first_flush.send(()).unwrap();
+            assert_eq!(written, 2, "the full queue waited for the flush");
+        });
+        assert_eq!(*pipeline.sizes.lock().unwrap(), vec![1, 2]);
+    }
+
+    #[test]
+    fn an_enqueue_that_fills_the_queue_wakes_a_sleeper_when_no_one_writes() {
+        // A committer fell asleep while the first batch was written; that
+        // write ended with the queue not full, so it was left asleep (its
+        // new writer would only wait for the flush). An enqueue that then
+        // fills the queue must wake it to take the queue at once.
+        let (pipeline, gates) = gated_pipeline();
+        let group: GroupCommit<u64, u64> = GroupCommit::new(2, Duration::ZERO);
+        std::thread::scope(|s| {
+            let (group, pipeline) = (&group, &pipeline);
+            s.spawn(move || assert_eq!(group.submit(0, pipeline), 0));
+            gates.entered_first_write.recv().unwrap();
+            s.spawn(move || assert_eq!(group.submit(1, pipeline), 1));
+            until_asleep(group, 1);
+            gates.open_first_write.send(()).unwrap();
+            gates.entered_first_flush.recv().unwrap();
+            let ticket = group.enqueue(2);
+            let written = batches_written_soon(pipeline);
+            gates.open_first_flush.send(()).unwrap();
+            assert_eq!(written, 2, "the full queue waited for the flush");
+            assert_eq!(group.wait(ticket, pipeline), 2);
         });
         assert_eq!(*pipeline.sizes.lock().unwrap(), vec![1, 2]);
     }
