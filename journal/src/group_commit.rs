@@ -372,51 +372,18 @@ mod tests {
         );
     }
 
-    /// Records batch sizes; the first batch's flush blocks until the test
-    /// opens its gate.
-    struct GatedFirstFlush {
-        sizes: std::sync::Mutex<Vec<usize>>,
-        flushes: AtomicUsize,
-        entered_first_flush: std::sync::mpsc::SyncSender<()>,
-        open_first_flush: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-    }
-
-    impl BatchPipeline<u64, u64> for GatedFirstFlush {
-        type Batch = Vec<u64>;
-        fn write(&self, items: Vec<u64>) -> Self::Batch {
-            self.sizes.lock().unwrap().push(items.len());
-            items
-        }
-        fn flush(&self, _batch: &mut Self::Batch) {
-            if self.flushes.fetch_add(1, Ordering::SeqCst) == 0 {
-                self.entered_first_flush.send(()).unwrap();
-                self.open_first_flush.lock().unwrap().recv().unwrap();
-            }
-        }
-        fn finish(&self, batch: Self::Batch) -> Vec<u64> {
-            batch
-        }
-    }
-
     #[test]
     fn everyone_who_arrives_during_a_flush_rides_in_the_next_batch() {
         // One committer's batch is flushing; seven more queue meanwhile and
         // the first of them to wait becomes the next writer. However the
         // threads are scheduled, that writer must not take the queue before
         // the flush ends: the seven share one batch and one flush.
-        let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(1);
-        let (open_tx, open_rx) = std::sync::mpsc::channel();
-        let pipeline = GatedFirstFlush {
-            sizes: std::sync::Mutex::new(Vec::new()),
-            flushes: AtomicUsize::new(0),
-            entered_first_flush: entered_tx,
-            open_first_flush: std::sync::Mutex::new(open_rx),
-        };
+        let (pipeline, gates) = gated_pipeline(false);
         let group: GroupCommit<u64, u64> = GroupCommit::new(64, Duration::ZERO);
         std::thread::scope(|s| {
             let (group, pipeline) = (&group, &pipeline);
             s.spawn(move || assert_eq!(group.submit(0, pipeline), 0));
-            entered_rx.recv().unwrap();
+            gates.entered_first_flush.recv().unwrap();
             let (queued_tx, queued_rx) = std::sync::mpsc::channel();
             for item in 1..8u64 {
                 let queued_tx = queued_tx.clone();
@@ -429,7 +396,7 @@ mod tests {
             for _ in 1..8 {
                 queued_rx.recv().unwrap();
             }
-            open_tx.send(()).unwrap();
+            gates.open_first_flush.send(()).unwrap();
         });
         assert_eq!(*pipeline.sizes.lock().unwrap(), vec![1, 7]);
         assert_eq!(pipeline.flushes.load(Ordering::SeqCst), 2);
@@ -441,19 +408,12 @@ mod tests {
         // Capacity 2: while the first batch flushes, a full queue is taken
         // at once (waiting could not make it larger), so its batch is
         // written before the first flush is allowed to end.
-        let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(1);
-        let (open_tx, open_rx) = std::sync::mpsc::channel();
-        let pipeline = GatedFirstFlush {
-            sizes: std::sync::Mutex::new(Vec::new()),
-            flushes: AtomicUsize::new(0),
-            entered_first_flush: entered_tx,
-            open_first_flush: std::sync::Mutex::new(open_rx),
-        };
+        let (pipeline, gates) = gated_pipeline(false);
         let group: GroupCommit<u64, u64> = GroupCommit::new(2, Duration::ZERO);
         std::thread::scope(|s| {
             let (group, pipeline) = (&group, &pipeline);
             s.spawn(move || assert_eq!(group.submit(0, pipeline), 0));
-            entered_rx.recv().unwrap();
+            gates.entered_first_flush.recv().unwrap();
             let tickets = [group.enqueue(1), group.enqueue(2)];
             let waiter = s.spawn(move || group.wait(tickets[1], pipeline));
             // The second batch is written while the first flush is held.
@@ -464,7 +424,7 @@ mod tests {
                 std::thread::yield_now();
             }
             let written_during_flush = pipeline.sizes.lock().unwrap().len();
-            open_tx.send(()).unwrap();
+            gates.open_first_flush.send(()).unwrap();
             assert_eq!(written_during_flush, 2, "a full queue waited for the flush");
             assert_eq!(waiter.join().unwrap(), 2);
             assert_eq!(group.wait(tickets[0], pipeline), 1);
@@ -472,9 +432,11 @@ mod tests {
         assert_eq!(*pipeline.sizes.lock().unwrap(), vec![1, 2]);
     }
 
-    /// Holds its first write and its first flush until told to go on.
-    struct GatedFirstWriteAndFlush {
+    /// Records batch sizes; holds the first batch's flush (and, if asked,
+    /// its write) until the test opens the gate.
+    struct Gated {
         sizes: std::sync::Mutex<Vec<usize>>,
+        gate_first_write: bool,
         writes: AtomicUsize,
         flushes: AtomicUsize,
         entered_first_write: std::sync::mpsc::SyncSender<()>,
@@ -483,10 +445,10 @@ mod tests {
         open_first_flush: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     }
 
-    impl BatchPipeline<u64, u64> for GatedFirstWriteAndFlush {
+    impl BatchPipeline<u64, u64> for Gated {
         type Batch = Vec<u64>;
         fn write(&self, items: Vec<u64>) -> Self::Batch {
-            if self.writes.fetch_add(1, Ordering::SeqCst) == 0 {
+            if self.writes.fetch_add(1, Ordering::SeqCst) == 0 && self.gate_first_write {
                 self.entered_first_write.send(()).unwrap();
                 self.open_first_write.lock().unwrap().recv().unwrap();
             }
@@ -504,7 +466,7 @@ mod tests {
         }
     }
 
-    /// The gates of a [`GatedFirstWriteAndFlush`], held by the test.
+    /// The gates of a [`Gated`] pipeline, held by the test.
     struct Gates {
         entered_first_write: std::sync::mpsc::Receiver<()>,
         open_first_write: std::sync::mpsc::Sender<()>,
@@ -512,13 +474,14 @@ mod tests {
         open_first_flush: std::sync::mpsc::Sender<()>,
     }
 
-    fn gated_pipeline() -> (GatedFirstWriteAndFlush, Gates) {
+    fn gated_pipeline(gate_first_write: bool) -> (Gated, Gates) {
         let (entered_write_tx, entered_write_rx) = std::sync::mpsc::sync_channel(1);
         let (open_write_tx, open_write_rx) = std::sync::mpsc::channel();
         let (entered_flush_tx, entered_flush_rx) = std::sync::mpsc::sync_channel(1);
         let (open_flush_tx, open_flush_rx) = std::sync::mpsc::channel();
-        let pipeline = GatedFirstWriteAndFlush {
+        let pipeline = Gated {
             sizes: std::sync::Mutex::new(Vec::new()),
+            gate_first_write,
             writes: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
             entered_first_write: entered_write_tx,
@@ -548,7 +511,7 @@ mod tests {
 
     /// Waits (bounded) for the second batch's write; how many batches
     /// were written by then.
-    fn batches_written_soon(pipeline: &GatedFirstWriteAndFlush) -> usize {
+    fn batches_written_soon(pipeline: &Gated) -> usize {
         for _ in 0..10_000_000 {
             if pipeline.sizes.lock().unwrap().len() == 2 {
                 break;
@@ -558,30 +521,44 @@ mod tests {
         pipeline.sizes.lock().unwrap().len()
     }
 
-    #[test]
-    fn sleepers_take_a_queue_left_full_by_a_write_without_waiting_for_its_flush() {
-        // Two committers queue and fall asleep while the first batch is
-        // written, filling the queue (capacity 2). When that write ends,
-        // one of them must be woken to take the full queue, while the
-        // first batch's flush is still held: nothing else would wake them
-        // before that flush ends.
-        let (pipeline, gates) = gated_pipeline();
+    /// With capacity 2: item 0's batch is held in its write while the
+    /// `sleepers` queue and fall asleep; then its write ends and its flush
+    /// is held while `fill` (if any) is enqueued. Returns how many batches
+    /// were written before that flush was let go, and the batch sizes.
+    fn batches_written_during_the_first_flush(sleepers: &[u64], fill: Option<u64>) -> usize {
+        let (pipeline, gates) = gated_pipeline(true);
         let group: GroupCommit<u64, u64> = GroupCommit::new(2, Duration::ZERO);
-        std::thread::scope(|s| {
+        let written = std::thread::scope(|s| {
             let (group, pipeline) = (&group, &pipeline);
             s.spawn(move || assert_eq!(group.submit(0, pipeline), 0));
             gates.entered_first_write.recv().unwrap();
-            for item in [1, 2] {
+            for &item in sleepers {
                 s.spawn(move || assert_eq!(group.submit(item, pipeline), item));
             }
-            until_asleep(group, 2);
+            until_asleep(group, sleepers.len());
             gates.open_first_write.send(()).unwrap();
             gates.entered_first_flush.recv().unwrap();
+            let ticket = fill.map(|item| (item, group.enqueue(item)));
             let written = batches_written_soon(pipeline);
             gates.open_first_flush.send(()).unwrap();
-            assert_eq!(written, 2, "the full queue waited for the flush");
+            if let Some((item, ticket)) = ticket {
+                assert_eq!(group.wait(ticket, pipeline), item);
+            }
+            written
         });
         assert_eq!(*pipeline.sizes.lock().unwrap(), vec![1, 2]);
+        written
+    }
+
+    #[test]
+    fn sleepers_take_a_queue_left_full_by_a_write_without_waiting_for_its_flush() {
+        // Two committers queue and fall asleep while the first batch is
+        // written, filling the queue. When that write ends, one of them
+        // must be woken to take the full queue, while the first batch's
+        // flush is still held: nothing else would wake them before that
+        // flush ends.
+        let written = batches_written_during_the_first_flush(&[1, 2], None);
+        assert_eq!(written, 2, "the full queue waited for the flush");
     }
 
     #[test]
@@ -590,23 +567,8 @@ mod tests {
         // write ended with the queue not full, so it was left asleep (its
         // new writer would only wait for the flush). An enqueue that then
         // fills the queue must wake it to take the queue at once.
-        let (pipeline, gates) = gated_pipeline();
-        let group: GroupCommit<u64, u64> = GroupCommit::new(2, Duration::ZERO);
-        std::thread::scope(|s| {
-            let (group, pipeline) = (&group, &pipeline);
-            s.spawn(move || assert_eq!(group.submit(0, pipeline), 0));
-            gates.entered_first_write.recv().unwrap();
-            s.spawn(move || assert_eq!(group.submit(1, pipeline), 1));
-            until_asleep(group, 1);
-            gates.open_first_write.send(()).unwrap();
-            gates.entered_first_flush.recv().unwrap();
-            let ticket = group.enqueue(2);
-            let written = batches_written_soon(pipeline);
-            gates.open_first_flush.send(()).unwrap();
-            assert_eq!(written, 2, "the full queue waited for the flush");
-            assert_eq!(group.wait(ticket, pipeline), 2);
-        });
-        assert_eq!(*pipeline.sizes.lock().unwrap(), vec![1, 2]);
+        let written = batches_written_during_the_first_flush(&[1], Some(2));
+        assert_eq!(written, 2, "the full queue waited for the flush");
     }
 
     #[test]
