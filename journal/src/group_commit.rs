@@ -498,9 +498,15 @@ mod tests {
         (pipeline, gates)
     }
 
+    /// How long the tests below wait for another thread to get somewhere:
+    /// a bound on a wait that should end at once, generous for a loaded
+    /// CI machine (never a measure of speed).
+    const PATIENCE: Duration = Duration::from_secs(10);
+
     /// Waits (bounded) until `n` committers are asleep in `wait`.
     fn until_asleep<T, R>(group: &GroupCommit<T, R>, n: usize) {
-        for _ in 0..10_000_000 {
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
             if group.queue.lock().asleep == n {
                 return;
             }
@@ -512,7 +518,8 @@ mod tests {
     /// Waits (bounded) for the second batch's write; how many batches
     /// were written by then.
     fn batches_written_soon(pipeline: &Gated) -> usize {
-        for _ in 0..10_000_000 {
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
             if pipeline.sizes.lock().unwrap().len() == 2 {
                 break;
             }
