@@ -47,7 +47,7 @@ pub trait BatchPipeline<T, R> {
 const PEAK_ROUNDS: usize = 16;
 
 /// How many of the last batch's durations a writer gathers for at most.
-/// A batch's duration is its write and flush only, while a committer
+/// A batch's duration runs from its write to its finish, while a committer
 /// released by it needs a whole round trip to its client (an NBD reply,
 /// the next WRITE, its reply, the FLUSH) to come back: with one batch
 /// time, 8 flushing connections on a fresh image (`cache=none`) missed
@@ -97,7 +97,8 @@ pub struct GroupCommit<T, R> {
     /// write, 8 flushing NBD connections made 2.7 of them per op, and
     /// their CPU time sits between one batch's flush and the next.
     /// Liveness rests on the finish alone: whoever sleeps here has a batch
-    /// in flight ahead of it (its own, the writer's, or an earlier one),
+    /// ahead of it that will finish (its own, the active writer's, which
+    /// may still be gathering, or an earlier one),
     /// and every finish notifies (loom model `loom_group_commit`
     /// deadlocks without that notify). The full-queue wakeups only take a
     /// full queue early; the unit tests
