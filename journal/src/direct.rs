@@ -16,15 +16,17 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use parking_lot::RwLock;
 
-use crate::file_length::{write_zeros_with, FileLength};
+use crate::file_length::{allocate_or_write_zeros, write_zeros_with, FileLength};
 use crate::storage::Storage;
 
-/// The largest buffer of zeros the reservation is written from.
+/// The largest buffer of zeros the reservation is written from, where the
+/// file system cannot allocate it (`file_length.rs`).
 const ZERO_CHUNK_BYTES: u64 = 1 << 20;
 
 /// Memory alignment of every buffer handed to the kernel: a page, which
@@ -137,6 +139,25 @@ impl DirectFileStorage {
     }
 }
 
+/// Allocates `[offset, offset + len)` of `file` with `fallocate(2)` (mode
+/// 0: the file grows to cover it; the blocks read as zeros until written).
+fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let too_far = || io::Error::new(io::ErrorKind::InvalidInput, "range past the largest file");
+    let offset = libc::off_t::try_from(offset).map_err(|_| too_far())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_far())?;
+    // Bounded: a signal interrupts it at most once per signal sent.
+    loop {
+        // SAFETY: the descriptor is `file`'s, open for as long as the call.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 impl Storage for DirectFileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
@@ -167,12 +188,17 @@ impl Storage for DirectFileStorage {
             // in reads as zeros once the file is longer.
             let at_block = at.next_multiple_of(self.block_bytes);
             let end = at + len;
-            let mut zeros = AlignedBuf::zeroed(
-                (end - at_block).clamp(self.block_bytes, ZERO_CHUNK_BYTES) as usize,
-            )?;
-            write_zeros_with(zeros.as_mut_slice(), at_block, end - at_block, |z, at| {
-                self.file.write_all_at(z, at)
-            })
+            allocate_or_write_zeros(
+                || fallocate(&self.file, at_block, end - at_block),
+                || {
+                    let mut zeros = AlignedBuf::zeroed(
+                        (end - at_block).clamp(self.block_bytes, ZERO_CHUNK_BYTES) as usize,
+                    )?;
+                    write_zeros_with(zeros.as_mut_slice(), at_block, end - at_block, |z, at| {
+                        self.file.write_all_at(z, at)
+                    })
+                },
+            )
         });
         if self.is_aligned(offset, buf) {
             let _shared = self.rmw.read();

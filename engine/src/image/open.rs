@@ -125,10 +125,11 @@ impl Image {
         let lock = ImageLock::acquire(path, opts.writable, opts.lock)?;
         if opts.writable {
             // Ordering: a writable handle keeps the file's length from its
-            // open and writes zeros past it (`journal/src/file_length.rs`).
-            // Read before the lock, the length may predate the last
-            // holder's final writes, and zeros would land on them: open
-            // again now that no one else writes.
+            // open and reserves space past it (`journal/src/file_length.rs`:
+            // allocated, or written zeros where the file system cannot
+            // allocate). Read before the lock, the length may predate the
+            // last holder's final writes, and such zeros would land on
+            // them: open again now that no one else writes.
             drop(storage);
             storage = open_storage()?;
         }
