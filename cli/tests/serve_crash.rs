@@ -7,9 +7,9 @@
 //! after each crash (and no leak on journal images), and `qemu-img check`
 //! none on the flush-ordering images it can open; after a final clean
 //! stop both checks pass. Every other round the killed server runs with
-//! `--cache none` (`O_DIRECT`), whose file keeps zeros reserved past its
-//! length until a clean close: a kill leaves them, and the restarted server
-//! and both checkers must take them as free space.
+//! `--cache none` (`O_DIRECT`), whose file keeps space reserved past its
+//! length (reading as zeros) until a clean close: a kill leaves it, and the
+//! restarted server and both checkers must take it as free space.
 
 mod nbd_client;
 mod serve_common;

@@ -188,6 +188,12 @@ impl Storage for DirectFileStorage {
             // in reads as zeros once the file is longer.
             let at_block = at.next_multiple_of(self.block_bytes);
             let end = at + len;
+            if at_block >= end {
+                // The step ends in the block the file ends in: nothing to
+                // reserve (`fallocate` of zero bytes is EINVAL, which would
+                // stop the reservation for good).
+                return Ok(());
+            }
             allocate_or_write_zeros(
                 || fallocate(&self.file, at_block, end - at_block),
                 || {
@@ -298,6 +304,36 @@ mod tests {
         assert_eq!(&plain[..6_000], &all[..6_000]);
         assert!(plain[6_000..8192].iter().all(|&b| b == 0));
         assert!(plain[8192..].iter().all(|&b| b == 3));
+    }
+
+    #[test]
+    fn a_step_ending_in_the_block_the_file_ends_in_does_not_stop_the_reservation() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("f");
+        let mib = 1u64 << 20;
+        // Ends 100 bytes short of 1 MiB: a write up to 1 MiB asks for a
+        // step from there to 1 MiB, inside the file's last block.
+        std::fs::write(&path, vec![7u8; mib as usize - 100]).unwrap();
+        let on_disk = || std::fs::metadata(&path).unwrap().len();
+        let storage = DirectFileStorage::open(&path, true).expect("O_DIRECT on the project's disk");
+        storage.write_at(&vec![1u8; 4096], mib - 4096).unwrap();
+        assert_eq!(on_disk(), mib);
+        storage.write_at(&vec![2u8; 4096], mib + 65_536).unwrap();
+        assert_eq!(
+            on_disk(),
+            2 * mib,
+            "the next write past the end still reserves a whole step"
+        );
+        drop(storage);
+        let plain = std::fs::read(&path).unwrap();
+        assert_eq!(plain.len() as u64, mib + 65_536 + 4096);
+        assert!(plain[..mib as usize - 4096].iter().all(|&b| b == 7));
+        assert!(plain[mib as usize - 4096..mib as usize]
+            .iter()
+            .all(|&b| b == 1));
+        assert!(plain[mib as usize..mib as usize + 65_536]
+            .iter()
+            .all(|&b| b == 0));
     }
 
     #[test]

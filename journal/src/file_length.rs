@@ -23,7 +23,11 @@
 //! `O_DIRECT` write past the end of the file with the inode lock held
 //! exclusively and waits for the device under it, so concurrent writers
 //! (8 NBD connections, each allocating clusters) queue behind one another.
-//! A write inside the file's size takes the lock shared.
+//! A block-aligned write inside the file's size into blocks already
+//! allocated takes the lock shared; into unwritten (`fallocate`d) blocks
+//! only since Linux 6.3 (this project's machine runs 6.18; on older
+//! kernels those writes take it exclusively, and written zeros would
+//! serialise less).
 //!
 //! How: the reservation is allocated with `fallocate(2)`, a step at a time
 //! (an eighth of the file, from 1 MiB to 8 MiB). Its blocks are
@@ -33,9 +37,9 @@
 //! commit that is one per batch of flushes, not one per write. Writing the
 //! zeros instead (what this module did first, and still does where the file
 //! system has no `fallocate`) avoids that metadata but puts a whole cluster
-//! of zeros on the device for every cluster allocated: 64 KiB for each
-//! 4 KiB guest write into a fresh cluster, 200 MB/s at 5,000 writes a
-//! second, and every flush waited for its share. Measured through
+//! of zeros on the device for every cluster allocated: with 4 KiB guest
+//! writes into fresh 64 KiB clusters, about 200 MB/s written for 17 MB/s
+//! of guest data, and every flush waited for its share. Measured through
 //! `qj serve --cache none` on this project's machine (fio, 4 KiB random
 //! writes each flushed, fresh image, `benches/nbd-bench.sh -J
 //! randwrite-sync,randwrite-sync-8jobs -c none`): with zeros 0.71-0.73x the
@@ -43,7 +47,11 @@
 //! 0.84-0.88x and 0.90-1.13x. fio on a plain file there, 4 KiB random
 //! `O_DIRECT` writes each followed by `fdatasync`: 7,400 a second into
 //! blocks already written, 3,900 into a sparse file, 4,000 into a
-//! `fallocate`d one; 15,100, 4,900 and 8,600 with 8 jobs.
+//! `fallocate`d one; 15,100, 4,900 and 8,600 with 8 jobs. That machine's
+//! ext4 has no journal of its own, so a conversion costs metadata block
+//! writes inside `fdatasync`; with a file-system journal it costs a
+//! journal commit per batch instead, and zeros might win there (RFC §6.2,
+//! *the reservation allocated, not written*).
 //!
 //! The bytes between the length and the reserved end read as zeros, and
 //! nothing refers to them, as the engine assumes of bytes past the length.
@@ -68,7 +76,7 @@ const GROW_STEP_BYTES_MIN: u64 = 1 << 20;
 /// The largest step: it bounds what a crash may leave at the end of the
 /// file, and how long a writer that needs the next step waits for it
 /// where the zeros must be written (8 MiB of sequential writing, a few
-/// milliseconds; an allocation takes microseconds).
+/// milliseconds; an allocation writes no data).
 const GROW_STEP_BYTES_MAX: u64 = 8 << 20;
 
 /// The length of a file (see the module documentation).
@@ -129,10 +137,11 @@ impl FileLength {
 
     /// Called before a write ending at `end`: if it would pass the reserved
     /// end, first reserves a step from there with `reserve_step(offset,
-    /// len)`, which must leave those bytes reading as zeros. Growing the reservation is an optimization only: if it fails
-    /// (no space for a whole step), the write extends the file itself, as
-    /// without one, holding the returned guard until [`Self::wrote`], and
-    /// reports its own error if there is one.
+    /// len)`, which must leave those bytes reading as zeros. Growing the
+    /// reservation is an optimization only: if it fails (no space for a
+    /// whole step, or any other error), the write extends the file itself,
+    /// as without one, holding the returned guard until [`Self::wrote`],
+    /// and reports its own error if there is one.
     pub(crate) fn reserve(
         &self,
         end: u64,
@@ -162,8 +171,9 @@ impl FileLength {
                     r.reserved_end.store(target, Ordering::Release);
                     return Extending::NOT;
                 }
-                // Out of space for a whole step: later extensions write
-                // only what they need (and report ENOSPC themselves).
+                // Out of space for a whole step, or the file system
+                // refused: later extensions write only what they need (and
+                // report ENOSPC themselves).
                 Err(_) => *grow = false,
             }
         }
@@ -214,7 +224,7 @@ impl FileLength {
 
 /// Makes a step of the reservation read as zeros: `allocate`s it
 /// (`fallocate`), or, where the file system cannot (`EOPNOTSUPP`), calls
-/// `write_zeros`. Any other failure (no space) is the caller's.
+/// `write_zeros`. Any other failure (no space, say) is the caller's.
 pub(crate) fn allocate_or_write_zeros(
     allocate: impl FnOnce() -> io::Result<()>,
     write_zeros: impl FnOnce() -> io::Result<()>,

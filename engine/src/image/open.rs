@@ -125,11 +125,14 @@ impl Image {
         let lock = ImageLock::acquire(path, opts.writable, opts.lock)?;
         if opts.writable {
             // Ordering: a writable handle keeps the file's length from its
-            // open and reserves space past it (`journal/src/file_length.rs`:
-            // allocated, or written zeros where the file system cannot
-            // allocate). Read before the lock, the length may predate the
-            // last holder's final writes, and such zeros would land on
-            // them: open again now that no one else writes.
+            // open (`journal/src/file_length.rs`): it decides whether a new
+            // cluster's padding reads as zeros without being written, and
+            // where an O_DIRECT handle reserves space (allocated, or
+            // written zeros where the file system cannot allocate). Read
+            // before the lock, the length may predate the last holder's
+            // final writes: padding would be skipped over their bytes, and
+            // such zeros would land on them. Open again now that no one
+            // else writes.
             drop(storage);
             storage = open_storage()?;
         }
