@@ -98,10 +98,10 @@ pub struct GroupCommit<T, R> {
     /// their CPU time sits between one batch's flush and the next.
     /// Liveness rests on the finish alone: whoever sleeps here has a batch
     /// ahead of it that will finish (its own, the active writer's, which
-    /// may still be gathering, or an earlier one),
-    /// and every finish notifies (loom model `loom_group_commit`
-    /// deadlocks without that notify). The full-queue wakeups only take a
-    /// full queue early; the unit tests
+    /// may still be gathering, or an earlier one), and every finish
+    /// notifies (loom model `loom_group_commit` deadlocks without that
+    /// notify). The full-queue wakeups only take a full queue early; the
+    /// unit tests
     /// `sleepers_take_a_queue_left_full_by_a_write_without_waiting_for_its_flush`
     /// and `an_enqueue_that_fills_the_queue_wakes_a_sleeper_when_no_one_writes`
     /// fail without them.
