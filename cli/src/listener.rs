@@ -271,7 +271,7 @@ pub fn run(export: Export, config: &Config) -> CliResult<()> {
     println!("serving on {}", config.address.uri(&export.name));
     let _ = io::stdout().flush();
 
-    let active = Arc::new(AtomicUsize::new(0));
+    let active = Arc::clone(&export.connections);
     let clients: Clients = Arc::default();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let mut next_id = 0u64;

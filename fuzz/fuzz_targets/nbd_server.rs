@@ -276,6 +276,7 @@ fuzz_target!(|data: &[u8]| {
         image: image.clone(),
         read_only: setup.read_only,
         writethrough: mode & 16 != 0,
+        connections: Default::default(),
     };
 
     let (stream, sent) = if setup.handshake_fuzzed {

@@ -112,6 +112,7 @@ pub fn run(args: ServeArgs) -> CliResult<u8> {
         image: Arc::new(image),
         read_only: args.read_only,
         writethrough: args.cache.writethrough(),
+        connections: Default::default(),
     };
     let config = Config {
         address: address(&args),

@@ -11,7 +11,8 @@ pub mod transmission;
 /// The wire format lives in `qj-spec` (pure code, fuzzed there).
 pub use qj_spec::nbd as proto;
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Cursor, Read, Write};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use qj_engine::Image;
@@ -28,6 +29,31 @@ pub struct Export {
     /// Every write, trim and zeroing is durable before its reply (QEMU's
     /// `cache=writethrough`), as if each carried FUA.
     pub writethrough: bool,
+    /// The connections open now (the listener counts them): a connection
+    /// flushes ahead of its client's FLUSH only while it is the only one
+    /// (`transmission.rs`, `FlushAhead`).
+    pub connections: Arc<AtomicUsize>,
+}
+
+/// A client's byte stream that can tell whether more of it has arrived.
+pub trait ClientStream: Read {
+    /// Whether bytes already received wait to be read: reading would not
+    /// block.
+    fn has_buffered(&self) -> bool;
+}
+
+impl<R: Read> ClientStream for BufReader<R> {
+    fn has_buffered(&self) -> bool {
+        !self.buffer().is_empty()
+    }
+}
+
+/// A whole recorded stream (tests, the fuzzer): whatever is left has
+/// arrived.
+impl<T: AsRef<[u8]>> ClientStream for Cursor<T> {
+    fn has_buffered(&self) -> bool {
+        self.position() < self.get_ref().as_ref().len() as u64
+    }
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` when the stream ends
@@ -59,7 +85,7 @@ pub enum Ended {
 /// connection had to be closed: a protocol violation, or the client went
 /// away in the middle of a message.
 pub fn serve_connection(
-    r: &mut impl Read,
+    r: &mut impl ClientStream,
     w: &mut impl Write,
     export: &Export,
     shutting_down: &dyn Fn() -> bool,

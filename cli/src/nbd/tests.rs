@@ -24,6 +24,7 @@ fn export(read_only: bool) -> Export {
         image: Arc::new(image),
         read_only,
         writethrough: false,
+        connections: Default::default(),
     }
 }
 
@@ -590,4 +591,126 @@ proptest! {
         prop_assert!(e.image.read(&mut buf, 0).is_ok());
         prop_assert!(e.image.flush().is_ok());
     }
+}
+
+/// A client that sends one message at a time: between messages nothing
+/// more has arrived (`has_buffered` is false), as with a client waiting
+/// for each reply. `seen` gets the image's flush count as each message
+/// starts to arrive.
+struct OneAtATime {
+    messages: Vec<Vec<u8>>,
+    next: usize,
+    at: usize,
+    image: Arc<qj_engine::Image>,
+    seen: Vec<u64>,
+}
+
+impl OneAtATime {
+    fn new(messages: Vec<Vec<u8>>, image: Arc<qj_engine::Image>) -> Self {
+        Self {
+            messages,
+            next: 0,
+            at: 0,
+            image,
+            seen: Vec::new(),
+        }
+    }
+}
+
+impl std::io::Read for OneAtATime {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(message) = self.messages.get(self.next) else {
+            return Ok(0);
+        };
+        if self.at == 0 {
+            self.seen.push(self.image.stats().flushes);
+        }
+        let n = buf.len().min(message.len() - self.at);
+        buf[..n].copy_from_slice(&message[self.at..self.at + n]);
+        self.at += n;
+        if self.at == message.len() {
+            self.next += 1;
+            self.at = 0;
+        }
+        Ok(n)
+    }
+}
+
+impl super::ClientStream for OneAtATime {
+    fn has_buffered(&self) -> bool {
+        self.at > 0
+    }
+}
+
+/// The handshake, then each request as its own message: `W` a 4 KiB write
+/// (at its own cluster), `F` a flush.
+fn one_at_a_time(e: &Export, requests: &str) -> (OneAtATime, Vec<u8>) {
+    let mut messages = vec![Script::default().plain().0];
+    for (i, c) in requests.chars().enumerate() {
+        let handle = i as u64 + 1;
+        let script = match c {
+            'W' => Script::default()
+                .request(proto::CMD_WRITE, 0, handle, handle * 65536, 4096)
+                .payload(&[c as u8; 4096]),
+            'F' => Script::default().request(proto::CMD_FLUSH, 0, handle, 0, 0),
+            other => panic!("unknown request {other}"),
+        };
+        messages.push(script.0);
+    }
+    let mut r = OneAtATime::new(messages, e.image.clone());
+    let mut w = Vec::new();
+    serve_connection(&mut r, &mut w, e, &|| false).unwrap();
+    let mut replies = Replies::new(&w);
+    replies.options_until_final();
+    for i in 0..requests.len() {
+        assert_eq!(replies.simple(), (0, i as u64 + 1), "request {i}");
+    }
+    (r, w)
+}
+
+#[test]
+fn a_client_that_flushes_after_each_write_finds_the_next_write_flushed_before_its_flush_arrives() {
+    let e = export(false);
+    let (r, _) = one_at_a_time(&e, "WFWFW");
+    // seen[k]: flushes as message k arrives (0 is the handshake).
+    let s = &r.seen;
+    assert_eq!(
+        s[2], s[1],
+        "the first write is not flushed ahead: no pattern yet"
+    );
+    assert!(s[3] > s[2], "the first FLUSH flushes");
+    assert!(
+        s[4] > s[3],
+        "the second write is flushed before its FLUSH arrives"
+    );
+    assert_eq!(
+        s[5], s[4],
+        "that FLUSH finds it durable and flushes nothing"
+    );
+}
+
+#[test]
+fn a_write_not_followed_by_a_flush_ends_the_flushing_ahead() {
+    let e = export(false);
+    let (r, _) = one_at_a_time(&e, "WFWWWF");
+    let s = &r.seen;
+    assert!(s[4] > s[3], "the second write is flushed ahead (the guess)");
+    assert_eq!(
+        s[5], s[4],
+        "a write followed it, not a FLUSH: no more guesses"
+    );
+    assert_eq!(s[6], s[5], "nor after the next write");
+}
+
+#[test]
+fn no_connection_flushes_ahead_beside_another() {
+    let e = export(false);
+    e.connections.store(2, std::sync::atomic::Ordering::Relaxed);
+    let (r, _) = one_at_a_time(&e, "WFWFW");
+    let s = &r.seen;
+    assert_eq!(
+        s[4], s[3],
+        "beside another connection, no write is flushed ahead"
+    );
+    assert!(s[5] > s[4], "each FLUSH flushes");
 }

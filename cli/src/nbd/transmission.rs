@@ -8,14 +8,15 @@
 //! client gone mid-request) closes it. Nothing from a request that did not
 //! arrive whole reaches the image.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
+use std::sync::atomic::Ordering;
 
 use qj_engine::Error as EngineError;
 
 use super::extents::block_status;
 use super::handshake::{Negotiated, BLOCK_BYTES_MIN, PAYLOAD_BYTES_MAX};
 use super::proto::{self, Request};
-use super::Export;
+use super::{ClientStream, Export};
 
 /// Largest zero buffer written at once for WRITE_ZEROES with NO_HOLE: the
 /// request may cover 4 GiB, the buffer stays small.
@@ -28,6 +29,55 @@ pub enum End {
     Disconnect,
     /// The client closed the connection between requests.
     Closed,
+}
+
+/// Whether a connection's writes are each followed by a FLUSH, and so
+/// whether a write's flush is started before the FLUSH arrives.
+///
+/// Why: a client that flushes after each write (fio's `fsync=1`, a guest
+/// filesystem's journal commit) waits a whole round trip between the
+/// WRITE's reply and its FLUSH, and the server sat idle for it. Started
+/// as soon as the reply is sent, the flush runs during that round trip,
+/// and the FLUSH finds the write durable and returns at once (the engine's
+/// flush returns without I/O when every completed write is durable).
+///
+/// Only while the connection is the server's only one: with others
+/// writing, the FLUSH must also cover their writes acknowledged since (the
+/// export offers multi-conn), so the early flush does not spare the
+/// FLUSH one of its own: with every connection flushing ahead, eight
+/// flushing fio jobs went from 0.13 to 0.23 flushes per op, and from about
+/// 7,000 to 5,900 ops/s.
+///
+/// Safe whatever the guess: a server may make writes durable at any time
+/// before the FLUSH's reply, and the engine's flush failure is sticky (the
+/// image is poisoned), so the FLUSH that follows reports it. A wrong guess costs one flush: a
+/// write not followed by a FLUSH turns the guess off until a FLUSH comes
+/// right after a write again.
+#[derive(Debug, Default)]
+struct FlushAhead {
+    /// The last request was a write that succeeded and was not durable by
+    /// itself (no FUA, no writethrough).
+    after_plain_write: bool,
+    /// The last plain write was followed by a FLUSH.
+    flushes_follow_writes: bool,
+}
+
+impl FlushAhead {
+    /// Learns from a request before it is served.
+    fn saw(&mut self, command: u16) {
+        if self.after_plain_write {
+            self.flushes_follow_writes = command == proto::CMD_FLUSH;
+        }
+        self.after_plain_write = false;
+    }
+
+    /// After a write's reply went out: whether to flush now. Not when the
+    /// next request is already here (it may not be a FLUSH, and a FLUSH
+    /// would flush anyway), nor beside other connections.
+    fn after_write(&mut self, plain: bool, next_request_buffered: bool, alone: bool) -> bool {
+        self.after_plain_write = plain;
+        plain && self.flushes_follow_writes && !next_request_buffered && alone
+    }
 }
 
 /// A failed request: the NBD error and a message for people.
@@ -294,12 +344,13 @@ fn reply_block_status(
 /// Serves requests until the client disconnects. `buf` is the connection's
 /// payload buffer, reused between requests (at most the maximum payload).
 pub fn serve(
-    r: &mut impl Read,
+    r: &mut impl ClientStream,
     w: &mut impl Write,
     export: &Export,
     n: &Negotiated,
     buf: &mut Vec<u8>,
 ) -> io::Result<End> {
+    let mut flush_ahead = FlushAhead::default();
     loop {
         let mut header = [0u8; proto::REQUEST_BYTES];
         if !super::read_or_eof(r, &mut header)? {
@@ -314,6 +365,7 @@ pub fn serve(
             // no reply, stays in step.
             return Ok(End::Disconnect);
         }
+        flush_ahead.saw(req.command);
         let checked = validate(&req, export, n);
         if req.command == proto::CMD_WRITE {
             if req.length > PAYLOAD_BYTES_MAX {
@@ -339,8 +391,17 @@ pub fn serve(
         match req.command {
             proto::CMD_READ => reply_read(w, export, n, &req, buf)?,
             proto::CMD_WRITE => {
-                let r = do_write(export, &req, &buf[..req.length as usize]);
-                reply_status(w, n, req.handle, r)?;
+                let written = do_write(export, &req, &buf[..req.length as usize]);
+                let plain =
+                    written.is_ok() && req.flags & proto::CMD_FLAG_FUA == 0 && !export.writethrough;
+                reply_status(w, n, req.handle, written)?;
+                w.flush()?;
+                let alone = export.connections.load(Ordering::Relaxed) <= 1;
+                if flush_ahead.after_write(plain, r.has_buffered(), alone) {
+                    // A failure poisons the image: the FLUSH reports it.
+                    let _ = export.image.flush();
+                }
+                continue;
             }
             proto::CMD_FLUSH => {
                 let r = export.image.flush().map_err(engine_failure);
