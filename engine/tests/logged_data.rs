@@ -232,3 +232,179 @@ fn qemu_reads_a_closed_image_written_with_logged_data() {
         "only the journal's clusters: {json}"
     );
 }
+
+#[test]
+fn a_write_past_the_span_of_a_checkpointed_cluster_is_logged_and_survives_a_crash() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    create(&storage, false);
+    let image = open(&storage);
+    let clusters = 1000u64;
+    let mut model = vec![0u8; (clusters * CLUSTER) as usize];
+    let mut write = |image: &Image, seed: u8, offset: u64, len: usize| {
+        let data = pattern(seed, len);
+        image.write(&data, offset).unwrap();
+        model[offset as usize..offset as usize + len].copy_from_slice(&data);
+    };
+    // 4 MiB of logged data: past three quarters of the bytes a 16 MiB
+    // ring holds, so checkpoints write the first clusters in place, and
+    // the image keeps them.
+    for i in 0..clusters {
+        write(&image, i as u8, i * CLUSTER, 4096);
+        if i % 50 == 49 {
+            image.flush().unwrap();
+        }
+    }
+    image.flush().unwrap();
+    let before = image.stats();
+    // Past the span of a kept cluster: logged, nothing in place.
+    write(&image, 201, 8192, 4096);
+    image.flush().unwrap();
+    let d = image.stats().since(&before);
+    assert_eq!(d.data_bytes, 0, "logged, not written in place: {d:?}");
+    assert!(d.journal_bytes >= 4096, "{d:?}");
+    // Inside the span of another: in place (its blocks are written).
+    let before = image.stats();
+    write(&image, 202, CLUSTER + 1024, 1024);
+    image.flush().unwrap();
+    assert_eq!(image.stats().since(&before).data_bytes, 1024);
+    // And past it again, after the in-place write dropped the copy: in
+    // place too, and the cluster reads whole.
+    write(&image, 203, CLUSTER + 16384, 512);
+    // Not flushed: may be lost, so checked only before the crash.
+    write(&image, 204, 2 * CLUSTER + 32768, 4096);
+    let span = 3 * CLUSTER as usize;
+    assert!(read(&image, 0, span) == model[..span], "before the crash");
+    image.abandon();
+    model[2 * CLUSTER as usize + 32768..2 * CLUSTER as usize + 32768 + 4096].fill(0);
+    for (what, image) in [
+        (
+            "in-memory replay",
+            Image::open(storage.clone(), &OpenOptions::read_only()).unwrap(),
+        ),
+        ("replay in place", open(&storage)),
+    ] {
+        let back = read(&image, 0, span);
+        assert!(
+            back[..2 * CLUSTER as usize] == model[..2 * CLUSTER as usize],
+            "{what}"
+        );
+        // The unflushed write into the third cluster: all or nothing.
+        let third = &back[2 * CLUSTER as usize..];
+        let unflushed = 32768..32768 + 4096;
+        assert!(
+            third[..unflushed.start] == model[2 * CLUSTER as usize..][..unflushed.start],
+            "{what}"
+        );
+        assert!(
+            third[unflushed.clone()].iter().all(|&b| b == 0)
+                || third[unflushed.clone()] == pattern(204, 4096)[..],
+            "{what}"
+        );
+        if what == "replay in place" {
+            image.close().unwrap();
+        }
+    }
+    assert_engine_check_clean(&*storage);
+}
+
+#[test]
+fn a_discarded_kept_cluster_is_reused_with_none_of_its_old_bytes() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    create(&storage, false);
+    let image = open(&storage);
+    for i in 0..1000u64 {
+        image.write(&pattern(i as u8, 4096), i * CLUSTER).unwrap();
+        if i % 50 == 49 {
+            image.flush().unwrap();
+        }
+    }
+    image.flush().unwrap();
+    let old = host_of(&image, 0).unwrap();
+    image.discard(0, CLUSTER).unwrap();
+    // Frees take effect once the discard is durable.
+    image.flush().unwrap();
+    image.flush().unwrap();
+    let guest = 1000 * CLUSTER;
+    image.write(&pattern(7, 512), guest + 4096).unwrap();
+    assert_eq!(
+        host_of(&image, guest + 4096).map(|h| h - 4096),
+        Some(old),
+        "the test needs the freed cluster reused"
+    );
+    let mut expected = vec![0u8; CLUSTER as usize];
+    expected[4096..4096 + 512].copy_from_slice(&pattern(7, 512));
+    assert!(
+        read(&image, guest, CLUSTER as usize) == expected,
+        "bytes differ"
+    );
+    assert!(read(&image, 0, 4096) == vec![0; 4096], "bytes differ");
+    image.flush().unwrap();
+    image.close().unwrap();
+    let image = open(&storage);
+    assert!(
+        read(&image, guest, CLUSTER as usize) == expected,
+        "bytes differ"
+    );
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}
+
+/// Writes 4 KiB at the start of 1,000 clusters, flushing every 50: past
+/// three quarters of the logged bytes a 16 MiB ring holds, so checkpoints
+/// write the first clusters in place and the image keeps them.
+fn fill_past_a_checkpoint(image: &Image) {
+    for i in 0..1000u64 {
+        image.write(&pattern(i as u8, 4096), i * CLUSTER).unwrap();
+        if i % 50 == 49 {
+            image.flush().unwrap();
+        }
+    }
+    image.flush().unwrap();
+}
+
+#[test]
+fn a_snapshot_of_a_logged_cluster_keeps_its_bytes_through_copy_on_write() {
+    // (fresh: logged bytes not yet checkpointed; kept: a checkpointed
+    // cluster written again past its bytes, logged again.)
+    for kept in [false, true] {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        create(&storage, false);
+        let image = open(&storage);
+        let (logged_at, seed) = if kept {
+            fill_past_a_checkpoint(&image);
+            (16384, 77)
+        } else {
+            (0, 1)
+        };
+        image.write(&pattern(seed, 4096), logged_at).unwrap();
+        image.flush().unwrap();
+        image.snapshot_create("s").unwrap();
+        // Copy-on-write of the shared cluster: its untouched bytes, the
+        // logged ones among them, come from the source.
+        image.write(&pattern(2, 512), 40000).unwrap();
+        assert_eq!(
+            read(&image, logged_at, 4096),
+            pattern(seed, 4096),
+            "kept {kept}"
+        );
+        // A second write into the untouched part in the same epoch.
+        image.write(&pattern(3, 512), 50000).unwrap();
+        image.flush().unwrap();
+        assert_eq!(
+            read(&image, logged_at, 4096),
+            pattern(seed, 4096),
+            "kept {kept}"
+        );
+        assert!(read(&image, 40000, 512) == pattern(2, 512), "bytes differ");
+        image.close().unwrap();
+        let image = open(&storage);
+        assert_eq!(
+            read(&image, logged_at, 4096),
+            pattern(seed, 4096),
+            "kept {kept}, reopened"
+        );
+        assert!(read(&image, 50000, 512) == pattern(3, 512), "bytes differ");
+        image.close().unwrap();
+        assert_engine_check_clean(&*storage);
+    }
+}

@@ -51,6 +51,12 @@
 //!    and the cluster is not reused until then ([`JournalBackend::may_reuse`]):
 //!    a replay would write the old bytes over the next owner's. Logged
 //!    clusters get no data checksum: their bytes are in the transaction.
+//!    Nor are they the source of a delayed copy (rule 6 reads that from
+//!    the file, which does not have them yet: [`MetadataBackend::delay_copy`]
+//!    refuses). A synced cluster may stay as a kept copy of the file's
+//!    bytes, which a write either joins (logged again, under this rule)
+//!    or drops before going in place; a freed one is dropped
+//!    (`logged_data.rs`, *Kept clusters*).
 //!
 //! [`OpenOptions::log_fresh_data`]: crate::OpenOptions::log_fresh_data
 //!
@@ -806,6 +812,15 @@ impl MetadataBackend for JournalBackend {
         if !self.delayed_cow || self.journal.is_read_only() {
             return false;
         }
+        // Rule 6 reads a delayed copy's untouched bytes from the source in
+        // the file (`patch_data_read`, `copy_before_write`), and a source
+        // whose newest bytes are logged (rule 7) does not have them there
+        // before its checkpoint: that copy is made now, from what reads
+        // see. Caught by `engine/tests/logged_data.rs`
+        // (`a_snapshot_of_a_logged_cluster_keeps_its_bytes_through_copy_on_write`).
+        if self.logged_count.load(Ordering::SeqCst) > 0 && self.logged.lock().holds(copy.source) {
+            return false;
+        }
         let mut copies = self.copies.lock();
         copies.register(copy.clone(), self.cluster_size);
         self.copy_count.store(copies.len(), Ordering::SeqCst);
@@ -863,7 +878,10 @@ impl MetadataBackend for JournalBackend {
         if self.mutation == JournalMutation::WriteLoggedInPlace && logged.is_submitted(offset.0) {
             return false;
         }
-        logged.absorb(offset.0, data)
+        let absorbed = logged.absorb(offset.0, data);
+        // A kept copy the write did not join is gone.
+        self.logged_count.store(logged.len(), Ordering::SeqCst);
+        absorbed
     }
 
     fn read_data(&self, storage: &dyn Storage, buf: &mut [u8], offset: HostOffset) -> Result<()> {
@@ -884,8 +902,11 @@ impl MetadataBackend for JournalBackend {
     fn serves_reads_from_memory(&self) -> bool {
         // Rules 6 and 7, and a read-only open's in-memory replay: the
         // cases `read_data` and `patch_data_read` consult memory for.
+        // A kept cluster (`logged_data.rs`) holds the file's own bytes: only
+        // unsynced logged bytes are read from memory alone.
         self.copy_count.load(Ordering::SeqCst) > 0
-            || self.logged_count.load(Ordering::SeqCst) > 0
+            || (self.logged_count.load(Ordering::SeqCst) > 0
+                && self.logged.lock().held_bytes().0 > 0)
             || self.journal.is_read_only()
     }
 
@@ -904,11 +925,15 @@ impl MetadataBackend for JournalBackend {
     }
 
     fn may_reuse(&self, cluster: HostCluster) -> bool {
-        // Rule 7.
-        if self.logged_count.load(Ordering::SeqCst) > 0
-            && self.logged.lock().holds(cluster.0 * self.cluster_size)
-        {
-            return false;
+        // Rule 7 (and a kept copy of a synced cluster is dropped here,
+        // before anything else can own its bytes).
+        if self.logged_count.load(Ordering::SeqCst) > 0 {
+            let mut logged = self.logged.lock();
+            let may = logged.may_reuse(cluster.0 * self.cluster_size);
+            self.logged_count.store(logged.len(), Ordering::SeqCst);
+            if !may {
+                return false;
+            }
         }
         // Rule 6.
         if self.copy_count.load(Ordering::SeqCst) > 0
