@@ -42,6 +42,9 @@ pub trait ClientStream: Read {
     fn has_buffered(&self) -> bool;
 }
 
+/// What the buffer holds only: a request still in the socket counts as
+/// not arrived (a client with several requests in flight may then see a
+/// flush ahead of one, which costs time, never safety).
 impl<R: Read> ClientStream for BufReader<R> {
     fn has_buffered(&self) -> bool {
         !self.buffer().is_empty()

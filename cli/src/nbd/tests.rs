@@ -596,13 +596,15 @@ proptest! {
 /// A client that sends one message at a time: between messages nothing
 /// more has arrived (`has_buffered` is false), as with a client waiting
 /// for each reply. `seen` gets the image's flush count as each message
-/// starts to arrive.
+/// starts to arrive, `reads` as each read of the server starts (message,
+/// offset in it, flushes).
 struct OneAtATime {
     messages: Vec<Vec<u8>>,
     next: usize,
     at: usize,
     image: Arc<qj_engine::Image>,
     seen: Vec<u64>,
+    reads: Vec<(usize, usize, u64)>,
 }
 
 impl OneAtATime {
@@ -613,6 +615,7 @@ impl OneAtATime {
             at: 0,
             image,
             seen: Vec::new(),
+            reads: Vec::new(),
         }
     }
 }
@@ -622,9 +625,11 @@ impl std::io::Read for OneAtATime {
         let Some(message) = self.messages.get(self.next) else {
             return Ok(0);
         };
+        let flushes = self.image.stats().flushes;
         if self.at == 0 {
-            self.seen.push(self.image.stats().flushes);
+            self.seen.push(flushes);
         }
+        self.reads.push((self.next, self.at, flushes));
         let n = buf.len().min(message.len() - self.at);
         buf[..n].copy_from_slice(&message[self.at..self.at + n]);
         self.at += n;
@@ -643,27 +648,38 @@ impl super::ClientStream for OneAtATime {
 }
 
 /// The handshake, then each request as its own message: `W` a 4 KiB write
-/// (at its own cluster), `F` a flush.
+/// (at its own cluster), `F` a flush; `+` sends the next request in the
+/// same message (it has arrived when the one before is served).
 fn one_at_a_time(e: &Export, requests: &str) -> (OneAtATime, Vec<u8>) {
     let mut messages = vec![Script::default().plain().0];
-    for (i, c) in requests.chars().enumerate() {
-        let handle = i as u64 + 1;
+    let mut joined = false;
+    let mut count = 0u64;
+    for c in requests.chars() {
+        if c == '+' {
+            joined = true;
+            continue;
+        }
+        count += 1;
         let script = match c {
             'W' => Script::default()
-                .request(proto::CMD_WRITE, 0, handle, handle * 65536, 4096)
+                .request(proto::CMD_WRITE, 0, count, count * 65536, 4096)
                 .payload(&[c as u8; 4096]),
-            'F' => Script::default().request(proto::CMD_FLUSH, 0, handle, 0, 0),
+            'F' => Script::default().request(proto::CMD_FLUSH, 0, count, 0, 0),
             other => panic!("unknown request {other}"),
         };
-        messages.push(script.0);
+        match messages.last_mut() {
+            Some(last) if joined => last.extend_from_slice(&script.0),
+            _ => messages.push(script.0),
+        }
+        joined = false;
     }
     let mut r = OneAtATime::new(messages, e.image.clone());
     let mut w = Vec::new();
     serve_connection(&mut r, &mut w, e, &|| false).unwrap();
     let mut replies = Replies::new(&w);
     replies.options_until_final();
-    for i in 0..requests.len() {
-        assert_eq!(replies.simple(), (0, i as u64 + 1), "request {i}");
+    for handle in 1..=count {
+        assert_eq!(replies.simple(), (0, handle), "request {handle}");
     }
     (r, w)
 }
@@ -713,4 +729,22 @@ fn no_connection_flushes_ahead_beside_another() {
         "beside another connection, no write is flushed ahead"
     );
     assert!(s[5] > s[4], "each FLUSH flushes");
+}
+
+#[test]
+fn no_flush_ahead_when_the_next_request_has_arrived() {
+    let e = export(false);
+    let (r, _) = one_at_a_time(&e, "WFW+FW");
+    // Message 3 holds the second write and its FLUSH: the server reads
+    // the write's header (offset 0), its payload (28), then the FLUSH's
+    // header (28 + 4096), and nothing may flush between the last two.
+    let at = |offset: usize| {
+        r.reads
+            .iter()
+            .find(|&&(message, at, _)| message == 3 && at == offset)
+            .map(|&(_, _, flushes)| flushes)
+            .unwrap()
+    };
+    assert_eq!(at(28 + 4096), at(28), "the FLUSH was already here");
+    assert!(r.seen[4] > r.seen[3], "the FLUSH flushes itself");
 }

@@ -50,9 +50,10 @@ pub enum End {
 ///
 /// Safe whatever the guess: a server may make writes durable at any time
 /// before the FLUSH's reply, and the engine's flush failure is sticky (the
-/// image is poisoned), so the FLUSH that follows reports it. A wrong guess costs one flush: a
-/// write not followed by a FLUSH turns the guess off until a FLUSH comes
-/// right after a write again.
+/// image is poisoned), so the FLUSH that follows reports it. A wrong guess
+/// costs one flush: a write not followed by a FLUSH turns the guess off
+/// until a FLUSH comes right after a write again. The early flush counts
+/// as a guest operation in the image's statistics, as the FLUSH does.
 #[derive(Debug, Default)]
 struct FlushAhead {
     /// The last request was a write that succeeded and was not durable by

@@ -166,8 +166,11 @@ pub struct JournalBackend {
     /// Whether writes into fresh clusters past the end of the file travel
     /// in the transaction (rule 7).
     log_fresh_data: bool,
-    /// Logged data not yet synced (rule 7).
+    /// Logged data not yet synced, and kept copies of synced clusters
+    /// (rule 7).
     logged: Mutex<LoggedData>,
+    /// Clusters `logged` holds, kept ones too: read without its lock, so
+    /// that an image that never logged takes no lock per data write.
     logged_count: AtomicUsize,
     /// The background checkpoint thread's requests, when it runs.
     checkpointer: Checkpointer,
@@ -866,11 +869,12 @@ impl MetadataBackend for JournalBackend {
     }
 
     fn absorb_data_write(&self, offset: HostOffset, data: &[u8]) -> bool {
-        // A cluster cannot become logged under a writer: only a fresh
-        // cluster is logged, before its entry is set, and a writer that
-        // found the entry set holds the gate, without which the cluster
-        // cannot be freed and reused as a fresh one (a reuse waits for a
-        // gather under the exclusive gate).
+        // A cluster cannot become logged under a writer unseen here: a
+        // fresh cluster is logged before its entry is set, a kept one is
+        // held (and counted) before any writer can reach it again, and a
+        // writer that found the entry set holds the gate, without which the
+        // cluster cannot be freed and reused as a fresh one (a reuse waits
+        // for a gather under the exclusive gate).
         if self.logged_count.load(Ordering::SeqCst) == 0 {
             return false;
         }

@@ -30,20 +30,20 @@
 //!
 //! Kept clusters: once its transactions are synced, a cluster whose bytes
 //! do not fill it stays here (within [`KEPT_BYTES_MAX`]) as a copy of what
-//! the file holds, and a later write that reaches past the written span
+//! the file holds, and a later write that reaches bytes never written
 //! joins the journal again instead of going in place.
 //!
-//! Why: the blocks past the span were never written (the file was
+//! Why: the blocks of those bytes were never written (the file was
 //! reserved with `fallocate`, or not at all), and the file system converts
 //! a block on its first write, which the next `fdatasync` pays for with
 //! metadata writes. A guest's in-place writes land at random in the
 //! extent tree; the checkpoint writes in offset order. Eight flushing fio
 //! jobs on a fresh image (`cache=none`) wrote about four metadata blocks
-//! in each `fdatasync`, and a throwaway build that logged these writes ran
-//! 1.04-1.06x the preallocated raw file against 0.96-0.97x (RFC.md 6.2).
+//! in each `fdatasync`; with kept clusters they ran 0.90-1.03x the
+//! preallocated raw file, against 0.84-0.89x (RFC.md 6.2).
 //!
 //! The rule that keeps this safe: a kept cluster's bytes are the file's
-//! bytes of that cluster, whole (its span, zeros elsewhere: the cluster
+//! bytes of that cluster, whole (its extents, zeros elsewhere: the cluster
 //! was fresh when logged, and every write since went through here). So
 //! any write into it that does not join the journal drops it first
 //! ([`LoggedData::absorb`]), and a cluster is dropped when it is freed
@@ -63,7 +63,9 @@ enum Carrier {
     Submitted(u64),
     /// In the committed transaction with this sequence number.
     Committed(u64),
-    /// Synced: the file holds every byte, and the entry is a kept copy.
+    /// Synced: the file holds every byte carried so far. With no dirty
+    /// range the entry is a kept copy; with one, a kept cluster written
+    /// again, waiting for its next transaction.
     Synced,
 }
 
@@ -151,13 +153,14 @@ impl Logged {
     }
 }
 
-/// Logged data not yet synced, by cluster offset, with a bound on the bytes
-/// held in memory (and so on the data one transaction carries).
+/// Logged data not yet synced, and kept copies of synced clusters, by
+/// cluster offset, with bounds on the bytes held in memory (and so on the
+/// data one transaction carries).
 #[derive(Debug)]
 pub struct LoggedData {
     clusters: BTreeMap<u64, Logged>,
     cluster_size: u64,
-    /// Bytes of written spans held, kept clusters apart.
+    /// Bytes of logged extents held, kept clusters apart.
     held_bytes: u64,
     /// Bytes of kept clusters: at most `kept_bytes_max`.
     kept_bytes: u64,
@@ -233,9 +236,10 @@ impl LoggedData {
             in_cluster + data.len() as u64 <= cs,
             "logged data crosses a cluster"
         );
+        // A kept copy is dropped when its cluster is freed (`may_reuse`).
         assert!(
             !self.clusters.contains_key(&cluster),
-            "fresh cluster {cluster:#x} already holds logged data (a kept copy is dropped when the cluster is freed)"
+            "fresh cluster {cluster:#x} already holds logged data"
         );
         if data.len() > LOGGED_WRITE_BYTES_MAX
             || self.held_bytes + data.len() as u64 > self.held_bytes_max
@@ -336,7 +340,7 @@ impl LoggedData {
 
     /// Forgets the clusters whose every logged byte transactions up to
     /// `synced` put in place, or keeps them as copies of the file's bytes
-    /// (those the span does not fill, within the kept bound).
+    /// (those whose bytes do not fill the cluster, within the kept bound).
     pub fn forget_synced(&mut self, synced: u64) {
         let cs = self.cluster_size;
         let (mut done, mut kept) = (0, self.kept_bytes);
@@ -503,7 +507,7 @@ mod tests {
     }
 
     #[test]
-    fn a_synced_cluster_is_kept_and_a_write_past_its_span_joins_the_journal_again() {
+    fn a_synced_cluster_is_kept_and_a_write_into_bytes_never_written_joins_the_journal_again() {
         let mut l = LoggedData::new(CS, 4 * CS, 4 * CS);
         logged_and_synced(&mut l, CS, 512, &[7; 512], 1);
         assert!(!l.holds(CS), "synced: the file has the bytes");
@@ -512,7 +516,8 @@ mod tests {
         assert!(l.read(&mut buf, CS), "a kept cluster is read from memory");
         assert_eq!(&buf[..512], &[0; 512]);
         assert_eq!(&buf[512..], &[7; 512]);
-        // Past the span: logged again, and only the new bytes travel.
+        // Into bytes never written: logged again, and only the new bytes
+        // travel.
         assert!(l.absorb(CS + 2048, &[8; 100]));
         assert!(l.holds(CS) && l.has_dirty());
         assert_eq!(
@@ -535,10 +540,13 @@ mod tests {
     }
 
     #[test]
-    fn a_write_inside_a_kept_span_drops_the_copy_and_goes_in_place() {
+    fn a_write_inside_written_bytes_drops_the_kept_copy_and_goes_in_place() {
         let mut l = LoggedData::new(CS, 4 * CS, 4 * CS);
         logged_and_synced(&mut l, CS, 512, &[7; 512], 1);
-        assert!(!l.absorb(CS + 600, &[1; 10]), "inside the span: in place");
+        assert!(
+            !l.absorb(CS + 600, &[1; 10]),
+            "inside written bytes: in place"
+        );
         assert!(l.is_empty(), "the copy would no longer be the file's");
         assert_eq!(l.kept_bytes(), 0);
         let mut buf = [9u8; 16];
