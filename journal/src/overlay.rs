@@ -81,6 +81,33 @@ impl Overlay {
             .is_some_and(|(start, data)| offset < start + data.len() as u64)
     }
 
+    /// Whether extents cover every byte of `[start, end)`.
+    #[must_use]
+    pub fn covers_range(&self, start: u64, end: u64) -> bool {
+        let mut next = start;
+        // Bounded by the extents from the one covering `start` on: sorted,
+        // non-overlapping, so the first gap ends the walk.
+        let first = self
+            .extents
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(offset, _)| *offset);
+        for (offset, data) in self.extents.range(first..) {
+            if next >= end {
+                break;
+            }
+            let stop = offset + data.len() as u64;
+            if stop <= next {
+                continue;
+            }
+            if *offset > next {
+                return false;
+            }
+            next = stop;
+        }
+        next >= end
+    }
+
     /// Lays the overlay over bytes already read from the device at
     /// `offset`.
     pub fn patch(&self, buf: &mut [u8], offset: u64) {

@@ -111,26 +111,6 @@ impl Logged {
         }
     }
 
-    /// Whether every byte of `[at, end)` of the cluster was written.
-    fn covers(&self, at: u64, end: u64) -> bool {
-        let mut next = at;
-        // Bounded by the extents, sorted and non-overlapping.
-        for (start, bytes) in self.content.extents() {
-            let stop = start + bytes.len() as u64;
-            if stop <= next {
-                continue;
-            }
-            if start > next {
-                return false;
-            }
-            next = stop;
-            if next >= end {
-                return true;
-            }
-        }
-        next >= end
-    }
-
     /// A synced copy of the file's bytes, carrying nothing.
     fn is_kept(&self) -> bool {
         self.carrier == Some(Carrier::Synced) && self.dirty.is_none()
@@ -275,7 +255,7 @@ impl LoggedData {
         assert!(end <= cs, "a data write crosses a cluster");
         if logged.is_kept() {
             let kept = logged.len;
-            let joins = !logged.covers(at, end)
+            let joins = !logged.content.covers_range(at, end)
                 && data.len() <= LOGGED_WRITE_BYTES_MAX
                 && self.held_bytes + kept + data.len() as u64 <= self.held_bytes_max
                 && self.dirty_bytes + data.len() as u64 <= self.dirty_bytes_max;
