@@ -2,6 +2,8 @@
 //! make that durable, then advance the header's synced sequence number and
 //! free their ring space.
 
+use std::borrow::Cow;
+
 use qj_spec::journal::JournalHeader;
 
 use crate::apply::{apply_transaction, merge_ranges, ApplyTarget, OverlayTarget};
@@ -188,15 +190,15 @@ impl<'a, S: Storage> CoalescingTarget<'a, S> {
         }
     }
 
-    /// Writes the overlay in place, in offset order, touching extents
-    /// joined into writes of up to [`IN_PLACE_WRITE_BYTES_MAX`], and starts
-    /// an empty one.
+    /// Writes the overlay in place, touching extents joined into writes
+    /// of up to [`IN_PLACE_WRITE_BYTES_MAX`], and starts an empty one.
     fn spill(&mut self) -> Result<(), JournalError> {
         let overlay = std::mem::take(&mut self.overlay);
         self.held_bytes = 0;
         let extents: Vec<(u64, &[u8])> = overlay.extents().collect();
+        let mut writes: Vec<(u64, Cow<'_, [u8]>)> = Vec::new();
         let mut first = 0;
-        // Bounded by the extents: each round writes at least one.
+        // Bounded by the extents: each round takes at least one.
         while first < extents.len() {
             let (offset, bytes) = extents[first];
             let mut end = first + 1;
@@ -209,27 +211,82 @@ impl<'a, S: Storage> CoalescingTarget<'a, S> {
                 joined_len += next_bytes.len();
                 end += 1;
             }
-            let write = |buf: &[u8]| {
-                self.storage
-                    .write_at(buf, offset)
-                    .map_err(|e| JournalError::io("write", offset, e))
-            };
-            if end == first + 1 {
-                write(bytes)?;
+            writes.push(if end == first + 1 {
+                (offset, Cow::Borrowed(bytes))
             } else {
-                write(
-                    &extents[first..end]
-                        .iter()
-                        .flat_map(|(_, b)| b.iter().copied())
-                        .collect::<Vec<u8>>(),
-                )?;
-            }
+                let joined: Vec<u8> = extents[first..end]
+                    .iter()
+                    .flat_map(|(_, b)| b.iter().copied())
+                    .collect();
+                (offset, Cow::Owned(joined))
+            });
             self.written_bytes += joined_len as u64;
             first = end;
         }
-        Ok(())
+        write_disjoint(self.storage, &writes)
     }
 }
+
+/// Fewest writes worth spreading over several threads: below it, starting
+/// them costs more than the device time they would overlap.
+const CONCURRENT_WRITES_MIN: usize = 16;
+
+/// Writes `writes` (ascending, disjoint) in place, as many in flight at
+/// once as the storage asks for ([`Storage::concurrent_writes`]), each
+/// thread a contiguous share in offset order; returns when all are done.
+///
+/// Ordering: none among these writes. They cover disjoint bytes, so the
+/// order they land in cannot change what the device ends up holding, and
+/// a crash may keep any subset of them whatever the order: replay
+/// re-applies the whole batch until the header says it is synced. What
+/// must come after all of them (the flush before that header) comes after
+/// this function returns, which is after every thread has finished.
+fn write_disjoint<S: Storage>(
+    storage: &S,
+    writes: &[(u64, Cow<'_, [u8]>)],
+) -> Result<(), JournalError> {
+    let mut end = 0;
+    for (offset, bytes) in writes {
+        assert!(
+            *offset >= end,
+            "in-place writes overlap or are out of order at {offset:#x}"
+        );
+        end = offset + bytes.len() as u64;
+    }
+    let write_share = |share: &[(u64, Cow<'_, [u8]>)]| -> Result<(), JournalError> {
+        for (offset, bytes) in share {
+            storage
+                .write_at(bytes, *offset)
+                .map_err(|e| JournalError::io("write", *offset, e))?;
+        }
+        Ok(())
+    };
+    let threads = storage.concurrent_writes().clamp(1, CONCURRENT_WRITES_MAX);
+    if threads == 1 || writes.len() < CONCURRENT_WRITES_MIN {
+        return write_share(writes);
+    }
+    let share = writes.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut shares = writes.chunks(share);
+        let own = shares.next().unwrap_or_default();
+        let others: Vec<_> = shares
+            .map(|s| scope.spawn(move || write_share(s)))
+            .collect();
+        let mut result = write_share(own);
+        for other in others {
+            let done = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            // The first failure in offset order; every share still ran to
+            // its end or its own failure, so none is left in flight.
+            result = result.and(done);
+        }
+        result
+    })
+}
+
+/// Most threads one checkpoint writes with, whatever the storage asks.
+const CONCURRENT_WRITES_MAX: usize = 16;
 
 impl<S: Storage> ApplyTarget for CoalescingTarget<'_, S> {
     fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<(), JournalError> {
@@ -289,5 +346,125 @@ mod tests {
         want[950..1000].fill(4);
         assert_eq!(read(&storage, 0, 1000), want);
         assert_eq!(target.written_bytes, 1050);
+    }
+
+    /// A memory device that asks for concurrent writes, and records how
+    /// many were in flight at once. The first write waits (at most ten
+    /// seconds) until two have been in flight at once, so that written one
+    /// at a time the batch shows a single write in flight (and takes ten
+    /// seconds). Writes at `fail_at` fail.
+    #[derive(Debug)]
+    struct Concurrent {
+        inner: MemStorage,
+        in_flight: std::sync::Mutex<(usize, usize, bool)>,
+        started: std::sync::Condvar,
+        fail_at: Option<u64>,
+    }
+
+    impl Concurrent {
+        fn new(fail_at: Option<u64>) -> Self {
+            Self {
+                inner: MemStorage::new(),
+                in_flight: std::sync::Mutex::new((0, 0, false)),
+                started: std::sync::Condvar::new(),
+                fail_at,
+            }
+        }
+
+        fn most_in_flight(&self) -> usize {
+            self.in_flight.lock().unwrap().1
+        }
+    }
+
+    impl Storage for Concurrent {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            let mut state = self.in_flight.lock().unwrap();
+            let (now, most, first_seen) = &mut *state;
+            *now += 1;
+            *most = (*most).max(*now);
+            self.started.notify_all();
+            if !std::mem::replace(first_seen, true) {
+                state = self
+                    .started
+                    .wait_timeout_while(state, std::time::Duration::from_secs(10), |s| s.1 < 2)
+                    .unwrap()
+                    .0;
+            }
+            drop(state);
+            let result = if Some(offset) == self.fail_at {
+                Err(std::io::Error::other("injected write failure"))
+            } else {
+                self.inner.write_at(buf, offset)
+            };
+            self.in_flight.lock().unwrap().0 -= 1;
+            result
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn concurrent_writes(&self) -> usize {
+            4
+        }
+    }
+
+    /// 64 extents of 512 bytes, one every 4 KiB, each its own write.
+    fn spread_writes(target: &mut CoalescingTarget<'_, Concurrent>) {
+        for i in 0..64u64 {
+            target.write(&[i as u8 + 1; 512], i * 4096).unwrap();
+        }
+    }
+
+    /// A storage that asks for concurrent writes gets several in flight,
+    /// and ends up holding what one-at-a-time writing gives.
+    #[test]
+    fn a_spill_writes_concurrently_where_the_storage_asks_and_lands_every_byte() {
+        let storage = Concurrent::new(None);
+        let mut target = CoalescingTarget::new(&storage, OVERLAY_BYTES_MAX);
+        spread_writes(&mut target);
+        target.spill().unwrap();
+        assert!(
+            storage.most_in_flight() >= 2,
+            "writes went one at a time ({} in flight at most)",
+            storage.most_in_flight()
+        );
+        assert_eq!(target.written_bytes, 64 * 512);
+        for i in 0..64u64 {
+            let mut want = vec![0u8; 4096];
+            want[..512].fill(i as u8 + 1);
+            assert_eq!(read(&storage.inner, i * 4096, 4096), want, "extent {i}");
+        }
+    }
+
+    /// A failed write fails the spill (the checkpoint then poisons the
+    /// journal), and the writes of the other threads are all done when it
+    /// returns.
+    #[test]
+    fn a_failed_concurrent_write_fails_the_spill_after_every_other_write() {
+        let failing = 40 * 4096;
+        let storage = Concurrent::new(Some(failing));
+        let mut target = CoalescingTarget::new(&storage, OVERLAY_BYTES_MAX);
+        spread_writes(&mut target);
+        let e = target.spill().unwrap_err();
+        assert!(e.to_string().contains("injected write failure"), "{e}");
+        assert_eq!(
+            storage.in_flight.lock().unwrap().0,
+            0,
+            "a write still in flight"
+        );
+        // Every share but the failing one (extents 32..48) ran to its end.
+        for i in (0..32u64).chain(48..64) {
+            let mut want = vec![0u8; 4096];
+            want[..512].fill(i as u8 + 1);
+            assert_eq!(read(&storage.inner, i * 4096, 4096), want, "extent {i}");
+        }
     }
 }

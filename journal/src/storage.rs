@@ -56,6 +56,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The label comes as format arguments, so that a device without a log
     /// costs no allocation on the commit path.
     fn mark(&self, _label: fmt::Arguments<'_>) {}
+
+    /// How many writes of one batch of disjoint writes (a checkpoint's,
+    /// `checkpoint.rs`) are worth having in flight at once. One, unless
+    /// each write waits for the device itself (`O_DIRECT`): then one at a
+    /// time leaves the device idle between them, and a checkpoint that
+    /// falls behind the commits makes the engine write in place what it
+    /// would have logged (`engine/src/backend/logged_data.rs`).
+    fn concurrent_writes(&self) -> usize {
+        1
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for Arc<T> {
@@ -77,6 +87,9 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     fn mark(&self, label: fmt::Arguments<'_>) {
         (**self).mark(label);
     }
+    fn concurrent_writes(&self) -> usize {
+        (**self).concurrent_writes()
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for &T {
@@ -97,6 +110,9 @@ impl<T: Storage + ?Sized> Storage for &T {
     }
     fn mark(&self, label: fmt::Arguments<'_>) {
         (**self).mark(label);
+    }
+    fn concurrent_writes(&self) -> usize {
+        (**self).concurrent_writes()
     }
 }
 
