@@ -398,3 +398,82 @@ fn a_snapshot_of_a_logged_cluster_keeps_its_bytes_through_copy_on_write() {
         assert_engine_check_clean(&*storage);
     }
 }
+
+/// Reads of kept clusters joined again (the file's bytes under the logged
+/// ones, `read_data`) see every write that completed before them, while
+/// checkpoints write logged bytes in place and forget them underneath: a
+/// read that a forget overtook reads again.
+#[test]
+fn reads_of_joined_kept_clusters_see_every_completed_write_while_checkpoints_run() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const CLUSTERS: u64 = 200;
+    // Pieces 1..=8 of each cluster: bytes the fill never wrote, so each
+    // write joins its kept cluster again.
+    const WRITES: u64 = 8 * CLUSTERS;
+    const READS_MAX: u64 = 100_000;
+    let offset = |k: u64| (k % CLUSTERS) * CLUSTER + (k / CLUSTERS + 1) * 4096;
+    let seed = |k: u64| (k % 251) as u8 + 1;
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    create(&storage, false);
+    let image = open(&storage);
+    fill_past_a_checkpoint(&image);
+    let synced_before = image.info().unwrap().journal.unwrap().synced_seq;
+    let done = AtomicU64::new(0);
+    let reads = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for reader in 0..2u64 {
+            let (image, done, reads) = (&image, &done, &reads);
+            s.spawn(move || {
+                let mut rng = 0x9e37_79b9_7f4a_7c15 ^ reader;
+                for _ in 0..READS_MAX {
+                    let completed = done.load(Ordering::Acquire);
+                    if completed == WRITES {
+                        break;
+                    }
+                    if completed == 0 {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let k = rng % completed;
+                    let cluster = offset(k) - offset(k) % CLUSTER;
+                    let back = read(image, cluster, (offset(k) - cluster) as usize + 4096);
+                    assert!(
+                        back[..4096] == pattern((cluster / CLUSTER) as u8, 4096)[..],
+                        "the file's bytes of cluster {}",
+                        cluster / CLUSTER
+                    );
+                    assert!(
+                        back[back.len() - 4096..] == pattern(seed(k), 4096)[..],
+                        "write {k}, completed before the read began"
+                    );
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        for k in 0..WRITES {
+            image.write(&pattern(seed(k), 4096), offset(k)).unwrap();
+            if k % 16 == 15 {
+                image.flush().unwrap();
+            }
+            done.store(k + 1, Ordering::Release);
+        }
+    });
+    image.flush().unwrap();
+    let synced_after = image.info().unwrap().journal.unwrap().synced_seq;
+    assert!(
+        synced_after > synced_before,
+        "no checkpoint ran during the writes"
+    );
+    assert!(reads.load(Ordering::Relaxed) > 0, "no read ran");
+    for k in 0..WRITES {
+        assert!(
+            read(&image, offset(k), 4096) == pattern(seed(k), 4096),
+            "write {k}"
+        );
+    }
+    image.close().unwrap();
+    assert_engine_check_clean(&*storage);
+}

@@ -53,10 +53,11 @@
 //!    clusters get no data checksum: their bytes are in the transaction.
 //!    Nor are they the source of a delayed copy (rule 6 reads that from
 //!    the file, which does not have them yet: [`MetadataBackend::delay_copy`]
-//!    refuses). A synced cluster may stay as a kept copy of the file's
-//!    bytes, which a write either joins (logged again, under this rule)
-//!    or drops before going in place; a freed one is dropped
-//!    (`logged_data.rs`, *Kept clusters*).
+//!    refuses). A synced cluster may stay kept, as the ranges of it the
+//!    file holds: a write either joins it (logged again, under this rule,
+//!    and read as the file's bytes under the logged ones) or drops it
+//!    before going in place; a freed one is dropped (`logged_data.rs`,
+//!    *Kept clusters*).
 //!
 //! [`OpenOptions::log_fresh_data`]: crate::OpenOptions::log_fresh_data
 //!
@@ -79,7 +80,7 @@ use qj_spec::units::{HostCluster, HostOffset};
 
 use super::checkpointer::{Checkpointer, Next};
 use super::delayed_cow::{CopyState, PendingCopies};
-use super::logged_data::LoggedData;
+use super::logged_data::{LoggedData, LoggedRead};
 use super::{BackendKind, DelayedCopy, Epoch, MetadataBackend, NewData};
 use crate::error::{Error, IoContext, Result};
 pub use crate::mutation::JournalMutation;
@@ -130,6 +131,11 @@ struct Pending {
 /// flight, which takes far longer than the read.
 const METADATA_READ_TRIES_MAX: u32 = 3;
 
+/// Tries of a data read of a kept cluster joined again (`read_data`), the
+/// last under the logged-data lock: each retry means a checkpoint forgot
+/// logged bytes while the read was in flight.
+const DATA_READ_TRIES_MAX: u32 = 3;
+
 /// The journalled backend.
 #[derive(Debug)]
 pub struct JournalBackend {
@@ -166,7 +172,7 @@ pub struct JournalBackend {
     /// Whether writes into fresh clusters past the end of the file travel
     /// in the transaction (rule 7).
     log_fresh_data: bool,
-    /// Logged data not yet synced, and kept copies of synced clusters
+    /// Logged data not yet synced, and the ranges of kept clusters
     /// (rule 7).
     logged: Mutex<LoggedData>,
     /// Clusters `logged` holds, kept ones too: read without its lock, so
@@ -883,31 +889,56 @@ impl MetadataBackend for JournalBackend {
             return false;
         }
         let absorbed = logged.absorb(offset.0, data);
-        // A kept copy the write did not join is gone.
+        // A kept cluster the write did not join is gone.
         self.logged_count.store(logged.len(), Ordering::SeqCst);
         absorbed
     }
 
     fn read_data(&self, storage: &dyn Storage, buf: &mut [u8], offset: HostOffset) -> Result<()> {
+        let read_file = |buf: &mut [u8]| {
+            storage
+                .read_at(buf, offset.0)
+                .ctx(|| format!("reading guest data at host {offset}"))
+        };
         if self.logged_count.load(Ordering::SeqCst) > 0 {
             // Rule 7. Decided under the lock: a checkpoint forgets a
             // cluster only after its bytes are in place, so either they are
-            // served from here or the file already holds them.
-            if self.logged.lock().read(buf, offset.0) {
-                return Ok(());
+            // served from here or the file already holds them. A kept
+            // cluster joined again is the file's bytes under the logged
+            // ones, which must be of one moment, as in `read_metadata`: a
+            // read that a forget overtook reads again, and the last try
+            // reads under the lock (no forget can come meanwhile).
+            for last in (1..=DATA_READ_TRIES_MAX).map(|i| i == DATA_READ_TRIES_MAX) {
+                let logged = self.logged.lock();
+                match logged.read(buf, offset.0) {
+                    LoggedRead::NotHeld => break,
+                    LoggedRead::Served => return Ok(()),
+                    LoggedRead::FileThenPatch(ticket) if last => {
+                        read_file(buf)?;
+                        let patched = logged.patch(buf, offset.0, ticket);
+                        assert!(patched, "a forget ran under the logged-data lock");
+                        return self.patch_data_read(buf, offset);
+                    }
+                    LoggedRead::FileThenPatch(ticket) => {
+                        drop(logged);
+                        read_file(buf)?;
+                        if self.logged.lock().patch(buf, offset.0, ticket) {
+                            return self.patch_data_read(buf, offset);
+                        }
+                    }
+                }
             }
         }
-        storage
-            .read_at(buf, offset.0)
-            .ctx(|| format!("reading guest data at host {offset}"))?;
+        read_file(buf)?;
         self.patch_data_read(buf, offset)
     }
 
     fn serves_reads_from_memory(&self) -> bool {
         // Rules 6 and 7, and a read-only open's in-memory replay: the
         // cases `read_data` and `patch_data_read` consult memory for.
-        // A kept cluster (`logged_data.rs`) holds the file's own bytes: only
-        // unsynced logged bytes are read from memory alone.
+        // A kept cluster (`logged_data.rs`) reads as the file holds it:
+        // only logged bytes not yet synced are served or patched from
+        // memory.
         self.copy_count.load(Ordering::SeqCst) > 0
             || (self.logged_count.load(Ordering::SeqCst) > 0
                 && self.logged.lock().held_bytes().0 > 0)
@@ -929,7 +960,7 @@ impl MetadataBackend for JournalBackend {
     }
 
     fn may_reuse(&self, cluster: HostCluster) -> bool {
-        // Rule 7 (and a kept copy of a synced cluster is dropped here,
+        // Rule 7 (and a kept cluster is dropped here,
         // before anything else can own its bytes).
         if self.logged_count.load(Ordering::SeqCst) > 0 {
             let mut logged = self.logged.lock();
