@@ -917,6 +917,7 @@ impl MetadataBackend for JournalBackend {
                         read_file(buf)?;
                         let patched = logged.patch(buf, offset.0, ticket);
                         assert!(patched, "a forget ran under the logged-data lock");
+                        drop(logged);
                         return self.patch_data_read(buf, offset);
                     }
                     LoggedRead::FileThenPatch(ticket) => {

@@ -91,11 +91,16 @@ enum Carrier {
 pub const LOGGED_WRITE_BYTES_MAX: usize = 32 << 10;
 
 /// Most clusters kept. Each costs its map entry (104 bytes) with the map's
-/// slack, and the allocation of its ranges: about 250 bytes, so 32 MiB at
-/// most, for 8 GiB of clusters of 64 KiB (a 1 GiB image has 16,384).
-/// Past it, a synced cluster is simply not kept (its later writes go in
-/// place, as without keeping).
+/// slack, about 200 bytes: 25 MiB at most, for 8 GiB of clusters of
+/// 64 KiB (a 1 GiB image has 16,384). Past it, a synced cluster is simply
+/// not kept (its later writes go in place, as without keeping).
 pub const KEPT_CLUSTERS_MAX: usize = 1 << 17;
+
+/// Most ranges held for clusters the file holds (16 bytes each, 8 MiB):
+/// a cluster written in many small pieces has as many ranges, so the
+/// clusters alone do not bound the memory (a 2 MiB cluster written 4 KiB
+/// apart has 256).
+pub const RANGES_MAX: usize = 1 << 19;
 
 /// One cluster's logged bytes.
 #[derive(Debug)]
@@ -173,6 +178,17 @@ impl Logged {
             .collect()
     }
 
+    /// What the next transaction carries for `[lo, hi)` at most, as the
+    /// bound on one transaction's data counts it: a fresh cluster's whole
+    /// span; for a cluster the file holds, only logged extents travel,
+    /// and no more than `content` holds.
+    fn dirty_cost(&self, lo: u64, hi: u64) -> u64 {
+        match self.in_file {
+            None => hi - lo,
+            Some(_) => (hi - lo).min(self.len),
+        }
+    }
+
     /// The ranges the file holds once `content` is in place.
     fn ranges_in_file(&self) -> Vec<(u64, u64)> {
         let mut ranges = self.in_file.clone().unwrap_or_default();
@@ -226,6 +242,12 @@ pub struct LoggedData {
     kept_clusters: usize,
     /// [`KEPT_CLUSTERS_MAX`] (smaller in tests).
     kept_clusters_max: usize,
+    /// Ranges of every cluster the file holds (`in_file`), kept or joined
+    /// again: at most `ranges_max` once a forget has run (a join adds
+    /// none; the forget that keeps the cluster again counts them anew).
+    ranges: usize,
+    /// [`RANGES_MAX`] (smaller in tests).
+    ranges_max: usize,
     /// How many times a cluster the file holds gave up logged bytes (they
     /// are in place, or the cluster is gone): a read that began before
     /// one must not be patched with what is left ([`Self::patch`]).
@@ -241,6 +263,11 @@ pub struct LoggedData {
     dirty_clusters: BTreeSet<u64>,
     /// The clusters each submitted, not yet committed, ticket carries.
     submitted: BTreeMap<u64, Vec<u64>>,
+    /// The clusters each committed transaction carries, by sequence
+    /// number, until a forget looks at them: a forget touches only these,
+    /// not every kept cluster (up to [`KEPT_CLUSTERS_MAX`], under the lock
+    /// every read and write of a logged image takes).
+    committed: BTreeMap<u64, Vec<u64>>,
     /// Bytes not yet submitted (the spans the next transaction carries).
     dirty_bytes: u64,
     /// Most bytes not yet submitted that fresh clusters may add: bounds
@@ -259,10 +286,13 @@ impl LoggedData {
             held_bytes: 0,
             kept_clusters: 0,
             kept_clusters_max: KEPT_CLUSTERS_MAX,
+            ranges: 0,
+            ranges_max: RANGES_MAX,
             forgets: 0,
             held_bytes_max,
             dirty_clusters: BTreeSet::new(),
             submitted: BTreeMap::new(),
+            committed: BTreeMap::new(),
             dirty_bytes: 0,
             dirty_bytes_max,
         }
@@ -348,22 +378,24 @@ impl LoggedData {
             if !joins {
                 // Where every byte was written, so were the blocks: in
                 // place costs the file system nothing more.
+                self.ranges -= in_file.len();
                 self.clusters.remove(&cluster);
                 return false;
             }
         }
+        let old = logged.dirty.map(|(lo, hi)| logged.dirty_cost(lo, hi));
         self.held_bytes += logged.put(at, data);
-        let (lo, hi) = match logged.dirty {
-            Some((lo, hi)) => {
-                self.dirty_bytes -= hi - lo;
+        let (lo, hi) = match (logged.dirty, old) {
+            (Some((lo, hi)), Some(cost)) => {
+                self.dirty_bytes -= cost;
                 (lo.min(at), hi.max(end))
             }
-            None => {
+            _ => {
                 self.dirty_clusters.insert(cluster);
                 (at, end)
             }
         };
-        self.dirty_bytes += hi - lo;
+        self.dirty_bytes += logged.dirty_cost(lo, hi);
         logged.dirty = Some((lo, hi));
         true
     }
@@ -396,12 +428,17 @@ impl LoggedData {
 
     /// The epoch with `ticket` committed as transaction `seq`.
     pub fn committed(&mut self, ticket: u64, seq: u64) {
+        let mut carried = Vec::new();
         for cluster in self.submitted.remove(&ticket).unwrap_or_default() {
             if let Some(logged) = self.clusters.get_mut(&cluster) {
                 if logged.carrier == Some(Carrier::Submitted(ticket)) {
                     logged.carrier = Some(Carrier::Committed(seq));
+                    carried.push(cluster);
                 }
             }
+        }
+        if !carried.is_empty() {
+            self.committed.entry(seq).or_default().extend(carried);
         }
     }
 
@@ -410,20 +447,33 @@ impl LoggedData {
     /// (within the kept bound), the others go.
     pub fn forget_synced(&mut self, synced: u64) {
         let cs = self.cluster_size;
-        let (mut done, mut kept, mut forgets) = (0, self.kept_clusters, 0);
-        self.clusters.retain(|_, logged| {
+        let later = self.committed.split_off(&(synced + 1));
+        let due = std::mem::replace(&mut self.committed, later);
+        // A cluster listed under a transaction it no longer waits for (it
+        // was written again since) is listed under its newest one as well.
+        for cluster in due.into_values().flatten() {
+            let Some(logged) = self.clusters.get_mut(&cluster) else {
+                continue;
+            };
             let in_place = logged.dirty.is_none()
                 && matches!(logged.carrier, Some(Carrier::Committed(s)) if s <= synced);
             if !in_place {
-                return true;
+                continue;
             }
-            done += logged.len;
-            forgets += u64::from(logged.in_file.is_some());
+            self.held_bytes -= logged.len;
+            let was_in_file = logged.in_file.as_ref().map_or(0, Vec::len);
+            self.ranges -= was_in_file;
+            self.forgets += u64::from(logged.in_file.is_some());
             let ranges = logged.ranges_in_file();
-            if covers(&ranges, 0, cs) || kept >= self.kept_clusters_max {
-                return false;
+            if covers(&ranges, 0, cs)
+                || self.kept_clusters >= self.kept_clusters_max
+                || self.ranges + ranges.len() > self.ranges_max
+            {
+                self.clusters.remove(&cluster);
+                continue;
             }
-            kept += 1;
+            self.kept_clusters += 1;
+            self.ranges += ranges.len();
             *logged = Logged {
                 content: Overlay::new(),
                 len: 0,
@@ -431,11 +481,7 @@ impl LoggedData {
                 dirty: None,
                 carrier: Some(Carrier::Synced),
             };
-            true
-        });
-        self.held_bytes -= done;
-        self.kept_clusters = kept;
-        self.forgets += forgets;
+        }
         // A ticket whose commit failed is never `committed`: its clusters
         // stay `Submitted` and are never forgotten, nor is its entry. The
         // image is poisoned by then, so neither grows.
@@ -453,6 +499,7 @@ impl LoggedData {
         match self.clusters.get(&cluster) {
             Some(logged) if logged.is_kept() => {
                 self.kept_clusters -= 1;
+                self.ranges -= logged.in_file.as_ref().map_or(0, Vec::len);
                 self.clusters.remove(&cluster);
                 true
             }
@@ -824,5 +871,67 @@ mod tests {
         assert!(!covers(&r, 40, 50), "the gap");
         assert!(!covers(&r, 45, 55), "into a range from the gap");
         assert!(!covers(&[], 0, 1));
+    }
+
+    #[test]
+    fn the_ranges_of_kept_clusters_are_bounded_and_counted_until_they_go() {
+        let mut l = LoggedData::new(CS, 8 * CS, 8 * CS);
+        l.ranges_max = 3;
+        assert!(l.log_fresh(0, 0, &[1; 8]));
+        assert!(l.absorb(100, &[1; 8]));
+        l.take_dirty(1);
+        l.committed(1, 1);
+        l.forget_synced(1);
+        assert_eq!((l.kept_clusters(), l.ranges), (1, 2));
+        logged_and_synced(&mut l, CS, 0, &[2; 8], 2);
+        assert_eq!((l.kept_clusters(), l.ranges), (2, 3));
+        logged_and_synced(&mut l, 2 * CS, 0, &[3; 8], 3);
+        assert_eq!(
+            (l.kept_clusters(), l.ranges),
+            (2, 3),
+            "a fourth range would pass the bound"
+        );
+        // Joined again and kept again: its ranges counted once, merged.
+        assert!(l.absorb(8, &[4; 92]));
+        assert_eq!(l.ranges, 3, "a join adds none");
+        l.take_dirty(4);
+        l.committed(4, 4);
+        l.forget_synced(4);
+        assert_eq!(
+            (l.kept_clusters(), l.ranges),
+            (2, 2),
+            "0..108 is one range now"
+        );
+        assert!(l.may_reuse(CS));
+        assert!(!l.absorb(50, &[5; 8]), "inside written bytes: dropped");
+        assert_eq!((l.kept_clusters(), l.ranges), (0, 0));
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn a_cluster_the_file_holds_counts_only_its_logged_bytes_against_the_transaction_bound() {
+        let mut l = LoggedData::new(CS, 8 * CS, 8 * CS);
+        logged_and_synced(&mut l, CS, 1000, &[7; 100], 1);
+        assert!(l.absorb(CS, &[1; 8]));
+        assert!(l.absorb(CS + 4000, &[2; 8]));
+        assert_eq!(l.dirty_bytes, 16, "not the 4008 bytes of the span");
+        assert_eq!(
+            l.take_dirty(2).iter().map(|(_, b)| b.len()).sum::<usize>(),
+            16
+        );
+        assert_eq!(l.dirty_bytes, 0);
+        // A fresh cluster's span travels whole, zeros between included.
+        assert!(l.log_fresh(2 * CS, 0, &[3; 8]));
+        assert!(l.absorb(2 * CS + 4000, &[4; 8]));
+        assert_eq!(l.dirty_bytes, 4008);
+        assert_eq!(
+            l.take_dirty(3),
+            vec![(2 * CS, {
+                let mut span = vec![0u8; 4008];
+                span[..8].fill(3);
+                span[4000..].fill(4);
+                span
+            })]
+        );
     }
 }
