@@ -43,6 +43,11 @@ pub enum JournalMutation {
     /// in a submitted transaction goes in place (the older logged bytes,
     /// applied later, overwrite it).
     WriteLoggedInPlace,
+    /// Kept clusters broken (`logged_data.rs`): the transaction of a kept
+    /// cluster joined again carries its dirty span whole, zeros where the
+    /// file holds bytes it did not log (checkpoint and replay write the
+    /// zeros over them).
+    LoggedZerosOverKept,
     /// Dedup broken: a write that finds its content in the index maps the
     /// existing cluster without raising its refcount (the cluster is freed
     /// while still mapped).

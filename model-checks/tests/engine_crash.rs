@@ -169,6 +169,12 @@ fn journalled_backends_survive_every_explored_crash_without_leaks() {
 /// where only zeros or write #17 may be.
 const EXPOSING_SEED: u64 = 2;
 
+/// States explored for `logged-zeros-over-kept` (`discard` with a backing
+/// file, seed 1, catches it within them): a kept cluster must be joined
+/// again by writes on either side of bytes it holds, and the transaction
+/// checkpointed, before a state can show it.
+const BUDGET_ZEROS_OVER_KEPT: u64 = 3000;
+
 #[test]
 fn journal_mutations_are_caught() {
     let listed = qj_model_checks::mutations("journal");
@@ -289,7 +295,9 @@ fn delayed_copy_on_write_survives_every_explored_crash() {
 /// Logged data (journal rule 7): small writes into fresh clusters travel in
 /// the transaction and reach the file at checkpoint. Every explored crash
 /// recovers clean, with no leak; writing into a logged cluster in place
-/// once its bytes are in a submitted transaction is caught.
+/// once its bytes are in a submitted transaction is caught, and so is a
+/// kept cluster joined again whose transaction carries zeros over the
+/// bytes the file holds.
 #[test]
 fn logged_data_survives_every_explored_crash() {
     survives_and_catches(
@@ -297,6 +305,18 @@ fn logged_data_survives_every_explored_crash() {
         &[("mixed", false), ("alloc", true), ("grow", false)],
         "logged-write-in-place",
         ("mixed", true),
+    );
+    let target =
+        qj_model_checks::crash_target("journal-logged", Some("logged-zeros-over-kept")).unwrap();
+    let mut config = ExploreConfig::new(WorkloadConfig::preset("discard").unwrap());
+    config.workload.backing = true;
+    config.states_budget = BUDGET_ZEROS_OVER_KEPT;
+    config.shrink = false;
+    let report = explore(target, &config, None).unwrap();
+    assert!(
+        !report.violations.is_empty(),
+        "logged-zeros-over-kept not caught: {:?}",
+        report.summary
     );
 }
 

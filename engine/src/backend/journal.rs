@@ -294,11 +294,13 @@ impl JournalBackend {
             // eighth (plus what later writes into its clusters add, at most
             // the held bound), so that with its metadata (epochs are kept
             // to a quarter, `epoch_bytes_max`) it stays within half the ring.
-            logged: Mutex::new(LoggedData::new(
-                cluster_size,
-                size_bytes / 4,
-                size_bytes / 8,
-            )),
+            logged: Mutex::new({
+                let mut logged = LoggedData::new(cluster_size, size_bytes / 4, size_bytes / 8);
+                if mutation == JournalMutation::LoggedZerosOverKept {
+                    logged.break_kept_transactions();
+                }
+                logged
+            }),
             logged_count: AtomicUsize::new(0),
             checkpointer: Checkpointer::default(),
             replayed_dedup: Mutex::new(events),

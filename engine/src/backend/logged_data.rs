@@ -248,6 +248,9 @@ pub struct LoggedData {
     ranges: usize,
     /// [`RANGES_MAX`] (smaller in tests).
     ranges_max: usize,
+    /// The crash harness's mutation `LoggedZerosOverKept`: a joined
+    /// cluster's transaction carries its span whole.
+    zeros_over_kept: bool,
     /// How many times a cluster the file holds gave up logged bytes (they
     /// are in place, or the cluster is gone): a read that began before
     /// one must not be patched with what is left ([`Self::patch`]).
@@ -288,6 +291,7 @@ impl LoggedData {
             kept_clusters_max: KEPT_CLUSTERS_MAX,
             ranges: 0,
             ranges_max: RANGES_MAX,
+            zeros_over_kept: false,
             forgets: 0,
             held_bytes_max,
             dirty_clusters: BTreeSet::new(),
@@ -296,6 +300,12 @@ impl LoggedData {
             dirty_bytes: 0,
             dirty_bytes_max,
         }
+    }
+
+    /// Injects the crash harness's mutation `LoggedZerosOverKept`
+    /// (`crate::mutation`): never set otherwise.
+    pub fn break_kept_transactions(&mut self) {
+        self.zeros_over_kept = true;
     }
 
     /// Clusters held.
@@ -412,9 +422,14 @@ impl LoggedData {
                 .expect("a dirty cluster is held");
             let (lo, hi) = logged.dirty.take().expect("an indexed cluster is dirty");
             logged.carrier = Some(Carrier::Submitted(ticket));
+            let whole = self.zeros_over_kept.then(|| {
+                let mut span = vec![0u8; (hi - lo) as usize];
+                logged.content.patch(&mut span, lo);
+                vec![(lo, span)]
+            });
             writes.extend(
-                logged
-                    .dirty_writes(lo, hi)
+                whole
+                    .unwrap_or_else(|| logged.dirty_writes(lo, hi))
                     .into_iter()
                     .map(|(at, bytes)| (cluster + at, bytes)),
             );
