@@ -32,10 +32,11 @@ const ZERO_CHUNK_BYTES: u64 = 1 << 20;
 /// Writes of one checkpoint in flight at once ([`Storage::concurrent_writes`]).
 /// Each `O_DIRECT` write waits for the device, so a checkpoint writing one
 /// at a time (about 5,000 4 KiB writes a second here) fell behind eight
-/// flushing fio jobs on a fresh image with logged data, and a fifth of
-/// their writes went in place for want of room; two in flight left a
-/// tenth, four none (RFC.md 6.2). Four is also what the device's queue
-/// takes without hurting the commits' flushes measurably.
+/// flushing fio jobs on a fresh image with logged data: the logged bytes
+/// it had not synced filled their bound, and 2,398-2,776 of about 13,000
+/// fresh clusters in 4 seconds were refused and written in place. Two in
+/// flight refused 540-779, four 0-13, eight no fewer than four and ran
+/// no faster (RFC.md 6.2).
 const CONCURRENT_WRITES: usize = 4;
 
 /// Memory alignment of every buffer handed to the kernel: a page, which
