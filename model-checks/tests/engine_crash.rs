@@ -265,10 +265,16 @@ fn survives_and_catches(
         assert_eq!(s.leaked_clusters, 0, "{s:?}");
         assert!(s.recovery_crash_states > 0, "{s:?}");
     }
+    catches(backend, mutation, exposing, 3000);
+}
+
+/// `mutation` on `backend` is caught by `exposing` (workload, backing
+/// file) within `states_budget` states.
+fn catches(backend: &str, mutation: &str, exposing: (&str, bool), states_budget: u64) {
     let target = qj_model_checks::crash_target(backend, Some(mutation)).unwrap();
     let mut config = ExploreConfig::new(WorkloadConfig::preset(exposing.0).unwrap());
     config.workload.backing = exposing.1;
-    config.states_budget = 3000;
+    config.states_budget = states_budget;
     config.shrink = false;
     let report = explore(target, &config, None).unwrap();
     assert!(
@@ -306,17 +312,11 @@ fn logged_data_survives_every_explored_crash() {
         "logged-write-in-place",
         ("mixed", true),
     );
-    let target =
-        qj_model_checks::crash_target("journal-logged", Some("logged-zeros-over-kept")).unwrap();
-    let mut config = ExploreConfig::new(WorkloadConfig::preset("discard").unwrap());
-    config.workload.backing = true;
-    config.states_budget = BUDGET_ZEROS_OVER_KEPT;
-    config.shrink = false;
-    let report = explore(target, &config, None).unwrap();
-    assert!(
-        !report.violations.is_empty(),
-        "logged-zeros-over-kept not caught: {:?}",
-        report.summary
+    catches(
+        "journal-logged",
+        "logged-zeros-over-kept",
+        ("discard", true),
+        BUDGET_ZEROS_OVER_KEPT,
     );
 }
 
