@@ -2,8 +2,6 @@
 //! make that durable, then advance the header's synced sequence number and
 //! free their ring space.
 
-use std::borrow::Cow;
-
 use qj_spec::journal::JournalHeader;
 
 use crate::apply::{apply_transaction, merge_ranges, ApplyTarget, OverlayTarget};
@@ -196,7 +194,7 @@ impl<'a, S: Storage> CoalescingTarget<'a, S> {
         let overlay = std::mem::take(&mut self.overlay);
         self.held_bytes = 0;
         let extents: Vec<(u64, &[u8])> = overlay.extents().collect();
-        let mut writes: Vec<(u64, Cow<'_, [u8]>)> = Vec::new();
+        let mut runs: Vec<&[(u64, &[u8])]> = Vec::new();
         let mut first = 0;
         // Bounded by the extents: each round takes at least one.
         while first < extents.len() {
@@ -211,19 +209,11 @@ impl<'a, S: Storage> CoalescingTarget<'a, S> {
                 joined_len += next_bytes.len();
                 end += 1;
             }
-            writes.push(if end == first + 1 {
-                (offset, Cow::Borrowed(bytes))
-            } else {
-                let joined: Vec<u8> = extents[first..end]
-                    .iter()
-                    .flat_map(|(_, b)| b.iter().copied())
-                    .collect();
-                (offset, Cow::Owned(joined))
-            });
+            runs.push(&extents[first..end]);
             self.written_bytes += joined_len as u64;
             first = end;
         }
-        write_disjoint(self.storage, &writes)
+        write_disjoint(self.storage, &runs)
     }
 }
 
@@ -231,9 +221,16 @@ impl<'a, S: Storage> CoalescingTarget<'a, S> {
 /// them costs more than the device time they would overlap.
 const CONCURRENT_WRITES_MIN: usize = 16;
 
-/// Writes `writes` (ascending, disjoint) in place, as many in flight at
-/// once as the storage asks for ([`Storage::concurrent_writes`]), each
-/// thread a contiguous share in offset order; returns when all are done.
+/// The name of a checkpoint's extra writer threads (15 bytes at most, as
+/// Linux keeps them).
+const WRITER_THREAD_NAME: &str = "qj-ckpt-writer";
+
+/// Writes `runs` in place, each a run of touching extents (ascending,
+/// disjoint) as one write, with as many in flight at once as the storage
+/// asks for ([`Storage::concurrent_writes`]): each thread a contiguous
+/// share in offset order, joining one run at a time (so a spill holds at
+/// most one joined buffer a thread beside the overlay). Returns when all
+/// are done, with the first failure in offset order.
 ///
 /// Ordering: none among these writes. They cover disjoint bytes, so the
 /// order they land in cannot change what the device ends up holding, and
@@ -241,44 +238,63 @@ const CONCURRENT_WRITES_MIN: usize = 16;
 /// re-applies the whole batch until the header says it is synced. What
 /// must come after all of them (the flush before that header) comes after
 /// this function returns, which is after every thread has finished.
-fn write_disjoint<S: Storage>(
-    storage: &S,
-    writes: &[(u64, Cow<'_, [u8]>)],
-) -> Result<(), JournalError> {
+fn write_disjoint<S: Storage>(storage: &S, runs: &[&[(u64, &[u8])]]) -> Result<(), JournalError> {
     let mut end = 0;
-    for (offset, bytes) in writes {
-        assert!(
-            *offset >= end,
-            "in-place writes overlap or are out of order at {offset:#x}"
-        );
-        end = offset + bytes.len() as u64;
+    for run in runs {
+        for &(offset, bytes) in *run {
+            assert!(
+                offset >= end,
+                "in-place writes overlap or are out of order at {offset:#x}"
+            );
+            end = offset + bytes.len() as u64;
+        }
     }
-    let write_share = |share: &[(u64, Cow<'_, [u8]>)]| -> Result<(), JournalError> {
-        for (offset, bytes) in share {
+    let write_share = |share: &[&[(u64, &[u8])]]| -> Result<(), JournalError> {
+        for run in share {
+            let offset = run[0].0;
+            let joined;
+            let bytes = if let [(_, only)] = run {
+                only
+            } else {
+                joined = run
+                    .iter()
+                    .flat_map(|(_, b)| b.iter().copied())
+                    .collect::<Vec<u8>>();
+                &joined[..]
+            };
             storage
-                .write_at(bytes, *offset)
-                .map_err(|e| JournalError::io("write", *offset, e))?;
+                .write_at(bytes, offset)
+                .map_err(|e| JournalError::io("write", offset, e))?;
         }
         Ok(())
     };
     let threads = storage.concurrent_writes().clamp(1, CONCURRENT_WRITES_MAX);
-    if threads == 1 || writes.len() < CONCURRENT_WRITES_MIN {
-        return write_share(writes);
+    if threads == 1 || runs.len() < CONCURRENT_WRITES_MIN {
+        return write_share(runs);
     }
-    let share = writes.len().div_ceil(threads);
+    let share = runs.len().div_ceil(threads);
     std::thread::scope(|scope| {
-        let mut shares = writes.chunks(share);
+        let mut shares = runs.chunks(share);
         let own = shares.next().unwrap_or_default();
         let others: Vec<_> = shares
-            .map(|s| scope.spawn(move || write_share(s)))
+            .map(|s| {
+                std::thread::Builder::new()
+                    .name(WRITER_THREAD_NAME.into())
+                    .spawn_scoped(scope, move || write_share(s))
+                    .map_err(|_| s)
+            })
             .collect();
         let mut result = write_share(own);
         for other in others {
-            let done = other
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            // The first failure in offset order; every share still ran to
-            // its end or its own failure, so none is left in flight.
+            let done = match other {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                // The system gave no thread: this one writes the share.
+                Err(share) => write_share(share),
+            };
+            // Every share runs to its end or its own failure, so none is
+            // left in flight when this returns.
             result = result.and(done);
         }
         result

@@ -38,7 +38,8 @@
 //! reserved with `fallocate`, or not at all), and the file system converts
 //! a block on its first write, which the next `fdatasync` pays for with
 //! metadata writes. A guest's in-place writes land at random in the
-//! extent tree; the checkpoint writes in offset order. Eight flushing fio
+//! extent tree; the checkpoint writes in offset order (each of its
+//! writers, `journal/src/checkpoint.rs`). Eight flushing fio
 //! jobs on a fresh image (`cache=none`) wrote about four metadata blocks
 //! in each `fdatasync`; with kept clusters they ran 0.90-1.03x the
 //! preallocated raw file, against 0.84-0.89x (RFC.md 6.2).
@@ -47,7 +48,7 @@
 //! what synced means). Kept as copies of the bytes, they were bounded at
 //! 64 MiB, which eight jobs writing a 1 GiB image at random filled within
 //! their 4 seconds: a count by a throwaway build found 1,662-3,109 of
-//! about 27,000 writes in place for want of it, and 15-29 with the bound
+//! about 27,000 writes in place for want of it, and 15-24 with the bound
 //! lifted.
 //!
 //! The rules that keep this safe:
@@ -90,16 +91,17 @@ enum Carrier {
 /// `zfs_immediate_write_sz`).
 pub const LOGGED_WRITE_BYTES_MAX: usize = 32 << 10;
 
-/// Most clusters kept. Each costs its map entry (104 bytes) with the map's
-/// slack, about 200 bytes: 25 MiB at most, for 8 GiB of clusters of
-/// 64 KiB (a 1 GiB image has 16,384). Past it, a synced cluster is simply
-/// not kept (its later writes go in place, as without keeping).
+/// Most clusters kept (or joined again). Each costs its map entry (104
+/// bytes) with the map's slack, about 160 bytes: 20 MiB at most, for
+/// 8 GiB of clusters of 64 KiB (a 1 GiB image has 16,384). Past it, a
+/// synced cluster is simply not kept (its later writes go in place, as
+/// without keeping).
 pub const KEPT_CLUSTERS_MAX: usize = 1 << 17;
 
-/// Most ranges held for clusters the file holds (16 bytes each, 8 MiB):
-/// a cluster written in many small pieces has as many ranges, so the
-/// clusters alone do not bound the memory (a 2 MiB cluster written 4 KiB
-/// apart has 256).
+/// Most ranges held for those clusters (16 bytes each, up to twice that
+/// with their allocations' slack: 16 MiB at most): a cluster written in
+/// many small pieces has as many ranges, so the clusters alone do not
+/// bound the memory (a 2 MiB cluster written 4 KiB apart has 256).
 pub const RANGES_MAX: usize = 1 << 19;
 
 /// One cluster's logged bytes.
@@ -238,7 +240,10 @@ pub struct LoggedData {
     cluster_size: u64,
     /// Bytes of logged extents held.
     held_bytes: u64,
-    /// Kept clusters: at most `kept_clusters_max`.
+    /// Clusters the file holds (`in_file`), kept or joined again: at most
+    /// `kept_clusters_max` once a forget has run (a join leaves the
+    /// count as it is; the forget that keeps the cluster again counts it
+    /// anew).
     kept_clusters: usize,
     /// [`KEPT_CLUSTERS_MAX`] (smaller in tests).
     kept_clusters_max: usize,
@@ -384,10 +389,10 @@ impl LoggedData {
                 && data.len() <= LOGGED_WRITE_BYTES_MAX
                 && self.held_bytes + data.len() as u64 <= self.held_bytes_max
                 && self.dirty_bytes + data.len() as u64 <= self.dirty_bytes_max;
-            self.kept_clusters -= 1;
             if !joins {
                 // Where every byte was written, so were the blocks: in
                 // place costs the file system nothing more.
+                self.kept_clusters -= 1;
                 self.ranges -= in_file.len();
                 self.clusters.remove(&cluster);
                 return false;
@@ -476,9 +481,11 @@ impl LoggedData {
                 continue;
             }
             self.held_bytes -= logged.len;
-            let was_in_file = logged.in_file.as_ref().map_or(0, Vec::len);
-            self.ranges -= was_in_file;
-            self.forgets += u64::from(logged.in_file.is_some());
+            if let Some(in_file) = &logged.in_file {
+                self.kept_clusters -= 1;
+                self.ranges -= in_file.len();
+                self.forgets += 1;
+            }
             let ranges = logged.ranges_in_file();
             if covers(&ranges, 0, cs)
                 || self.kept_clusters >= self.kept_clusters_max
@@ -523,7 +530,7 @@ impl LoggedData {
         }
     }
 
-    /// Kept clusters.
+    /// Clusters the file holds, kept or joined again.
     pub fn kept_clusters(&self) -> usize {
         self.kept_clusters
     }
@@ -701,7 +708,11 @@ mod tests {
         // are held and travel.
         assert!(l.absorb(CS + 2048, &[8; 100]));
         assert!(l.holds(CS) && l.has_dirty());
-        assert_eq!((l.held_bytes().0, l.kept_clusters()), (100, 0));
+        assert_eq!(
+            (l.held_bytes().0, l.kept_clusters()),
+            (100, 1),
+            "joined: still counted against the kept bound"
+        );
         assert_eq!(l.take_dirty(2), vec![(CS + 2048, vec![8; 100])]);
         // Read: the file's bytes under the logged ones.
         let mut buf = file_with(512, 512, 7);
@@ -841,6 +852,16 @@ mod tests {
         assert_eq!(l.len(), 1, "the second would pass the bound");
         assert_eq!(l.kept_clusters(), 1);
         assert!(!l.absorb(2 * CS + 1000, &[4; 4]), "not kept: in place");
+        // A kept cluster joined again still counts: a third is not kept.
+        assert!(l.log_fresh(3 * CS, 0, &[6; 600]));
+        l.take_dirty(3);
+        l.committed(3, 3);
+        assert!(l.absorb(CS + 1000, &[5; 4]));
+        l.forget_synced(3);
+        assert!(
+            l.holds(CS) && l.len() == 1,
+            "the joined cluster holds the one place"
+        );
     }
 
     #[test]
