@@ -81,7 +81,7 @@ enum Carrier {
     /// In the committed transaction with this sequence number.
     Committed(u64),
     /// Synced: the file holds every byte carried so far. With no dirty
-    /// range the entry is a kept copy; with one, a kept cluster written
+    /// range the entry is a kept cluster; with one, a kept cluster written
     /// again, waiting for its next transaction.
     Synced,
 }
@@ -163,9 +163,7 @@ impl Logged {
     /// logged extents, since the bytes between are the file's.
     fn dirty_writes(&self, lo: u64, hi: u64) -> Vec<(u64, Vec<u8>)> {
         if self.in_file.is_none() {
-            let mut bytes = vec![0u8; (hi - lo) as usize];
-            self.content.patch(&mut bytes, lo);
-            return vec![(lo, bytes)];
+            return vec![(lo, self.span(lo, hi))];
         }
         self.content
             .extents()
@@ -178,6 +176,14 @@ impl Logged {
                 })
             })
             .collect()
+    }
+
+    /// The cluster's bytes `[lo, hi)` as logged: the extents, zeros
+    /// between them.
+    fn span(&self, lo: u64, hi: u64) -> Vec<u8> {
+        let mut bytes = vec![0u8; (hi - lo) as usize];
+        self.content.patch(&mut bytes, lo);
+        bytes
     }
 
     /// What the next transaction carries for `[lo, hi)` at most, as the
@@ -323,7 +329,7 @@ impl LoggedData {
         self.clusters.is_empty()
     }
 
-    /// Bytes held (kept clusters apart), and the most that may be.
+    /// Bytes of logged extents held, and the most that may be.
     pub fn held_bytes(&self) -> (u64, u64) {
         (self.held_bytes, self.held_bytes_max)
     }
@@ -346,7 +352,7 @@ impl LoggedData {
             in_cluster + data.len() as u64 <= cs,
             "logged data crosses a cluster"
         );
-        // A kept copy is dropped when its cluster is freed (`may_reuse`).
+        // A kept cluster is dropped when it is freed (`may_reuse`).
         assert!(
             !self.clusters.contains_key(&cluster),
             "fresh cluster {cluster:#x} already holds logged data"
@@ -373,7 +379,8 @@ impl LoggedData {
     ///
     /// A kept cluster joins again if the write reaches bytes never written
     /// and the bounds allow; otherwise it is dropped (false: the write
-    /// goes in place, and the copy would no longer be the file's).
+    /// goes in place, and its ranges would no longer be all the file
+    /// holds).
     pub fn absorb(&mut self, offset: u64, data: &[u8]) -> bool {
         let cs = self.cluster_size;
         let cluster = offset - offset % cs;
@@ -427,17 +434,12 @@ impl LoggedData {
                 .expect("a dirty cluster is held");
             let (lo, hi) = logged.dirty.take().expect("an indexed cluster is dirty");
             logged.carrier = Some(Carrier::Submitted(ticket));
-            let whole = self.zeros_over_kept.then(|| {
-                let mut span = vec![0u8; (hi - lo) as usize];
-                logged.content.patch(&mut span, lo);
-                vec![(lo, span)]
-            });
-            writes.extend(
-                whole
-                    .unwrap_or_else(|| logged.dirty_writes(lo, hi))
-                    .into_iter()
-                    .map(|(at, bytes)| (cluster + at, bytes)),
-            );
+            let carried = if self.zeros_over_kept {
+                vec![(lo, logged.span(lo, hi))]
+            } else {
+                logged.dirty_writes(lo, hi)
+            };
+            writes.extend(carried.into_iter().map(|(at, bytes)| (cluster + at, bytes)));
         }
         if !taken.is_empty() {
             self.submitted.insert(ticket, taken.into_iter().collect());
@@ -659,9 +661,7 @@ mod tests {
         let mut buf = [9u8; 12];
         assert_eq!(l.read(&mut buf, CS + 6), LoggedRead::Served);
         assert_eq!(buf, [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        l.take_dirty(1);
-        l.committed(1, 1);
-        l.forget_synced(1);
+        sync(&mut l, 1);
         assert_eq!(l.held_bytes().0, 0);
         assert!(l.log_fresh(2 * CS, 0, &[1; 1]));
         // The transaction's bound: only what is not yet submitted counts.
@@ -679,6 +679,12 @@ mod tests {
     /// as transaction `seq`.
     fn logged_and_synced(l: &mut LoggedData, cluster: u64, in_cluster: u64, data: &[u8], seq: u64) {
         assert!(l.log_fresh(cluster, in_cluster, data));
+        sync(l, seq);
+    }
+
+    /// Submits what is dirty, and commits and syncs it, as transaction
+    /// (and ticket) `seq`.
+    fn sync(l: &mut LoggedData, seq: u64) {
         l.take_dirty(seq);
         l.committed(seq, seq);
         l.forget_synced(seq);
@@ -759,16 +765,12 @@ mod tests {
         let mut l2 = LoggedData::new(CS, 4 * CS, 4 * CS);
         logged_and_synced(&mut l2, CS, 512, &[7; 512], 1);
         assert!(l2.absorb(CS + 2048, &[8; 100]));
-        l2.take_dirty(2);
-        l2.committed(2, 2);
-        l2.forget_synced(2);
+        sync(&mut l2, 2);
         assert!(
             l2.absorb(CS + 1024, &[1; 1024]),
             "between the two: never written"
         );
-        l2.take_dirty(3);
-        l2.committed(3, 3);
-        l2.forget_synced(3);
+        sync(&mut l2, 3);
         assert_eq!(l2.kept_clusters(), 1);
         assert!(
             !l2.absorb(CS + 2100, &[1; 4]),
@@ -778,7 +780,7 @@ mod tests {
     }
 
     #[test]
-    fn a_write_inside_written_bytes_drops_the_kept_copy_and_goes_in_place() {
+    fn a_write_inside_written_bytes_drops_the_kept_cluster_and_goes_in_place() {
         let mut l = LoggedData::new(CS, 4 * CS, 4 * CS);
         logged_and_synced(&mut l, CS, 512, &[7; 512], 1);
         assert!(
@@ -797,17 +799,13 @@ mod tests {
         let mut l = LoggedData::new(CS, 4 * CS, 4 * CS);
         logged_and_synced(&mut l, CS, 0, &[7; 512], 1);
         assert!(l.absorb(CS + 1024, &[8; 512]), "past the written bytes");
-        l.take_dirty(2);
-        l.committed(2, 2);
-        l.forget_synced(2);
+        sync(&mut l, 2);
         assert_eq!(l.kept_clusters(), 1);
         assert!(
             l.absorb(CS + 256, &[9; 1024]),
             "the gap at 512..1024 was never written"
         );
-        l.take_dirty(3);
-        l.committed(3, 3);
-        l.forget_synced(3);
+        sync(&mut l, 3);
         assert!(!l.absorb(CS + 1034, &[1; 10]), "every byte written");
         assert!(l.is_empty());
         // Past the bounds: dropped as well.
@@ -915,9 +913,7 @@ mod tests {
         l.ranges_max = 3;
         assert!(l.log_fresh(0, 0, &[1; 8]));
         assert!(l.absorb(100, &[1; 8]));
-        l.take_dirty(1);
-        l.committed(1, 1);
-        l.forget_synced(1);
+        sync(&mut l, 1);
         assert_eq!((l.kept_clusters(), l.ranges), (1, 2));
         logged_and_synced(&mut l, CS, 0, &[2; 8], 2);
         assert_eq!((l.kept_clusters(), l.ranges), (2, 3));
@@ -930,9 +926,7 @@ mod tests {
         // Joined again and kept again: its ranges counted once, merged.
         assert!(l.absorb(8, &[4; 92]));
         assert_eq!(l.ranges, 3, "a join adds none");
-        l.take_dirty(4);
-        l.committed(4, 4);
-        l.forget_synced(4);
+        sync(&mut l, 4);
         assert_eq!(
             (l.kept_clusters(), l.ranges),
             (2, 2),
