@@ -36,7 +36,7 @@
 #
 # Usage: benches/nbd-bench.sh [-r REPEATS] [-s SECONDS] [-o ROWS.json]
 #                             [-T target,target] [-J job,job] [-c mode,mode]
-#                             [-n OPS] [-d DIR]
+#                             [-n OPS] [-d DIR] [-R RESULTS.jsonl]
 #   targets: qj-ordered qj-journal qj-journal-logged qemu-default qemu-lazy
 #            qemu-prealloc raw-sparse raw-prealloc local-raw, and
 #            (overwrite-sync-seq only) inproc-ordered inproc-journal
@@ -45,10 +45,16 @@
 #            randread overwrite-sync overwrite-sync-8jobs overwrite-sync-seq
 #   -n:      operations of overwrite-sync-seq (default 3000)
 #   -k:      check the arguments only (exit 2 with a message if bad)
+#   -d:      the working directory (kept, with results.jsonl: a line a run)
+#   -R:      run nothing: summarize the results.jsonl an earlier run left
+#            in its -d DIR, for the -T, -J and -c given
 # The defaults produce the whole table of RFC.md section 6.2. The -o rows
 # have the keys of `qj bench --output json` rows (p50_us and p99_us are
 # fio's per-request latency; bytes_written_per_op only in process)
-# and this runner's own: via, cache, repeats, the spread, flush latency.
+# and this runner's own: via, cache, repeats, the spread, each repeat's
+# rate (ops_per_s_by_repeat), flush latency, and vs_raw, vs_local and
+# vs_inproc paired by repeat (`*_paired`, `*_paired_min`, `*_paired_max`:
+# the median and spread of each repeat's ratio to the base in that repeat).
 # `qj bench --via nbd` runs this script (the binary carries a copy).
 # Environment: QJ (the qj binary; default target/release/qj, built when
 # missing).
@@ -76,9 +82,10 @@ FILLED="${FILLED_MB}M"
 SEQ_OPS=3000
 STRIDE=65536
 
-usage() { sed -n '2,55p' "$0" >&2; exit 2; }
+usage() { sed -n '2,61p' "$0" >&2; exit 2; }
 CHECK_ONLY=""
-while getopts "r:s:o:T:J:c:n:d:kh" opt; do
+SUMMARIZE=""
+while getopts "r:s:o:T:J:c:n:d:R:kh" opt; do
     case "$opt" in
         r) REPEATS="$OPTARG" ;;
         s) SECONDS_PER_RUN="$OPTARG" ;;
@@ -88,6 +95,7 @@ while getopts "r:s:o:T:J:c:n:d:kh" opt; do
         c) CACHES="$OPTARG" ;;
         n) SEQ_OPS="$OPTARG" ;;
         d) DIR="$OPTARG" ;;
+        R) SUMMARIZE="$OPTARG" ;;
         k) CHECK_ONLY=1 ;;
         *) usage ;;
     esac
@@ -118,6 +126,138 @@ for c in "${cache_list[@]}"; do
     [[ "$c" == writeback || "$c" == none ]] || { echo "nbd-bench: -c takes writeback and none" >&2; exit 2; }
 done
 [[ -z "$CHECK_ONLY" ]] || exit 0
+
+# summarize: the table, and the -o rows, from $RESULTS (one JSON line a run).
+summarize() {
+python3 - "$RESULTS" "$ROWS_OUT" "$TARGETS" "$JOBS" "$CACHES" <<'EOF'
+import json, statistics, sys
+results_path, rows_out, targets, jobs, caches = sys.argv[1:6]
+targets, jobs, caches = targets.split(","), jobs.split(","), caches.split(",")
+runs = []
+for number, line in enumerate(open(results_path), 1):
+    if not line.strip():
+        continue
+    try:
+        run = json.loads(line)
+        missing = [k for k in ("job", "target", "cache", "repeat", "ops", "ops_per_s", "mb_per_s", "error")
+                   if k not in run]
+    except (ValueError, TypeError) as e:
+        sys.exit(f"nbd-bench: {results_path} line {number}: not a run's JSON object: {e}")
+    if missing:
+        sys.exit(f"nbd-bench: {results_path} line {number}: a run without {', '.join(missing)}")
+    runs.append(run)
+cells = {}
+for r in runs:
+    cells.setdefault((r["job"], r["cache"], r["target"]), []).append(r)
+rows = []
+for job in jobs:
+  for cache in caches:
+    medians = {t: statistics.median(x["ops_per_s"] for x in cells.get((job, cache, t), []))
+               for t in targets if cells.get((job, cache, t))}
+    for t in targets:
+        c = cells.get((job, cache, t))
+        if not c:
+            continue
+        ops = [x["ops_per_s"] for x in c]
+        med = statistics.median(ops)
+        def vs(base):
+            return round(med / medians[base], 2) if medians.get(base) else None
+        def median_of(key, digits=1):
+            values = [x[key] for x in c if x.get(key) is not None]
+            return round(statistics.median(values), digits) if values else None
+        def growth(runs):
+            each = [max(0, x["file_bytes_end"] - x["file_bytes_start"]) / x["guest_bytes"]
+                    for x in runs if x.get("file_bytes_start") is not None
+                    and x.get("file_bytes_end") is not None and x.get("guest_bytes")]
+            return round(statistics.median(each), 3) if each else None
+        guest = median_of("guest_bytes", 0)
+        start, end = median_of("file_bytes_start", 0), median_of("file_bytes_end", 0)
+        # The keys of `qj bench --output json` rows (the same shape, so one
+        # reader takes both), then this runner's own.
+        row = {
+            "workload": job, "target": t,
+            "threads": 8 if job.endswith("8jobs") else 1,
+            "ops": int(statistics.median(x["ops"] for x in c)),
+            "ops_per_s": round(med, 1),
+            "mb_per_s": round(statistics.median(x["mb_per_s"] for x in c), 2),
+            "p50_us": median_of("lat_p50_us"), "p99_us": median_of("lat_p99_us"),
+            "flushes_per_op": None,
+            # Counted in process only (the server's writes are not).
+            "bytes_written_per_op": median_of("bytes_per_op"),
+            "vs_raw": vs("raw-prealloc"), "vs_qemu": vs("qemu-default"),
+            # Of the same job on the raw file without NBD (local-raw).
+            "vs_local": vs("local-raw"),
+            "vs_ordered": vs("qj-ordered"), "vs_journal": vs("qj-journal"),
+            "guest_bytes_written": int(guest) if guest is not None else None,
+            "file_bytes_start": int(start) if start is not None else None,
+            "file_bytes_end": int(end) if end is not None else None,
+            "file_growth_per_guest_byte": growth(c),
+            "dedup_hits_per_op": None, "hash_per_cluster_us": None, "compare_per_match_us": None,
+            "note": "fio reported errors" if any(x["error"] for x in c) else None,
+            "via": "nbd", "cache": cache, "repeats": len(c),
+            "ops_per_s_min": round(min(ops), 1), "ops_per_s_max": round(max(ops), 1),
+            "ops_per_s_by_repeat": [round(x["ops_per_s"], 1) for x in sorted(c, key=lambda x: x["repeat"])],
+            "flush_p50_us": median_of("flush_p50_us"), "flush_p99_us": median_of("flush_p99_us"),
+        }
+        flushes = [x["flushes"] / x["ops"] for x in c if x.get("flushes") is not None and x["ops"]]
+        row["flushes_per_op"] = round(statistics.median(flushes), 3) if flushes else None
+        if t.startswith("inproc-"):
+            row["via"] = "in-process"
+        elif t.startswith("local-"):
+            row["via"] = "local"
+        inproc_target = "inproc-" + t[len("qj-"):] if t.startswith("qj-") else None
+        inproc = medians.get(inproc_target)
+        row["vs_inproc"] = round(med / inproc, 2) if inproc else None
+        # The same ratios paired by repeat: each repeat's rate over the base's
+        # in that repeat (cells are interleaved, so a pair ran minutes
+        # apart at most), then the median and spread of those. On a machine
+        # whose rates drift between repeats (the raw file here has spread
+        # 2x within one table), the ratio of two medians can pair a fast
+        # repeat with a slow one; the paired ratio cannot.
+        for key, base in (("vs_raw", "raw-prealloc"), ("vs_local", "local-raw"),
+                          ("vs_inproc", inproc_target)):
+            base_rate = {x["repeat"]: x["ops_per_s"] for x in cells.get((job, cache, base), [])}
+            each = [x["ops_per_s"] / base_rate[x["repeat"]] for x in c if base_rate.get(x["repeat"])]
+            row[key + "_paired"] = round(statistics.median(each), 2) if each else None
+            row[key + "_paired_min"] = round(min(each), 2) if each else None
+            row[key + "_paired_max"] = round(max(each), 2) if each else None
+        rows.append(row)
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+print(f"{'workload':<22}{'cache':<10}{'target':<22}{'ops/s':>10}{'min..max':>20}{'MB/s':>9}{'flush/op':>9}{'vs qemu':>9}{'vs raw':>8}{'vs inproc':>10}")
+for r in rows:
+    spread = f"{r['ops_per_s_min']:.0f}..{r['ops_per_s_max']:.0f}"
+    print(f"{r['workload']:<22}{r['cache']:<10}{r['target']:<22}{r['ops_per_s']:>10.0f}{spread:>20}{r['mb_per_s']:>9.1f}"
+          f"{fmt(r['flushes_per_op'], '.3f'):>9}{fmt(r['vs_qemu'], '.2f'):>9}{fmt(r['vs_raw'], '.2f'):>8}{fmt(r['vs_inproc'], '.2f'):>10}")
+def paired(r, key):
+    return (f"{r[key + '_paired']:.2f} ({r[key + '_paired_min']:.2f}..{r[key + '_paired_max']:.2f})"
+            if r[key + "_paired"] is not None else "-")
+for r in rows:
+    if r["target"].startswith("qj-") and r["vs_raw_paired"] is not None:
+        print(f"vs raw paired by repeat, {r['target']} {r['workload']} cache={r['cache']}: "
+              f"median {paired(r, 'vs_raw')} over {r['repeats']} repeats")
+    if r["vs_inproc"] is not None:
+        print(f"serve overhead, {r['target']} {r['workload']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
+              f"= {r['vs_inproc']:.2f} of in process, paired by repeat {paired(r, 'vs_inproc')} "
+              f"(target: 0.87 or more, at most 15% slower)")
+    if r["target"] == "raw-prealloc" and r["vs_local"] is not None:
+        print(f"qemu-nbd's own overhead, {r['workload']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
+              f"= {r['vs_local']:.2f} of fio on the file")
+if rows_out:
+    with open(rows_out, "w") as f:
+        json.dump(rows, f, indent=2)
+        f.write("\n")
+EOF
+}
+if [[ -n "$SUMMARIZE" ]]; then
+    # Only the summary: of the runs an earlier run left in its -d DIR.
+    [[ -f "$SUMMARIZE" && -r "$SUMMARIZE" ]] ||
+        { echo "nbd-bench: -R $SUMMARIZE: not a readable file" >&2; exit 2; }
+    command -v python3 >/dev/null || { echo "nbd-bench: python3 is required" >&2; exit 1; }
+    RESULTS="$SUMMARIZE"
+    summarize
+    exit 0
+fi
 
 for tool in fio qemu-img qemu-nbd python3; do
     command -v "$tool" >/dev/null || { echo "nbd-bench: $tool is required" >&2; exit 1; }
@@ -371,88 +511,4 @@ EOF
     done
 done
 
-python3 - "$RESULTS" "$ROWS_OUT" "$TARGETS" "$JOBS" "$CACHES" <<'EOF'
-import json, statistics, sys
-results_path, rows_out, targets, jobs, caches = sys.argv[1:6]
-targets, jobs, caches = targets.split(","), jobs.split(","), caches.split(",")
-runs = [json.loads(l) for l in open(results_path) if l.strip()]
-cells = {}
-for r in runs:
-    cells.setdefault((r["job"], r["cache"], r["target"]), []).append(r)
-rows = []
-for job in jobs:
-  for cache in caches:
-    medians = {t: statistics.median(x["ops_per_s"] for x in cells.get((job, cache, t), []))
-               for t in targets if cells.get((job, cache, t))}
-    for t in targets:
-        c = cells.get((job, cache, t))
-        if not c:
-            continue
-        ops = [x["ops_per_s"] for x in c]
-        med = statistics.median(ops)
-        def vs(base):
-            return round(med / medians[base], 2) if medians.get(base) else None
-        def median_of(key, digits=1):
-            values = [x[key] for x in c if x.get(key) is not None]
-            return round(statistics.median(values), digits) if values else None
-        def growth(runs):
-            each = [max(0, x["file_bytes_end"] - x["file_bytes_start"]) / x["guest_bytes"]
-                    for x in runs if x.get("file_bytes_start") is not None
-                    and x.get("file_bytes_end") is not None and x.get("guest_bytes")]
-            return round(statistics.median(each), 3) if each else None
-        guest = median_of("guest_bytes", 0)
-        start, end = median_of("file_bytes_start", 0), median_of("file_bytes_end", 0)
-        # The keys of `qj bench --output json` rows (the same shape, so one
-        # reader takes both), then this runner's own.
-        row = {
-            "workload": job, "target": t,
-            "threads": 8 if job.endswith("8jobs") else 1,
-            "ops": int(statistics.median(x["ops"] for x in c)),
-            "ops_per_s": round(med, 1),
-            "mb_per_s": round(statistics.median(x["mb_per_s"] for x in c), 2),
-            "p50_us": median_of("lat_p50_us"), "p99_us": median_of("lat_p99_us"),
-            "flushes_per_op": None,
-            # Counted in process only (the server's writes are not).
-            "bytes_written_per_op": median_of("bytes_per_op"),
-            "vs_raw": vs("raw-prealloc"), "vs_qemu": vs("qemu-default"),
-            # Of the same job on the raw file without NBD (local-raw).
-            "vs_local": vs("local-raw"),
-            "vs_ordered": vs("qj-ordered"), "vs_journal": vs("qj-journal"),
-            "guest_bytes_written": int(guest) if guest is not None else None,
-            "file_bytes_start": int(start) if start is not None else None,
-            "file_bytes_end": int(end) if end is not None else None,
-            "file_growth_per_guest_byte": growth(c),
-            "dedup_hits_per_op": None, "hash_per_cluster_us": None, "compare_per_match_us": None,
-            "note": "fio reported errors" if any(x["error"] for x in c) else None,
-            "via": "nbd", "cache": cache, "repeats": len(c),
-            "ops_per_s_min": round(min(ops), 1), "ops_per_s_max": round(max(ops), 1),
-            "flush_p50_us": median_of("flush_p50_us"), "flush_p99_us": median_of("flush_p99_us"),
-        }
-        flushes = [x["flushes"] / x["ops"] for x in c if x.get("flushes") is not None and x["ops"]]
-        row["flushes_per_op"] = round(statistics.median(flushes), 3) if flushes else None
-        if t.startswith("inproc-"):
-            row["via"] = "in-process"
-        elif t.startswith("local-"):
-            row["via"] = "local"
-        inproc = medians.get("inproc-" + t[len("qj-"):]) if t.startswith("qj-") else None
-        row["vs_inproc"] = round(med / inproc, 2) if inproc else None
-        rows.append(row)
-def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-print(f"{'workload':<22}{'cache':<10}{'target':<22}{'ops/s':>10}{'min..max':>20}{'MB/s':>9}{'flush/op':>9}{'vs qemu':>9}{'vs raw':>8}{'vs inproc':>10}")
-for r in rows:
-    spread = f"{r['ops_per_s_min']:.0f}..{r['ops_per_s_max']:.0f}"
-    print(f"{r['workload']:<22}{r['cache']:<10}{r['target']:<22}{r['ops_per_s']:>10.0f}{spread:>20}{r['mb_per_s']:>9.1f}"
-          f"{fmt(r['flushes_per_op'], '.3f'):>9}{fmt(r['vs_qemu'], '.2f'):>9}{fmt(r['vs_raw'], '.2f'):>8}{fmt(r['vs_inproc'], '.2f'):>10}")
-for r in rows:
-    if r["vs_inproc"] is not None:
-        print(f"serve overhead, {r['target']} {r['workload']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
-              f"= {r['vs_inproc']:.2f} of in process (target: 0.87 or more, at most 15% slower)")
-    if r["target"] == "raw-prealloc" and r["vs_local"] is not None:
-        print(f"qemu-nbd's own overhead, {r['workload']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
-              f"= {r['vs_local']:.2f} of fio on the file")
-if rows_out:
-    with open(rows_out, "w") as f:
-        json.dump(rows, f, indent=2)
-        f.write("\n")
-EOF
+summarize

@@ -637,6 +637,112 @@ fn bench_via_nbd_local_raw_and_overwrite_8jobs_on_filled_clusters() {
     }
 }
 
+/// The runner's summary pairs each repeat with the base's run of the same
+/// repeat (`-R` summarizes runs without running anything): on rates that
+/// drift between repeats, the paired ratios differ from the ratio of the
+/// medians, and each row lists its repeats' rates in repeat order.
+#[test]
+fn nbd_bench_summary_pairs_ratios_by_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("results.jsonl");
+    let rows_path = dir.path().join("rows.json");
+    // (job, target, repeat, ops/s), out of repeat order on purpose.
+    let runs = [
+        ("randwrite-sync-8jobs", "raw-prealloc", 2, 8000.0),
+        ("randwrite-sync-8jobs", "qj-journal", 2, 9600.0),
+        ("randwrite-sync-8jobs", "raw-prealloc", 1, 4000.0),
+        ("randwrite-sync-8jobs", "qj-journal", 1, 3600.0),
+        ("randwrite-sync-8jobs", "raw-prealloc", 3, 2000.0),
+        ("randwrite-sync-8jobs", "qj-journal", 3, 2400.0),
+        ("overwrite-sync-seq", "qj-journal", 1, 5000.0),
+        ("overwrite-sync-seq", "inproc-journal", 1, 10000.0),
+        ("overwrite-sync-seq", "qj-journal", 2, 6000.0),
+        ("overwrite-sync-seq", "inproc-journal", 2, 6000.0),
+        ("overwrite-sync-seq", "qj-journal", 3, 7200.0),
+        ("overwrite-sync-seq", "inproc-journal", 3, 8000.0),
+    ];
+    let lines: Vec<String> = runs
+        .iter()
+        .map(|(job, target, repeat, rate)| {
+            serde_json::json!({
+                "job": job, "target": target, "cache": "none", "repeat": repeat,
+                "ops": 1000, "ops_per_s": rate, "mb_per_s": rate * 4096.0 / 1e6,
+                "error": 0,
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&results, lines.join("\n") + "\n").unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/nbd-bench.sh");
+    let summarize = |results: &Path| {
+        Command::new("bash")
+            .arg(script)
+            .args(["-T", "qj-journal,raw-prealloc,inproc-journal"])
+            .args([
+                "-J",
+                "randwrite-sync-8jobs,overwrite-sync-seq",
+                "-c",
+                "none",
+            ])
+            .arg("-R")
+            .arg(results)
+            .arg("-o")
+            .arg(&rows_path)
+            .output()
+            .unwrap()
+    };
+    let stdout = expect_exit(&summarize(&results), 0);
+    let rows: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(&rows_path).unwrap()).unwrap();
+    assert_row_keys(&rows);
+    let row = |job: &str, target: &str| {
+        rows.iter()
+            .find(|r| r["workload"] == job && r["target"] == target)
+            .unwrap_or_else(|| panic!("no row for {job} on {target}: {rows:?}"))
+    };
+    let journal = row("randwrite-sync-8jobs", "qj-journal");
+    assert_eq!(
+        journal["ops_per_s_by_repeat"],
+        serde_json::json!([3600.0, 9600.0, 2400.0])
+    );
+    // Medians 3600 and 4000; each repeat: 0.9, 1.2, 1.2.
+    assert_eq!(journal["vs_raw"], 0.9, "{journal}");
+    assert_eq!(journal["vs_raw_paired"], 1.2, "{journal}");
+    assert_eq!(journal["vs_raw_paired_min"], 0.9, "{journal}");
+    assert_eq!(journal["vs_raw_paired_max"], 1.2, "{journal}");
+    assert!(
+        journal["vs_local_paired"].is_null(),
+        "no local-raw runs: {journal}"
+    );
+    assert_eq!(
+        row("randwrite-sync-8jobs", "raw-prealloc")["vs_raw_paired"],
+        1.0
+    );
+    // Medians 6000 and 8000; each repeat: 0.5, 1.0, 0.9.
+    let served = row("overwrite-sync-seq", "qj-journal");
+    assert_eq!(served["vs_inproc"], 0.75, "{served}");
+    assert_eq!(served["vs_inproc_paired"], 0.9, "{served}");
+    assert_eq!(served["vs_inproc_paired_min"], 0.5, "{served}");
+    assert_eq!(served["vs_inproc_paired_max"], 1.0, "{served}");
+    assert!(
+        stdout.contains("paired by repeat 0.90 (0.50..1.00)"),
+        "{stdout}"
+    );
+    // A results file that is not one: a message naming the line, no rows.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"job\": \"randwrite-sync\"}\n").unwrap();
+    let out = summarize(&bad);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("bad.jsonl line 1: a run without target"),
+        "{stderr}"
+    );
+    let out = summarize(&dir.path().join("missing.jsonl"));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("not a readable file"), "{out:?}");
+}
+
 /// `(end - start) / guest` of a row, checked against its keys.
 fn file_growth(row: &Value) -> f64 {
     let start = row["file_bytes_start"].as_u64().unwrap();
