@@ -47,19 +47,23 @@
 #   -k:      check the arguments only (exit 2 with a message if bad)
 #   -d:      the working directory (kept, with results.jsonl: a line a run)
 #   -R:      run nothing: summarize the results.jsonl an earlier run left
-#            in its -d DIR, for the -T, -J and -c given
+#            in its -d DIR (-T, -J and -c: all of the file's by default)
+#   Relative paths (-o, -d, -R) are the caller's.
 # The defaults produce the whole table of RFC.md section 6.2. The -o rows
 # have the keys of `qj bench --output json` rows (p50_us and p99_us are
 # fio's per-request latency; bytes_written_per_op only in process)
 # and this runner's own: via, cache, repeats, the spread, each repeat's
-# rate (ops_per_s_by_repeat), flush latency, and vs_raw, vs_local and
-# vs_inproc paired by repeat (`*_paired`, `*_paired_min`, `*_paired_max`:
-# the median and spread of each repeat's ratio to the base in that repeat).
+# rate (ops_per_s_by_repeat: repeat -> ops/s), flush latency, and
+# vs_raw, vs_local and vs_inproc paired by repeat (`*_paired`,
+# `*_paired_min`, `*_paired_max`, `*_paired_n`: the median, spread and
+# count of each repeat's ratio to the base's run of that repeat).
 # `qj bench --via nbd` runs this script (the binary carries a copy).
 # Environment: QJ (the qj binary; default target/release/qj, built when
 # missing).
 # Needs: fio (with the nbd engine), qemu-img, qemu-nbd, python3.
 set -euo pipefail
+# Paths the caller gives are the caller's (the runner works from the checkout).
+CALLER_DIR="$PWD"
 cd "$(dirname "$0")/.."
 
 REPEATS=3
@@ -82,19 +86,22 @@ FILLED="${FILLED_MB}M"
 SEQ_OPS=3000
 STRIDE=65536
 
-usage() { sed -n '2,61p' "$0" >&2; exit 2; }
+usage() { sed -n '2,63p' "$0" >&2; exit 2; }
 CHECK_ONLY=""
 SUMMARIZE=""
+# Which options were given: -R takes the lists from its file unless given,
+# and refuses the options that only shape runs.
+GIVEN=""
 while getopts "r:s:o:T:J:c:n:d:R:kh" opt; do
     case "$opt" in
-        r) REPEATS="$OPTARG" ;;
-        s) SECONDS_PER_RUN="$OPTARG" ;;
+        r) REPEATS="$OPTARG"; GIVEN+=" -r" ;;
+        s) SECONDS_PER_RUN="$OPTARG"; GIVEN+=" -s" ;;
         o) ROWS_OUT="$OPTARG" ;;
-        T) TARGETS="$OPTARG" ;;
-        J) JOBS="$OPTARG" ;;
-        c) CACHES="$OPTARG" ;;
-        n) SEQ_OPS="$OPTARG" ;;
-        d) DIR="$OPTARG" ;;
+        T) TARGETS="$OPTARG"; GIVEN+=" -T" ;;
+        J) JOBS="$OPTARG"; GIVEN+=" -J" ;;
+        c) CACHES="$OPTARG"; GIVEN+=" -c" ;;
+        n) SEQ_OPS="$OPTARG"; GIVEN+=" -n" ;;
+        d) DIR="$OPTARG"; GIVEN+=" -d" ;;
         R) SUMMARIZE="$OPTARG" ;;
         k) CHECK_ONLY=1 ;;
         *) usage ;;
@@ -125,6 +132,23 @@ for t in "${target_list[@]}"; do known target "$t" "$KNOWN_TARGETS"; done
 for c in "${cache_list[@]}"; do
     [[ "$c" == writeback || "$c" == none ]] || { echo "nbd-bench: -c takes writeback and none" >&2; exit 2; }
 done
+# from_caller PATH: PATH, relative to the caller's directory.
+from_caller() { if [[ -z "$1" || "$1" == /* ]]; then printf '%s' "$1"; else printf '%s/%s' "$CALLER_DIR" "$1"; fi; }
+ROWS_OUT="$(from_caller "$ROWS_OUT")"
+DIR="$(from_caller "$DIR")"
+if [[ -n "$SUMMARIZE" ]]; then
+    SUMMARIZE="$(from_caller "$SUMMARIZE")"
+    for option in -r -s -n -d; do
+        [[ "$GIVEN" != *" $option"* ]] ||
+            { echo "nbd-bench: -R summarizes runs already made: $option does not apply" >&2; exit 2; }
+    done
+    [[ -f "$SUMMARIZE" && -r "$SUMMARIZE" ]] ||
+        { echo "nbd-bench: -R $SUMMARIZE: not a readable file" >&2; exit 2; }
+    # Lists not given are the file's own (every job, target and cache in it).
+    [[ "$GIVEN" == *" -T"* ]] || TARGETS=""
+    [[ "$GIVEN" == *" -J"* ]] || JOBS=""
+    [[ "$GIVEN" == *" -c"* ]] || CACHES=""
+fi
 [[ -z "$CHECK_ONLY" ]] || exit 0
 
 # summarize: the table, and the -o rows, from $RESULTS (one JSON line a run).
@@ -132,20 +156,41 @@ summarize() {
 python3 - "$RESULTS" "$ROWS_OUT" "$TARGETS" "$JOBS" "$CACHES" <<'EOF'
 import json, statistics, sys
 results_path, rows_out, targets, jobs, caches = sys.argv[1:6]
-targets, jobs, caches = targets.split(","), jobs.split(","), caches.split(",")
-runs = []
-for number, line in enumerate(open(results_path), 1):
+def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+runs, seen = [], set()
+for line_number, line in enumerate(open(results_path), 1):
     if not line.strip():
         continue
+    where = f"nbd-bench: {results_path} line {line_number}"
     try:
         run = json.loads(line)
-        missing = [k for k in ("job", "target", "cache", "repeat", "ops", "ops_per_s", "mb_per_s", "error")
-                   if k not in run]
-    except (ValueError, TypeError) as e:
-        sys.exit(f"nbd-bench: {results_path} line {number}: not a run's JSON object: {e}")
+    except ValueError as e:
+        sys.exit(f"{where}: not JSON: {e}")
+    if not isinstance(run, dict):
+        sys.exit(f"{where}: not a run (a JSON object)")
+    missing = [k for k in ("job", "target", "cache", "repeat", "ops", "ops_per_s", "mb_per_s", "error")
+               if k not in run]
     if missing:
-        sys.exit(f"nbd-bench: {results_path} line {number}: a run without {', '.join(missing)}")
+        sys.exit(f"{where}: a run without {', '.join(missing)}")
+    if not all(isinstance(run[k], str) for k in ("job", "target", "cache")):
+        sys.exit(f"{where}: job, target and cache must be strings")
+    bad = [k for k in ("ops", "ops_per_s", "mb_per_s") if not number(run[k])]
+    if bad:
+        sys.exit(f"{where}: {', '.join(bad)}: not a number of 0 or more")
+    if not (isinstance(run["repeat"], int) and not isinstance(run["repeat"], bool)):
+        sys.exit(f"{where}: repeat: not a whole number")
+    key = (run["job"], run["cache"], run["target"], run["repeat"])
+    if key in seen:
+        # Two runs of one repeat could not be paired with the base's.
+        sys.exit(f"{where}: a second run of {run['job']} on {run['target']}, "
+                 f"cache={run['cache']}, repeat {run['repeat']}")
+    seen.add(key)
     runs.append(run)
+def listed(given, key):
+    # The given list, or the file's names in the order they first appear.
+    return given.split(",") if given else list(dict.fromkeys(r[key] for r in runs))
+targets, jobs, caches = listed(targets, "target"), listed(jobs, "job"), listed(caches, "cache")
 cells = {}
 for r in runs:
     cells.setdefault((r["job"], r["cache"], r["target"]), []).append(r)
@@ -196,7 +241,8 @@ for job in jobs:
             "note": "fio reported errors" if any(x["error"] for x in c) else None,
             "via": "nbd", "cache": cache, "repeats": len(c),
             "ops_per_s_min": round(min(ops), 1), "ops_per_s_max": round(max(ops), 1),
-            "ops_per_s_by_repeat": [round(x["ops_per_s"], 1) for x in sorted(c, key=lambda x: x["repeat"])],
+            "ops_per_s_by_repeat": {str(x["repeat"]): round(x["ops_per_s"], 1)
+                                    for x in sorted(c, key=lambda x: x["repeat"])},
             "flush_p50_us": median_of("flush_p50_us"), "flush_p99_us": median_of("flush_p99_us"),
         }
         flushes = [x["flushes"] / x["ops"] for x in c if x.get("flushes") is not None and x["ops"]]
@@ -221,7 +267,10 @@ for job in jobs:
             row[key + "_paired"] = round(statistics.median(each), 2) if each else None
             row[key + "_paired_min"] = round(min(each), 2) if each else None
             row[key + "_paired_max"] = round(max(each), 2) if each else None
+            row[key + "_paired_n"] = len(each)
         rows.append(row)
+if not rows:
+    sys.exit(f"nbd-bench: no run in {results_path} is of the jobs, targets and caches asked for")
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 print(f"{'workload':<22}{'cache':<10}{'target':<22}{'ops/s':>10}{'min..max':>20}{'MB/s':>9}{'flush/op':>9}{'vs qemu':>9}{'vs raw':>8}{'vs inproc':>10}")
@@ -235,7 +284,7 @@ def paired(r, key):
 for r in rows:
     if r["target"].startswith("qj-") and r["vs_raw_paired"] is not None:
         print(f"vs raw paired by repeat, {r['target']} {r['workload']} cache={r['cache']}: "
-              f"median {paired(r, 'vs_raw')} over {r['repeats']} repeats")
+              f"median {paired(r, 'vs_raw')} over {r['vs_raw_paired_n']} repeats")
     if r["vs_inproc"] is not None:
         print(f"serve overhead, {r['target']} {r['workload']} cache={r['cache']}: {r['ops_per_s']:.0f} ops/s over NBD "
               f"= {r['vs_inproc']:.2f} of in process, paired by repeat {paired(r, 'vs_inproc')} "
@@ -251,8 +300,6 @@ EOF
 }
 if [[ -n "$SUMMARIZE" ]]; then
     # Only the summary: of the runs an earlier run left in its -d DIR.
-    [[ -f "$SUMMARIZE" && -r "$SUMMARIZE" ]] ||
-        { echo "nbd-bench: -R $SUMMARIZE: not a readable file" >&2; exit 2; }
     command -v python3 >/dev/null || { echo "nbd-bench: python3 is required" >&2; exit 1; }
     RESULTS="$SUMMARIZE"
     summarize

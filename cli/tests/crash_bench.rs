@@ -638,34 +638,66 @@ fn bench_via_nbd_local_raw_and_overwrite_8jobs_on_filled_clusters() {
 }
 
 /// The runner's summary pairs each repeat with the base's run of the same
-/// repeat (`-R` summarizes runs without running anything): on rates that
-/// drift between repeats, the paired ratios differ from the ratio of the
-/// medians, and each row lists its repeats' rates in repeat order.
+/// job, cache and repeat (`-R` summarizes runs without running anything):
+/// on rates that drift between repeats, the paired ratios differ from the
+/// ratio of the medians, a repeat without a base run is left out of the
+/// pairs, and each row lists its rates by repeat.
 #[test]
 fn nbd_bench_summary_pairs_ratios_by_repeat() {
     let dir = tempfile::tempdir().unwrap();
     let results = dir.path().join("results.jsonl");
-    let rows_path = dir.path().join("rows.json");
-    // (job, target, repeat, ops/s), out of repeat order on purpose.
+    // (job, cache, target, repeat, ops/s); each base written in another
+    // repeat order than the target it is the base of.
     let runs = [
-        ("randwrite-sync-8jobs", "raw-prealloc", 2, 8000.0),
-        ("randwrite-sync-8jobs", "qj-journal", 2, 9600.0),
-        ("randwrite-sync-8jobs", "raw-prealloc", 1, 4000.0),
-        ("randwrite-sync-8jobs", "qj-journal", 1, 3600.0),
-        ("randwrite-sync-8jobs", "raw-prealloc", 3, 2000.0),
-        ("randwrite-sync-8jobs", "qj-journal", 3, 2400.0),
-        ("overwrite-sync-seq", "qj-journal", 1, 5000.0),
-        ("overwrite-sync-seq", "inproc-journal", 1, 10000.0),
-        ("overwrite-sync-seq", "qj-journal", 2, 6000.0),
-        ("overwrite-sync-seq", "inproc-journal", 2, 6000.0),
-        ("overwrite-sync-seq", "qj-journal", 3, 7200.0),
-        ("overwrite-sync-seq", "inproc-journal", 3, 8000.0),
+        ("randwrite-sync-8jobs", "none", "qj-journal", 2, 9600.0),
+        ("randwrite-sync-8jobs", "none", "qj-journal", 1, 3600.0),
+        ("randwrite-sync-8jobs", "none", "qj-journal", 3, 2400.0),
+        // No raw run of repeat 4: paired with local-raw only.
+        ("randwrite-sync-8jobs", "none", "qj-journal", 4, 4400.0),
+        ("randwrite-sync-8jobs", "none", "raw-prealloc", 3, 2000.0),
+        ("randwrite-sync-8jobs", "none", "raw-prealloc", 1, 4000.0),
+        ("randwrite-sync-8jobs", "none", "raw-prealloc", 2, 8000.0),
+        ("randwrite-sync-8jobs", "none", "local-raw", 4, 10000.0),
+        ("randwrite-sync-8jobs", "none", "local-raw", 3, 6000.0),
+        ("randwrite-sync-8jobs", "none", "local-raw", 2, 12000.0),
+        ("randwrite-sync-8jobs", "none", "local-raw", 1, 10000.0),
+        // The other cache: a pairing that ignores the cache mixes these in.
+        ("randwrite-sync-8jobs", "writeback", "qj-journal", 1, 2000.0),
+        ("randwrite-sync-8jobs", "writeback", "qj-journal", 2, 2000.0),
+        ("randwrite-sync-8jobs", "writeback", "qj-journal", 3, 2000.0),
+        (
+            "randwrite-sync-8jobs",
+            "writeback",
+            "raw-prealloc",
+            1,
+            1000.0,
+        ),
+        (
+            "randwrite-sync-8jobs",
+            "writeback",
+            "raw-prealloc",
+            2,
+            1000.0,
+        ),
+        (
+            "randwrite-sync-8jobs",
+            "writeback",
+            "raw-prealloc",
+            3,
+            1000.0,
+        ),
+        ("overwrite-sync-seq", "none", "qj-journal", 1, 5000.0),
+        ("overwrite-sync-seq", "none", "qj-journal", 2, 6000.0),
+        ("overwrite-sync-seq", "none", "qj-journal", 3, 7200.0),
+        ("overwrite-sync-seq", "none", "inproc-journal", 3, 8000.0),
+        ("overwrite-sync-seq", "none", "inproc-journal", 1, 10000.0),
+        ("overwrite-sync-seq", "none", "inproc-journal", 2, 6000.0),
     ];
     let lines: Vec<String> = runs
         .iter()
-        .map(|(job, target, repeat, rate)| {
+        .map(|(job, cache, target, repeat, rate)| {
             serde_json::json!({
-                "job": job, "target": target, "cache": "none", "repeat": repeat,
+                "job": job, "target": target, "cache": cache, "repeat": repeat,
                 "ops": 1000, "ops_per_s": rate, "mb_per_s": rate * 4096.0 / 1e6,
                 "error": 0,
             })
@@ -674,73 +706,115 @@ fn nbd_bench_summary_pairs_ratios_by_repeat() {
         .collect();
     std::fs::write(&results, lines.join("\n") + "\n").unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/nbd-bench.sh");
-    let summarize = |results: &Path| {
+    // Runs the summary from `dir` (relative paths are the caller's).
+    let summarize = |args: &[&str]| {
         Command::new("bash")
             .arg(script)
-            .args(["-T", "qj-journal,raw-prealloc,inproc-journal"])
-            .args([
-                "-J",
-                "randwrite-sync-8jobs,overwrite-sync-seq",
-                "-c",
-                "none",
-            ])
-            .arg("-R")
-            .arg(results)
-            .arg("-o")
-            .arg(&rows_path)
+            .args(args)
+            .current_dir(dir.path())
             .output()
             .unwrap()
     };
-    let stdout = expect_exit(&summarize(&results), 0);
-    let rows: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(&rows_path).unwrap()).unwrap();
-    assert_row_keys(&rows);
-    let row = |job: &str, target: &str| {
-        rows.iter()
-            .find(|r| r["workload"] == job && r["target"] == target)
-            .unwrap_or_else(|| panic!("no row for {job} on {target}: {rows:?}"))
+    let rows_of = |path: &str| -> Vec<Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(path)).unwrap()).unwrap()
     };
-    let journal = row("randwrite-sync-8jobs", "qj-journal");
+    let stdout = expect_exit(
+        &summarize(&[
+            "-T",
+            "qj-journal,raw-prealloc,local-raw,inproc-journal",
+            "-J",
+            "randwrite-sync-8jobs,overwrite-sync-seq",
+            "-c",
+            "none,writeback",
+            "-R",
+            "results.jsonl",
+            "-o",
+            "rows.json",
+        ]),
+        0,
+    );
+    let rows = rows_of("rows.json");
+    assert_row_keys(&rows);
+    let row = |job: &str, cache: &str, target: &str| {
+        rows.iter()
+            .find(|r| r["workload"] == job && r["cache"] == cache && r["target"] == target)
+            .unwrap_or_else(|| panic!("no row for {job} {cache} on {target}: {rows:?}"))
+            .clone()
+    };
+    let journal = row("randwrite-sync-8jobs", "none", "qj-journal");
     assert_eq!(
         journal["ops_per_s_by_repeat"],
-        serde_json::json!([3600.0, 9600.0, 2400.0])
+        serde_json::json!({"1": 3600.0, "2": 9600.0, "3": 2400.0, "4": 4400.0})
     );
-    // Medians 3600 and 4000; each repeat: 0.9, 1.2, 1.2.
-    assert_eq!(journal["vs_raw"], 0.9, "{journal}");
+    // Medians 4000 and 4000; repeats 1-3 against raw: 0.9, 1.2, 1.2.
+    assert_eq!(journal["vs_raw"], 1.0, "{journal}");
     assert_eq!(journal["vs_raw_paired"], 1.2, "{journal}");
     assert_eq!(journal["vs_raw_paired_min"], 0.9, "{journal}");
     assert_eq!(journal["vs_raw_paired_max"], 1.2, "{journal}");
-    assert!(
-        journal["vs_local_paired"].is_null(),
-        "no local-raw runs: {journal}"
-    );
-    assert_eq!(
-        row("randwrite-sync-8jobs", "raw-prealloc")["vs_raw_paired"],
-        1.0
-    );
+    assert_eq!(journal["vs_raw_paired_n"], 3, "{journal}");
+    assert_eq!(journal["repeats"], 4, "{journal}");
+    // Against local-raw, all four: 0.36, 0.8, 0.4, 0.44.
+    assert_eq!(journal["vs_local_paired"], 0.42, "{journal}");
+    assert_eq!(journal["vs_local_paired_min"], 0.36, "{journal}");
+    assert_eq!(journal["vs_local_paired_max"], 0.8, "{journal}");
+    assert_eq!(journal["vs_local_paired_n"], 4, "{journal}");
+    let writeback = row("randwrite-sync-8jobs", "writeback", "qj-journal");
+    assert_eq!(writeback["vs_raw_paired"], 2.0, "{writeback}");
+    assert_eq!(writeback["vs_raw_paired_max"], 2.0, "{writeback}");
     // Medians 6000 and 8000; each repeat: 0.5, 1.0, 0.9.
-    let served = row("overwrite-sync-seq", "qj-journal");
+    let served = row("overwrite-sync-seq", "none", "qj-journal");
     assert_eq!(served["vs_inproc"], 0.75, "{served}");
     assert_eq!(served["vs_inproc_paired"], 0.9, "{served}");
     assert_eq!(served["vs_inproc_paired_min"], 0.5, "{served}");
     assert_eq!(served["vs_inproc_paired_max"], 1.0, "{served}");
-    assert!(
-        stdout.contains("paired by repeat 0.90 (0.50..1.00)"),
-        "{stdout}"
-    );
-    // A results file that is not one: a message naming the line, no rows.
-    let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"job\": \"randwrite-sync\"}\n").unwrap();
-    let out = summarize(&bad);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("bad.jsonl line 1: a run without target"),
-        "{stderr}"
-    );
-    let out = summarize(&dir.path().join("missing.jsonl"));
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(text(&out.stderr).contains("not a readable file"), "{out:?}");
+    for line in [
+        "qj-journal randwrite-sync-8jobs cache=none: median 1.20 (0.90..1.20) over 3 repeats",
+        "paired by repeat 0.90 (0.50..1.00)",
+    ] {
+        assert!(stdout.contains(line), "{line}: {stdout}");
+    }
+    // Without lists, the file's own: the same rows.
+    expect_exit(&summarize(&["-R", "results.jsonl", "-o", "all.json"]), 0);
+    let all = rows_of("all.json");
+    assert_eq!(all.len(), rows.len(), "{all:?}");
+    for r in &all {
+        let workload = r["workload"].as_str().unwrap();
+        let cache = r["cache"].as_str().unwrap();
+        assert_eq!(*r, row(workload, cache, r["target"].as_str().unwrap()));
+    }
+    // Bad input: a message naming the file and line, no rows.
+    let refused = |args: &[&str], code: i32, message: &str| {
+        let out = summarize(args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    };
+    let first = &lines[0];
+    for (name, content, message) in [
+        (
+            "without.jsonl",
+            "{\"job\": \"randwrite-sync\"}\n".to_string(),
+            "without.jsonl line 1: a run without target",
+        ),
+        (
+            "twice.jsonl",
+            format!("{first}\n{first}\n"),
+            "twice.jsonl line 2: a second run of randwrite-sync-8jobs on qj-journal",
+        ),
+        (
+            "null.jsonl",
+            first.replace("\"ops_per_s\":9600.0", "\"ops_per_s\":null") + "\n",
+            "null.jsonl line 1: ops_per_s: not a number",
+        ),
+    ] {
+        std::fs::write(dir.path().join(name), content).unwrap();
+        refused(&["-R", name, "-o", "bad.json"], 1, message);
+    }
+    assert!(!dir.path().join("bad.json").exists());
+    refused(&["-R", "missing.jsonl"], 2, "not a readable file");
+    refused(&["-R", "missing.jsonl", "-k"], 2, "not a readable file");
+    refused(&["-R", "results.jsonl", "-r", "2"], 2, "-r does not apply");
+    refused(&["-R", "results.jsonl", "-T", "qj-ordered"], 1, "no run in");
 }
 
 /// `(end - start) / guest` of a row, checked against its keys.
