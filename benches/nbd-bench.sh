@@ -86,7 +86,9 @@ FILLED="${FILLED_MB}M"
 SEQ_OPS=3000
 STRIDE=65536
 
-usage() { sed -n '2,63p' "$0" >&2; exit 2; }
+# The usage is the header comment: every line after the first up to the first
+# line that is not a comment.
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" >&2; exit 2; }
 CHECK_ONLY=""
 SUMMARIZE=""
 # Which options were given: -R takes the lists from its file unless given,
@@ -252,8 +254,7 @@ for job in jobs:
         elif t.startswith("local-"):
             row["via"] = "local"
         inproc_target = "inproc-" + t[len("qj-"):] if t.startswith("qj-") else None
-        inproc = medians.get(inproc_target)
-        row["vs_inproc"] = round(med / inproc, 2) if inproc else None
+        row["vs_inproc"] = vs(inproc_target)
         # The same ratios paired by repeat: each repeat's rate over the base's
         # in that repeat (cells are interleaved, so a pair ran minutes
         # apart at most), then the median and spread of those. On a machine
